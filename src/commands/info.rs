@@ -1,0 +1,119 @@
+//! `INFO raft`: Redis prefixes our sections and fields with the module name, so a field
+//! added here as `node_id` reads `raft_node_id`, as in RedisRaft.
+
+use std::ffi::{c_int, CString};
+
+use crate::redis::api::{guard, raw, rm};
+use crate::redis::configs;
+use crate::redis::module;
+use crate::transport::PeerState;
+
+struct Info(*mut raw::RedisModuleInfoCtx);
+
+impl Info {
+    fn section(&self, name: &str) {
+        let c = CString::new(name).unwrap_or_default();
+        unsafe { rm!(RedisModule_InfoAddSection)(self.0, c.as_ptr()) };
+    }
+    fn str(&self, field: &str, v: &str) {
+        let f = CString::new(field).unwrap_or_default();
+        let v = CString::new(v.replace(['\r', '\n', '\0'], " ")).unwrap_or_default();
+        unsafe { rm!(RedisModule_InfoAddFieldCString)(self.0, f.as_ptr(), v.as_ptr()) };
+    }
+    fn num(&self, field: &str, v: u64) {
+        let f = CString::new(field).unwrap_or_default();
+        unsafe { rm!(RedisModule_InfoAddFieldULongLong)(self.0, f.as_ptr(), v) };
+    }
+    fn int(&self, field: &str, v: i64) {
+        let f = CString::new(field).unwrap_or_default();
+        unsafe { rm!(RedisModule_InfoAddFieldLongLong)(self.0, f.as_ptr(), v) };
+    }
+}
+
+pub extern "C" fn info_func(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_int) {
+    guard("INFO raft", || (), || fill(&Info(ctx)))
+}
+
+fn peer_state_name(s: &PeerState) -> &'static str {
+    match s {
+        PeerState::Disconnected => "disconnected",
+        PeerState::Connecting => "connecting",
+        PeerState::Connected => "connected",
+        PeerState::ConnectError => "connect_error",
+    }
+}
+
+fn fill(i: &Info) {
+    let Some(m) = module() else { return };
+    let opts = configs::options();
+    i.section("general");
+    let Some(node) = &m.node else {
+        i.num("node_id", 0);
+        i.str("node_name", &opts.node_id);
+        i.str("state", "uninitialized");
+        i.str("role", "(none)");
+        return;
+    };
+    let sh = node.shared();
+    let st = sh.status();
+    let me = sh.node_id;
+    i.num("node_id", me);
+    i.str("node_name", &opts.node_id);
+    i.str(
+        "state",
+        if st.failure.is_some() { "stopped" } else { "up" },
+    );
+    i.str("role", st.role.name());
+    i.str("is_voting", if st.voters.contains(&me) { "yes" } else { "no" });
+    i.num("voted_for", st.voted_for);
+    i.int("leader_id", if st.leader_id == 0 { -1 } else { st.leader_id as i64 });
+    let leader = (st.leader_id != 0).then(|| sh.member(st.leader_id)).flatten();
+    i.str("leader_name", leader.as_ref().map(|l| l.name.as_str()).unwrap_or(""));
+    i.str("leader_addr", leader.as_ref().map(|l| l.redis_addr.as_str()).unwrap_or(""));
+    i.num("current_term", st.term);
+    i.num("num_nodes", (st.voters.len() + st.learners.len()) as u64);
+    i.num("num_voting_nodes", st.voters.len() as u64);
+    if let Some(f) = &st.failure {
+        i.str("failure", f);
+    }
+    let peers = node.peers();
+    let mut n = 0;
+    for mem in sh.members() {
+        if mem.id == me {
+            continue;
+        }
+        let p = peers.iter().find(|p| p.id == mem.id);
+        let (host, port) = mem
+            .redis_addr
+            .rsplit_once(':')
+            .map(|(h, p)| (h.to_string(), p.to_string()))
+            .unwrap_or_default();
+        let v = format!(
+            "id={},name={},state={},voting={},addr={},port={},bus_addr={},last_conn_secs={},conn_errors={},conn_oks={}",
+            mem.id,
+            mem.name,
+            p.map(|p| peer_state_name(&p.state)).unwrap_or("disconnected"),
+            if st.voters.contains(&mem.id) { "yes" } else { "no" },
+            host,
+            port,
+            mem.bus_addr,
+            p.map(|p| p.last_conn_secs).unwrap_or(0),
+            p.map(|p| p.conn_errors).unwrap_or(0),
+            p.map(|p| p.conn_oks).unwrap_or(0),
+        );
+        i.str(&format!("node{n}"), &v);
+        n += 1;
+    }
+
+    i.section("log");
+    i.str("log_filename", &opts.log_filename);
+    i.num("log_entries", st.log.entries);
+    i.num("current_index", st.last_index);
+    i.num("commit_index", st.commit_index);
+    i.num("last_applied_index", sh.applied());
+    i.num("file_size", st.log.bytes);
+    i.num("fsync_count", st.log.fsync_count);
+    i.num("fsync_max_microseconds", st.log.fsync_max_us);
+    i.num("fsync_avg_microseconds", st.log.fsync_avg_us);
+    i.str("log_fsync", if opts.log_fsync { "yes" } else { "no" });
+}

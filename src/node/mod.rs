@@ -1,0 +1,565 @@
+//! The raft thread: owns raft-rs's `RawNode` and the log, drives it with proposals, peer
+//! messages and ticks, and hands committed entries to the Redis main thread.
+//!
+//! Invariant: this module never calls the Redis module API. It talks to the main thread only
+//! through `Shared` (atomics, the apply queue) and the `Waker` the main thread gave it.
+
+mod status;
+
+pub use status::{NodeStatus, Role};
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::prelude::ConfState;
+use raft::{RawNode, StateRole};
+use tracing::{error, info, warn};
+
+use crate::codec::{encode_command, LogCommand, ProposalTag};
+use crate::storage::LogStore;
+use crate::transport::{PeerStatus, Transport, TransportConfig};
+
+/// How many proposals may wait for the raft thread; past that a write is refused with
+/// `-TRYAGAIN` rather than queued without bound.
+pub const PROPOSAL_QUEUE_MAX: usize = 16384;
+/// Inbound peer messages waiting for the raft thread; transport readers block when full,
+/// which pushes back on the sending peer through TCP.
+pub const INBOUND_QUEUE_MAX: usize = 16384;
+/// Inputs handled per loop turn before the node produces a `Ready` (bounds latency).
+const DRAIN_MAX: usize = 8192;
+
+/// One member of the cluster as this node knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    pub name: String,
+    /// Redis address, given to clients in -MOVED.
+    pub redis_addr: String,
+    /// Bus address peers connect to.
+    pub bus_addr: String,
+}
+
+/// Everything the raft thread needs to start.
+pub struct NodeSpec {
+    pub id: u64,
+    pub members: Vec<Member>,
+    pub cluster_id: String,
+    pub bus_listen: SocketAddr,
+    pub election_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// This node's `raft.addr`, when it differs from its entry: replicated so -MOVED is right.
+    pub advertise_addr: Option<String>,
+}
+
+/// Wakes the main thread (the Redis side passes `RedisModule_EventLoopAddOneShot`).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// What the raft thread hands to the main thread, in order.
+#[derive(Debug)]
+pub enum ApplyItem {
+    /// Committed entries, to execute in log order.
+    Entries(Vec<Entry>),
+    /// These proposals never entered the log: a definite failure.
+    Dropped(Vec<ProposalTag>),
+    /// This node stopped being leader: outcomes of its pending proposals are unknown.
+    LeadershipLost,
+    /// The node stopped (log write failed): fail everything pending with this message.
+    Stopped(String),
+}
+
+enum Input {
+    Propose(ProposalTag, Vec<u8>),
+    SetFsync(bool),
+    Stop,
+}
+
+/// State shared between the raft thread and the main thread.
+pub struct Shared {
+    pub node_id: u64,
+    is_leader: AtomicBool,
+    /// First index of this node's leadership term; reads are served once applied reaches it.
+    leader_ready_index: AtomicU64,
+    applied: AtomicU64,
+    wake_pending: AtomicBool,
+    apply_queue: Mutex<VecDeque<ApplyItem>>,
+    status: Mutex<NodeStatus>,
+    members: Mutex<HashMap<u64, Member>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere already; the data is still consistent for our
+    // simple guarded values, so keep serving rather than cascade the panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn is_leader(&self) -> bool {
+        self.is_leader.load(Ordering::Acquire)
+    }
+
+    /// Leader that has applied an entry of its own term: its data is current.
+    pub fn is_ready_leader(&self) -> bool {
+        self.is_leader()
+            && self.applied.load(Ordering::Acquire) >= self.leader_ready_index.load(Ordering::Acquire)
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Main thread: records that entries up to `index` are executed.
+    pub fn set_applied(&self, index: u64) {
+        let prev = self.applied.swap(index, Ordering::AcqRel);
+        debug_assert!(index >= prev, "applied index went back: {prev} -> {index}");
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        lock(&self.status).clone()
+    }
+
+    pub fn member(&self, id: u64) -> Option<Member> {
+        lock(&self.members).get(&id).cloned()
+    }
+
+    pub fn members(&self) -> Vec<Member> {
+        let mut v: Vec<Member> = lock(&self.members).values().cloned().collect();
+        v.sort_by_key(|m| m.id);
+        v
+    }
+
+    /// Main thread: a committed `NodeAddr` entry.
+    pub fn set_member_addr(&self, id: u64, addr: &str) {
+        if let Some(m) = lock(&self.members).get_mut(&id) {
+            m.redis_addr = addr.to_string();
+        }
+    }
+
+    /// Main thread: takes everything queued, and re-arms the waker.
+    pub fn take_apply_items(&self) -> VecDeque<ApplyItem> {
+        self.wake_pending.store(false, Ordering::Release);
+        std::mem::take(&mut *lock(&self.apply_queue))
+    }
+
+    fn push(&self, item: ApplyItem, waker: &Waker) {
+        lock(&self.apply_queue).push_back(item);
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            waker();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("{0}")]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("cannot start the raft thread: {0}")]
+    Thread(std::io::Error),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProposeError {
+    /// Too many writes waiting for the raft thread.
+    Full,
+    /// The raft thread is not running.
+    Stopped,
+}
+
+/// The main thread's handle on the raft thread.
+pub struct Node {
+    shared: Arc<Shared>,
+    input: Sender<Input>,
+    transport: Arc<Transport>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Opens nothing itself: `store` is the already-opened log (so start-up errors about the
+    /// log surface before any thread starts). Binds the bus and starts the raft thread.
+    pub fn start(spec: NodeSpec, store: LogStore, waker: Waker) -> Result<Node, NodeError> {
+        let voters: Vec<u64> = spec.members.iter().map(|m| m.id).collect();
+        if store.is_empty() {
+            let cs = ConfState {
+                voters: voters.clone(),
+                ..Default::default()
+            };
+            store.initialize(cs)?;
+            store.sync()?;
+            info!(
+                "new raft log: bootstrapping a {}-node cluster from raft.cluster-nodes",
+                voters.len()
+            );
+        } else {
+            let cs = raft::Storage::initial_state(&store)?.conf_state;
+            let mut logged = cs.voters.clone();
+            logged.sort_unstable();
+            let mut configured = voters.clone();
+            configured.sort_unstable();
+            if logged != configured {
+                warn!(
+                    "raft.cluster-nodes lists voters {:?} but the log's committed membership is {:?}; following the log",
+                    configured, logged
+                );
+            }
+        }
+
+        let (in_tx, in_rx) = bounded(INBOUND_QUEUE_MAX);
+        let transport = Arc::new(Transport::start(
+            TransportConfig {
+                node_id: spec.id,
+                cluster_id: spec.cluster_id.clone(),
+                listen: spec.bus_listen,
+                max_frame_bytes: 64 << 20,
+            },
+            in_tx,
+        )?);
+        for m in &spec.members {
+            if m.id != spec.id {
+                transport.set_peer(m.id, &m.bus_addr);
+            }
+        }
+
+        let heartbeat_tick = 1;
+        let election_tick = (spec.election_timeout_ms / spec.heartbeat_interval_ms).max(2) as usize;
+        let cfg = raft::Config {
+            id: spec.id,
+            election_tick,
+            heartbeat_tick,
+            pre_vote: true,
+            check_quorum: true,
+            // Each process starts from an empty dataset and replays the whole log.
+            applied: 0,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            max_committed_size_per_ready: 16 << 20,
+            ..Default::default()
+        };
+        cfg.validate()?;
+        let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
+        let raw = RawNode::new(&cfg, store.clone(), &logger)?;
+
+        let members: HashMap<u64, Member> =
+            spec.members.iter().map(|m| (m.id, m.clone())).collect();
+        let shared = Arc::new(Shared {
+            node_id: spec.id,
+            is_leader: AtomicBool::new(false),
+            leader_ready_index: AtomicU64::new(u64::MAX),
+            applied: AtomicU64::new(0),
+            wake_pending: AtomicBool::new(false),
+            apply_queue: Mutex::new(VecDeque::new()),
+            status: Mutex::new(NodeStatus::default()),
+            members: Mutex::new(members),
+        });
+
+        let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
+        let worker = RaftThread {
+            node: raw,
+            store,
+            transport: transport.clone(),
+            shared: shared.clone(),
+            waker,
+            input: rx,
+            inbound: in_rx,
+            tick: Duration::from_millis(spec.heartbeat_interval_ms),
+            advertise_addr: spec.advertise_addr,
+            was_leader_term: None,
+        };
+        worker.publish_status();
+        let thread = std::thread::Builder::new()
+            .name("raft".into())
+            .spawn(move || worker.run())
+            .map_err(NodeError::Thread)?;
+        Ok(Node {
+            shared,
+            input: tx,
+            transport,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn propose(&self, tag: ProposalTag, data: Vec<u8>) -> Result<(), ProposeError> {
+        match self.input.try_send(Input::Propose(tag, data)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Full),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
+        }
+    }
+
+    pub fn set_fsync(&self, on: bool) {
+        // Best effort: a full queue means the thread is busy; it keeps the previous setting.
+        let _ = self.input.try_send(Input::SetFsync(on));
+    }
+
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        self.transport.peers()
+    }
+
+    /// Stops the raft thread and the bus (module unload / tests).
+    pub fn stop(&self) {
+        let _ = self.input.send(Input::Stop);
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+        self.transport.shutdown();
+    }
+}
+
+struct RaftThread {
+    node: RawNode<LogStore>,
+    store: LogStore,
+    transport: Arc<Transport>,
+    shared: Arc<Shared>,
+    waker: Waker,
+    input: Receiver<Input>,
+    inbound: Receiver<Message>,
+    tick: Duration,
+    advertise_addr: Option<String>,
+    /// The term in which this node was last seen leading, while it still leads.
+    was_leader_term: Option<u64>,
+}
+
+impl RaftThread {
+    fn run(mut self) {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let mut stop = false;
+            select! {
+                recv(self.input) -> m => match m {
+                    Ok(i) => stop |= self.on_input(i),
+                    Err(_) => stop = true,
+                },
+                recv(self.inbound) -> m => if let Ok(m) = m { self.on_message(m) },
+                default(timeout) => {}
+            }
+            let mut dropped = Vec::new();
+            for _ in 0..DRAIN_MAX {
+                match self.input.try_recv() {
+                    Ok(Input::Propose(tag, data)) => self.propose(tag, data, &mut dropped),
+                    Ok(i) => stop |= self.on_input(i),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..DRAIN_MAX {
+                match self.inbound.try_recv() {
+                    Ok(m) => self.on_message(m),
+                    Err(_) => break,
+                }
+            }
+            if !dropped.is_empty() {
+                self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
+            }
+            if stop {
+                return;
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.node.tick();
+                next_tick += self.tick;
+                if next_tick < now {
+                    next_tick = now + self.tick;
+                }
+            }
+            if let Err(e) = self.on_ready() {
+                let msg = format!("raft log write failed, this node stopped taking part in the cluster (its data is intact; fix the cause and restart it): {e}");
+                error!("{msg}");
+                self.shared.is_leader.store(false, Ordering::Release);
+                {
+                    let mut st = lock(&self.shared.status);
+                    st.failure = Some(msg.clone());
+                    st.role = Role::Stopped;
+                }
+                self.shared.push(ApplyItem::Stopped(msg), &self.waker);
+                self.transport.shutdown();
+                return;
+            }
+            self.track_leadership();
+            self.publish_status();
+        }
+    }
+
+    /// Returns true to stop.
+    fn on_input(&mut self, i: Input) -> bool {
+        match i {
+            Input::Propose(tag, data) => {
+                let mut dropped = Vec::new();
+                self.propose(tag, data, &mut dropped);
+                if !dropped.is_empty() {
+                    self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
+                }
+                false
+            }
+            Input::SetFsync(on) => {
+                self.store.set_fsync(on);
+                false
+            }
+            Input::Stop => true,
+        }
+    }
+
+    fn propose(&mut self, tag: ProposalTag, data: Vec<u8>, dropped: &mut Vec<ProposalTag>) {
+        if self.node.raft.state != StateRole::Leader {
+            dropped.push(tag);
+            return;
+        }
+        if self.node.propose(tag.encode(), data).is_err() {
+            dropped.push(tag);
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        if let Err(e) = self.node.step(m) {
+            // Stale or unknown-peer messages are normal around restarts.
+            tracing::debug!("raft message ignored: {e}");
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), NodeError> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.node.ready();
+        if !rd.messages().is_empty() {
+            self.transport.send(rd.take_messages());
+        }
+        if !rd.snapshot().is_empty() {
+            // We never compact yet (issue 5), so no peer can need one.
+            warn!("ignoring a raft snapshot: snapshots are not supported yet");
+        }
+        let committed = rd.take_committed_entries();
+        self.deliver(committed)?;
+        if !rd.entries().is_empty() {
+            self.store.append(rd.entries())?;
+        }
+        if let Some(hs) = rd.hs() {
+            self.store.set_hard_state(hs)?;
+        }
+        self.store.sync()?;
+        if !rd.persisted_messages().is_empty() {
+            self.transport.send(rd.take_persisted_messages());
+        }
+        let mut light = self.node.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            // Written with the next batch: a lower commit index after a crash is re-learned.
+            self.store.set_commit(commit)?;
+        }
+        if !light.messages().is_empty() {
+            self.transport.send(light.take_messages());
+        }
+        let committed = light.take_committed_entries();
+        self.deliver(committed)?;
+        self.node.advance_apply();
+        Ok(())
+    }
+
+    fn deliver(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for e in &entries {
+            let cs = match e.get_entry_type() {
+                EntryType::EntryConfChange => {
+                    let cc: ConfChange = prost::Message::decode(e.data.as_ref())
+                        .map_err(|err| raft::Error::ConfChangeError(err.to_string()))?;
+                    Some(self.node.apply_conf_change(&cc)?)
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc: ConfChangeV2 = prost::Message::decode(e.data.as_ref())
+                        .map_err(|err| raft::Error::ConfChangeError(err.to_string()))?;
+                    Some(self.node.apply_conf_change(&cc)?)
+                }
+                EntryType::EntryNormal => None,
+            };
+            if let Some(cs) = cs {
+                self.store.set_conf_state(&cs)?;
+            }
+        }
+        self.shared.push(ApplyItem::Entries(entries), &self.waker);
+        Ok(())
+    }
+
+    fn track_leadership(&mut self) {
+        let r = &self.node.raft;
+        let leading = r.state == StateRole::Leader;
+        match (self.was_leader_term, leading) {
+            (None, true) => {
+                self.was_leader_term = Some(r.term);
+                // raft-rs appended an empty entry of this term on becoming leader.
+                self.shared
+                    .leader_ready_index
+                    .store(r.raft_log.last_index(), Ordering::Release);
+                self.shared.is_leader.store(true, Ordering::Release);
+                info!("this node is now the leader (term {})", r.term);
+                self.announce_addr();
+            }
+            (Some(t), true) if t == r.term => {}
+            (Some(_), _) => {
+                self.was_leader_term = None;
+                self.shared.is_leader.store(false, Ordering::Release);
+                self.shared
+                    .leader_ready_index
+                    .store(u64::MAX, Ordering::Release);
+                self.shared.push(ApplyItem::LeadershipLost, &self.waker);
+                info!(
+                    "this node is no longer the leader (term {}, leader {})",
+                    r.term, r.leader_id
+                );
+                // A new term as leader again is handled at the next turn.
+            }
+            (None, false) => {}
+        }
+    }
+
+    /// A leader whose `raft.addr` differs from what the cluster knows replicates it.
+    fn announce_addr(&mut self) {
+        let Some(addr) = self.advertise_addr.clone() else {
+            return;
+        };
+        let known = self.shared.member(self.shared.node_id).map(|m| m.redis_addr);
+        if known.as_deref() == Some(addr.as_str()) {
+            return;
+        }
+        let data = encode_command(&LogCommand::NodeAddr {
+            id: self.shared.node_id,
+            addr,
+        });
+        let tag = ProposalTag {
+            node_id: self.shared.node_id,
+            incarnation: 0,
+            request: 0,
+        };
+        if let Err(e) = self.node.propose(tag.encode(), data) {
+            warn!("could not replicate raft.addr: {e}");
+        }
+    }
+
+    fn publish_status(&self) {
+        let r = &self.node.raft;
+        let st = NodeStatus {
+            role: Role::from(r.state),
+            term: r.term,
+            leader_id: r.leader_id,
+            voted_for: r.vote,
+            commit_index: r.raft_log.committed,
+            last_index: r.raft_log.last_index(),
+            voters: r.prs().conf().voters().ids().iter().collect(),
+            learners: r.prs().conf().learners().iter().copied().collect(),
+            log: self.store.stats(),
+            failure: None,
+        };
+        *lock(&self.shared.status) = st;
+    }
+}

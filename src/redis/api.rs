@@ -1,0 +1,230 @@
+//! Thin wrappers over the Redis module API (raw FFI from the `redis-module` crate).
+//!
+//! Invariant: every `extern "C"` function Redis calls goes through `guard`, so a panic
+//! becomes a log line (and an error reply where there is a client), never an abort.
+
+use std::ffi::{c_char, c_int, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+pub use redis_module::raw;
+pub use redis_module::raw::{
+    RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, RedisModuleString,
+};
+
+pub const OK: c_int = raw::REDISMODULE_OK as c_int;
+pub const ERR: c_int = raw::REDISMODULE_ERR as c_int;
+
+/// A module API function pointer. All the ones we call exist in Redis 7.0 and are checked at
+/// load (`missing_apis`), so a missing one here is a programming error.
+macro_rules! rm {
+    ($name:ident) => {
+        {
+            #[allow(unused_unsafe)]
+            let f = unsafe { $crate::redis::api::raw::$name };
+            match f {
+                Some(f) => f,
+                None => panic!(concat!("Redis module API ", stringify!($name), " is missing")),
+            }
+        }
+    };
+}
+pub(crate) use rm;
+
+/// The module API functions this module needs; returns those the server lacks.
+pub fn missing_apis() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    macro_rules! need {
+        ($($name:ident),*) => {$(
+            if unsafe { raw::$name }.is_none() { v.push(stringify!($name)); }
+        )*};
+    }
+    need!(
+        RedisModule_Call,
+        RedisModule_BlockClient,
+        RedisModule_UnblockClient,
+        RedisModule_GetBlockedClientPrivateData,
+        RedisModule_EventLoopAddOneShot,
+        RedisModule_RegisterCommandFilter,
+        RedisModule_CommandFilterArgsCount,
+        RedisModule_CommandFilterArgGet,
+        RedisModule_CommandFilterArgInsert,
+        RedisModule_RegisterStringConfig,
+        RedisModule_RegisterNumericConfig,
+        RedisModule_RegisterBoolConfig,
+        RedisModule_RegisterEnumConfig,
+        RedisModule_LoadConfigs,
+        RedisModule_RegisterInfoFunc,
+        RedisModule_InfoAddSection,
+        RedisModule_InfoAddFieldCString,
+        RedisModule_InfoAddFieldULongLong,
+        RedisModule_ReplyWithCallReply,
+        RedisModule_GetDetachedThreadSafeContext,
+        RedisModule_ResetDataset,
+        RedisModule_DbSize,
+        RedisModule_SelectDb,
+        RedisModule_GetSelectedDb,
+        RedisModule_GetContextFlags,
+        RedisModule_CreateString,
+        RedisModule_FreeString,
+        RedisModule_StringPtrLen,
+        RedisModule_CreateCommand,
+        RedisModule_Log,
+        RedisModule_ReplyWithError,
+        RedisModule_ReplyWithSimpleString,
+        RedisModule_ReplyWithStringBuffer,
+        RedisModule_ReplyWithLongLong,
+        RedisModule_ReplyWithArray,
+        RedisModule_CallReplyType,
+        RedisModule_CallReplyLength,
+        RedisModule_CallReplyArrayElement,
+        RedisModule_CallReplyStringPtr,
+        RedisModule_FreeCallReply
+    );
+    v
+}
+
+/// Runs `f`, turning a panic into `on_panic`'s result and a warning in Redis's log.
+pub fn guard<R>(what: &str, on_panic: impl FnOnce() -> R, f: impl FnOnce() -> R) -> R {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            log_raw("warning", &format!("internal error in {what}: {msg}"));
+            on_panic()
+        }
+    }
+}
+
+/// Writes one line to Redis's log (any thread).
+pub fn log_raw(level: &str, msg: &str) {
+    let Some(log) = (unsafe { raw::RedisModule_Log }) else {
+        return;
+    };
+    let level = CString::new(level).unwrap_or_default();
+    let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+    unsafe { log(std::ptr::null_mut(), level.as_ptr(), c"<raft> %s".as_ptr(), msg.as_ptr()) };
+}
+
+/// The bytes of a RedisModuleString (valid while `s` lives).
+pub unsafe fn str_bytes<'a>(s: *const RedisModuleString) -> &'a [u8] {
+    if s.is_null() {
+        return &[];
+    }
+    let mut len = 0usize;
+    let p = rm!(RedisModule_StringPtrLen)(s, &mut len);
+    if p.is_null() {
+        return &[];
+    }
+    std::slice::from_raw_parts(p as *const u8, len)
+}
+
+/// argv of a command callback as byte slices.
+pub unsafe fn args<'a>(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<&'a [u8]> {
+    (0..argc.max(0) as usize)
+        .map(|i| str_bytes(*argv.add(i)))
+        .collect()
+}
+
+pub fn create_string(ctx: *mut RedisModuleCtx, b: &[u8]) -> *mut RedisModuleString {
+    unsafe { rm!(RedisModule_CreateString)(ctx, b.as_ptr() as *const c_char, b.len()) }
+}
+
+pub fn reply_error(ctx: *mut RedisModuleCtx, msg: &str) -> c_int {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    unsafe { rm!(RedisModule_ReplyWithError)(ctx, c.as_ptr()) }
+}
+
+pub fn reply_simple(ctx: *mut RedisModuleCtx, msg: &str) -> c_int {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    unsafe { rm!(RedisModule_ReplyWithSimpleString)(ctx, c.as_ptr()) }
+}
+
+pub fn reply_bulk(ctx: *mut RedisModuleCtx, b: &[u8]) -> c_int {
+    unsafe { rm!(RedisModule_ReplyWithStringBuffer)(ctx, b.as_ptr() as *const c_char, b.len()) }
+}
+
+pub fn reply_int(ctx: *mut RedisModuleCtx, v: i64) -> c_int {
+    unsafe { rm!(RedisModule_ReplyWithLongLong)(ctx, v) }
+}
+
+/// Flags for `call`.
+#[derive(Clone, Copy, Default)]
+pub struct CallOpts {
+    /// Reply in RESP3 (the client that will get the reply speaks it).
+    pub resp3: bool,
+}
+
+/// Executes a command through RM_Call on `ctx` (errors come back as error replies).
+/// Returns null only when Redis could not even start the command.
+pub fn call(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], opts: CallOpts) -> *mut RedisModuleCallReply {
+    let Some((name, rest)) = argv.split_first() else {
+        return std::ptr::null_mut();
+    };
+    let Ok(cname) = CString::new(name.clone()) else {
+        return std::ptr::null_mut();
+    };
+    let strs: Vec<*mut RedisModuleString> = rest.iter().map(|a| create_string(ctx, a)).collect();
+    let fmt: &std::ffi::CStr = if opts.resp3 { c"vE3" } else { c"vE" };
+    let reply = unsafe {
+        rm!(RedisModule_Call)(
+            ctx,
+            cname.as_ptr(),
+            fmt.as_ptr(),
+            strs.as_ptr() as *mut *mut RedisModuleString,
+            strs.len(),
+        )
+    };
+    for s in strs {
+        unsafe { rm!(RedisModule_FreeString)(ctx, s) };
+    }
+    reply
+}
+
+pub fn free_call_reply(r: *mut RedisModuleCallReply) {
+    if !r.is_null() {
+        unsafe { rm!(RedisModule_FreeCallReply)(r) };
+    }
+}
+
+/// A decoded call reply, for the few places the module reads one (COMMAND at load).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(Vec<u8>),
+    Int(i64),
+    Array(Vec<Value>),
+    Other,
+}
+
+pub fn call_reply_value(r: *mut RedisModuleCallReply) -> Value {
+    if r.is_null() {
+        return Value::Other;
+    }
+    unsafe {
+        let t = rm!(RedisModule_CallReplyType)(r) as isize;
+        match t {
+            raw::REDISMODULE_REPLY_STRING | raw::REDISMODULE_REPLY_ERROR => {
+                let mut len = 0usize;
+                let p = rm!(RedisModule_CallReplyStringPtr)(r, &mut len);
+                if p.is_null() {
+                    Value::Str(Vec::new())
+                } else {
+                    Value::Str(std::slice::from_raw_parts(p as *const u8, len).to_vec())
+                }
+            }
+            raw::REDISMODULE_REPLY_INTEGER => Value::Int(rm!(RedisModule_CallReplyInteger)(r)),
+            raw::REDISMODULE_REPLY_ARRAY | raw::REDISMODULE_REPLY_SET => {
+                let n = rm!(RedisModule_CallReplyLength)(r);
+                Value::Array(
+                    (0..n)
+                        .map(|i| call_reply_value(rm!(RedisModule_CallReplyArrayElement)(r, i)))
+                        .collect(),
+                )
+            }
+            _ => Value::Other,
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Registers the `raft.*` options with Redis's module configuration API, so they work in
+//! redis.conf, as `--raft.<name>` arguments, and with CONFIG GET/SET.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_longlong, c_void, CStr, CString};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use super::api::{self, guard, raw, rm, RedisModuleCtx, RedisModuleString};
+use super::MainThread;
+use crate::config::{check_string, LogLevel, Options};
+
+/// The values Redis last accepted. Read at start-up and by INFO; CONFIG SET writes here.
+pub static OPTIONS: Mutex<Options> = Mutex::new(Options {
+    node_id: String::new(),
+    cluster_nodes: String::new(),
+    election_timeout_ms: 1000,
+    heartbeat_interval_ms: 100,
+    log_filename: String::new(),
+    log_fsync: true,
+    addr: String::new(),
+    bus_port: 0,
+    loglevel: LogLevel::Notice,
+});
+
+/// `raft.loglevel`, read by the log filter on any thread.
+pub static LOGLEVEL: AtomicU8 = AtomicU8::new(LogLevel::Notice as u8);
+
+pub fn options() -> Options {
+    OPTIONS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn with_options<R>(f: impl FnOnce(&mut Options) -> R) -> R {
+    f(&mut OPTIONS.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Strings handed to Redis by getters must stay valid until the next get: kept here.
+static GOT: MainThread<HashMap<&'static str, usize>> = MainThread::new_lazy();
+
+fn set_err(err: *mut *mut RedisModuleString, msg: &str) -> c_int {
+    if !err.is_null() {
+        unsafe { *err = api::create_string(std::ptr::null_mut(), msg.as_bytes()) };
+    }
+    api::ERR
+}
+
+fn name_of(name: *const c_char) -> String {
+    if name.is_null() {
+        return String::new();
+    }
+    unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+}
+
+/// Maps a config name (with or without the `raft.` prefix) to our option key.
+fn key(name: &str) -> &'static str {
+    match name.strip_prefix("raft.").unwrap_or(name) {
+        "node-id" => "node-id",
+        "cluster-nodes" => "cluster-nodes",
+        "log-filename" => "log-filename",
+        "addr" => "addr",
+        "election-timeout" => "election-timeout",
+        "heartbeat-interval" => "heartbeat-interval",
+        "bus-port" => "bus-port",
+        "log-fsync" => "log-fsync",
+        "loglevel" => "loglevel",
+        _ => "",
+    }
+}
+
+extern "C" fn get_string(name: *const c_char, _p: *mut c_void) -> *mut RedisModuleString {
+    guard("config get", std::ptr::null_mut, || {
+        let k = key(&name_of(name));
+        let v = with_options(|o| match k {
+            "node-id" => o.node_id.clone(),
+            "cluster-nodes" => o.cluster_nodes.clone(),
+            "log-filename" => o.log_filename.clone(),
+            "addr" => o.addr.clone(),
+            _ => String::new(),
+        });
+        let s = api::create_string(std::ptr::null_mut(), v.as_bytes());
+        let got = GOT.get_mut();
+        if let Some(old) = got.insert(k, s as usize) {
+            unsafe { rm!(RedisModule_FreeString)(std::ptr::null_mut(), old as *mut RedisModuleString) };
+        }
+        s
+    })
+}
+
+extern "C" fn set_string(
+    name: *const c_char,
+    val: *mut RedisModuleString,
+    _p: *mut c_void,
+    err: *mut *mut RedisModuleString,
+) -> c_int {
+    guard("config set", || api::ERR, || {
+        let k = key(&name_of(name));
+        let v = String::from_utf8_lossy(unsafe { api::str_bytes(val) }).into_owned();
+        if let Err(e) = check_string(k, &v) {
+            return set_err(err, &e.to_string());
+        }
+        with_options(|o| match k {
+            "node-id" => o.node_id = v,
+            "cluster-nodes" => o.cluster_nodes = v,
+            "log-filename" => o.log_filename = v,
+            "addr" => o.addr = v,
+            _ => {}
+        });
+        api::OK
+    })
+}
+
+extern "C" fn get_numeric(name: *const c_char, _p: *mut c_void) -> c_longlong {
+    let k = key(&name_of(name));
+    with_options(|o| match k {
+        "election-timeout" => o.election_timeout_ms as c_longlong,
+        "heartbeat-interval" => o.heartbeat_interval_ms as c_longlong,
+        "bus-port" => o.bus_port as c_longlong,
+        _ => 0,
+    })
+}
+
+extern "C" fn set_numeric(
+    name: *const c_char,
+    val: c_longlong,
+    _p: *mut c_void,
+    err: *mut *mut RedisModuleString,
+) -> c_int {
+    let k = key(&name_of(name));
+    let Ok(v) = u64::try_from(val) else {
+        return set_err(err, &format!("raft.{k}: must not be negative"));
+    };
+    with_options(|o| match k {
+        "election-timeout" => o.election_timeout_ms = v,
+        "heartbeat-interval" => o.heartbeat_interval_ms = v,
+        "bus-port" => o.bus_port = v,
+        _ => {}
+    });
+    api::OK
+}
+
+extern "C" fn get_bool(name: *const c_char, _p: *mut c_void) -> c_int {
+    let k = key(&name_of(name));
+    with_options(|o| match k {
+        "log-fsync" => c_int::from(o.log_fsync),
+        _ => 0,
+    })
+}
+
+extern "C" fn set_bool(
+    name: *const c_char,
+    val: c_int,
+    _p: *mut c_void,
+    _err: *mut *mut RedisModuleString,
+) -> c_int {
+    guard("config set", || api::ERR, || {
+        if key(&name_of(name)) == "log-fsync" {
+            with_options(|o| o.log_fsync = val != 0);
+            super::on_fsync_changed(val != 0);
+        }
+        api::OK
+    })
+}
+
+extern "C" fn get_enum(_name: *const c_char, _p: *mut c_void) -> c_int {
+    c_int::from(LOGLEVEL.load(Ordering::Relaxed))
+}
+
+extern "C" fn set_enum(
+    _name: *const c_char,
+    val: c_int,
+    _p: *mut c_void,
+    err: *mut *mut RedisModuleString,
+) -> c_int {
+    match LogLevel::from_index(val) {
+        Some(l) => {
+            LOGLEVEL.store(l as u8, Ordering::Relaxed);
+            with_options(|o| o.loglevel = l);
+            api::OK
+        }
+        None => set_err(err, "raft.loglevel: must be debug, verbose, notice or warning"),
+    }
+}
+
+/// Cross-option checks after a CONFIG SET of several values.
+extern "C" fn apply(
+    _ctx: *mut RedisModuleCtx,
+    _p: *mut c_void,
+    err: *mut *mut RedisModuleString,
+) -> c_int {
+    guard("config apply", || api::ERR, || match crate::config::validate(&options()) {
+        Ok(_) => api::OK,
+        Err(e) => set_err(err, &e.to_string()),
+    })
+}
+
+const IMMUTABLE: u32 = raw::REDISMODULE_CONFIG_IMMUTABLE;
+const DEFAULT: u32 = raw::REDISMODULE_CONFIG_DEFAULT;
+
+/// Registers every option and loads the values from redis.conf / the command line.
+/// Returns Err with a message naming the option when one is refused.
+pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    let d = Options::default();
+    with_options(|o| *o = d.clone());
+    let strings: [(&CStr, &str, u32); 4] = [
+        (c"node-id", "", IMMUTABLE),
+        (c"cluster-nodes", "", IMMUTABLE),
+        (c"log-filename", &d.log_filename, IMMUTABLE),
+        (c"addr", "", IMMUTABLE),
+    ];
+    for (name, default, flags) in strings {
+        let def = CString::new(default).map_err(|e| e.to_string())?;
+        let r = unsafe {
+            rm!(RedisModule_RegisterStringConfig)(
+                ctx,
+                name.as_ptr(),
+                def.as_ptr(),
+                flags,
+                Some(get_string),
+                Some(set_string),
+                Some(apply),
+                std::ptr::null_mut(),
+            )
+        };
+        check(r, name)?;
+    }
+    // Changing timing at runtime would need the raft thread to re-derive its ticks: refused
+    // (immutable) until that is built.
+    let numerics: [(&CStr, u64, u32, i64, i64); 3] = [
+        (c"election-timeout", d.election_timeout_ms, IMMUTABLE, 1, 3_600_000),
+        (c"heartbeat-interval", d.heartbeat_interval_ms, IMMUTABLE, 1, 3_600_000),
+        (c"bus-port", 0, IMMUTABLE, 0, 65535),
+    ];
+    for (name, default, flags, min, max) in numerics {
+        let r = unsafe {
+            rm!(RedisModule_RegisterNumericConfig)(
+                ctx,
+                name.as_ptr(),
+                default as c_longlong,
+                flags,
+                min,
+                max,
+                Some(get_numeric),
+                Some(set_numeric),
+                Some(apply),
+                std::ptr::null_mut(),
+            )
+        };
+        check(r, name)?;
+    }
+    let r = unsafe {
+        rm!(RedisModule_RegisterBoolConfig)(
+            ctx,
+            c"log-fsync".as_ptr(),
+            1,
+            DEFAULT,
+            Some(get_bool),
+            Some(set_bool),
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    check(r, c"log-fsync")?;
+    let names: Vec<CString> = LogLevel::NAMES
+        .iter()
+        .map(|n| CString::new(*n).unwrap_or_default())
+        .collect();
+    let ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+    let vals: Vec<c_int> = (0..names.len() as c_int).collect();
+    let r = unsafe {
+        rm!(RedisModule_RegisterEnumConfig)(
+            ctx,
+            c"loglevel".as_ptr(),
+            LogLevel::Notice as c_int,
+            DEFAULT,
+            ptrs.as_ptr() as *mut *const c_char,
+            vals.as_ptr(),
+            names.len() as c_int,
+            Some(get_enum),
+            Some(set_enum),
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    check(r, c"loglevel")?;
+    if unsafe { rm!(RedisModule_LoadConfigs)(ctx) } != api::OK {
+        return Err("a raft.* option in the configuration was refused (see the line above)".into());
+    }
+    Ok(())
+}
+
+fn check(r: c_int, name: &CStr) -> Result<(), String> {
+    if r == api::OK {
+        Ok(())
+    } else {
+        Err(format!("could not register option raft.{}", name.to_string_lossy()))
+    }
+}

@@ -1,0 +1,39 @@
+//! The command filter: sees every client command before Redis runs it, and routes the ones
+//! that must go through Raft to the `RAFT` command by prefixing them with `RAFT`.
+//!
+//! Registered with `REDISMODULE_CMDFILTER_NOSELF`, so commands the module itself executes
+//! (the apply path, RAFT.DEBUG EXEC) are not intercepted again.
+
+use std::ffi::c_int;
+
+use super::api::{self, guard, raw, rm};
+use super::classify::Class;
+use super::module;
+
+pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    guard("command filter", || (), || unsafe { filter_inner(fctx) })
+}
+
+unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    let Some(m) = module() else { return };
+    let argc: c_int = rm!(RedisModule_CommandFilterArgsCount)(fctx);
+    if argc < 1 {
+        return;
+    }
+    let name = api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 0));
+    let sub = if argc > 1 {
+        Some(api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 1)))
+    } else {
+        None
+    };
+    let reroute = match m.table.classify(name, sub) {
+        Class::Write | Class::Refused(_) => true,
+        // Served natively only by a leader whose data is current; otherwise RAFT redirects.
+        Class::Read => !m.node.as_ref().is_some_and(|n| n.shared().is_ready_leader()),
+        Class::Local | Class::Container => false,
+    };
+    if reroute {
+        let s = api::create_string(std::ptr::null_mut(), b"RAFT");
+        rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);
+    }
+}

@@ -1,0 +1,381 @@
+//! The Redis main thread's side: start-up, the command filter, blocking clients on their
+//! writes, and executing committed entries in log order.
+//!
+//! Invariant: only code under `src/redis/` and `src/commands/` calls the Redis module API,
+//! and (but for `RedisModule_EventLoopAddOneShot` in the waker, and logging) only on the
+//! main thread.
+
+pub mod api;
+pub mod classify;
+pub mod configs;
+pub mod filter;
+pub mod logging;
+
+use std::cell::UnsafeCell;
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use raft::eraftpb::{Entry, EntryType};
+use tracing::{error, info, warn};
+
+use self::api::{guard, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx};
+use self::classify::CommandTable;
+use crate::codec::{decode_command, encode_command, LogCommand, ProposalTag};
+use crate::config::Bootstrap;
+use crate::node::{ApplyItem, Member, Node, NodeSpec, ProposeError};
+use crate::storage::LogStore;
+
+/// A value only ever touched on Redis's main thread (command callbacks, filter, event-loop
+/// callbacks, INFO). Redis runs those one at a time, so no lock is needed; callers keep the
+/// `&mut` short and never hold it across a call back into Redis that could re-enter.
+pub struct MainThread<T> {
+    cell: UnsafeCell<Option<T>>,
+}
+
+// SAFETY: see the type's doc: only the main thread touches the value.
+unsafe impl<T> Sync for MainThread<T> {}
+
+impl<T: Default> MainThread<T> {
+    pub const fn new_lazy() -> Self {
+        MainThread {
+            cell: UnsafeCell::new(None),
+        }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    pub fn get_mut(&self) -> &mut T {
+        // SAFETY: main thread only, accesses not overlapping (see the type's doc).
+        unsafe { (*self.cell.get()).get_or_insert_with(T::default) }
+    }
+}
+
+/// A client blocked on its write, waiting for the entry to be applied.
+struct Pending {
+    bc: *mut RedisModuleBlockedClient,
+    resp3: bool,
+}
+
+/// What a blocked client is finally told.
+enum Reply {
+    Call(*mut RedisModuleCallReply),
+    Error(String),
+}
+
+/// The module's process-wide state, set once at load.
+pub struct Module {
+    pub node: Option<Node>,
+    pub bootstrap: Option<Bootstrap>,
+    pub table: CommandTable,
+    /// Context the apply path executes commands on (a detached thread-safe context, used
+    /// only on the main thread).
+    apply_ctx: usize,
+    incarnation: u64,
+}
+
+// SAFETY: `apply_ctx` is only dereferenced on the main thread.
+unsafe impl Sync for Module {}
+unsafe impl Send for Module {}
+
+static MODULE: OnceLock<Module> = OnceLock::new();
+
+#[derive(Default)]
+struct MainState {
+    pending: HashMap<u64, Pending>,
+    next_request: u64,
+    started_applying: bool,
+}
+
+static MAIN: MainThread<MainState> = MainThread::new_lazy();
+
+pub fn module() -> Option<&'static Module> {
+    MODULE.get()
+}
+
+/// Set by the waker, cleared by the callback: at most one callback queued at a time.
+static WAKE_QUEUED: AtomicBool = AtomicBool::new(false);
+
+fn waker() -> Arc<dyn Fn() + Send + Sync> {
+    Arc::new(|| {
+        if !WAKE_QUEUED.swap(true, Ordering::AcqRel) {
+            // Thread-safe by Redis's contract: queued under a mutex, wakes the event loop.
+            unsafe { rm!(RedisModule_EventLoopAddOneShot)(Some(on_wake), std::ptr::null_mut()) };
+        }
+    })
+}
+
+extern "C" fn on_wake(_data: *mut c_void) {
+    WAKE_QUEUED.store(false, Ordering::Release);
+    guard("apply", || (), apply_committed);
+}
+
+/// Called from OnLoad after the options are loaded and validated.
+pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(), String> {
+    let table = CommandTable::from_command_reply(&{
+        let r = api::call(ctx, &[b"COMMAND".to_vec()], CallOpts::default());
+        let v = api::call_reply_value(r);
+        api::free_call_reply(r);
+        v
+    });
+    if table.is_empty() {
+        return Err("could not read Redis's command table (COMMAND)".into());
+    }
+    let opts = configs::options();
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ (u64::from(std::process::id()) << 32);
+    let node = match &bootstrap {
+        None => {
+            warn!("raft.cluster-nodes is empty: this node is not part of a cluster; writes are refused with NOCLUSTER");
+            None
+        }
+        Some(b) => {
+            let me = b.me();
+            let (store, recovery) = LogStore::open(std::path::Path::new(&opts.log_filename), opts.log_fsync)
+                .map_err(|e| e.to_string())?;
+            info!("raft log {}: {:?}", opts.log_filename, recovery);
+            let bus_port = if opts.bus_port != 0 { opts.bus_port as u16 } else { me.bus_port };
+            let members = b
+                .nodes
+                .iter()
+                .map(|n| Member {
+                    id: n.raft_id(),
+                    name: n.name.clone(),
+                    redis_addr: if n.name == me.name && !opts.addr.is_empty() {
+                        opts.addr.clone()
+                    } else {
+                        n.redis_addr()
+                    },
+                    bus_addr: n.bus_addr(),
+                })
+                .collect();
+            let mut names: Vec<&str> = b.nodes.iter().map(|n| n.name.as_str()).collect();
+            names.sort_unstable();
+            let spec = NodeSpec {
+                id: me.raft_id(),
+                members,
+                cluster_id: format!("static:{}", names.join(",")),
+                bus_listen: std::net::SocketAddr::from(([0, 0, 0, 0], bus_port)),
+                election_timeout_ms: opts.election_timeout_ms,
+                heartbeat_interval_ms: opts.heartbeat_interval_ms,
+                advertise_addr: (!opts.addr.is_empty()).then(|| opts.addr.clone()),
+            };
+            info!(
+                "starting raft node '{}' (id {}), bus on port {}, {} nodes",
+                me.name,
+                me.raft_id(),
+                bus_port,
+                b.nodes.len()
+            );
+            Some(Node::start(spec, store, waker()).map_err(|e| e.to_string())?)
+        }
+    };
+    let apply_ctx = unsafe { rm!(RedisModule_GetDetachedThreadSafeContext)(ctx) } as usize;
+    let m = Module {
+        node,
+        bootstrap,
+        table,
+        apply_ctx,
+        incarnation,
+    };
+    if MODULE.set(m).is_err() {
+        return Err("module state already initialised".into());
+    }
+    // Run once the event loop starts (after Redis loaded any RDB/AOF), to take over the dataset.
+    if !WAKE_QUEUED.swap(true, Ordering::AcqRel) {
+        unsafe { rm!(RedisModule_EventLoopAddOneShot)(Some(on_wake), std::ptr::null_mut()) };
+    }
+    Ok(())
+}
+
+pub fn on_fsync_changed(on: bool) {
+    if let Some(n) = module().and_then(|m| m.node.as_ref()) {
+        n.set_fsync(on);
+    }
+}
+
+/// The error a client gets when this node cannot serve it: the leader's address, or no leader.
+pub fn redirect_error(m: &Module) -> String {
+    let Some(node) = &m.node else {
+        return "NOCLUSTER No Raft Cluster".into();
+    };
+    let st = node.shared().status();
+    if st.leader_id != 0 && st.leader_id != node.shared().node_id {
+        if let Some(l) = node.shared().member(st.leader_id) {
+            return format!("MOVED 0 {}", l.redis_addr);
+        }
+    }
+    "CLUSTERDOWN No raft leader".into()
+}
+
+/// Replicates a write: blocks the client until its entry is applied here.
+pub fn propose_write(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, argv: Vec<Vec<u8>>) -> c_int {
+    let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
+    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
+    let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
+    let data = encode_command(&LogCommand::Redis { db, argv });
+    let st = MAIN.get_mut();
+    st.next_request += 1;
+    let tag = ProposalTag {
+        node_id: node.shared().node_id,
+        incarnation: m.incarnation,
+        request: st.next_request,
+    };
+    let bc = unsafe {
+        rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
+    };
+    if bc.is_null() {
+        return api::reply_error(ctx, "ERR could not block the client for a replicated write");
+    }
+    match node.propose(tag, data) {
+        Ok(()) => {
+            st.pending.insert(tag.request, Pending { bc, resp3 });
+        }
+        Err(e) => {
+            let msg = match e {
+                ProposeError::Full => "TRYAGAIN too many writes waiting for the raft log; retry",
+                ProposeError::Stopped => "ERR the raft node is stopped; see the server log",
+            };
+            unblock(bc, Reply::Error(msg.into()));
+        }
+    }
+    api::OK
+}
+
+fn unblock(bc: *mut RedisModuleBlockedClient, reply: Reply) {
+    let p = Box::into_raw(Box::new(reply));
+    unsafe { rm!(RedisModule_UnblockClient)(bc, p as *mut c_void) };
+}
+
+extern "C" fn reply_blocked(
+    ctx: *mut RedisModuleCtx,
+    _argv: *mut *mut api::RedisModuleString,
+    _argc: c_int,
+) -> c_int {
+    guard("reply", || api::reply_error(ctx, "ERR internal error"), || {
+        let p = unsafe { rm!(RedisModule_GetBlockedClientPrivateData)(ctx) } as *const Reply;
+        if p.is_null() {
+            return api::reply_error(ctx, "ERR internal error: no reply");
+        }
+        match unsafe { &*p } {
+            Reply::Call(r) if !r.is_null() => unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, *r) },
+            Reply::Call(_) => api::reply_error(ctx, "ERR the command could not be executed"),
+            Reply::Error(e) => api::reply_error(ctx, e),
+        }
+    })
+}
+
+extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    let r = unsafe { Box::from_raw(p as *mut Reply) };
+    if let Reply::Call(c) = *r {
+        api::free_call_reply(c);
+    }
+}
+
+/// Drains the apply queue: executes committed entries in order and answers waiting clients.
+fn apply_committed() {
+    let Some(m) = module() else { return };
+    let Some(node) = &m.node else { return };
+    let ctx = m.apply_ctx as *mut RedisModuleCtx;
+    let st = MAIN.get_mut();
+    if !st.started_applying {
+        st.started_applying = true;
+        take_over_dataset(ctx);
+    }
+    let me = node.shared().node_id;
+    for item in node.shared().take_apply_items() {
+        match item {
+            ApplyItem::Entries(entries) => {
+                for e in entries {
+                    apply_entry(ctx, m, me, &e);
+                    node.shared().set_applied(e.index);
+                }
+            }
+            ApplyItem::Dropped(tags) => {
+                let err = redirect_error(m);
+                for t in tags {
+                    if t.incarnation == m.incarnation {
+                        if let Some(p) = MAIN.get_mut().pending.remove(&t.request) {
+                            unblock(p.bc, Reply::Error(err.clone()));
+                        }
+                    }
+                }
+            }
+            ApplyItem::LeadershipLost => fail_all_pending(
+                "TIMEOUT leadership changed before the write was committed; its outcome is unknown",
+            ),
+            ApplyItem::Stopped(msg) => fail_all_pending(&format!("ERR {msg}")),
+        }
+    }
+}
+
+fn fail_all_pending(msg: &str) {
+    for (_, p) in MAIN.get_mut().pending.drain() {
+        unblock(p.bc, Reply::Error(msg.to_string()));
+    }
+}
+
+/// The Raft log is the source of truth: whatever Redis loaded from its own RDB/AOF at start
+/// is dropped before the log is replayed.
+fn take_over_dataset(ctx: *mut RedisModuleCtx) {
+    let mut keys = 0u64;
+    for db in 0..16 {
+        if unsafe { rm!(RedisModule_SelectDb)(ctx, db) } != api::OK {
+            break;
+        }
+        keys += unsafe { rm!(RedisModule_DbSize)(ctx) };
+    }
+    unsafe { rm!(RedisModule_SelectDb)(ctx, 0) };
+    if keys > 0 {
+        warn!("discarding {keys} keys that Redis loaded from its own RDB/AOF: the raft log is replayed instead (set save \"\" and appendonly no)");
+        unsafe { rm!(RedisModule_ResetDataset)(0, 0) };
+    }
+}
+
+fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
+    if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+        return;
+    }
+    let cmd = match decode_command(&e.data) {
+        Ok(c) => c,
+        Err(err) => {
+            // Every node holds the same bytes and skips the same entry.
+            error!("raft entry {} (term {}) cannot be decoded, skipped: {err}", e.index, e.term);
+            return;
+        }
+    };
+    let pending = ProposalTag::decode(&e.context)
+        .filter(|t| t.node_id == me && t.incarnation == m.incarnation)
+        .and_then(|t| MAIN.get_mut().pending.remove(&t.request));
+    match cmd {
+        LogCommand::Redis { db, argv } => {
+            if unsafe { rm!(RedisModule_SelectDb)(ctx, db) } != api::OK {
+                error!("raft entry {}: database {db} does not exist here; skipped", e.index);
+                if let Some(p) = pending {
+                    unblock(p.bc, Reply::Error(format!("ERR DB index {db} is out of range")));
+                }
+                return;
+            }
+            let opts = CallOpts {
+                resp3: pending.as_ref().is_some_and(|p| p.resp3),
+            };
+            let r = api::call(ctx, &argv, opts);
+            match pending {
+                Some(p) => unblock(p.bc, Reply::Call(r)),
+                None => api::free_call_reply(r),
+            }
+        }
+        LogCommand::NodeAddr { id, addr } => {
+            if let Some(n) = &m.node {
+                n.shared().set_member_addr(id, &addr);
+            }
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! Durable Raft log and hard state, implementing `raft::Storage`.
+//!
+//! File: `<dir>/<raft.log-filename>`, append-only, a sequence of records:
+//! `[len: u32 LE][crc32 of payload: u32 LE][payload: len bytes]`; payload's first byte
+//! is the record kind (entry, hard state, conf state, ...). See ARCHITECTURE.md.
+//!
+//! Invariant: nothing is handed to raft-rs as persisted until `sync()` returned Ok.
+//!
+//! INTERFACE (fixed; the node layer is written against it):
+//!   LogStore::open(path: &Path, fsync: bool) -> Result<(LogStore, Recovery), StorageError>
+//!   LogStore: Clone (a shared handle: Arc inside), Send + Sync
+//!   fn initialize(&self, cs: ConfState) -> Result<(), StorageError>   // first boot only: when empty
+//!   fn is_empty(&self) -> bool                                       // no records at all
+//!   fn append(&self, entries: &[Entry]) -> Result<(), StorageError>  // truncates a conflicting suffix
+//!   fn set_hard_state(&self, hs: &HardState) -> Result<(), StorageError>
+//!   fn set_commit(&self, commit: u64) -> Result<(), StorageError>
+//!   fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError>
+//!   fn sync(&self) -> Result<(), StorageError>                        // write buffered records + one fsync (if enabled)
+//!   fn set_fsync(&self, on: bool)
+//!   fn stats(&self) -> LogStats
+//!   impl raft::Storage for LogStore
+//!
+//! The byte layout (file header, record kinds, limits) lives in `record.rs` and nowhere else.
+//!
+//! Writes are two-step: `append`/`set_*` update the in-memory state (which raft-rs reads) and
+//! encode a record into a write buffer; `sync` writes the whole buffer with one `write_all` and,
+//! when fsync is on, one `fdatasync`. On disk the records are in the order they were buffered, so
+//! replaying the file rebuilds exactly the in-memory state as of the last successful `sync`.
+//!
+//! Invariants checked on every write and again on replay:
+//! - entry indexes are consecutive from `first_index()`; an append at or below the last index
+//!   replaces the suffix from that index (a conflict), and never a committed entry;
+//! - the commit index never passes the last index in the log (append entries before the hard
+//!   state that commits them).
+//!
+//! Crash recovery: damage confined to the end of the file (a record cut short, a last record
+//! whose CRC fails, a zero-filled tail) is a torn write and is truncated away on open. Any other
+//! damage is `StorageError::Corrupt`: the node refuses to start rather than lose acknowledged
+//! entries silently.
+//!
+//! After a failed write or fsync the store refuses all further writes (`StorageError::Failed`):
+//! after a failed fsync the kernel may have dropped the dirty pages, so retrying could report
+//! success for data that never reached the disk.
+
+mod record;
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::util::limit_size;
+use raft::{GetEntriesContext, RaftState};
+
+use record::{HeaderCheck, ScanError};
+
+/// Read buffer for replay on open.
+const REPLAY_READ_BUFFER_BYTES: usize = 1024 * 1024;
+/// After a large batch, the write buffer gives back memory above this size.
+const WRITE_BUFFER_KEEP_BYTES: usize = 4 * 1024 * 1024;
+
+/// Errors from the raft log. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An operating-system call on the log failed (open, read, write, fsync, truncate...).
+    #[error("raft log {}: {what} failed: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is damaged somewhere other than a torn tail, or is not a log this build reads.
+    #[error(
+        "raft log {} is corrupt at byte offset {offset}: {reason}; refusing to start \
+         (move the file aside to rebuild this node from its peers)",
+        .path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// The caller asked for something that would break the log's invariants (a bug upstream).
+    #[error("raft log {}: {reason}", .path.display())]
+    Invalid { path: PathBuf, reason: String },
+    /// An earlier write or fsync failed; the store accepts no more writes.
+    #[error(
+        "raft log {} is unusable after an earlier failure ({cause}); restart the node",
+        .path.display()
+    )]
+    Failed { path: PathBuf, cause: String },
+}
+
+/// What `open` found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// The file was new (or empty) and a fresh header was written.
+    pub created: bool,
+    /// Records replayed.
+    pub records: u64,
+    /// Entries in the log after replay (conflicting suffixes already removed).
+    pub entries: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    /// Bytes of a torn write (from a crash) cut off the end of the file.
+    pub torn_tail_bytes_dropped: u64,
+    /// File size after recovery.
+    pub file_bytes: u64,
+}
+
+/// Counters for `INFO raft` and friends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Entries in the log.
+    pub entries: u64,
+    /// Bytes written to the file (its size); records still buffered are not counted.
+    pub bytes: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub fsync_count: u64,
+    pub fsync_max_us: u64,
+    pub fsync_avg_us: u64,
+}
+
+/// The durable raft log. A cheap-to-clone shared handle.
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// Lock order: `core` before `writer`, so records reach the buffer in the order their
+    /// changes reach memory.
+    core: RwLock<Core>,
+    writer: Mutex<Writer>,
+}
+
+/// The in-memory state raft-rs reads.
+struct Core {
+    /// Index of `entries[0]`. Always 1 until compaction exists.
+    first_index: u64,
+    // TODO(issue 5): every entry is held in memory; keep a bounded cache and read older
+    // entries back from the file.
+    entries: Vec<Entry>,
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Records replayed plus records buffered since open; zero means a brand-new log.
+    records: u64,
+}
+
+struct Writer {
+    file: File,
+    buf: Vec<u8>,
+    fsync: bool,
+    file_bytes: u64,
+    /// Set by a failed write or fsync; every later write is refused.
+    failed: Option<String>,
+    fsync_count: u64,
+    fsync_total_us: u64,
+    fsync_max_us: u64,
+}
+
+impl Core {
+    fn new() -> Core {
+        Core {
+            first_index: 1,
+            entries: Vec::new(),
+            hard_state: HardState::default(),
+            conf_state: ConfState::default(),
+            records: 0,
+        }
+    }
+
+    fn last_index(&self) -> u64 {
+        match self.entries.last() {
+            Some(e) => e.index,
+            None => self.first_index - 1,
+        }
+    }
+
+    /// Checks that entries starting at `index` may be appended; `Err` says why not.
+    fn check_append_at(&self, index: u64) -> Result<(), String> {
+        let last = self.last_index();
+        if index < self.first_index {
+            return Err(format!(
+                "entry index {index} is below the first index {}",
+                self.first_index
+            ));
+        }
+        if index > last + 1 {
+            return Err(format!(
+                "entry index {index} leaves a gap after the last index {last}"
+            ));
+        }
+        if index <= last && index <= self.hard_state.commit {
+            return Err(format!(
+                "entry index {index} would overwrite a committed entry (commit index {})",
+                self.hard_state.commit
+            ));
+        }
+        Ok(())
+    }
+
+    /// Drops entries from `index` on (a conflicting suffix). `index` passed `check_append_at`.
+    fn truncate_from(&mut self, index: u64) {
+        let keep = index.saturating_sub(self.first_index);
+        self.entries
+            .truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+    }
+
+    fn check_commit(&self, commit: u64) -> Result<(), String> {
+        let last = self.last_index();
+        if commit > last {
+            return Err(format!(
+                "commit index {commit} is beyond the last index {last} \
+                 (entries must be appended before the hard state that commits them)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies one record read back from the file, with the same checks as the write path.
+    fn replay(&mut self, rec: record::Record) -> Result<(), String> {
+        match rec {
+            record::Record::Entry(e) => {
+                self.check_append_at(e.index)?;
+                self.truncate_from(e.index);
+                self.entries.push(e);
+            }
+            record::Record::HardState(hs) => {
+                self.check_commit(hs.commit)?;
+                self.hard_state = hs;
+            }
+            record::Record::ConfState(cs) => self.conf_state = cs,
+            record::Record::Commit(commit) => {
+                self.check_commit(commit)?;
+                self.hard_state.commit = commit;
+            }
+        }
+        self.records += 1;
+        Ok(())
+    }
+}
+
+// A panic while a lock is held leaves no half-applied change behind: every mutation below
+// checks first and then changes state without anything that can fail. So a poisoned lock's
+// data is still consistent, and taking it is better than panicking in raft-rs's callbacks.
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn mutex_lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl LogStore {
+    /// Opens the log at `path`, creating it if missing, and replays it into memory.
+    /// A torn tail from a crash is cut off (and reported); any other damage is an error.
+    pub fn open(path: &Path, fsync: bool) -> Result<(LogStore, Recovery), StorageError> {
+        let io_err = |what: &'static str| {
+            move |source: io::Error| StorageError::Io {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let corrupt = |offset: u64, reason: String| StorageError::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            reason,
+        };
+
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io_err("open"))?;
+        let file_len = file.metadata().map_err(io_err("stat"))?.len();
+
+        let mut head = vec![0u8; file_len.min(record::HEADER_LEN) as usize];
+        file.read_exact(&mut head).map_err(io_err("read header"))?;
+
+        let mut core = Core::new();
+        let mut recovery = Recovery::default();
+        let file_bytes = match record::check_header(&head) {
+            HeaderCheck::Refused { offset, reason } => return Err(corrupt(offset, reason)),
+            HeaderCheck::Incomplete => {
+                if file_len > 0 {
+                    // A crash while the file was being created: nothing but part of a header.
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset = 0u64,
+                        bytes_dropped = file_len,
+                        "raft log has an incomplete header from an interrupted creation; rewriting it"
+                    );
+                    file.set_len(0).map_err(io_err("truncate incomplete header"))?;
+                    recovery.torn_tail_bytes_dropped = file_len;
+                }
+                recovery.created = true;
+                file.write_all(&record::encode_header())
+                    .map_err(io_err("write header"))?;
+                if fsync {
+                    file.sync_all().map_err(io_err("fsync header"))?;
+                    sync_parent_dir(path).map_err(io_err("fsync parent directory"))?;
+                }
+                record::HEADER_LEN
+            }
+            HeaderCheck::Valid => {
+                let reader = BufReader::with_capacity(REPLAY_READ_BUFFER_BYTES, &file);
+                let end = record::scan(reader, file_len, |_offset, rec| core.replay(rec))
+                    .map_err(|e| match e {
+                        ScanError::Io(source) => io_err("read")(source),
+                        ScanError::Corrupt { offset, reason } => corrupt(offset, reason),
+                    })?;
+                if let Some(torn) = end.torn {
+                    tracing::warn!(
+                        path = %path.display(),
+                        offset = end.good_end,
+                        bytes_dropped = torn.bytes,
+                        reason = torn.why,
+                        "raft log has a torn tail from an interrupted write; truncating it"
+                    );
+                    file.set_len(end.good_end)
+                        .map_err(io_err("truncate torn tail"))?;
+                    file.sync_all().map_err(io_err("fsync after truncating torn tail"))?;
+                    recovery.torn_tail_bytes_dropped = torn.bytes;
+                }
+                end.good_end
+            }
+        };
+
+        recovery.records = core.records;
+        recovery.entries = core.entries.len() as u64;
+        recovery.first_index = core.first_index;
+        recovery.last_index = core.last_index();
+        recovery.file_bytes = file_bytes;
+        tracing::info!(
+            path = %path.display(),
+            entries = recovery.entries,
+            last_index = recovery.last_index,
+            commit = core.hard_state.commit,
+            file_bytes,
+            "raft log opened"
+        );
+
+        let store = LogStore {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                core: RwLock::new(core),
+                writer: Mutex::new(Writer {
+                    file,
+                    buf: Vec::new(),
+                    fsync,
+                    file_bytes,
+                    failed: None,
+                    fsync_count: 0,
+                    fsync_total_us: 0,
+                    fsync_max_us: 0,
+                }),
+            }),
+        };
+        Ok((store, recovery))
+    }
+
+    /// The file this store writes.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn invalid(&self, reason: String) -> StorageError {
+        StorageError::Invalid {
+            path: self.inner.path.clone(),
+            reason,
+        }
+    }
+
+    /// Runs a write-path change with both locks held, refusing it after an earlier failure.
+    fn write_path<T>(
+        &self,
+        f: impl FnOnce(&mut Core, &mut Vec<u8>) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let mut core = write_lock(&self.inner.core);
+        let mut writer = mutex_lock(&self.inner.writer);
+        if let Some(cause) = &writer.failed {
+            return Err(StorageError::Failed {
+                path: self.inner.path.clone(),
+                cause: cause.clone(),
+            });
+        }
+        f(&mut core, &mut writer.buf)
+    }
+
+    fn encode_err(&self, e: record::EncodeError) -> StorageError {
+        self.invalid(e.to_string())
+    }
+
+    /// Records the initial configuration of a brand-new log. Only valid when `is_empty()`.
+    pub fn initialize(&self, cs: ConfState) -> Result<(), StorageError> {
+        self.write_path(|core, buf| {
+            if core.records != 0 {
+                return Err(self.invalid(format!(
+                    "initialize on a log that already holds {} records",
+                    core.records
+                )));
+            }
+            record::encode_conf_state(buf, &cs).map_err(|e| self.encode_err(e))?;
+            core.conf_state = cs;
+            core.records += 1;
+            Ok(())
+        })
+    }
+
+    /// True when the log holds no records at all: no entries, hard state or conf state.
+    pub fn is_empty(&self) -> bool {
+        read_lock(&self.inner.core).records == 0
+    }
+
+    /// Buffers `entries` (consecutive indexes). If the first index is at or below the last
+    /// index, the log's suffix from there is replaced (a conflict resolved by the leader).
+    pub fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        if let Some(w) = entries.windows(2).find(|w| w[0].index.checked_add(1) != Some(w[1].index)) {
+            return Err(self.invalid(format!(
+                "appended entries are not consecutive: index {} follows index {}",
+                w[1].index, w[0].index
+            )));
+        }
+        self.write_path(|core, buf| {
+            core.check_append_at(first.index)
+                .map_err(|reason| self.invalid(reason))?;
+            let mark = buf.len();
+            for e in entries {
+                if let Err(err) = record::encode_entry(buf, e) {
+                    buf.truncate(mark);
+                    return Err(self.invalid(format!("entry {}: {err}", e.index)));
+                }
+            }
+            core.truncate_from(first.index);
+            core.entries.extend_from_slice(entries);
+            core.records += entries.len() as u64;
+            Ok(())
+        })
+    }
+
+    /// Buffers a new hard state (term, vote, commit).
+    pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StorageError> {
+        self.write_path(|core, buf| {
+            core.check_commit(hs.commit)
+                .map_err(|reason| self.invalid(reason))?;
+            record::encode_hard_state(buf, hs).map_err(|e| self.encode_err(e))?;
+            core.hard_state = hs.clone();
+            core.records += 1;
+            Ok(())
+        })
+    }
+
+    /// Buffers a new commit index, keeping the hard state's term and vote.
+    pub fn set_commit(&self, commit: u64) -> Result<(), StorageError> {
+        self.write_path(|core, buf| {
+            core.check_commit(commit)
+                .map_err(|reason| self.invalid(reason))?;
+            record::encode_commit(buf, commit).map_err(|e| self.encode_err(e))?;
+            core.hard_state.commit = commit;
+            core.records += 1;
+            Ok(())
+        })
+    }
+
+    /// Buffers a new membership configuration.
+    pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError> {
+        self.write_path(|core, buf| {
+            record::encode_conf_state(buf, cs).map_err(|e| self.encode_err(e))?;
+            core.conf_state = cs.clone();
+            core.records += 1;
+            Ok(())
+        })
+    }
+
+    /// Writes every buffered record with one `write_all` and, if fsync is on, one
+    /// `fdatasync`. Only after this returns Ok may the records be treated as persisted.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        let mut guard = mutex_lock(&self.inner.writer);
+        let w = &mut *guard;
+        if let Some(cause) = &w.failed {
+            return Err(StorageError::Failed {
+                path: self.inner.path.clone(),
+                cause: cause.clone(),
+            });
+        }
+        if w.buf.is_empty() {
+            return Ok(());
+        }
+        if let Err(source) = w.file.write_all(&w.buf) {
+            w.failed = Some(format!("write failed: {source}"));
+            return Err(StorageError::Io {
+                path: self.inner.path.clone(),
+                what: "write",
+                source,
+            });
+        }
+        w.file_bytes += w.buf.len() as u64;
+        w.buf.clear();
+        if w.buf.capacity() > WRITE_BUFFER_KEEP_BYTES {
+            w.buf.shrink_to(WRITE_BUFFER_KEEP_BYTES);
+        }
+        if w.fsync {
+            let started = Instant::now();
+            if let Err(source) = w.file.sync_data() {
+                w.failed = Some(format!("fsync failed: {source}"));
+                return Err(StorageError::Io {
+                    path: self.inner.path.clone(),
+                    what: "fsync",
+                    source,
+                });
+            }
+            let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            w.fsync_count += 1;
+            w.fsync_total_us = w.fsync_total_us.saturating_add(took_us);
+            w.fsync_max_us = w.fsync_max_us.max(took_us);
+        }
+        Ok(())
+    }
+
+    /// Turns the fsync in `sync()` on or off (`raft.log-fsync`).
+    pub fn set_fsync(&self, on: bool) {
+        mutex_lock(&self.inner.writer).fsync = on;
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let core = read_lock(&self.inner.core);
+        let w = mutex_lock(&self.inner.writer);
+        LogStats {
+            entries: core.entries.len() as u64,
+            bytes: w.file_bytes,
+            first_index: core.first_index,
+            last_index: core.last_index(),
+            fsync_count: w.fsync_count,
+            fsync_max_us: w.fsync_max_us,
+            fsync_avg_us: w.fsync_total_us.checked_div(w.fsync_count).unwrap_or(0),
+        }
+    }
+}
+
+impl fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes a newly created file's directory entry durable.
+fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+fn store_err(e: raft::StorageError) -> raft::Error {
+    raft::Error::Store(e)
+}
+
+impl raft::Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let core = read_lock(&self.inner.core);
+        Ok(RaftState::new(
+            core.hard_state.clone(),
+            core.conf_state.clone(),
+        ))
+    }
+
+    /// Entries in `[low, high)`, at most `max_size` bytes but always at least one entry.
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let core = read_lock(&self.inner.core);
+        if low < core.first_index {
+            return Err(store_err(raft::StorageError::Compacted));
+        }
+        // MemStorage panics here; an error stops raft-rs just as surely without an abort.
+        if high > core.last_index() + 1 || low > high {
+            return Err(store_err(raft::StorageError::Unavailable));
+        }
+        let lo = usize::try_from(low - core.first_index)
+            .map_err(|_| store_err(raft::StorageError::Unavailable))?;
+        let hi = usize::try_from(high - core.first_index)
+            .map_err(|_| store_err(raft::StorageError::Unavailable))?;
+        let mut ents = core.entries[lo..hi].to_vec();
+        limit_size(&mut ents, max_size.into());
+        Ok(ents)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let core = read_lock(&self.inner.core);
+        // The entry before the first is where a snapshot would end; with no snapshot it is
+        // index 0, term 0.
+        if core.first_index.checked_sub(1) == Some(idx) {
+            return Ok(0);
+        }
+        if idx < core.first_index {
+            return Err(store_err(raft::StorageError::Compacted));
+        }
+        if idx > core.last_index() {
+            return Err(store_err(raft::StorageError::Unavailable));
+        }
+        usize::try_from(idx - core.first_index)
+            .ok()
+            .and_then(|i| core.entries.get(i))
+            .map(|e| e.term)
+            .ok_or_else(|| store_err(raft::StorageError::Unavailable))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(read_lock(&self.inner.core).first_index)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(read_lock(&self.inner.core).last_index())
+    }
+
+    /// Snapshots are not implemented yet; with no compaction a follower never needs one.
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        Err(store_err(raft::StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+#[cfg(test)]
+mod tests;

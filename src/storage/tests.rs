@@ -1,0 +1,811 @@
+//! Tests against real files in a temp dir. Offsets are taken from `stats().bytes` after each
+//! `sync()` so each test knows exactly where every record starts.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use raft::eraftpb::{ConfState, Entry, HardState};
+use raft::{GetEntriesContext, Storage};
+
+use super::{LogStats, LogStore, Recovery, StorageError};
+
+fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+    Entry {
+        index,
+        term,
+        data: data.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
+    HardState { term, vote, commit }
+}
+
+fn conf_state(voters: &[u64], learners: &[u64]) -> ConfState {
+    ConfState {
+        voters: voters.to_vec(),
+        learners: learners.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn log_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("redisraft.db")
+}
+
+fn open(path: &Path) -> (LogStore, Recovery) {
+    match LogStore::open(path, false) {
+        Ok(r) => r,
+        Err(e) => panic!("open {}: {e}", path.display()),
+    }
+}
+
+fn all_entries(store: &LogStore) -> Vec<Entry> {
+    let last = store.last_index().expect("last_index");
+    store
+        .entries(1, last + 1, None, GetEntriesContext::empty(false))
+        .expect("entries")
+}
+
+/// Appends each entry in its own batch and returns the file size after each sync.
+fn append_one_per_sync(store: &LogStore, entries: &[Entry]) -> Vec<u64> {
+    entries
+        .iter()
+        .map(|e| {
+            store.append(std::slice::from_ref(e)).expect("append");
+            store.sync().expect("sync");
+            store.stats().bytes
+        })
+        .collect()
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let mut bytes = fs::read(path).expect("read log");
+    bytes[offset as usize] ^= 0x40;
+    fs::write(path, bytes).expect("write log");
+}
+
+fn append_bytes(path: &Path, extra: &[u8]) {
+    let mut f = OpenOptions::new().append(true).open(path).expect("open");
+    f.write_all(extra).expect("append");
+}
+
+fn corrupt_message(path: &Path, offset: u64, reason: &str) -> String {
+    format!(
+        "raft log {} is corrupt at byte offset {offset}: {reason}; refusing to start \
+         (move the file aside to rebuild this node from its peers)",
+        path.display()
+    )
+}
+
+fn open_err(path: &Path) -> StorageError {
+    match LogStore::open(path, false) {
+        Ok(_) => panic!("open {} unexpectedly succeeded", path.display()),
+        Err(e) => e,
+    }
+}
+
+const THREE: [(u64, u64, &[u8]); 3] = [(1, 1, b"set a 1"), (2, 1, b"set b 2"), (3, 1, b"set c 3")];
+
+fn three_entries() -> Vec<Entry> {
+    THREE.iter().map(|&(i, t, d)| entry(i, t, d)).collect()
+}
+
+#[test]
+fn new_log_is_empty_with_only_a_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, rec) = open(&path);
+    assert_eq!(
+        rec,
+        Recovery {
+            created: true,
+            records: 0,
+            entries: 0,
+            first_index: 1,
+            last_index: 0,
+            torn_tail_bytes_dropped: 0,
+            file_bytes: 9,
+        }
+    );
+    assert!(store.is_empty());
+    assert_eq!(fs::read(&path).unwrap(), b"RRLOG\x01\x00\x00\x00");
+    assert_eq!(store.first_index().unwrap(), 1);
+    assert_eq!(store.last_index().unwrap(), 0);
+    assert_eq!(store.term(0).unwrap(), 0);
+    let rs = store.initial_state().unwrap();
+    assert_eq!(rs.hard_state, HardState::default());
+    assert_eq!(rs.conf_state, ConfState::default());
+}
+
+#[test]
+fn record_layout_is_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    store.append(&[entry(1, 1, b"a")]).unwrap();
+    store.set_commit(1).unwrap();
+    store.sync().unwrap();
+    let mut want = b"RRLOG\x01\x00\x00\x00".to_vec();
+    // Entry: kind 1 + prost(term=1, index=1, data="a").
+    let payload = [1u8, 0x10, 0x01, 0x18, 0x01, 0x22, 0x01, b'a'];
+    want.extend_from_slice(&8u32.to_le_bytes());
+    want.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    want.extend_from_slice(&payload);
+    // Commit: kind 4 + u64 LE.
+    let payload = [4u8, 1, 0, 0, 0, 0, 0, 0, 0];
+    want.extend_from_slice(&9u32.to_le_bytes());
+    want.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    want.extend_from_slice(&payload);
+    assert_eq!(fs::read(&path).unwrap(), want);
+    assert_eq!(store.stats().bytes, 9 + 16 + 17);
+}
+
+#[test]
+fn append_then_reopen_round_trips_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    store.append(&three_entries()).unwrap();
+    store.sync().unwrap();
+    let size = fs::metadata(&path).unwrap().len();
+    assert_eq!(store.stats().bytes, size);
+    assert!(!store.is_empty());
+    drop(store);
+
+    let (store, rec) = open(&path);
+    assert_eq!(
+        rec,
+        Recovery {
+            created: false,
+            records: 3,
+            entries: 3,
+            first_index: 1,
+            last_index: 3,
+            torn_tail_bytes_dropped: 0,
+            file_bytes: size,
+        }
+    );
+    assert_eq!(all_entries(&store), three_entries());
+    assert!(!store.is_empty());
+
+    // Appending after a reopen continues the same file.
+    store.append(&[entry(4, 2, b"set d 4")]).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let (store, rec) = open(&path);
+    assert_eq!(rec.entries, 4);
+    assert_eq!(store.term(4).unwrap(), 2);
+}
+
+#[test]
+fn records_not_synced_are_not_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    store.append(&three_entries()).unwrap();
+    store.set_commit(2).unwrap();
+    // raft-rs may read the buffered state before sync.
+    assert_eq!(store.last_index().unwrap(), 3);
+    assert_eq!(store.initial_state().unwrap().hard_state.commit, 2);
+    assert_eq!(store.stats().bytes, 9);
+    drop(store);
+
+    let (store, rec) = open(&path);
+    assert_eq!(rec.records, 0);
+    assert!(store.is_empty());
+    assert_eq!(store.last_index().unwrap(), 0);
+}
+
+#[test]
+fn conflicting_suffix_overwrite_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let old: Vec<Entry> = (1..=5).map(|i| entry(i, 1, b"old")).collect();
+    store.append(&old).unwrap();
+    store.set_commit(2).unwrap();
+    store.sync().unwrap();
+    let new = [entry(3, 2, b"new3"), entry(4, 2, b"new4")];
+    store.append(&new).unwrap();
+    store.sync().unwrap();
+
+    let want = vec![
+        entry(1, 1, b"old"),
+        entry(2, 1, b"old"),
+        entry(3, 2, b"new3"),
+        entry(4, 2, b"new4"),
+    ];
+    assert_eq!(all_entries(&store), want);
+    assert_eq!(store.last_index().unwrap(), 4);
+    drop(store);
+
+    let (store, rec) = open(&path);
+    assert_eq!(rec.records, 8);
+    assert_eq!(rec.entries, 4);
+    assert_eq!(rec.last_index, 4);
+    assert_eq!(all_entries(&store), want);
+    assert_eq!(store.term(3).unwrap(), 2);
+    assert_eq!(store.stats().entries, 4);
+}
+
+#[test]
+fn hard_state_commit_and_conf_state_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    assert!(store.is_empty());
+    store.initialize(conf_state(&[1, 2, 3], &[])).unwrap();
+    assert!(!store.is_empty());
+    store.append(&three_entries()).unwrap();
+    store.set_hard_state(&hard_state(1, 1, 1)).unwrap();
+    store.set_hard_state(&hard_state(2, 3, 2)).unwrap();
+    store.set_commit(3).unwrap();
+    store.set_conf_state(&conf_state(&[1, 2, 3, 4], &[5])).unwrap();
+    store.sync().unwrap();
+    drop(store);
+
+    let (store, rec) = open(&path);
+    assert_eq!(rec.records, 8);
+    let rs = store.initial_state().unwrap();
+    assert_eq!(rs.hard_state, hard_state(2, 3, 3));
+    assert_eq!(rs.conf_state, conf_state(&[1, 2, 3, 4], &[5]));
+    assert!(!store.is_empty());
+}
+
+#[test]
+fn initialize_only_on_an_empty_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    store.initialize(conf_state(&[1], &[])).unwrap();
+    store.sync().unwrap();
+    let err = store.initialize(conf_state(&[2], &[])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "raft log {}: initialize on a log that already holds 1 records",
+            path.display()
+        )
+    );
+    drop(store);
+
+    let (store, rec) = open(&path);
+    assert_eq!(rec.records, 1);
+    assert!(!store.is_empty());
+    assert_eq!(store.initial_state().unwrap().conf_state, conf_state(&[1], &[]));
+    assert!(store.initialize(conf_state(&[1], &[])).is_err());
+}
+
+#[test]
+fn torn_tail_cut_mid_record_is_dropped_reported_and_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    // A crash part-way through writing the third record.
+    let cut_at = ends[2] - 3;
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(cut_at)
+        .unwrap();
+
+    let (store, rec) = open(&path);
+    assert_eq!(
+        rec,
+        Recovery {
+            created: false,
+            records: 2,
+            entries: 2,
+            first_index: 1,
+            last_index: 2,
+            torn_tail_bytes_dropped: cut_at - ends[1],
+            file_bytes: ends[1],
+        }
+    );
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[1]);
+    assert_eq!(all_entries(&store), three_entries()[..2].to_vec());
+
+    // The log keeps working, and a second open finds nothing to repair.
+    store.append(&three_entries()[2..]).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let (store, rec) = open(&path);
+    assert_eq!(rec.torn_tail_bytes_dropped, 0);
+    assert_eq!(rec.file_bytes, ends[2]);
+    assert_eq!(all_entries(&store), three_entries());
+}
+
+#[test]
+fn torn_tail_cut_mid_header_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    // Only 5 bytes of the third record's 8-byte frame header made it.
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(ends[1] + 5)
+        .unwrap();
+
+    let (_, rec) = open(&path);
+    assert_eq!(rec.torn_tail_bytes_dropped, 5);
+    assert_eq!(rec.entries, 2);
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[1]);
+}
+
+#[test]
+fn partial_garbage_header_at_the_end_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    append_bytes(&path, &[0xde, 0xad, 0xbe, 0xef, 0x01]);
+
+    let (store, rec) = open(&path);
+    assert_eq!(rec.torn_tail_bytes_dropped, 5);
+    assert_eq!(rec.entries, 3);
+    assert_eq!(rec.file_bytes, ends[2]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[2]);
+    assert_eq!(all_entries(&store), three_entries());
+}
+
+#[test]
+fn bad_crc_in_the_last_record_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    flip_byte(&path, ends[2] - 1);
+
+    let (_, rec) = open(&path);
+    assert_eq!(rec.torn_tail_bytes_dropped, ends[2] - ends[1]);
+    assert_eq!(rec.entries, 2);
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[1]);
+}
+
+#[test]
+fn zero_filled_tail_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    // Some filesystems extend the file before the data lands.
+    append_bytes(&path, &vec![0u8; 100_000]);
+
+    let (_, rec) = open(&path);
+    assert_eq!(rec.torn_tail_bytes_dropped, 100_000);
+    assert_eq!(rec.entries, 3);
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[2]);
+}
+
+#[test]
+fn impossible_length_at_the_end_of_file_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    append_bytes(&path, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4]);
+
+    let (_, rec) = open(&path);
+    assert_eq!(rec.torn_tail_bytes_dropped, 8);
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[2]);
+}
+
+#[test]
+fn flipped_byte_in_a_middle_record_is_corrupt_at_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    // Inside the second record's payload; the record starts where the first one ends.
+    flip_byte(&path, ends[0] + 8 + 3);
+
+    let err = open_err(&path);
+    match &err {
+        StorageError::Corrupt { offset, .. } => assert_eq!(*offset, ends[0]),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(err.to_string(), corrupt_message(&path, ends[0], "crc mismatch"));
+    // Nothing was truncated: the operator decides.
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[2]);
+}
+
+#[test]
+fn damaged_length_with_valid_records_after_is_corrupt_not_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    // The second record now claims to run past the end of the file.
+    let mut bytes = fs::read(&path).unwrap();
+    let at = ends[0] as usize;
+    bytes[at..at + 4].copy_from_slice(&1000u32.to_le_bytes());
+    fs::write(&path, bytes).unwrap();
+
+    let err = open_err(&path);
+    assert_eq!(
+        err.to_string(),
+        corrupt_message(
+            &path,
+            ends[0],
+            &format!(
+                "record length 1000 runs past end of file, but a valid record follows at \
+                 byte offset {}",
+                ends[1]
+            )
+        )
+    );
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[2]);
+}
+
+#[test]
+fn impossible_length_followed_by_data_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    let mut bytes = fs::read(&path).unwrap();
+    let at = ends[0] as usize;
+    bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    fs::write(&path, bytes).unwrap();
+
+    let err = open_err(&path);
+    assert_eq!(
+        err.to_string(),
+        corrupt_message(
+            &path,
+            ends[0],
+            "impossible record length 4294967295 (maximum 67108864)"
+        )
+    );
+}
+
+#[test]
+fn valid_crc_with_unknown_kind_is_corrupt_even_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    let payload = [9u8, 1, 2, 3];
+    let mut rec = 4u32.to_le_bytes().to_vec();
+    rec.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    rec.extend_from_slice(&payload);
+    append_bytes(&path, &rec);
+
+    let err = open_err(&path);
+    assert_eq!(
+        err.to_string(),
+        corrupt_message(&path, ends[2], "unknown record kind 9")
+    );
+}
+
+#[test]
+fn entry_index_gap_in_the_file_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    // A well-formed record for index 7 after index 3.
+    let mut buf = Vec::new();
+    super::record::encode_entry(&mut buf, &entry(7, 1, b"x")).unwrap();
+    append_bytes(&path, &buf);
+
+    let err = open_err(&path);
+    assert_eq!(
+        err.to_string(),
+        corrupt_message(
+            &path,
+            ends[2],
+            "entry index 7 leaves a gap after the last index 3"
+        )
+    );
+}
+
+#[test]
+fn foreign_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    fs::write(&path, b"*1\r\n$4\r\nPING\r\n").unwrap();
+
+    let err = open_err(&path);
+    assert_eq!(
+        err.to_string(),
+        corrupt_message(
+            &path,
+            0,
+            "not a redis-raft log file (expected magic \"RRLOG\", found \"*1\\r\\n$\")"
+        )
+    );
+    assert_eq!(fs::read(&path).unwrap(), b"*1\r\n$4\r\nPING\r\n");
+}
+
+#[test]
+fn newer_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    fs::write(&path, b"RRLOG\x02\x00\x00\x00").unwrap();
+
+    let err = open_err(&path);
+    assert_eq!(
+        err.to_string(),
+        corrupt_message(
+            &path,
+            5,
+            "unsupported log format version 2 (this build reads version 1)"
+        )
+    );
+}
+
+#[test]
+fn incomplete_header_from_a_crash_during_creation_is_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    fs::write(&path, b"RRL").unwrap();
+
+    let (store, rec) = open(&path);
+    assert!(rec.created);
+    assert_eq!(rec.torn_tail_bytes_dropped, 3);
+    assert_eq!(rec.file_bytes, 9);
+    assert!(store.is_empty());
+    assert_eq!(fs::read(&path).unwrap(), b"RRLOG\x01\x00\x00\x00");
+}
+
+#[test]
+fn open_on_a_directory_is_an_io_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = LogStore::open(dir.path(), false).unwrap_err();
+    match &err {
+        StorageError::Io { what, .. } => assert_eq!(*what, "open"),
+        other => panic!("expected Io, got {other:?}"),
+    }
+    assert!(err
+        .to_string()
+        .starts_with(&format!("raft log {}: open failed: ", dir.path().display())));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn write_failure_is_an_io_error_with_context() {
+    // /dev/full fails every write with ENOSPC.
+    let path = Path::new("/dev/full");
+    if !path.exists() {
+        return;
+    }
+    let err = LogStore::open(path, false).unwrap_err();
+    match &err {
+        StorageError::Io { what, source, .. } => {
+            assert_eq!(*what, "write header");
+            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull);
+        }
+        other => panic!("expected Io, got {other:?}"),
+    }
+}
+
+#[test]
+fn append_rejects_gaps_and_non_consecutive_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    store.append(&three_entries()).unwrap();
+
+    let err = store.append(&[entry(5, 1, b"")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "raft log {}: entry index 5 leaves a gap after the last index 3",
+            path.display()
+        )
+    );
+    let err = store
+        .append(&[entry(4, 1, b""), entry(6, 1, b"")])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "raft log {}: appended entries are not consecutive: index 6 follows index 4",
+            path.display()
+        )
+    );
+    let err = store.append(&[entry(0, 1, b"")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "raft log {}: entry index 0 is below the first index 1",
+            path.display()
+        )
+    );
+    // Nothing rejected reached memory or the write buffer.
+    assert_eq!(store.last_index().unwrap(), 3);
+    store.sync().unwrap();
+    drop(store);
+    let (_, rec) = open(&path);
+    assert_eq!(rec.records, 3);
+}
+
+#[test]
+fn append_never_overwrites_committed_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    store.append(&three_entries()).unwrap();
+    store.set_commit(2).unwrap();
+    let err = store.append(&[entry(2, 2, b"")]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "raft log {}: entry index 2 would overwrite a committed entry (commit index 2)",
+            path.display()
+        )
+    );
+    store.append(&[entry(3, 2, b"ok")]).unwrap();
+    assert_eq!(store.term(3).unwrap(), 2);
+}
+
+#[test]
+fn commit_beyond_the_last_index_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    store.append(&three_entries()).unwrap();
+    let want = format!(
+        "raft log {}: commit index 4 is beyond the last index 3 \
+         (entries must be appended before the hard state that commits them)",
+        path.display()
+    );
+    assert_eq!(store.set_commit(4).unwrap_err().to_string(), want);
+    assert_eq!(
+        store
+            .set_hard_state(&hard_state(1, 1, 4))
+            .unwrap_err()
+            .to_string(),
+        want
+    );
+    assert_eq!(store.initial_state().unwrap().hard_state, HardState::default());
+}
+
+#[test]
+fn oversized_entry_is_rejected_and_nothing_is_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let big = entry(2, 1, &vec![7u8; 64 * 1024 * 1024]);
+    let err = store.append(&[entry(1, 1, b"fine"), big]).unwrap_err();
+    assert!(matches!(err, StorageError::Invalid { .. }), "{err:?}");
+    assert!(err.to_string().starts_with(&format!(
+        "raft log {}: entry 2: record of ",
+        path.display()
+    )));
+    assert_eq!(store.last_index().unwrap(), 0);
+    assert!(store.is_empty());
+    store.sync().unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), 9);
+}
+
+#[test]
+fn one_fsync_per_sync_batch_and_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    for batch in 0..3u64 {
+        let first = batch * 2 + 1;
+        store
+            .append(&[entry(first, 1, b"x"), entry(first + 1, 1, b"y")])
+            .unwrap();
+        store.set_hard_state(&hard_state(1, 1, first)).unwrap();
+        store.sync().unwrap();
+    }
+    // Nothing buffered: no write, no fsync.
+    store.sync().unwrap();
+    let stats = store.stats();
+    assert_eq!(stats.fsync_count, 3);
+    assert!(stats.fsync_max_us >= stats.fsync_avg_us);
+    assert_eq!(
+        stats,
+        LogStats {
+            entries: 6,
+            bytes: fs::metadata(&path).unwrap().len(),
+            first_index: 1,
+            last_index: 6,
+            fsync_count: 3,
+            fsync_max_us: stats.fsync_max_us,
+            fsync_avg_us: stats.fsync_avg_us,
+        }
+    );
+
+    store.set_fsync(false);
+    store.append(&[entry(7, 1, b"z")]).unwrap();
+    store.sync().unwrap();
+    assert_eq!(store.stats().fsync_count, 3);
+    assert_eq!(store.stats().entries, 7);
+}
+
+#[test]
+fn raft_storage_entries_term_and_limit_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let ents: Vec<Entry> = (1..=5).map(|i| entry(i, i.div_ceil(2), b"data")).collect();
+    store.append(&ents).unwrap();
+    let ctx = || GetEntriesContext::empty(false);
+
+    assert_eq!(store.first_index().unwrap(), 1);
+    assert_eq!(store.last_index().unwrap(), 5);
+
+    assert_eq!(store.entries(2, 5, None, ctx()).unwrap(), ents[1..4].to_vec());
+    assert_eq!(store.entries(1, 6, None, ctx()).unwrap(), ents);
+    assert_eq!(store.entries(3, 3, None, ctx()).unwrap(), Vec::<Entry>::new());
+    assert_eq!(
+        store.entries(0, 3, None, ctx()).unwrap_err(),
+        raft::Error::Store(raft::StorageError::Compacted)
+    );
+    assert_eq!(
+        store.entries(2, 7, None, ctx()).unwrap_err(),
+        raft::Error::Store(raft::StorageError::Unavailable)
+    );
+
+    // limit_size: always at least one entry, then as many as fit in max_size bytes.
+    let one = prost::Message::encoded_len(&ents[0]) as u64;
+    assert_eq!(store.entries(2, 6, 0, ctx()).unwrap(), ents[1..2].to_vec());
+    assert_eq!(
+        store.entries(2, 6, 2 * one, ctx()).unwrap(),
+        ents[1..3].to_vec()
+    );
+    assert_eq!(
+        store.entries(2, 6, 2 * one + one - 1, ctx()).unwrap(),
+        ents[1..3].to_vec()
+    );
+    assert_eq!(
+        store.entries(2, 6, u64::MAX, ctx()).unwrap(),
+        ents[1..5].to_vec()
+    );
+
+    assert_eq!(store.term(0).unwrap(), 0);
+    assert_eq!(store.term(1).unwrap(), 1);
+    assert_eq!(store.term(3).unwrap(), 2);
+    assert_eq!(store.term(5).unwrap(), 3);
+    assert_eq!(
+        store.term(6).unwrap_err(),
+        raft::Error::Store(raft::StorageError::Unavailable)
+    );
+    assert_eq!(
+        store.snapshot(0, 2).unwrap_err(),
+        raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable)
+    );
+}
+
+#[test]
+fn clones_share_one_store_across_threads() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<LogStore>();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    let writer = store.clone();
+    std::thread::spawn(move || {
+        writer.append(&three_entries()).unwrap();
+        writer.sync().unwrap();
+    })
+    .join()
+    .unwrap();
+    assert_eq!(store.last_index().unwrap(), 3);
+    assert_eq!(store.stats().bytes, fs::metadata(&path).unwrap().len());
+}

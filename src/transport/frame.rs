@@ -1,0 +1,471 @@
+//! The bus wire format. Every byte the bus writes or reads is encoded and decoded here, so the
+//! format can evolve in one place under `PROTOCOL_VERSION`.
+//!
+//! Frame (all integers little-endian):
+//!
+//! ```text
+//! magic u16 = 0x5252 | kind u8 | len u32 | crc32(body) u32 | body (len bytes)
+//! ```
+//!
+//! Kinds:
+//! - 1 `Hello`: first frame on every connection, body (version 1):
+//!   `version u16 | from u64 | to u64 | cluster_id_len u16 | cluster_id (UTF-8)`.
+//!   The version leads the body so a later version may change everything after it.
+//! - 2 `Raft`: one `raft::eraftpb::Message` in its prost (protobuf) encoding.
+//! - 3, 4 reserved for the authentication exchange (challenge, response).
+//!
+//! Invariant: a decoder error means the byte stream can no longer be trusted; the caller closes
+//! that connection. The decoder never buffers more than one frame header plus `max_body_bytes`
+//! beyond what it was handed in one `push`.
+
+use prost::Message as _;
+use raft::eraftpb::Message;
+
+/// First two bytes of every frame ("RR").
+pub const MAGIC: u16 = 0x5252;
+/// Version carried in the Hello; bump it when anything in this file changes meaning.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// magic (2) + kind (1) + len (4) + crc (4).
+pub const HEADER_BYTES: usize = 11;
+/// Upper bound on the cluster id carried in a Hello.
+pub const MAX_CLUSTER_ID_BYTES: usize = 256;
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    Hello = 1,
+    Raft = 2,
+    // 3 = AuthChallenge, 4 = AuthResponse: reserved for the cluster-password handshake.
+}
+
+impl FrameKind {
+    fn from_u8(kind: u8) -> Option<FrameKind> {
+        match kind {
+            1 => Some(FrameKind::Hello),
+            2 => Some(FrameKind::Raft),
+            _ => None,
+        }
+    }
+}
+
+/// The first frame of every connection: who speaks, to whom, in which cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub cluster_id: String,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// One decoded frame.
+#[derive(Debug, PartialEq)]
+pub enum Frame {
+    Hello(Hello),
+    Raft(Message),
+}
+
+/// Why bytes could not be encoded or decoded as a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("bad frame magic 0x{found:04x} (expected 0x{MAGIC:04x}): not a raft bus peer, or the stream is out of sync")]
+    BadMagic { found: u16 },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame body of {len} bytes exceeds the limit of {max} bytes (max_frame_bytes)")]
+    TooLarge { len: u64, max: usize },
+    #[error(
+        "frame checksum mismatch: header says 0x{expected:08x}, body hashes to 0x{actual:08x}"
+    )]
+    CrcMismatch { expected: u32, actual: u32 },
+    #[error(
+        "peer speaks bus protocol version {found}, this node speaks version {PROTOCOL_VERSION}"
+    )]
+    UnsupportedVersion { found: u16 },
+    #[error("malformed hello: {0}")]
+    BadHello(&'static str),
+    #[error("undecodable raft message: {0}")]
+    BadMessage(#[from] prost::DecodeError),
+}
+
+/// Appends a Hello frame to `out`.
+pub fn encode_hello(hello: &Hello, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let cluster_id = hello.cluster_id.as_bytes();
+    if cluster_id.len() > MAX_CLUSTER_ID_BYTES {
+        return Err(FrameError::BadHello("cluster id longer than 256 bytes"));
+    }
+    let start = begin_frame(FrameKind::Hello, out);
+    out.extend_from_slice(&hello.version.to_le_bytes());
+    out.extend_from_slice(&hello.from.to_le_bytes());
+    out.extend_from_slice(&hello.to.to_le_bytes());
+    // Fits: checked against MAX_CLUSTER_ID_BYTES above.
+    out.extend_from_slice(&(cluster_id.len() as u16).to_le_bytes());
+    out.extend_from_slice(cluster_id);
+    finish_frame(out, start, usize::MAX)
+}
+
+/// Appends a Raft message frame to `out`. On error (message larger than `max_body_bytes`),
+/// `out` is left as it was.
+pub fn encode_message(
+    msg: &Message,
+    max_body_bytes: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let len = msg.encoded_len();
+    if len > max_body_bytes || len > u32::MAX as usize {
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: max_body_bytes,
+        });
+    }
+    out.reserve(HEADER_BYTES + len);
+    let start = begin_frame(FrameKind::Raft, out);
+    if msg.encode(out).is_err() {
+        // Unreachable in practice: a Vec grows as needed. Refuse rather than send half a frame.
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: max_body_bytes,
+        });
+    }
+    finish_frame(out, start, max_body_bytes)
+}
+
+fn begin_frame(kind: FrameKind, out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(&[0u8; 8]); // len and crc, filled in by finish_frame
+    start
+}
+
+fn finish_frame(out: &mut Vec<u8>, start: usize, max_body_bytes: usize) -> Result<(), FrameError> {
+    let body_start = start + HEADER_BYTES;
+    let len = out.len() - body_start;
+    if len > max_body_bytes || len > u32::MAX as usize {
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: max_body_bytes,
+        });
+    }
+    let crc = crc32fast::hash(&out[body_start..]);
+    out[start + 3..start + 7].copy_from_slice(&(len as u32).to_le_bytes());
+    out[start + 7..start + 11].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Incremental decoder for one connection's byte stream.
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Bytes of `buf` before this offset are already decoded.
+    start: usize,
+    max_body_bytes: usize,
+}
+
+impl FrameDecoder {
+    pub fn new(max_body_bytes: usize) -> FrameDecoder {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            max_body_bytes,
+        }
+    }
+
+    /// Appends bytes read from the socket.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 {
+            // Compact once per push rather than once per frame.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed. After an error the
+    /// stream is unusable; close the connection.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < HEADER_BYTES {
+            return Ok(None);
+        }
+        let magic = u16::from_le_bytes([avail[0], avail[1]]);
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic { found: magic });
+        }
+        let kind = FrameKind::from_u8(avail[2]).ok_or(FrameError::UnknownKind(avail[2]))?;
+        let len = u32::from_le_bytes([avail[3], avail[4], avail[5], avail[6]]);
+        let expected = u32::from_le_bytes([avail[7], avail[8], avail[9], avail[10]]);
+        // Checked before waiting for the body, so an oversized frame is refused without
+        // buffering it.
+        if len as u64 > self.max_body_bytes as u64 {
+            return Err(FrameError::TooLarge {
+                len: len as u64,
+                max: self.max_body_bytes,
+            });
+        }
+        let total = HEADER_BYTES + len as usize;
+        if avail.len() < total {
+            return Ok(None);
+        }
+        let body = &avail[HEADER_BYTES..total];
+        let actual = crc32fast::hash(body);
+        if actual != expected {
+            return Err(FrameError::CrcMismatch { expected, actual });
+        }
+        let frame = match kind {
+            FrameKind::Hello => Frame::Hello(decode_hello(body)?),
+            FrameKind::Raft => Frame::Raft(Message::decode(body)?),
+        };
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        Ok(Some(frame))
+    }
+}
+
+fn decode_hello(body: &[u8]) -> Result<Hello, FrameError> {
+    let mut rest = body;
+    let version = u16::from_le_bytes(take::<2>(&mut rest)?);
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::UnsupportedVersion { found: version });
+    }
+    let from = u64::from_le_bytes(take::<8>(&mut rest)?);
+    let to = u64::from_le_bytes(take::<8>(&mut rest)?);
+    let id_len = u16::from_le_bytes(take::<2>(&mut rest)?) as usize;
+    if id_len > MAX_CLUSTER_ID_BYTES {
+        return Err(FrameError::BadHello("cluster id longer than 256 bytes"));
+    }
+    if rest.len() != id_len {
+        return Err(FrameError::BadHello(
+            "cluster id length does not match the body",
+        ));
+    }
+    let cluster_id = std::str::from_utf8(rest)
+        .map_err(|_| FrameError::BadHello("cluster id is not UTF-8"))?
+        .to_owned();
+    Ok(Hello {
+        version,
+        cluster_id,
+        from,
+        to,
+    })
+}
+
+fn take<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], FrameError> {
+    if rest.len() < N {
+        return Err(FrameError::BadHello("body too short"));
+    }
+    let (head, tail) = rest.split_at(N);
+    *rest = tail;
+    let mut out = [0u8; N];
+    out.copy_from_slice(head);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::{Entry, EntryType, MessageType};
+
+    fn hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            cluster_id: "cluster-a".to_owned(),
+            from: 1,
+            to: 2,
+        }
+    }
+
+    fn message() -> Message {
+        Message {
+            msg_type: MessageType::MsgAppend as i32,
+            to: 2,
+            from: 1,
+            term: 7,
+            log_term: 6,
+            index: 41,
+            commit: 40,
+            entries: vec![Entry {
+                entry_type: EntryType::EntryNormal as i32,
+                term: 7,
+                index: 42,
+                data: b"SET k v".to_vec(),
+                context: b"ctx".to_vec(),
+                ..Default::default()
+            }],
+            context: b"hello".to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn encoded_pair() -> Vec<u8> {
+        let mut buf = Vec::new();
+        encode_hello(&hello(), &mut buf).unwrap();
+        encode_message(&message(), 1 << 20, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn header_layout_is_as_documented() {
+        let mut buf = Vec::new();
+        encode_hello(&hello(), &mut buf).unwrap();
+        let body_len = 2 + 8 + 8 + 2 + "cluster-a".len();
+        assert_eq!(buf.len(), HEADER_BYTES + body_len);
+        assert_eq!(&buf[0..2], &[0x52, 0x52]);
+        assert_eq!(buf[2], 1);
+        assert_eq!(&buf[3..7], &(body_len as u32).to_le_bytes());
+        let crc = crc32fast::hash(&buf[HEADER_BYTES..]);
+        assert_eq!(&buf[7..11], &crc.to_le_bytes());
+        assert_eq!(&buf[11..13], &PROTOCOL_VERSION.to_le_bytes());
+        assert_eq!(&buf[13..21], &1u64.to_le_bytes());
+        assert_eq!(&buf[21..29], &2u64.to_le_bytes());
+        assert_eq!(&buf[29..31], &9u16.to_le_bytes());
+        assert_eq!(&buf[31..], b"cluster-a");
+    }
+
+    #[test]
+    fn roundtrip_whole_buffer() {
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&encoded_pair());
+        assert_eq!(dec.next_frame().unwrap(), Some(Frame::Hello(hello())));
+        assert_eq!(dec.next_frame().unwrap(), Some(Frame::Raft(message())));
+        assert_eq!(dec.next_frame().unwrap(), None);
+        assert_eq!(dec.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn roundtrip_one_byte_at_a_time() {
+        let bytes = encoded_pair();
+        let mut dec = FrameDecoder::new(1 << 20);
+        let mut frames = Vec::new();
+        for b in &bytes {
+            dec.push(std::slice::from_ref(b));
+            while let Some(f) = dec.next_frame().unwrap() {
+                frames.push(f);
+            }
+        }
+        assert_eq!(frames, vec![Frame::Hello(hello()), Frame::Raft(message())]);
+    }
+
+    #[test]
+    fn bad_magic_is_rejected() {
+        let mut bytes = encoded_pair();
+        bytes[0] = 0x00;
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&bytes);
+        let err = dec.next_frame().unwrap_err();
+        assert!(
+            matches!(err, FrameError::BadMagic { found: 0x5200 }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_kind_is_rejected() {
+        let mut bytes = encoded_pair();
+        bytes[2] = 9;
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&bytes);
+        assert!(matches!(
+            dec.next_frame().unwrap_err(),
+            FrameError::UnknownKind(9)
+        ));
+    }
+
+    #[test]
+    fn bad_crc_is_rejected() {
+        let mut bytes = encoded_pair();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&bytes);
+        assert_eq!(dec.next_frame().unwrap(), Some(Frame::Hello(hello())));
+        assert!(matches!(
+            dec.next_frame().unwrap_err(),
+            FrameError::CrcMismatch { .. }
+        ));
+    }
+
+    #[test]
+    fn oversized_len_is_rejected_from_the_header_alone() {
+        let mut header = Vec::new();
+        header.extend_from_slice(&MAGIC.to_le_bytes());
+        header.push(FrameKind::Raft as u8);
+        header.extend_from_slice(&1025u32.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        let mut dec = FrameDecoder::new(1024);
+        dec.push(&header);
+        let err = dec.next_frame().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    len: 1025,
+                    max: 1024
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn encoder_refuses_oversized_message_and_leaves_buffer_untouched() {
+        let mut buf = vec![1, 2, 3];
+        let mut big = message();
+        big.entries[0].data = vec![0u8; 2048];
+        let err = encode_message(&big, 1024, &mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { max: 1024, .. }));
+        assert_eq!(buf, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn hello_of_another_version_is_rejected() {
+        let mut buf = Vec::new();
+        let mut h = hello();
+        h.version = 2;
+        encode_hello(&h, &mut buf).unwrap();
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&buf);
+        assert!(matches!(
+            dec.next_frame().unwrap_err(),
+            FrameError::UnsupportedVersion { found: 2 }
+        ));
+    }
+
+    #[test]
+    fn truncated_hello_body_is_rejected() {
+        let mut buf = Vec::new();
+        let start = begin_frame(FrameKind::Hello, &mut buf);
+        buf.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        buf.extend_from_slice(&[0u8; 5]);
+        finish_frame(&mut buf, start, usize::MAX).unwrap();
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&buf);
+        assert!(matches!(
+            dec.next_frame().unwrap_err(),
+            FrameError::BadHello("body too short")
+        ));
+    }
+
+    #[test]
+    fn undecodable_message_body_is_rejected() {
+        let mut buf = Vec::new();
+        let start = begin_frame(FrameKind::Raft, &mut buf);
+        buf.extend_from_slice(&[0xff; 16]);
+        finish_frame(&mut buf, start, usize::MAX).unwrap();
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&buf);
+        assert!(matches!(
+            dec.next_frame().unwrap_err(),
+            FrameError::BadMessage(_)
+        ));
+    }
+}

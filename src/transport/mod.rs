@@ -1,0 +1,322 @@
+//! The bus: Raft messages between cluster nodes over plain TCP, served by background threads.
+//!
+//! ```text
+//! Transport::send ──► per-peer bounded queue ──► writer thread (peer.rs) ──► TCP ──┐
+//!                                                                                  │
+//! inbound channel ◄── reader thread per connection (inbound.rs) ◄── acceptor ◄─────┘
+//! ```
+//!
+//! - `frame.rs`: the wire format (the only place bytes are encoded or decoded), versioned.
+//! - `peer.rs`: one writer per peer: connect, Hello, batched writes, reconnect with backoff.
+//! - `inbound.rs`: acceptor and readers: Hello check, frame decoding, forwarding.
+//!
+//! Invariants: nothing here calls Redis; every queue, buffer and connection count is bounded;
+//! bad input from the network closes that one connection with a warning and never panics;
+//! `send` never blocks the caller.
+//!
+//! Not yet done: peer authentication (see the AUTH HOOK comments in peer.rs and inbound.rs)
+//! and TLS. Until then the bus trusts anyone who knows the cluster id.
+
+mod frame;
+mod inbound;
+mod peer;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::Message;
+
+use inbound::{Acceptor, InboundConn};
+use peer::PeerHandle;
+
+/// Default bound on one frame's body: large enough for any Raft message we send in one piece.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Bound on how long `shutdown` waits for threads before leaving them to finish on their own.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
+
+/// Connection state of the outbound link to one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerState {
+    Disconnected,
+    Connecting,
+    Connected,
+    ConnectError,
+}
+
+/// A snapshot of one peer's outbound link, for `INFO raft` and diagnostics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub id: u64,
+    pub addr: String,
+    pub state: PeerState,
+    /// Successful connects (each followed by a Hello) since the peer was added.
+    pub conn_oks: u64,
+    /// Failed connect attempts since the peer was added.
+    pub conn_errors: u64,
+    /// Seconds since the last successful connect; 0 if never.
+    pub last_conn_secs: u64,
+    /// Messages for this peer that were shed: queue full, too large, or lost in a failed write.
+    pub dropped_msgs: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub listen: SocketAddr,
+    /// Largest frame body accepted or sent (default `DEFAULT_MAX_FRAME_BYTES`).
+    pub max_frame_bytes: usize,
+}
+
+impl TransportConfig {
+    pub fn new(node_id: u64, cluster_id: impl Into<String>, listen: SocketAddr) -> Self {
+        TransportConfig {
+            node_id,
+            cluster_id: cluster_id.into(),
+            listen,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot listen for the raft bus on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the raft bus: {0}")]
+    Thread(std::io::Error),
+    #[error("invalid raft bus configuration: {0}")]
+    Config(String),
+}
+
+/// What every connection says about this node.
+pub(crate) struct LocalIdentity {
+    pub(crate) node_id: u64,
+    pub(crate) cluster_id: String,
+    pub(crate) max_frame_bytes: usize,
+}
+
+/// The bus endpoint of one node. `Send + Sync`; dropping it shuts it down.
+pub struct Transport {
+    local: Arc<LocalIdentity>,
+    local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    peers: RwLock<HashMap<u64, PeerHandle>>,
+    /// Writers of removed peers, joined at shutdown.
+    retired: Mutex<Vec<JoinHandle<()>>>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+    inbound_conns: Arc<Mutex<Vec<InboundConn>>>,
+    unknown_peer_drops: AtomicU64,
+}
+
+impl Transport {
+    /// Binds the listener and starts the acceptor thread. Every valid inbound message is sent
+    /// on `inbound` (a full channel pushes back onto the sending peer's TCP connection).
+    pub fn start(
+        cfg: TransportConfig,
+        inbound: crossbeam_channel::Sender<Message>,
+    ) -> Result<Transport, TransportError> {
+        if cfg.node_id == 0 {
+            return Err(TransportError::Config(
+                "node id 0 is reserved by raft".into(),
+            ));
+        }
+        if cfg.cluster_id.len() > frame::MAX_CLUSTER_ID_BYTES {
+            return Err(TransportError::Config(format!(
+                "cluster id is {} bytes, at most {} allowed",
+                cfg.cluster_id.len(),
+                frame::MAX_CLUSTER_ID_BYTES
+            )));
+        }
+        if cfg.max_frame_bytes < 1024 || cfg.max_frame_bytes > u32::MAX as usize {
+            return Err(TransportError::Config(format!(
+                "max_frame_bytes {} is outside 1024..={}",
+                cfg.max_frame_bytes,
+                u32::MAX
+            )));
+        }
+        let bind_err = |source| TransportError::Bind {
+            addr: cfg.listen,
+            source,
+        };
+        let listener = TcpListener::bind(cfg.listen).map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+        // Polled, so the acceptor sees `stop` without a wake-up connection.
+        listener.set_nonblocking(true).map_err(bind_err)?;
+
+        let local = Arc::new(LocalIdentity {
+            node_id: cfg.node_id,
+            cluster_id: cfg.cluster_id,
+            max_frame_bytes: cfg.max_frame_bytes,
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let inbound_conns = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = Acceptor {
+            listener,
+            local: Arc::clone(&local),
+            inbound,
+            stop: Arc::clone(&stop),
+            conns: Arc::clone(&inbound_conns),
+        };
+        let acceptor = std::thread::Builder::new()
+            .name("raft-bus-accept".into())
+            .spawn(move || acceptor.run())
+            .map_err(TransportError::Thread)?;
+        tracing::info!(addr = %local_addr, node_id = local.node_id, "raft bus: listening on {local_addr}");
+        Ok(Transport {
+            local,
+            local_addr,
+            stop,
+            peers: RwLock::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
+            acceptor: Mutex::new(Some(acceptor)),
+            inbound_conns,
+            unknown_peer_drops: AtomicU64::new(0),
+        })
+    }
+
+    /// The address the listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Adds a peer or changes its address; `addr` is "host:port" of its bus, resolved at each
+    /// connect attempt. A changed address drops the current connection and reconnects at once.
+    pub fn set_peer(&self, id: u64, addr: &str) {
+        if id == 0 || id == self.local.node_id {
+            tracing::debug!(peer_id = id, "raft bus: ignoring set_peer for node {id}");
+            return;
+        }
+        let mut peers = write(&self.peers);
+        if self.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(peer) = peers.get(&id) {
+            peer.set_addr(addr);
+            return;
+        }
+        match PeerHandle::spawn(id, addr, Arc::clone(&self.local)) {
+            Ok(peer) => {
+                peers.insert(id, peer);
+            }
+            Err(e) => {
+                tracing::error!(peer_id = id, error = %e,
+                    "raft bus: cannot start the writer for node {id}: {e}; its messages will be dropped");
+            }
+        }
+    }
+
+    /// Forgets a peer: its queued messages are dropped and its connection closed.
+    pub fn remove_peer(&self, id: u64) {
+        let removed = write(&self.peers).remove(&id);
+        if let Some(peer) = removed {
+            if let Some(thread) = peer.stop() {
+                let mut retired = lock(&self.retired);
+                retired.retain(|t| !t.is_finished());
+                retired.push(thread);
+            }
+        }
+    }
+
+    /// Never blocks. Each message goes to the queue of peer `msg.to`; a full queue or an
+    /// unknown peer drops it and counts it (Raft retransmits).
+    pub fn send(&self, msgs: Vec<Message>) {
+        let peers = read(&self.peers);
+        for msg in msgs {
+            match peers.get(&msg.to) {
+                Some(peer) => peer.enqueue(msg),
+                None => {
+                    self.unknown_peer_drops.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        to = msg.to,
+                        "raft bus: dropping message for unknown node {}",
+                        msg.to
+                    );
+                }
+            }
+        }
+    }
+
+    /// Status of every known peer, by id.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let mut out: Vec<PeerStatus> = read(&self.peers).values().map(|p| p.status()).collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Messages dropped by `send` because no peer with that id was known.
+    pub fn unknown_peer_drops(&self) -> u64 {
+        self.unknown_peer_drops.load(Ordering::Relaxed)
+    }
+
+    /// Stops all threads and closes all sockets. Waits at most `SHUTDOWN_WAIT`; a thread still
+    /// busy then (e.g. in a slow DNS lookup) finishes on its own. Idempotent.
+    pub fn shutdown(&self) {
+        if self.stop.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let peers: Vec<PeerHandle> = write(&self.peers).drain().map(|(_, p)| p).collect();
+        threads.extend(peers.into_iter().filter_map(PeerHandle::stop));
+        threads.append(&mut lock(&self.retired));
+        // The acceptor first, so no connection is admitted after the sweep below.
+        let mut left = join_until(lock(&self.acceptor).take().into_iter().collect(), deadline);
+        let conns = std::mem::take(&mut *lock(&self.inbound_conns));
+        threads.extend(conns.into_iter().map(InboundConn::close));
+        left += join_until(threads, deadline);
+        if left > 0 {
+            tracing::warn!(
+                threads = left,
+                "raft bus: {left} thread(s) still stopping after {SHUTDOWN_WAIT:?}"
+            );
+        }
+        tracing::info!(addr = %self.local_addr, "raft bus: stopped");
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Joins what finishes before `deadline`; returns how many were left running (detached).
+fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> usize {
+    let mut left = 0;
+    for thread in threads {
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            left += 1;
+        }
+    }
+    left
+}
+
+/// Locks ignoring poison: no lock here guards an invariant a panic could break halfway, and
+/// the bus must keep working.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,395 @@
+//! Bus tests over real TCP on 127.0.0.1.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use raft::eraftpb::{Entry, EntryType, Message, MessageType};
+
+use super::frame::{self, FrameKind, Hello, HEADER_BYTES, MAGIC, PROTOCOL_VERSION};
+use super::*;
+
+const CLUSTER: &str = "test-cluster";
+const WAIT: Duration = Duration::from_secs(5);
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn start_on(
+    node_id: u64,
+    listen: SocketAddr,
+    max_frame_bytes: usize,
+) -> (Transport, Receiver<Message>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cfg = TransportConfig {
+        node_id,
+        cluster_id: CLUSTER.to_owned(),
+        listen,
+        max_frame_bytes,
+    };
+    (Transport::start(cfg, tx).unwrap(), rx)
+}
+
+fn start(node_id: u64) -> (Transport, Receiver<Message>) {
+    start_on(node_id, any_port(), DEFAULT_MAX_FRAME_BYTES)
+}
+
+/// A port nothing listens on (bound then released).
+fn free_port() -> SocketAddr {
+    TcpListener::bind(any_port()).unwrap().local_addr().unwrap()
+}
+
+fn append(from: u64, to: u64, index: u64) -> Message {
+    Message {
+        msg_type: MessageType::MsgAppend as i32,
+        to,
+        from,
+        term: 3,
+        log_term: 2,
+        index,
+        commit: index.saturating_sub(1),
+        entries: vec![Entry {
+            entry_type: EntryType::EntryNormal as i32,
+            term: 3,
+            index: index + 1,
+            data: format!("SET key{index} value").into_bytes(),
+            ..Default::default()
+        }],
+        context: b"ctx".to_vec(),
+        ..Default::default()
+    }
+}
+
+fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+fn peer_status(t: &Transport, id: u64) -> PeerStatus {
+    t.peers().into_iter().find(|p| p.id == id).unwrap()
+}
+
+fn wait_connected(t: &Transport, id: u64) {
+    assert!(
+        wait_until(|| peer_status(t, id).state == PeerState::Connected),
+        "peer {id} never connected: {:?}",
+        peer_status(t, id)
+    );
+}
+
+fn hello_bytes(cluster_id: &str, from: u64, to: u64) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        cluster_id: cluster_id.to_owned(),
+        from,
+        to,
+    };
+    frame::encode_hello(&hello, &mut buf).unwrap();
+    buf
+}
+
+fn message_bytes(msg: &Message) -> Vec<u8> {
+    let mut buf = Vec::new();
+    frame::encode_message(msg, DEFAULT_MAX_FRAME_BYTES, &mut buf).unwrap();
+    buf
+}
+
+/// Asserts the other side closes `stream` promptly (EOF or reset, not a timeout).
+fn assert_closed_by_peer(mut stream: TcpStream, case: &str) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{case}: peer sent {n} unexpected bytes"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+            ),
+            "{case}: connection not closed: {e}"
+        ),
+    }
+}
+
+#[test]
+fn transport_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Transport>();
+}
+
+#[test]
+fn two_transports_exchange_messages_both_ways() {
+    let (a, a_rx) = start(1);
+    let (b, b_rx) = start(2);
+    a.set_peer(2, &b.local_addr().to_string());
+    b.set_peer(1, &a.local_addr().to_string());
+
+    let to_b = append(1, 2, 10);
+    let to_a = Message {
+        msg_type: MessageType::MsgAppendResponse as i32,
+        to: 1,
+        from: 2,
+        term: 3,
+        index: 11,
+        reject: true,
+        reject_hint: 7,
+        ..Default::default()
+    };
+    a.send(vec![to_b.clone()]);
+    b.send(vec![to_a.clone()]);
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), to_b);
+    assert_eq!(a_rx.recv_timeout(WAIT).unwrap(), to_a);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+    assert_eq!(a_rx.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn many_messages_arrive_in_order() {
+    let (a, _a_rx) = start(1);
+    let (b, b_rx) = start(2);
+    a.set_peer(2, &b.local_addr().to_string());
+    wait_connected(&a, 2);
+
+    let rounds = 5u64;
+    let per_round = 2000u64;
+    for round in 0..rounds {
+        let first = round * per_round + 1;
+        a.send(
+            (first..first + per_round)
+                .map(|i| append(1, 2, i))
+                .collect(),
+        );
+        for i in first..first + per_round {
+            let got = b_rx.recv_timeout(WAIT).unwrap();
+            assert_eq!(got.index, i);
+            assert_eq!(got, append(1, 2, i));
+        }
+    }
+    let status = peer_status(&a, 2);
+    assert_eq!(status.dropped_msgs, 0);
+    assert_eq!(status.conn_oks, 1);
+}
+
+#[test]
+fn peer_started_later_is_reached_after_backoff() {
+    let b_addr = free_port();
+    let (a, _a_rx) = start(1);
+    a.set_peer(2, &b_addr.to_string());
+    let early = append(1, 2, 5);
+    a.send(vec![early.clone()]);
+
+    assert!(wait_until(|| peer_status(&a, 2).conn_errors >= 2));
+    let before = peer_status(&a, 2);
+    assert_eq!(before.conn_oks, 0);
+    assert_eq!(before.last_conn_secs, 0);
+    assert_ne!(before.state, PeerState::Connected);
+
+    let (b, b_rx) = start_on(2, b_addr, DEFAULT_MAX_FRAME_BYTES);
+    // The message queued while B did not exist is delivered once the backoff retry connects.
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), early);
+    let after = peer_status(&a, 2);
+    assert_eq!(after.state, PeerState::Connected);
+    assert_eq!(after.conn_oks, 1);
+    assert_eq!(after.dropped_msgs, 0);
+    drop(b);
+}
+
+#[test]
+fn changed_peer_address_is_used_at_once() {
+    let (a, _a_rx) = start(1);
+    let (b, b_rx) = start(2);
+    a.set_peer(2, &free_port().to_string());
+    assert!(wait_until(|| peer_status(&a, 2).conn_errors >= 1));
+    // A host name, resolved at connect time.
+    let new_addr = format!("localhost:{}", b.local_addr().port());
+    a.set_peer(2, &new_addr);
+    let msg = append(1, 2, 1);
+    a.send(vec![msg.clone()]);
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), msg);
+    assert_eq!(peer_status(&a, 2).addr, new_addr);
+    assert_eq!(a.peers().len(), 1);
+}
+
+#[test]
+fn bad_input_closes_only_that_connection() {
+    let (a, _a_rx) = start(1);
+    let (b, b_rx) = start_on(2, any_port(), 4096);
+    a.set_peer(2, &b.local_addr().to_string());
+    wait_connected(&a, 2);
+
+    let mut bad_crc = message_bytes(&append(3, 2, 1));
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 0x55;
+    let mut oversized = Vec::new();
+    oversized.extend_from_slice(&MAGIC.to_le_bytes());
+    oversized.push(FrameKind::Raft as u8);
+    oversized.extend_from_slice(&4097u32.to_le_bytes());
+    oversized.extend_from_slice(&0u32.to_le_bytes());
+    let mut undecodable = Vec::new();
+    undecodable.extend_from_slice(&MAGIC.to_le_bytes());
+    undecodable.push(FrameKind::Raft as u8);
+    undecodable.extend_from_slice(&4u32.to_le_bytes());
+    undecodable.extend_from_slice(&crc32fast::hash(&[0xff; 4]).to_le_bytes());
+    undecodable.extend_from_slice(&[0xff; 4]);
+
+    let hello = hello_bytes(CLUSTER, 3, 2);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("bad crc", [hello.clone(), bad_crc].concat()),
+        ("oversized len", [hello.clone(), oversized].concat()),
+        ("undecodable body", [hello.clone(), undecodable].concat()),
+        ("wrong cluster id", hello_bytes("other-cluster", 3, 2)),
+        ("hello to another node", hello_bytes(CLUSTER, 3, 9)),
+        ("message before hello", message_bytes(&append(3, 2, 1))),
+        ("second hello", [hello.clone(), hello.clone()].concat()),
+    ];
+    for (i, (case, bytes)) in cases.into_iter().enumerate() {
+        let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+        raw.write_all(&bytes).unwrap();
+        assert_closed_by_peer(raw, case);
+
+        // The established connection from A is unaffected.
+        let msg = append(1, 2, 100 + i as u64);
+        a.send(vec![msg.clone()]);
+        assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), msg, "{case}");
+        assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty), "{case}");
+    }
+    let status = peer_status(&a, 2);
+    assert_eq!(status.conn_oks, 1);
+    assert_eq!(status.state, PeerState::Connected);
+}
+
+#[test]
+fn valid_frames_before_a_bad_one_are_delivered() {
+    let (b, b_rx) = start(2);
+    let good = append(3, 2, 1);
+    let mut bad = message_bytes(&append(3, 2, 2));
+    bad[HEADER_BYTES] ^= 0x01;
+    let bytes = [hello_bytes(CLUSTER, 3, 2), message_bytes(&good), bad].concat();
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&bytes).unwrap();
+    assert_closed_by_peer(raw, "bad crc after a good frame");
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), good);
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn misaddressed_messages_are_dropped_and_the_connection_kept() {
+    let (b, b_rx) = start(2);
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    let wrong_to = append(3, 9, 1);
+    let wrong_from = append(4, 2, 2);
+    let good = append(3, 2, 3);
+    let bytes = [
+        hello_bytes(CLUSTER, 3, 2),
+        message_bytes(&wrong_to),
+        message_bytes(&wrong_from),
+        message_bytes(&good),
+    ]
+    .concat();
+    raw.write_all(&bytes).unwrap();
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), good);
+    // Still open: a later message on the same connection arrives too.
+    let later = append(3, 2, 4);
+    raw.write_all(&message_bytes(&later)).unwrap();
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), later);
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn peer_status_shows_connection_and_loss() {
+    let (a, _a_rx) = start(1);
+    let (b, _b_rx) = start(2);
+    let b_addr = b.local_addr().to_string();
+    a.set_peer(2, &b_addr);
+    wait_connected(&a, 2);
+    assert_eq!(
+        a.peers(),
+        vec![PeerStatus {
+            id: 2,
+            addr: b_addr,
+            state: PeerState::Connected,
+            conn_oks: 1,
+            conn_errors: 0,
+            last_conn_secs: 0,
+            dropped_msgs: 0,
+        }]
+    );
+    // B goes away: the idle check notices without any traffic.
+    b.shutdown();
+    assert!(wait_until(
+        || peer_status(&a, 2).state != PeerState::Connected
+    ));
+    assert!(wait_until(|| peer_status(&a, 2).conn_errors >= 1));
+    assert_eq!(peer_status(&a, 2).conn_oks, 1);
+}
+
+#[test]
+fn unknown_peer_and_full_queue_drops_are_counted() {
+    let (a, _a_rx) = start(1);
+    a.send(vec![append(1, 99, 1)]);
+    assert_eq!(a.unknown_peer_drops(), 1);
+
+    // Nobody listens there, so the writer never drains the queue.
+    a.set_peer(2, &free_port().to_string());
+    a.send((0..5000).map(|i| append(1, 2, i)).collect());
+    assert_eq!(peer_status(&a, 2).dropped_msgs, 5000 - 4096);
+    assert_eq!(a.unknown_peer_drops(), 1);
+
+    a.remove_peer(2);
+    assert_eq!(a.peers(), vec![]);
+    a.send(vec![append(1, 2, 1)]);
+    assert_eq!(a.unknown_peer_drops(), 2);
+}
+
+#[test]
+fn port_in_use_is_reported_with_the_address() {
+    let (a, _a_rx) = start(1);
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    let err = match Transport::start(TransportConfig::new(2, CLUSTER, a.local_addr()), tx) {
+        Ok(_) => panic!("second bind on {} succeeded", a.local_addr()),
+        Err(e) => e,
+    };
+    assert!(matches!(err, TransportError::Bind { addr, .. } if addr == a.local_addr()));
+    assert!(
+        err.to_string().contains(&a.local_addr().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn shutdown_returns_promptly() {
+    let (a, _a_rx) = start(1);
+    let (b, _b_rx) = start(2);
+    a.set_peer(2, &b.local_addr().to_string());
+    b.set_peer(1, &a.local_addr().to_string());
+    a.set_peer(3, &free_port().to_string()); // in backoff
+    wait_connected(&a, 2);
+    wait_connected(&b, 1);
+    let _idle = TcpStream::connect(a.local_addr()).unwrap(); // no hello yet
+    a.send((0..100).map(|i| append(1, 2, i)).collect());
+
+    let started = Instant::now();
+    a.shutdown();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(500), "shutdown took {took:?}");
+
+    // The listening port is released, and the transport stays inert.
+    drop(TcpListener::bind(a.local_addr()).unwrap());
+    a.send(vec![append(1, 2, 1)]);
+    a.set_peer(4, "127.0.0.1:1");
+    assert_eq!(a.peers(), vec![]);
+    a.shutdown();
+}

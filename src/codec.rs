@@ -115,7 +115,10 @@ mod tests {
     #[test]
     fn bad_payloads_are_errors() {
         assert!(matches!(decode_command(&[]), Err(CodecError::Empty)));
-        assert!(matches!(decode_command(&[9, 1]), Err(CodecError::Version(9))));
+        assert!(matches!(
+            decode_command(&[9, 1]),
+            Err(CodecError::Version(9))
+        ));
         assert!(matches!(
             decode_command(&[1, 0, 0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255]),
             Err(CodecError::Decode(_))

@@ -254,11 +254,12 @@ pub fn parse_cluster_nodes(s: &str) -> Result<Vec<NodeEntry>, ConfigError> {
 /// Validates one string option on its own (called when Redis sets it).
 pub fn check_string(option: &'static str, value: &str) -> Result<(), ConfigError> {
     match option {
-        "node-id" => {
-            if value.contains(char::is_whitespace) || value.contains(',') || value.contains('=')
-            {
-                return Err(err(option, "a node name cannot contain spaces, ',' or '='"));
-            }
+        "node-id"
+            if value.contains(char::is_whitespace)
+                || value.contains(',')
+                || value.contains('=') =>
+        {
+            return Err(err(option, "a node name cannot contain spaces, ',' or '='"));
         }
         "cluster-nodes" => {
             parse_cluster_nodes(value)?;
@@ -271,15 +272,13 @@ pub fn check_string(option: &'static str, value: &str) -> Result<(), ConfigError
                 return Err(err(option, "must not contain NUL"));
             }
         }
-        "addr" => {
-            if !value.is_empty() {
-                parse_host_port(value).map_err(|m| {
-                    err(
-                        option,
-                        format!("{m}; it must be in the form of 10.0.0.3:6379"),
-                    )
-                })?;
-            }
+        "addr" if !value.is_empty() => {
+            parse_host_port(value).map_err(|m| {
+                err(
+                    option,
+                    format!("{m}; it must be in the form of 10.0.0.3:6379"),
+                )
+            })?;
         }
         _ => {}
     }
@@ -328,7 +327,10 @@ pub fn validate(o: &Options) -> Result<Option<Bootstrap>, ConfigError> {
         ));
     }
     if o.bus_port > u64::from(u16::MAX) {
-        return Err(err("bus-port", "must be a TCP port (1-65535), or 0 for the default"));
+        return Err(err(
+            "bus-port",
+            "must be a TCP port (1-65535), or 0 for the default",
+        ));
     }
     check_string("node-id", &o.node_id)?;
     check_string("log-filename", &o.log_filename)?;
@@ -343,17 +345,20 @@ pub fn validate(o: &Options) -> Result<Option<Bootstrap>, ConfigError> {
             "must be set when raft.cluster-nodes is set: it names this node's entry",
         ));
     }
-    let me = nodes.iter().position(|n| n.name == o.node_id).ok_or_else(|| {
-        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-        err(
-            "node-id",
-            format!(
-                "'{}' is not in raft.cluster-nodes (its names are: {})",
-                o.node_id,
-                names.join(", ")
-            ),
-        )
-    })?;
+    let me = nodes
+        .iter()
+        .position(|n| n.name == o.node_id)
+        .ok_or_else(|| {
+            let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+            err(
+                "node-id",
+                format!(
+                    "'{}' is not in raft.cluster-nodes (its names are: {})",
+                    o.node_id,
+                    names.join(", ")
+                ),
+            )
+        })?;
     Ok(Some(Bootstrap { nodes, me }))
 }
 
@@ -433,7 +438,10 @@ mod tests {
         let e = parse_cluster_nodes("a=h:1,a=h:2").unwrap_err();
         assert!(e.message.starts_with("duplicate node name 'a'"), "{e}");
         let e = parse_cluster_nodes("127.0.0.1:1,127.0.0.1:2").unwrap_err();
-        assert!(e.message.starts_with("duplicate node name '127.0.0.1'"), "{e}");
+        assert!(
+            e.message.starts_with("duplicate node name '127.0.0.1'"),
+            "{e}"
+        );
         let e = parse_cluster_nodes("a=h:1,b=h:1").unwrap_err();
         assert!(e.message.contains("share an address"), "{e}");
     }

@@ -28,18 +28,26 @@ pub unsafe extern "C" fn RedisModule_OnLoad(
     _argv: *mut *mut RedisModuleString,
     _argc: c_int,
 ) -> c_int {
-    if raw::Export_RedisModule_Init(ctx, MODULE_NAME.as_ptr(), MODULE_VERSION, raw::REDISMODULE_APIVER_1 as c_int)
-        == api::ERR
+    if raw::Export_RedisModule_Init(
+        ctx,
+        MODULE_NAME.as_ptr(),
+        MODULE_VERSION,
+        raw::REDISMODULE_APIVER_1 as c_int,
+    ) == api::ERR
     {
         return api::ERR;
     }
-    guard("module load", || api::ERR, || match load(ctx) {
-        Ok(()) => api::OK,
-        Err(e) => {
-            api::log_raw("warning", &format!("redis-raft cannot start: {e}"));
-            api::ERR
-        }
-    })
+    guard(
+        "module load",
+        || api::ERR,
+        || match load(ctx) {
+            Ok(()) => api::OK,
+            Err(e) => {
+                api::log_raw("warning", &format!("redis-raft cannot start: {e}"));
+                api::ERR
+            }
+        },
+    )
 }
 
 fn load(ctx: *mut RedisModuleCtx) -> Result<(), String> {
@@ -56,7 +64,11 @@ fn load(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     commands::register(ctx)?;
     redis::start(ctx, bootstrap)?;
     let f = unsafe {
-        rm!(RedisModule_RegisterCommandFilter)(ctx, Some(redis::filter::filter), raw::REDISMODULE_CMDFILTER_NOSELF as c_int)
+        rm!(RedisModule_RegisterCommandFilter)(
+            ctx,
+            Some(redis::filter::filter),
+            raw::REDISMODULE_CMDFILTER_NOSELF as c_int,
+        )
     };
     if f.is_null() {
         return Err("could not register the command filter".into());

@@ -61,15 +61,37 @@ fn fill(i: &Info) {
     i.str("node_name", &opts.node_id);
     i.str(
         "state",
-        if st.failure.is_some() { "stopped" } else { "up" },
+        if st.failure.is_some() {
+            "stopped"
+        } else {
+            "up"
+        },
     );
     i.str("role", st.role.name());
-    i.str("is_voting", if st.voters.contains(&me) { "yes" } else { "no" });
+    i.str(
+        "is_voting",
+        if st.voters.contains(&me) { "yes" } else { "no" },
+    );
     i.num("voted_for", st.voted_for);
-    i.int("leader_id", if st.leader_id == 0 { -1 } else { st.leader_id as i64 });
-    let leader = (st.leader_id != 0).then(|| sh.member(st.leader_id)).flatten();
-    i.str("leader_name", leader.as_ref().map(|l| l.name.as_str()).unwrap_or(""));
-    i.str("leader_addr", leader.as_ref().map(|l| l.redis_addr.as_str()).unwrap_or(""));
+    i.int(
+        "leader_id",
+        if st.leader_id == 0 {
+            -1
+        } else {
+            st.leader_id as i64
+        },
+    );
+    let leader = (st.leader_id != 0)
+        .then(|| sh.member(st.leader_id))
+        .flatten();
+    i.str(
+        "leader_name",
+        leader.as_ref().map(|l| l.name.as_str()).unwrap_or(""),
+    );
+    i.str(
+        "leader_addr",
+        leader.as_ref().map(|l| l.redis_addr.as_str()).unwrap_or(""),
+    );
     i.num("current_term", st.term);
     i.num("num_nodes", (st.voters.len() + st.learners.len()) as u64);
     i.num("num_voting_nodes", st.voters.len() as u64);

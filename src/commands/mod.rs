@@ -1,5 +1,9 @@
 //! The `RAFT` and `RAFT.*` commands, and `INFO raft`.
 
+// Contexts and strings here come from Redis and are valid for the callback's duration;
+// marking every wrapper `unsafe` would only move the same promise to each caller.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
 mod info;
 
 use std::ffi::{c_int, CStr};
@@ -18,9 +22,14 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         (c"raft.debug", Some(raft_debug_cmd), c"admin"),
     ];
     for (name, f, flags) in cmds {
-        let r = unsafe { rm!(RedisModule_CreateCommand)(ctx, name.as_ptr(), f, flags.as_ptr(), 0, 0, 0) };
+        let r = unsafe {
+            rm!(RedisModule_CreateCommand)(ctx, name.as_ptr(), f, flags.as_ptr(), 0, 0, 0)
+        };
         if r != api::OK {
-            return Err(format!("could not register command {}", name.to_string_lossy()));
+            return Err(format!(
+                "could not register command {}",
+                name.to_string_lossy()
+            ));
         }
     }
     Ok(())
@@ -29,43 +38,51 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
 const CTX_MULTI: u32 = api::raw::REDISMODULE_CTX_FLAGS_MULTI;
 const CTX_LUA: u32 = api::raw::REDISMODULE_CTX_FLAGS_LUA;
 
-extern "C" fn raft_cmd(ctx: *mut RedisModuleCtx, argv: *mut *mut RedisModuleString, argc: c_int) -> c_int {
-    guard("RAFT", || api::reply_error(ctx, "ERR internal error (see the server log)"), || {
-        let args = unsafe { api::args(argv, argc) };
-        if args.len() < 2 {
-            return api::reply_error(ctx, "ERR wrong number of arguments for 'raft' command");
-        }
-        let Some(m) = module() else {
-            return api::reply_error(ctx, "ERR redis-raft is not initialised");
-        };
-        let cmd: Vec<Vec<u8>> = args[1..].iter().map(|a| a.to_vec()).collect();
-        let class = m.table.classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
-        if let Class::Refused(why) = class {
-            return api::reply_error(ctx, &format!("ERR {why}"));
-        }
-        let Some(node) = &m.node else {
-            return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
-        };
-        let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-        if flags & (CTX_MULTI | CTX_LUA) != 0 {
-            return api::reply_error(
+extern "C" fn raft_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::args(argv, argc) };
+            if args.len() < 2 {
+                return api::reply_error(ctx, "ERR wrong number of arguments for 'raft' command");
+            }
+            let Some(m) = module() else {
+                return api::reply_error(ctx, "ERR redis-raft is not initialised");
+            };
+            let cmd: Vec<Vec<u8>> = args[1..].iter().map(|a| a.to_vec()).collect();
+            let class = m.table.classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
+            if let Class::Refused(why) = class {
+                return api::reply_error(ctx, &format!("ERR {why}"));
+            }
+            let Some(node) = &m.node else {
+                return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
+            };
+            let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
+            if flags & (CTX_MULTI | CTX_LUA) != 0 {
+                return api::reply_error(
                 ctx,
                 "ERR replicated commands inside MULTI or scripts are not supported by redis-raft yet",
             );
-        }
-        match class {
-            Class::Write => {
-                if !node.shared().is_leader() {
-                    return api::reply_error(ctx, &redirect_error(m));
+            }
+            match class {
+                Class::Write => {
+                    if !node.shared().is_leader() {
+                        return api::reply_error(ctx, &redirect_error(m));
+                    }
+                    propose_write(ctx, m, node, cmd)
                 }
-                propose_write(ctx, m, node, cmd)
+                Class::Read if !node.shared().is_ready_leader() => {
+                    api::reply_error(ctx, &redirect_error(m))
+                }
+                _ => call_and_reply(ctx, &cmd),
             }
-            Class::Read if !node.shared().is_ready_leader() => {
-                api::reply_error(ctx, &redirect_error(m))
-            }
-            _ => call_and_reply(ctx, &cmd),
-        }
-    })
+        },
+    )
 }
 
 fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
@@ -88,16 +105,22 @@ extern "C" fn raft_debug_cmd(
     argv: *mut *mut RedisModuleString,
     argc: c_int,
 ) -> c_int {
-    guard("RAFT.DEBUG", || api::reply_error(ctx, "ERR internal error (see the server log)"), || {
-        let args = unsafe { api::args(argv, argc) };
-        let sub = args.get(1).map(|s| s.to_ascii_uppercase());
-        match sub.as_deref() {
-            Some(b"EXEC") if args.len() >= 3 => {
-                let cmd: Vec<Vec<u8>> = args[2..].iter().map(|a| a.to_vec()).collect();
-                call_and_reply(ctx, &cmd)
+    guard(
+        "RAFT.DEBUG",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::args(argv, argc) };
+            let sub = args.get(1).map(|s| s.to_ascii_uppercase());
+            match sub.as_deref() {
+                Some(b"EXEC") if args.len() >= 3 => {
+                    let cmd: Vec<Vec<u8>> = args[2..].iter().map(|a| a.to_vec()).collect();
+                    call_and_reply(ctx, &cmd)
+                }
+                Some(b"EXEC") => {
+                    api::reply_error(ctx, "ERR wrong number of arguments for 'raft.debug exec'")
+                }
+                _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC only"),
             }
-            Some(b"EXEC") => api::reply_error(ctx, "ERR wrong number of arguments for 'raft.debug exec'"),
-            _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC only"),
-        }
-    })
+        },
+    )
 }

@@ -106,7 +106,8 @@ impl Shared {
     /// Leader that has applied an entry of its own term: its data is current.
     pub fn is_ready_leader(&self) -> bool {
         self.is_leader()
-            && self.applied.load(Ordering::Acquire) >= self.leader_ready_index.load(Ordering::Acquire)
+            && self.applied.load(Ordering::Acquire)
+                >= self.leader_ready_index.load(Ordering::Acquire)
     }
 
     pub fn applied(&self) -> u64 {
@@ -528,7 +529,10 @@ impl RaftThread {
         let Some(addr) = self.advertise_addr.clone() else {
             return;
         };
-        let known = self.shared.member(self.shared.node_id).map(|m| m.redis_addr);
+        let known = self
+            .shared
+            .member(self.shared.node_id)
+            .map(|m| m.redis_addr);
         if known.as_deref() == Some(addr.as_str()) {
             return;
         }

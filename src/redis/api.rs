@@ -17,16 +17,18 @@ pub const ERR: c_int = raw::REDISMODULE_ERR as c_int;
 /// A module API function pointer. All the ones we call exist in Redis 7.0 and are checked at
 /// load (`missing_apis`), so a missing one here is a programming error.
 macro_rules! rm {
-    ($name:ident) => {
-        {
-            #[allow(unused_unsafe)]
-            let f = unsafe { $crate::redis::api::raw::$name };
-            match f {
-                Some(f) => f,
-                None => panic!(concat!("Redis module API ", stringify!($name), " is missing")),
-            }
+    ($name:ident) => {{
+        #[allow(unused_unsafe)]
+        let f = unsafe { $crate::redis::api::raw::$name };
+        match f {
+            Some(f) => f,
+            None => panic!(concat!(
+                "Redis module API ",
+                stringify!($name),
+                " is missing"
+            )),
         }
-    };
+    }};
 }
 pub(crate) use rm;
 
@@ -106,10 +108,20 @@ pub fn log_raw(level: &str, msg: &str) {
     };
     let level = CString::new(level).unwrap_or_default();
     let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
-    unsafe { log(std::ptr::null_mut(), level.as_ptr(), c"<raft> %s".as_ptr(), msg.as_ptr()) };
+    unsafe {
+        log(
+            std::ptr::null_mut(),
+            level.as_ptr(),
+            c"<raft> %s".as_ptr(),
+            msg.as_ptr(),
+        )
+    };
 }
 
 /// The bytes of a RedisModuleString (valid while `s` lives).
+///
+/// # Safety
+/// `s` is null or a live RedisModuleString, and outlives the returned slice.
 pub unsafe fn str_bytes<'a>(s: *const RedisModuleString) -> &'a [u8] {
     if s.is_null() {
         return &[];
@@ -123,6 +135,9 @@ pub unsafe fn str_bytes<'a>(s: *const RedisModuleString) -> &'a [u8] {
 }
 
 /// argv of a command callback as byte slices.
+///
+/// # Safety
+/// `argv` holds `argc` live strings, as Redis passes to a command callback.
 pub unsafe fn args<'a>(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<&'a [u8]> {
     (0..argc.max(0) as usize)
         .map(|i| str_bytes(*argv.add(i)))
@@ -160,7 +175,11 @@ pub struct CallOpts {
 
 /// Executes a command through RM_Call on `ctx` (errors come back as error replies).
 /// Returns null only when Redis could not even start the command.
-pub fn call(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], opts: CallOpts) -> *mut RedisModuleCallReply {
+pub fn call(
+    ctx: *mut RedisModuleCtx,
+    argv: &[Vec<u8>],
+    opts: CallOpts,
+) -> *mut RedisModuleCallReply {
     let Some((name, rest)) = argv.split_first() else {
         return std::ptr::null_mut();
     };

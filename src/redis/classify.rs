@@ -21,15 +21,30 @@ pub enum Class {
 
 /// Commands refused outright, with the reason the client sees.
 const REFUSED: &[(&str, &str)] = &[
-    ("replicaof", "REPLICAOF makes no sense in a Raft cluster: every node already holds the data"),
-    ("slaveof", "SLAVEOF makes no sense in a Raft cluster: every node already holds the data"),
-    ("sync", "SYNC is not supported by redis-raft: nodes replicate through the Raft log"),
-    ("psync", "PSYNC is not supported by redis-raft: nodes replicate through the Raft log"),
+    (
+        "replicaof",
+        "REPLICAOF makes no sense in a Raft cluster: every node already holds the data",
+    ),
+    (
+        "slaveof",
+        "SLAVEOF makes no sense in a Raft cluster: every node already holds the data",
+    ),
+    (
+        "sync",
+        "SYNC is not supported by redis-raft: nodes replicate through the Raft log",
+    ),
+    (
+        "psync",
+        "PSYNC is not supported by redis-raft: nodes replicate through the Raft log",
+    ),
     ("multi", "MULTI is not supported by redis-raft yet"),
     ("exec", "EXEC is not supported by redis-raft yet"),
     ("discard", "DISCARD is not supported by redis-raft yet"),
     ("watch", "WATCH is not supported by redis-raft yet"),
-    ("select", "SELECT is not supported by redis-raft yet: use database 0"),
+    (
+        "select",
+        "SELECT is not supported by redis-raft yet: use database 0",
+    ),
     ("swapdb", "SWAPDB is not supported by redis-raft yet"),
 ];
 

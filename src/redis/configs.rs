@@ -48,7 +48,9 @@ fn name_of(name: *const c_char) -> String {
     if name.is_null() {
         return String::new();
     }
-    unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Maps a config name (with or without the `raft.` prefix) to our option key.
@@ -80,7 +82,9 @@ extern "C" fn get_string(name: *const c_char, _p: *mut c_void) -> *mut RedisModu
         let s = api::create_string(std::ptr::null_mut(), v.as_bytes());
         let got = GOT.get_mut();
         if let Some(old) = got.insert(k, s as usize) {
-            unsafe { rm!(RedisModule_FreeString)(std::ptr::null_mut(), old as *mut RedisModuleString) };
+            unsafe {
+                rm!(RedisModule_FreeString)(std::ptr::null_mut(), old as *mut RedisModuleString)
+            };
         }
         s
     })
@@ -92,21 +96,25 @@ extern "C" fn set_string(
     _p: *mut c_void,
     err: *mut *mut RedisModuleString,
 ) -> c_int {
-    guard("config set", || api::ERR, || {
-        let k = key(&name_of(name));
-        let v = String::from_utf8_lossy(unsafe { api::str_bytes(val) }).into_owned();
-        if let Err(e) = check_string(k, &v) {
-            return set_err(err, &e.to_string());
-        }
-        with_options(|o| match k {
-            "node-id" => o.node_id = v,
-            "cluster-nodes" => o.cluster_nodes = v,
-            "log-filename" => o.log_filename = v,
-            "addr" => o.addr = v,
-            _ => {}
-        });
-        api::OK
-    })
+    guard(
+        "config set",
+        || api::ERR,
+        || {
+            let k = key(&name_of(name));
+            let v = String::from_utf8_lossy(unsafe { api::str_bytes(val) }).into_owned();
+            if let Err(e) = check_string(k, &v) {
+                return set_err(err, &e.to_string());
+            }
+            with_options(|o| match k {
+                "node-id" => o.node_id = v,
+                "cluster-nodes" => o.cluster_nodes = v,
+                "log-filename" => o.log_filename = v,
+                "addr" => o.addr = v,
+                _ => {}
+            });
+            api::OK
+        },
+    )
 }
 
 extern "C" fn get_numeric(name: *const c_char, _p: *mut c_void) -> c_longlong {
@@ -152,13 +160,17 @@ extern "C" fn set_bool(
     _p: *mut c_void,
     _err: *mut *mut RedisModuleString,
 ) -> c_int {
-    guard("config set", || api::ERR, || {
-        if key(&name_of(name)) == "log-fsync" {
-            with_options(|o| o.log_fsync = val != 0);
-            super::on_fsync_changed(val != 0);
-        }
-        api::OK
-    })
+    guard(
+        "config set",
+        || api::ERR,
+        || {
+            if key(&name_of(name)) == "log-fsync" {
+                with_options(|o| o.log_fsync = val != 0);
+                super::on_fsync_changed(val != 0);
+            }
+            api::OK
+        },
+    )
 }
 
 extern "C" fn get_enum(_name: *const c_char, _p: *mut c_void) -> c_int {
@@ -177,7 +189,10 @@ extern "C" fn set_enum(
             with_options(|o| o.loglevel = l);
             api::OK
         }
-        None => set_err(err, "raft.loglevel: must be debug, verbose, notice or warning"),
+        None => set_err(
+            err,
+            "raft.loglevel: must be debug, verbose, notice or warning",
+        ),
     }
 }
 
@@ -187,10 +202,14 @@ extern "C" fn apply(
     _p: *mut c_void,
     err: *mut *mut RedisModuleString,
 ) -> c_int {
-    guard("config apply", || api::ERR, || match crate::config::validate(&options()) {
-        Ok(_) => api::OK,
-        Err(e) => set_err(err, &e.to_string()),
-    })
+    guard(
+        "config apply",
+        || api::ERR,
+        || match crate::config::validate(&options()) {
+            Ok(_) => api::OK,
+            Err(e) => set_err(err, &e.to_string()),
+        },
+    )
 }
 
 const IMMUTABLE: u32 = raw::REDISMODULE_CONFIG_IMMUTABLE;
@@ -226,8 +245,20 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     // Changing timing at runtime would need the raft thread to re-derive its ticks: refused
     // (immutable) until that is built.
     let numerics: [(&CStr, u64, u32, i64, i64); 3] = [
-        (c"election-timeout", d.election_timeout_ms, IMMUTABLE, 1, 3_600_000),
-        (c"heartbeat-interval", d.heartbeat_interval_ms, IMMUTABLE, 1, 3_600_000),
+        (
+            c"election-timeout",
+            d.election_timeout_ms,
+            IMMUTABLE,
+            1,
+            3_600_000,
+        ),
+        (
+            c"heartbeat-interval",
+            d.heartbeat_interval_ms,
+            IMMUTABLE,
+            1,
+            3_600_000,
+        ),
         (c"bus-port", 0, IMMUTABLE, 0, 65535),
     ];
     for (name, default, flags, min, max) in numerics {
@@ -292,6 +323,9 @@ fn check(r: c_int, name: &CStr) -> Result<(), String> {
     if r == api::OK {
         Ok(())
     } else {
-        Err(format!("could not register option raft.{}", name.to_string_lossy()))
+        Err(format!(
+            "could not register option raft.{}",
+            name.to_string_lossy()
+        ))
     }
 }

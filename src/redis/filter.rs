@@ -22,14 +22,19 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     }
     let name = api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 0));
     let sub = if argc > 1 {
-        Some(api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 1)))
+        Some(api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(
+            fctx, 1,
+        )))
     } else {
         None
     };
     let reroute = match m.table.classify(name, sub) {
         Class::Write | Class::Refused(_) => true,
         // Served natively only by a leader whose data is current; otherwise RAFT redirects.
-        Class::Read => !m.node.as_ref().is_some_and(|n| n.shared().is_ready_leader()),
+        Class::Read => !m
+            .node
+            .as_ref()
+            .is_some_and(|n| n.shared().is_ready_leader()),
         Class::Local | Class::Container => false,
     };
     if reroute {

@@ -23,7 +23,8 @@ fn redis_level(l: &Level) -> LogLevel {
 }
 
 fn enabled(meta: &Metadata<'_>) -> bool {
-    let min = LogLevel::from_index(i32::from(LOGLEVEL.load(Ordering::Relaxed))).unwrap_or(LogLevel::Notice);
+    let min = LogLevel::from_index(i32::from(LOGLEVEL.load(Ordering::Relaxed)))
+        .unwrap_or(LogLevel::Notice);
     redis_level(meta.level()) >= min
 }
 
@@ -58,10 +59,29 @@ struct RedisLog;
 impl<'a> MakeWriter<'a> for RedisLog {
     type Writer = LineWriter;
     fn make_writer(&'a self) -> LineWriter {
-        LineWriter { level: LogLevel::Notice, buf: Vec::new() }
+        LineWriter {
+            level: LogLevel::Notice,
+            buf: Vec::new(),
+        }
     }
     fn make_writer_for(&'a self, meta: &Metadata<'_>) -> LineWriter {
-        LineWriter { level: redis_level(meta.level()), buf: Vec::new() }
+        LineWriter {
+            level: redis_level(meta.level()),
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// Field formatting without raft-rs's slog bookkeeping fields (file, line, module path).
+fn write_field(
+    w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+    field: &tracing::field::Field,
+    value: &dyn std::fmt::Debug,
+) -> std::fmt::Result {
+    match field.name() {
+        n if n.starts_with("slog.") => Ok(()),
+        "message" => write!(w, "{value:?} "),
+        n => write!(w, "{n}={value:?} "),
     }
 }
 
@@ -73,6 +93,7 @@ pub fn init() {
         .without_time()
         .with_level(false)
         .with_target(false)
+        .fmt_fields(tracing_subscriber::fmt::format::debug_fn(write_field))
         .with_filter(tracing_subscriber::filter::filter_fn(enabled));
     let subscriber = tracing_subscriber::registry().with(layer);
     let _ = tracing::subscriber::set_global_default(subscriber);

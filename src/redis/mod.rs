@@ -5,6 +5,10 @@
 //! and (but for `RedisModule_EventLoopAddOneShot` in the waker, and logging) only on the
 //! main thread.
 
+// Contexts and strings here come from Redis and are valid for the callback's duration;
+// marking every wrapper `unsafe` would only move the same promise to each caller.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
 pub mod api;
 pub mod classify;
 pub mod configs;
@@ -21,7 +25,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use raft::eraftpb::{Entry, EntryType};
 use tracing::{error, info, warn};
 
-use self::api::{guard, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx};
+use self::api::{
+    guard, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx,
+};
 use self::classify::CommandTable;
 use crate::codec::{decode_command, encode_command, LogCommand, ProposalTag};
 use crate::config::Bootstrap;
@@ -135,10 +141,15 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
         }
         Some(b) => {
             let me = b.me();
-            let (store, recovery) = LogStore::open(std::path::Path::new(&opts.log_filename), opts.log_fsync)
-                .map_err(|e| e.to_string())?;
+            let (store, recovery) =
+                LogStore::open(std::path::Path::new(&opts.log_filename), opts.log_fsync)
+                    .map_err(|e| e.to_string())?;
             info!("raft log {}: {:?}", opts.log_filename, recovery);
-            let bus_port = if opts.bus_port != 0 { opts.bus_port as u16 } else { me.bus_port };
+            let bus_port = if opts.bus_port != 0 {
+                opts.bus_port as u16
+            } else {
+                me.bus_port
+            };
             let members = b
                 .nodes
                 .iter()
@@ -213,7 +224,12 @@ pub fn redirect_error(m: &Module) -> String {
 }
 
 /// Replicates a write: blocks the client until its entry is applied here.
-pub fn propose_write(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, argv: Vec<Vec<u8>>) -> c_int {
+pub fn propose_write(
+    ctx: *mut RedisModuleCtx,
+    m: &Module,
+    node: &Node,
+    argv: Vec<Vec<u8>>,
+) -> c_int {
     let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
     let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
     let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
@@ -256,17 +272,23 @@ extern "C" fn reply_blocked(
     _argv: *mut *mut api::RedisModuleString,
     _argc: c_int,
 ) -> c_int {
-    guard("reply", || api::reply_error(ctx, "ERR internal error"), || {
-        let p = unsafe { rm!(RedisModule_GetBlockedClientPrivateData)(ctx) } as *const Reply;
-        if p.is_null() {
-            return api::reply_error(ctx, "ERR internal error: no reply");
-        }
-        match unsafe { &*p } {
-            Reply::Call(r) if !r.is_null() => unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, *r) },
-            Reply::Call(_) => api::reply_error(ctx, "ERR the command could not be executed"),
-            Reply::Error(e) => api::reply_error(ctx, e),
-        }
-    })
+    guard(
+        "reply",
+        || api::reply_error(ctx, "ERR internal error"),
+        || {
+            let p = unsafe { rm!(RedisModule_GetBlockedClientPrivateData)(ctx) } as *const Reply;
+            if p.is_null() {
+                return api::reply_error(ctx, "ERR internal error: no reply");
+            }
+            match unsafe { &*p } {
+                Reply::Call(r) if !r.is_null() => unsafe {
+                    rm!(RedisModule_ReplyWithCallReply)(ctx, *r)
+                },
+                Reply::Call(_) => api::reply_error(ctx, "ERR the command could not be executed"),
+                Reply::Error(e) => api::reply_error(ctx, e),
+            }
+        },
+    )
 }
 
 extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
@@ -347,7 +369,10 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
         Ok(c) => c,
         Err(err) => {
             // Every node holds the same bytes and skips the same entry.
-            error!("raft entry {} (term {}) cannot be decoded, skipped: {err}", e.index, e.term);
+            error!(
+                "raft entry {} (term {}) cannot be decoded, skipped: {err}",
+                e.index, e.term
+            );
             return;
         }
     };
@@ -357,9 +382,15 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
     match cmd {
         LogCommand::Redis { db, argv } => {
             if unsafe { rm!(RedisModule_SelectDb)(ctx, db) } != api::OK {
-                error!("raft entry {}: database {db} does not exist here; skipped", e.index);
+                error!(
+                    "raft entry {}: database {db} does not exist here; skipped",
+                    e.index
+                );
                 if let Some(p) = pending {
-                    unblock(p.bc, Reply::Error(format!("ERR DB index {db} is out of range")));
+                    unblock(
+                        p.bc,
+                        Reply::Error(format!("ERR DB index {db} is out of range")),
+                    );
                 }
                 return;
             }

@@ -303,7 +303,8 @@ impl LogStore {
                         bytes_dropped = file_len,
                         "raft log has an incomplete header from an interrupted creation; rewriting it"
                     );
-                    file.set_len(0).map_err(io_err("truncate incomplete header"))?;
+                    file.set_len(0)
+                        .map_err(io_err("truncate incomplete header"))?;
                     recovery.torn_tail_bytes_dropped = file_len;
                 }
                 recovery.created = true;
@@ -317,11 +318,12 @@ impl LogStore {
             }
             HeaderCheck::Valid => {
                 let reader = BufReader::with_capacity(REPLAY_READ_BUFFER_BYTES, &file);
-                let end = record::scan(reader, file_len, |_offset, rec| core.replay(rec))
-                    .map_err(|e| match e {
+                let end = record::scan(reader, file_len, |_offset, rec| core.replay(rec)).map_err(
+                    |e| match e {
                         ScanError::Io(source) => io_err("read")(source),
                         ScanError::Corrupt { offset, reason } => corrupt(offset, reason),
-                    })?;
+                    },
+                )?;
                 if let Some(torn) = end.torn {
                     tracing::warn!(
                         path = %path.display(),
@@ -332,7 +334,8 @@ impl LogStore {
                     );
                     file.set_len(end.good_end)
                         .map_err(io_err("truncate torn tail"))?;
-                    file.sync_all().map_err(io_err("fsync after truncating torn tail"))?;
+                    file.sync_all()
+                        .map_err(io_err("fsync after truncating torn tail"))?;
                     recovery.torn_tail_bytes_dropped = torn.bytes;
                 }
                 end.good_end
@@ -409,7 +412,7 @@ impl LogStore {
         self.write_path(|core, buf| {
             if core.records != 0 {
                 return Err(self.invalid(format!(
-                    "initialize on a log that already holds {} records",
+                    "initialize on a non-empty log (it holds {} records)",
                     core.records
                 )));
             }
@@ -431,7 +434,10 @@ impl LogStore {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        if let Some(w) = entries.windows(2).find(|w| w[0].index.checked_add(1) != Some(w[1].index)) {
+        if let Some(w) = entries
+            .windows(2)
+            .find(|w| w[0].index.checked_add(1) != Some(w[1].index))
+        {
             return Err(self.invalid(format!(
                 "appended entries are not consecutive: index {} follows index {}",
                 w[1].index, w[0].index
@@ -638,7 +644,9 @@ impl raft::Storage for LogStore {
 
     /// Snapshots are not implemented yet; with no compaction a follower never needs one.
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(store_err(raft::StorageError::SnapshotTemporarilyUnavailable))
+        Err(store_err(
+            raft::StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 

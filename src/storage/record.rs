@@ -103,7 +103,9 @@ pub(crate) fn check_header(bytes: &[u8]) -> HeaderCheck {
 #[derive(Debug)]
 pub(crate) enum EncodeError {
     /// The record would exceed `RECORD_PAYLOAD_MAX_BYTES`.
-    TooLarge { payload_bytes: u64 },
+    TooLarge {
+        payload_bytes: u64,
+    },
     Prost(prost::EncodeError),
 }
 
@@ -178,7 +180,8 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<Record, String> {
     };
     match kind {
         KIND_ENTRY => {
-            let e = Entry::decode(body).map_err(|err| format!("undecodable entry record: {err}"))?;
+            let e =
+                Entry::decode(body).map_err(|err| format!("undecodable entry record: {err}"))?;
             // raft-rs panics on an unknown entry type, so refuse it here instead.
             if EntryType::from_i32(e.entry_type).is_none() {
                 return Err(format!(

@@ -132,12 +132,13 @@ fn record_layout_is_stable() {
     // Entry: kind 1 + prost(term=1, index=1, data="a").
     let payload = [1u8, 0x10, 0x01, 0x18, 0x01, 0x22, 0x01, b'a'];
     want.extend_from_slice(&8u32.to_le_bytes());
-    want.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    // CRC-32 (IEEE), pinned so a change of checksum algorithm cannot slip through.
+    want.extend_from_slice(&0xf541_d9bbu32.to_le_bytes());
     want.extend_from_slice(&payload);
     // Commit: kind 4 + u64 LE.
     let payload = [4u8, 1, 0, 0, 0, 0, 0, 0, 0];
     want.extend_from_slice(&9u32.to_le_bytes());
-    want.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    want.extend_from_slice(&0x774f_453cu32.to_le_bytes());
     want.extend_from_slice(&payload);
     assert_eq!(fs::read(&path).unwrap(), want);
     assert_eq!(store.stats().bytes, 9 + 16 + 17);
@@ -243,7 +244,9 @@ fn hard_state_commit_and_conf_state_survive_reopen() {
     store.set_hard_state(&hard_state(1, 1, 1)).unwrap();
     store.set_hard_state(&hard_state(2, 3, 2)).unwrap();
     store.set_commit(3).unwrap();
-    store.set_conf_state(&conf_state(&[1, 2, 3, 4], &[5])).unwrap();
+    store
+        .set_conf_state(&conf_state(&[1, 2, 3, 4], &[5]))
+        .unwrap();
     store.sync().unwrap();
     drop(store);
 
@@ -266,7 +269,7 @@ fn initialize_only_on_an_empty_log() {
     assert_eq!(
         err.to_string(),
         format!(
-            "raft log {}: initialize on a log that already holds 1 records",
+            "raft log {}: initialize on a non-empty log (it holds 1 records)",
             path.display()
         )
     );
@@ -275,7 +278,10 @@ fn initialize_only_on_an_empty_log() {
     let (store, rec) = open(&path);
     assert_eq!(rec.records, 1);
     assert!(!store.is_empty());
-    assert_eq!(store.initial_state().unwrap().conf_state, conf_state(&[1], &[]));
+    assert_eq!(
+        store.initial_state().unwrap().conf_state,
+        conf_state(&[1], &[])
+    );
     assert!(store.initialize(conf_state(&[1], &[])).is_err());
 }
 
@@ -419,7 +425,10 @@ fn flipped_byte_in_a_middle_record_is_corrupt_at_its_offset() {
         StorageError::Corrupt { offset, .. } => assert_eq!(*offset, ends[0]),
         other => panic!("expected Corrupt, got {other:?}"),
     }
-    assert_eq!(err.to_string(), corrupt_message(&path, ends[0], "crc mismatch"));
+    assert_eq!(
+        err.to_string(),
+        corrupt_message(&path, ends[0], "crc mismatch")
+    );
     // Nothing was truncated: the operator decides.
     assert_eq!(fs::metadata(&path).unwrap().len(), ends[2]);
 }
@@ -678,7 +687,10 @@ fn commit_beyond_the_last_index_is_rejected() {
             .to_string(),
         want
     );
-    assert_eq!(store.initial_state().unwrap().hard_state, HardState::default());
+    assert_eq!(
+        store.initial_state().unwrap().hard_state,
+        HardState::default()
+    );
 }
 
 #[test]
@@ -689,10 +701,9 @@ fn oversized_entry_is_rejected_and_nothing_is_buffered() {
     let big = entry(2, 1, &vec![7u8; 64 * 1024 * 1024]);
     let err = store.append(&[entry(1, 1, b"fine"), big]).unwrap_err();
     assert!(matches!(err, StorageError::Invalid { .. }), "{err:?}");
-    assert!(err.to_string().starts_with(&format!(
-        "raft log {}: entry 2: record of ",
-        path.display()
-    )));
+    assert!(err
+        .to_string()
+        .starts_with(&format!("raft log {}: entry 2: record of ", path.display())));
     assert_eq!(store.last_index().unwrap(), 0);
     assert!(store.is_empty());
     store.sync().unwrap();
@@ -749,9 +760,15 @@ fn raft_storage_entries_term_and_limit_size() {
     assert_eq!(store.first_index().unwrap(), 1);
     assert_eq!(store.last_index().unwrap(), 5);
 
-    assert_eq!(store.entries(2, 5, None, ctx()).unwrap(), ents[1..4].to_vec());
+    assert_eq!(
+        store.entries(2, 5, None, ctx()).unwrap(),
+        ents[1..4].to_vec()
+    );
     assert_eq!(store.entries(1, 6, None, ctx()).unwrap(), ents);
-    assert_eq!(store.entries(3, 3, None, ctx()).unwrap(), Vec::<Entry>::new());
+    assert_eq!(
+        store.entries(3, 3, None, ctx()).unwrap(),
+        Vec::<Entry>::new()
+    );
     assert_eq!(
         store.entries(0, 3, None, ctx()).unwrap_err(),
         raft::Error::Store(raft::StorageError::Compacted)
@@ -808,4 +825,41 @@ fn clones_share_one_store_across_threads() {
     .unwrap();
     assert_eq!(store.last_index().unwrap(), 3);
     assert_eq!(store.stats().bytes, fs::metadata(&path).unwrap().len());
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn after_a_failed_write_the_store_refuses_further_writes() {
+    let full = Path::new("/dev/full");
+    if !full.exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    // Swap the file for one whose writes fail with ENOSPC, as a full disk would.
+    super::mutex_lock(&store.inner.writer).file =
+        OpenOptions::new().append(true).open(full).unwrap();
+    store.append(&three_entries()).unwrap();
+
+    let err = store.sync().unwrap_err();
+    match &err {
+        StorageError::Io { what, source, .. } => {
+            assert_eq!(*what, "write");
+            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull);
+        }
+        other => panic!("expected Io, got {other:?}"),
+    }
+    let want = format!(
+        "raft log {} is unusable after an earlier failure (write failed: {}); restart the node",
+        path.display(),
+        std::io::Error::from_raw_os_error(28)
+    );
+    assert_eq!(store.sync().unwrap_err().to_string(), want);
+    assert_eq!(
+        store.append(&[entry(4, 1, b"")]).unwrap_err().to_string(),
+        want
+    );
+    assert_eq!(store.set_commit(1).unwrap_err().to_string(), want);
+    assert_eq!(store.stats().bytes, 9);
 }

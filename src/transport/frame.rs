@@ -29,6 +29,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const HEADER_BYTES: usize = 11;
 /// Upper bound on the cluster id carried in a Hello.
 pub const MAX_CLUSTER_ID_BYTES: usize = 256;
+/// A decoder keeps at most this much idle buffer capacity between frames.
+const DECODER_KEEP_BYTES: usize = 1 << 20;
 
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +61,8 @@ pub struct Hello {
 }
 
 /// One decoded frame.
+// Moved once, from decoder to reader; boxing the message would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq)]
 pub enum Frame {
     Hello(Hello),
@@ -183,6 +187,7 @@ impl FrameDecoder {
     }
 
     /// Bytes received but not yet returned as frames.
+    #[cfg(test)]
     pub fn buffered_bytes(&self) -> usize {
         self.buf.len() - self.start
     }
@@ -226,6 +231,10 @@ impl FrameDecoder {
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            if self.buf.capacity() > DECODER_KEEP_BYTES {
+                // One big frame (a snapshot) must not pin its size for the connection's life.
+                self.buf = Vec::new();
+            }
         }
         Ok(Some(frame))
     }

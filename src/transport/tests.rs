@@ -309,6 +309,23 @@ fn misaddressed_messages_are_dropped_and_the_connection_kept() {
 }
 
 #[test]
+fn inbound_connections_beyond_the_limit_are_refused() {
+    let (b, b_rx) = start(2);
+    let mut held: Vec<TcpStream> = (0..inbound::MAX_INBOUND_CONNS)
+        .map(|_| TcpStream::connect(b.local_addr()).unwrap())
+        .collect();
+    let extra = TcpStream::connect(b.local_addr()).unwrap();
+    assert_closed_by_peer(extra, "connection over the limit");
+    // The admitted ones still work.
+    let msg = append(3, 2, 1);
+    let first = &mut held[0];
+    first
+        .write_all(&[hello_bytes(CLUSTER, 3, 2), message_bytes(&msg)].concat())
+        .unwrap();
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), msg);
+}
+
+#[test]
 fn peer_status_shows_connection_and_loss() {
     let (a, _a_rx) = start(1);
     let (b, _b_rx) = start(2);

@@ -1,0 +1,373 @@
+//! A 3-node cluster formed from configuration alone: election, replication, redirects,
+//! failover under load, and restarts. Real redis-server processes, real TCP clients.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn cluster_elects_a_leader_from_config_alone() {
+    let mut c = Cluster::define(3);
+    // Start in an awkward order with gaps; a leader must appear soon after a majority is up.
+    c.start_node(2);
+    std::thread::sleep(Duration::from_millis(700));
+    let t0 = Instant::now();
+    c.start_node(0);
+    let l = c.wait_leader(Duration::from_secs(10));
+    assert!(
+        t0.elapsed() < Duration::from_millis(ELECTION_MS * 2 + 1500),
+        "leader took {:?}",
+        t0.elapsed()
+    );
+    assert!(l == 0 || l == 2);
+    c.start_node(1);
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    // The late node follows the same leader rather than disturbing it (pre-vote, check-quorum).
+    assert_eq!(c.leader(), Some(l));
+    assert_eq!(c.info_field(1, "raft_role").as_deref(), Some("follower"));
+    assert_eq!(
+        c.info_field(1, "raft_leader_name"),
+        Some(c.nodes[l].def.name.clone())
+    );
+    assert_eq!(
+        c.info_field(1, "raft_num_voting_nodes").as_deref(),
+        Some("3")
+    );
+}
+
+#[test]
+fn writes_are_applied_on_every_node_in_the_same_order() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    for i in 0..200 {
+        let _: i64 = redis::cmd("RPUSH")
+            .arg("list")
+            .arg(i)
+            .query(&mut con)
+            .unwrap();
+        let _: i64 = redis::cmd("INCR").arg("counter").query(&mut con).unwrap();
+    }
+    let _: () = redis::cmd("SET").arg("s").arg("v").query(&mut con).unwrap();
+    // The client gets its own command's reply, errors included.
+    let e = redis::cmd("LPUSH")
+        .arg("s")
+        .arg("x")
+        .query::<i64>(&mut con)
+        .unwrap_err();
+    assert_eq!(e.code(), Some("WRONGTYPE"));
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let expected: Vec<Value> = (0..200)
+        .map(|i| Value::BulkString(i.to_string().into_bytes()))
+        .collect();
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["LRANGE", "list", "0", "-1"]),
+            Value::Array(expected.clone()),
+            "node {i}"
+        );
+        assert_eq!(
+            c.local(i, &["GET", "counter"]),
+            Value::BulkString(b"200".to_vec()),
+            "node {i}"
+        );
+        assert_eq!(
+            c.local(i, &["GET", "s"]),
+            Value::BulkString(b"v".to_vec()),
+            "node {i}"
+        );
+    }
+}
+
+#[test]
+fn write_on_follower_redirects_to_leader() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let f = (l + 1) % 3;
+    let mut con = c.conn(f).unwrap();
+    let e = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert_eq!(
+        err_text(&e),
+        format!("MOVED 0 127.0.0.1:{}", c.nodes[l].def.port)
+    );
+    // Reads on a follower redirect too; local commands run as usual.
+    let e = redis::cmd("GET")
+        .arg("k")
+        .query::<Value>(&mut con)
+        .unwrap_err();
+    assert_eq!(
+        err_text(&e),
+        format!("MOVED 0 127.0.0.1:{}", c.nodes[l].def.port)
+    );
+    let pong: String = redis::cmd("PING").query(&mut con).unwrap();
+    assert_eq!(pong, "PONG");
+    // Nothing was written anywhere.
+    assert_eq!(c.local(l, &["EXISTS", "k"]), Value::Int(0));
+}
+
+#[test]
+fn write_without_a_majority_gets_clusterdown() {
+    let mut c = Cluster::define(3);
+    c.start_node(0);
+    std::thread::sleep(Duration::from_millis(ELECTION_MS * 3));
+    let mut con = c.conn(0).unwrap();
+    let e = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert_eq!(err_text(&e), "CLUSTERDOWN No raft leader");
+    assert_ne!(c.info_field(0, "raft_role").as_deref(), Some("leader"));
+    assert_eq!(c.info_field(0, "raft_leader_id").as_deref(), Some("-1"));
+}
+
+#[test]
+fn unsupported_commands_get_clear_errors() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let e = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg("1")
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ERR"));
+    assert!(
+        e.to_string().contains("makes no sense in a Raft cluster"),
+        "{e}"
+    );
+    let e = redis::cmd("MULTI").query::<()>(&mut con).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("MULTI is not supported by redis-raft yet"),
+        "{e}"
+    );
+}
+
+/// 20 clients pipeline writes; the leader is SIGKILLed; a new leader accepts writes within a
+/// few election timeouts, and every acknowledged write is on every surviving node, and on the
+/// killed node once it is back.
+#[test]
+fn leader_kill_under_pipelined_load_loses_no_acknowledged_write() {
+    let mut c = Cluster::start(3);
+    let old = c.wait_leader(Duration::from_secs(10));
+    let ports: Vec<u16> = c.nodes.iter().map(|n| n.def.port).collect();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for t in 0..20 {
+        let (acked, stop, ports) = (acked.clone(), stop.clone(), ports.clone());
+        threads.push(std::thread::spawn(move || writer(t, &ports, &acked, &stop)));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = acked.lock().unwrap().len();
+    assert!(before > 0, "no writes acknowledged before the kill");
+    let killed_at = Instant::now();
+    c.kill(old);
+    // A new leader takes writes within a few election timeouts.
+    let new = c.wait_leader(Duration::from_secs(10));
+    assert_ne!(new, old);
+    let mut con = c.conn(new).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("after")
+        .arg("1")
+        .query(&mut con)
+        .unwrap();
+    let failover = killed_at.elapsed();
+    assert!(
+        failover < Duration::from_millis(ELECTION_MS * 6),
+        "failover took {failover:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > before,
+        "no writes acknowledged after failover"
+    );
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in (0..3).filter(|&i| i != old) {
+        check_all_present(&c, i, &acked);
+    }
+    // The killed node comes back and catches up.
+    c.start_node(old);
+    c.wait_applied_everywhere(Duration::from_secs(20));
+    check_all_present(&c, old, &acked);
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["DBSIZE"]),
+            c.local(new, &["DBSIZE"]),
+            "node {i} dbsize"
+        );
+    }
+}
+
+fn check_all_present(c: &Cluster, i: usize, acked: &[String]) {
+    let mut con = c.conn(i).unwrap();
+    for chunk in acked.chunks(500) {
+        let mut cmd = redis::cmd("RAFT.DEBUG");
+        cmd.arg("EXEC").arg("MGET");
+        for k in chunk {
+            cmd.arg(k);
+        }
+        let vals: Vec<Option<String>> = cmd.query(&mut con).unwrap();
+        for (k, v) in chunk.iter().zip(vals) {
+            assert_eq!(
+                v.as_deref(),
+                Some(k.as_str()),
+                "node {i} lost acknowledged write {k}"
+            );
+        }
+    }
+}
+
+/// One client: pipelines 10 SETs of unique keys at a time; records those acknowledged with OK.
+fn writer(t: usize, ports: &[u16], acked: &Mutex<Vec<String>>, stop: &AtomicBool) {
+    let mut seq = 0u64;
+    let mut target = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        let con = redis::Client::open(format!("redis://127.0.0.1:{}/", ports[target]))
+            .and_then(|cl| cl.get_connection_with_timeout(Duration::from_millis(500)));
+        let mut con = match con {
+            Ok(c) => c,
+            Err(_) => {
+                target = (target + 1) % ports.len();
+                continue;
+            }
+        };
+        let _ = con.set_read_timeout(Some(Duration::from_secs(3)));
+        while !stop.load(Ordering::SeqCst) {
+            let keys: Vec<String> = (0..10)
+                .map(|_| {
+                    seq += 1;
+                    format!("w{t}:{seq}")
+                })
+                .collect();
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("SET").arg(k).arg(k);
+            }
+            // Each reply on its own: a pipeline's replies can mix OK, MOVED and TIMEOUT.
+            let replies: redis::RedisResult<Vec<Value>> = pipe.query(&mut con);
+            match replies {
+                Ok(vals) => {
+                    let mut ok = acked.lock().unwrap();
+                    for (k, v) in keys.iter().zip(vals) {
+                        if v == Value::Okay {
+                            ok.push(k.clone());
+                        }
+                    }
+                }
+                Err(_) => {
+                    // Redirected, no leader, or the node died: try the next node.
+                    target = (target + 1) % ports.len();
+                    std::thread::sleep(Duration::from_millis(20));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn full_cluster_kill_and_restart_keeps_every_acknowledged_write() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        let k = format!("k{i}");
+        let _: () = redis::cmd("SET").arg(&k).arg(&k).query(&mut con).unwrap();
+        keys.push(k);
+    }
+    let _: i64 = redis::cmd("INCRBY")
+        .arg("n")
+        .arg(5)
+        .query(&mut con)
+        .unwrap();
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    c.wait_applied_everywhere(Duration::from_secs(20));
+    for i in 0..3 {
+        check_all_present(&c, i, &keys);
+        // Applied exactly once after replay.
+        assert_eq!(c.local(i, &["GET", "n"]), Value::BulkString(b"5".to_vec()));
+    }
+}
+
+#[test]
+fn redis_rdb_data_is_replaced_by_the_log_on_restart() {
+    // A node whose Redis loaded a dump.rdb must not apply the log on top of it.
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let _: i64 = redis::cmd("INCR").arg("n").query(&mut con).unwrap();
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let f = (l + 1) % 3;
+    let mut fc = c.conn(f).unwrap();
+    let _: String = redis::cmd("SAVE").query(&mut fc).unwrap();
+    c.kill(f);
+    c.start_node(f);
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    assert_eq!(c.local(f, &["GET", "n"]), Value::BulkString(b"1".to_vec()));
+    assert!(
+        c.nodes[f].log().contains("discarding 1 keys"),
+        "{}",
+        c.nodes[f].log()
+    );
+}
+
+#[test]
+fn info_raft_reports_role_indexes_and_peers() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let _: () = redis::cmd("SET").arg("a").arg("b").query(&mut con).unwrap();
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let info: String = redis::cmd("INFO").arg("raft").query(&mut con).unwrap();
+    for field in [
+        "raft_node_id:",
+        "raft_node_name:",
+        "raft_role:leader",
+        "raft_leader_id:",
+        "raft_current_term:",
+        "raft_commit_index:",
+        "raft_last_applied_index:",
+        "raft_log_entries:",
+        "raft_file_size:",
+        "raft_num_voting_nodes:3",
+    ] {
+        assert!(info.contains(field), "missing {field} in\n{info}");
+    }
+    let peers: Vec<&str> = info
+        .lines()
+        .filter(|l| l.starts_with("raft_node0:") || l.starts_with("raft_node1:"))
+        .collect();
+    assert_eq!(peers.len(), 2, "{info}");
+    for p in peers {
+        assert!(p.contains("state=connected"), "{p}");
+        assert!(p.contains("addr=127.0.0.1"), "{p}");
+    }
+    let commit = c.info_field(l, "raft_commit_index").unwrap();
+    assert_eq!(c.info_field(l, "raft_last_applied_index").unwrap(), commit);
+    let names: HashSet<String> = (0..3)
+        .map(|i| c.info_field(i, "raft_node_name").unwrap())
+        .collect();
+    assert_eq!(names.len(), 3);
+}

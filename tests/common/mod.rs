@@ -1,0 +1,375 @@
+//! Test harness: real redis-server processes with the module loaded, on free ports in a
+//! temp dir, talked to over TCP with the `redis` crate. Processes are killed on drop, and a
+//! failing test prints each node's log tail.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use redis::Value;
+
+pub const ELECTION_MS: u64 = 500;
+pub const HEARTBEAT_MS: u64 = 50;
+
+/// Path of the module built alongside this test binary (target/<profile>/libredis_raft.so).
+pub fn module_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
+    let p = profile_dir.join("libredis_raft.so");
+    assert!(p.exists(), "module not built at {}", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    // Ports above the ephemeral range's start would race with outgoing connections less,
+    // but the OS's choice is free at this moment, which is what matters here.
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub struct NodeDef {
+    pub name: String,
+    pub port: u16,
+    pub bus_port: u16,
+    pub dir: PathBuf,
+}
+
+pub struct Node {
+    pub def: NodeDef,
+    pub child: Option<Child>,
+    pub extra: Vec<String>,
+}
+
+impl Node {
+    pub fn log_path(&self) -> PathBuf {
+        self.def.dir.join("redis.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub tmp: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub cluster_nodes: String,
+}
+
+impl Cluster {
+    /// Defines `n` nodes (not started).
+    pub fn define(n: usize) -> Cluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let dir = tmp.path().join(format!("n{}", i + 1));
+            std::fs::create_dir_all(&dir).expect("node dir");
+            nodes.push(Node {
+                def: NodeDef {
+                    name: format!("n{}", i + 1),
+                    port: free_port(),
+                    bus_port: free_port(),
+                    dir,
+                },
+                child: None,
+                extra: Vec::new(),
+            });
+        }
+        let cluster_nodes = nodes
+            .iter()
+            .map(|n| format!("{}=127.0.0.1:{}@{}", n.def.name, n.def.port, n.def.bus_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        Cluster {
+            tmp,
+            nodes,
+            cluster_nodes,
+        }
+    }
+
+    /// Defines and starts `n` nodes, and waits for a leader.
+    pub fn start(n: usize) -> Cluster {
+        let mut c = Cluster::define(n);
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c.wait_leader(Duration::from_secs(15));
+        c
+    }
+
+    pub fn args(&self, i: usize) -> Vec<String> {
+        let d = &self.nodes[i].def;
+        let mut v: Vec<String> = [
+            "--port",
+            &d.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &d.dir.display().to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            "redis.log",
+            "--loadmodule",
+            &module_path().display().to_string(),
+            "--raft.node-id",
+            &d.name,
+            "--raft.cluster-nodes",
+            &self.cluster_nodes,
+            "--raft.election-timeout",
+            &ELECTION_MS.to_string(),
+            "--raft.heartbeat-interval",
+            &HEARTBEAT_MS.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(self.nodes[i].extra.iter().cloned());
+        v
+    }
+
+    pub fn spawn_node(&mut self, i: usize) {
+        let args = self.args(i);
+        let child = Command::new("redis-server")
+            .args(&args)
+            .current_dir(&self.nodes[i].def.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.nodes[i].child = Some(child);
+    }
+
+    /// Starts node `i` and waits until it answers PING.
+    pub fn start_node(&mut self, i: usize) {
+        self.spawn_node(i);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.conn(i) {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            if !self.nodes[i].is_running() {
+                panic!(
+                    "node {} exited at start-up; log:\n{}",
+                    self.nodes[i].def.name,
+                    self.nodes[i].log()
+                );
+            }
+            assert!(Instant::now() < deadline, "node {} did not start", i);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, i: usize, sig: i32) {
+        if let Some(c) = &self.nodes[i].child {
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    pub fn conn(&self, i: usize) -> redis::RedisResult<redis::Connection> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.nodes[i].def.port))?;
+        let c = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(c)
+    }
+
+    pub fn info_field(&self, i: usize, field: &str) -> Option<String> {
+        let mut c = self.conn(i).ok()?;
+        let info: String = redis::cmd("INFO").arg("raft").query(&mut c).ok()?;
+        info.lines().find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+    }
+
+    /// Index of the node that is leader and that all running nodes agree on.
+    pub fn leader(&mut self) -> Option<usize> {
+        let mut leader = None;
+        let mut names = Vec::new();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            if self.info_field(i, "raft_role").as_deref() == Some("leader") {
+                if leader.is_some() {
+                    return None;
+                }
+                leader = Some(i);
+            }
+            names.push(self.info_field(i, "raft_leader_name"));
+        }
+        let l = leader?;
+        let lname = Some(self.nodes[l].def.name.clone());
+        names.iter().all(|n| *n == lname).then_some(l)
+    }
+
+    pub fn wait_leader(&mut self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader() {
+                // A leader serves once it applied an entry of its term.
+                if let Ok(mut c) = self.conn(l) {
+                    if redis::cmd("GET")
+                        .arg("__probe")
+                        .query::<Value>(&mut c)
+                        .is_ok()
+                    {
+                        return l;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("no leader within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a command locally on node `i` (RAFT.DEBUG EXEC), outside Raft.
+    pub fn local(&self, i: usize, args: &[&str]) -> Value {
+        let mut c = self.conn(i).expect("conn");
+        let mut cmd = redis::cmd("RAFT.DEBUG");
+        cmd.arg("EXEC");
+        for a in args {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c).expect("RAFT.DEBUG EXEC")
+    }
+
+    /// Waits until every running node has applied at least the leader's commit index.
+    pub fn wait_applied_everywhere(&mut self, timeout: Duration) {
+        let l = self.wait_leader(timeout);
+        let target: u64 = self
+            .info_field(l, "raft_commit_index")
+            .and_then(|v| v.parse().ok())
+            .expect("commit index");
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            loop {
+                let applied: u64 = self
+                    .info_field(i, "raft_last_applied_index")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if applied >= target {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    self.dump_logs();
+                    panic!("node {i} applied {applied} < {target}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn dump_logs(&self) {
+        for n in &self.nodes {
+            let log = n.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("==== {} ({})", n.def.name, n.log_path().display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    pub fn log_file(&self, i: usize) -> PathBuf {
+        self.nodes[i].def.dir.join("redisraft.db")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Runs redis-server with `args` and the module, expecting it to refuse to start; returns its log.
+pub fn start_expecting_failure(dir: &Path, raft_args: &[&str]) -> String {
+    let port = free_port();
+    let mut args: Vec<String> = vec![
+        "--port".into(),
+        port.to_string(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--dir".into(),
+        dir.display().to_string(),
+        "--save".into(),
+        "".into(),
+        "--loadmodule".into(),
+        module_path().display().to_string(),
+    ];
+    args.extend(raft_args.iter().map(|s| s.to_string()));
+    let out_path = dir.join("stdout.txt");
+    let out_file = std::fs::File::create(&out_path).expect("stdout file");
+    let mut child = Command::new("redis-server")
+        .args(&args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out_file.try_clone().expect("clone"))
+        .stderr(out_file)
+        .spawn()
+        .expect("run redis-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("redis-server kept running with {raft_args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        !status.success(),
+        "redis-server exited 0 with {raft_args:?}"
+    );
+    std::fs::read_to_string(&out_path).unwrap_or_default()
+}
+
+/// The error code and detail of a reply, as a string like `MOVED 0 127.0.0.1:7001`.
+pub fn err_text(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(c), Some(d)) => format!("{c} {d}"),
+        (Some(c), None) => c.to_string(),
+        _ => e.to_string(),
+    }
+}

@@ -1,0 +1,127 @@
+//! The log on disk after crashes: torn tails are dropped, corruption stops the node with a
+//! message naming the file and offset, and a bad frame on the bus harms nothing else.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::*;
+
+fn write_keys(c: &mut Cluster, n: usize, prefix: &str) -> Vec<String> {
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let k = format!("{prefix}{i}");
+        let _: () = redis::cmd("SET").arg(&k).arg(&k).query(&mut con).unwrap();
+        keys.push(k);
+    }
+    keys
+}
+
+fn assert_keys(c: &Cluster, i: usize, keys: &[String]) {
+    for k in keys {
+        assert_eq!(
+            c.local(i, &["GET", k]),
+            Value::BulkString(k.clone().into_bytes()),
+            "node {i} key {k}"
+        );
+    }
+}
+
+#[test]
+fn torn_log_tail_is_dropped_and_the_node_catches_up() {
+    let mut c = Cluster::start(3);
+    let keys = write_keys(&mut c, 50, "a");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let l = c.wait_leader(Duration::from_secs(10));
+    let f = (l + 1) % 3;
+    c.kill(f);
+    let path = c.log_file(f);
+    let len = std::fs::metadata(&path).unwrap().len();
+    // Cut the last record short, as a crash in the middle of a write would.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let more = write_keys(&mut c, 20, "b");
+    c.start_node(f);
+    c.wait_applied_everywhere(Duration::from_secs(15));
+    assert_keys(&c, f, &keys);
+    assert_keys(&c, f, &more);
+    let log = c.nodes[f].log();
+    assert!(
+        log.contains("torn tail"),
+        "no torn-tail line in log:\n{log}"
+    );
+    // Garbage after the last record (a partial header) is dropped the same way.
+    c.kill(f);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&[7, 0, 0])
+        .unwrap();
+    c.start_node(f);
+    c.wait_applied_everywhere(Duration::from_secs(15));
+    assert_keys(&c, f, &keys);
+}
+
+#[test]
+fn corrupted_record_stops_the_node_with_file_and_offset() {
+    let mut c = Cluster::start(3);
+    let keys = write_keys(&mut c, 50, "k");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let l = c.wait_leader(Duration::from_secs(10));
+    let f = (l + 1) % 3;
+    c.kill(f);
+    let path = c.log_file(f);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Flip a byte inside a record in the middle of the file.
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let before = bytes.clone();
+    c.spawn_node(f);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.nodes[f].is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node kept running on a corrupt log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = c.nodes[f].log();
+    assert!(log.contains("is corrupt at byte offset"), "{log}");
+    assert!(
+        log.contains(&path.display().to_string()) || log.contains("redisraft.db"),
+        "{log}"
+    );
+    // The file is left as it was for the operator to inspect.
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // The rest of the cluster keeps serving.
+    let l = c.wait_leader(Duration::from_secs(10));
+    assert_keys(&c, l, &keys);
+}
+
+#[test]
+fn malformed_bus_frames_close_only_that_connection() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    for i in 0..3 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", c.nodes[i].def.bus_port)).unwrap();
+        let _ = s.write_all(b"\x52\x52\x02\xff\xff\xff\x7fgarbage garbage garbage");
+        let mut s2 = std::net::TcpStream::connect(("127.0.0.1", c.nodes[i].def.bus_port)).unwrap();
+        let _ = s2.write_all(b"*1\r\n$4\r\nPING\r\n");
+    }
+    let keys = write_keys(&mut c, 20, "x");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    assert_eq!(c.leader(), Some(l));
+    for i in 0..3 {
+        assert_keys(&c, i, &keys);
+        assert!(c.nodes[i].is_running());
+    }
+}

@@ -1,0 +1,205 @@
+//! `raft.*` options: loading from redis.conf, refusing bad values with a message that names
+//! the option, and CONFIG GET/SET.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn refused(args: &[&str], expected: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = start_expecting_failure(dir.path(), args);
+    assert!(
+        out.contains(expected),
+        "expected '{expected}' for {args:?}, got:\n{out}"
+    );
+}
+
+#[test]
+fn bad_option_values_stop_redis_with_a_message_naming_the_option() {
+    refused(
+        &[
+            "--raft.node-id",
+            "x",
+            "--raft.cluster-nodes",
+            "a=127.0.0.1:1,b=127.0.0.1:2",
+        ],
+        "raft.node-id: 'x' is not in raft.cluster-nodes (its names are: a, b)",
+    );
+    refused(
+        &["--raft.node-id", "a", "--raft.cluster-nodes", "a=127.0.0.1"],
+        "raft.cluster-nodes: malformed entry",
+    );
+    refused(
+        &[
+            "--raft.node-id",
+            "a",
+            "--raft.cluster-nodes",
+            "a=127.0.0.1:1,a=127.0.0.1:2",
+        ],
+        "raft.cluster-nodes: duplicate node name 'a'",
+    );
+    refused(
+        &[
+            "--raft.node-id",
+            "a",
+            "--raft.cluster-nodes",
+            "a=127.0.0.1:1,b=127.0.0.1:1",
+        ],
+        "share an address",
+    );
+    refused(
+        &[
+            "--raft.heartbeat-interval",
+            "1000",
+            "--raft.election-timeout",
+            "1000",
+        ],
+        "raft.heartbeat-interval: 1000 ms must be below raft.election-timeout (1000 ms)",
+    );
+    refused(&["--raft.election-timeout", "0"], "raft.election-timeout");
+    refused(
+        &["--raft.heartbeat-interval", "-5"],
+        "raft.heartbeat-interval",
+    );
+    refused(&["--raft.addr", "nope"], "raft.addr");
+}
+
+#[test]
+fn options_load_from_redis_conf_with_loadmodule() {
+    let c = Cluster::define(3);
+    // Node 1 from a config file with loadmodule; the others from the command line.
+    let d = &c.nodes[0].def;
+    let conf = format!(
+        "port {}\nbind 127.0.0.1\ndir {}\nsave \"\"\nappendonly no\nlogfile redis.log\nloadmodule {}\n\
+         raft.node-id {}\nraft.cluster-nodes \"{}\"\nraft.election-timeout 500\nraft.heartbeat-interval 50\n\
+         raft.log-filename custom.db\nraft.log-fsync no\n",
+        d.port,
+        d.dir.display(),
+        module_path().display(),
+        d.name,
+        c.cluster_nodes
+    );
+    let conf_path = d.dir.join("redis.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut c = c;
+    let child = std::process::Command::new("redis-server")
+        .arg(&conf_path)
+        .current_dir(&c.nodes[0].def.dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    c.nodes[0].child = Some(child);
+    c.start_node(1);
+    c.start_node(2);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut con).unwrap();
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    assert_eq!(c.local(0, &["GET", "k"]), Value::BulkString(b"v".to_vec()));
+    assert!(c.nodes[0].def.dir.join("custom.db").exists());
+    let mut c0 = c.conn(0).unwrap();
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("raft.log-fsync")
+        .query(&mut c0)
+        .unwrap();
+    assert_eq!(v, vec!["raft.log-fsync", "no"]);
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("raft.node-id")
+        .query(&mut c0)
+        .unwrap();
+    assert_eq!(
+        v,
+        vec!["raft.node-id".to_string(), c.nodes[0].def.name.clone()]
+    );
+    assert_eq!(
+        c.info_field(0, "raft_log_filename").as_deref(),
+        Some("custom.db")
+    );
+}
+
+#[test]
+fn config_set_changes_safe_options_and_refuses_the_rest() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("raft.log-fsync")
+        .arg("no")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(c.info_field(l, "raft_log_fsync").as_deref(), Some("no"));
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("raft.loglevel")
+        .arg("verbose")
+        .query(&mut con)
+        .unwrap();
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("raft.loglevel")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(v, vec!["raft.loglevel", "verbose"]);
+    let e = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("raft.node-id")
+        .arg("other")
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert!(e.to_string().contains("raft.node-id"), "{e}");
+    let e = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("raft.loglevel")
+        .arg("loud")
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert!(e.to_string().contains("raft.loglevel"), "{e}");
+    // Writes still work after the changes.
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut con).unwrap();
+}
+
+#[test]
+fn node_without_cluster_nodes_refuses_writes_with_nocluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .arg("--loadmodule")
+        .arg(module_path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut con = loop {
+        if let Ok(c) = client.get_connection() {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let e = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert_eq!(err_text(&e), "NOCLUSTER No Raft Cluster");
+    let info: String = redis::cmd("INFO").arg("raft").query(&mut con).unwrap();
+    assert!(info.contains("raft_state:uninitialized"), "{info}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -5,6 +5,11 @@ use serde::{Deserialize, Serialize};
 
 const FORMAT_V1: u8 = 1;
 
+/// Largest entry payload a client may propose. Bounded well below the log's record limit
+/// and the bus's frame limit (64 MiB each) so an accepted entry can always be stored and
+/// shipped to every follower.
+pub const ENTRY_BYTES_MAX: usize = 32 << 20;
+
 /// What a normal Raft entry carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogCommand {

@@ -63,6 +63,7 @@ fn load(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let bootstrap = config::validate(&redis::configs::options()).map_err(|e| e.to_string())?;
     commands::register(ctx)?;
     redis::start(ctx, bootstrap)?;
+    redis::subscribe_events(ctx)?;
     let f = unsafe {
         rm!(RedisModule_RegisterCommandFilter)(
             ctx,

@@ -371,3 +371,65 @@ fn info_raft_reports_role_indexes_and_peers() {
         .collect();
     assert_eq!(names.len(), 3);
 }
+
+#[test]
+fn large_values_replicate_and_oversized_commands_are_refused() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let big = "x".repeat(4 << 20);
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&big)
+        .query(&mut con)
+        .unwrap();
+    let too_big = "y".repeat(33 << 20);
+    let e = redis::cmd("SET")
+        .arg("huge")
+        .arg(&too_big)
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("command too large for the raft log"),
+        "{e}"
+    );
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["STRLEN", "big"]),
+            Value::Int(4 << 20),
+            "node {i}"
+        );
+        assert_eq!(c.local(i, &["EXISTS", "huge"]), Value::Int(0), "node {i}");
+    }
+}
+
+#[test]
+fn write_whose_outcome_is_unknown_gets_timeout() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let followers: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    for &f in &followers {
+        c.signal(f, libc::SIGSTOP);
+    }
+    let mut con = c.conn(l).unwrap();
+    let t0 = Instant::now();
+    let r = redis::cmd("SET").arg("k").arg("v").query::<()>(&mut con);
+    for &f in &followers {
+        c.signal(f, libc::SIGCONT);
+    }
+    let e = r.unwrap_err();
+    // The leader steps down (check-quorum) and cannot know whether the entry will commit.
+    assert_eq!(e.code(), Some("TIMEOUT"), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(ELECTION_MS * 4),
+        "{:?}",
+        t0.elapsed()
+    );
+    // Whatever the outcome, all nodes agree on it afterwards.
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let v = c.local(0, &["EXISTS", "k"]);
+    for i in 1..3 {
+        assert_eq!(c.local(i, &["EXISTS", "k"]), v, "node {i}");
+    }
+}

@@ -25,9 +25,9 @@ use crate::codec::{encode_command, LogCommand, ProposalTag};
 use crate::storage::LogStore;
 use crate::transport::{PeerStatus, Transport, TransportConfig};
 
-/// How many proposals may wait for the raft thread; past that a write is refused with
-/// `-TRYAGAIN` rather than queued without bound.
-pub const PROPOSAL_QUEUE_MAX: usize = 16384;
+/// How many proposal batches (one per Redis event-loop turn) may wait for the raft thread;
+/// past that a write is refused with `-TRYAGAIN` rather than queued without bound.
+pub const PROPOSAL_QUEUE_MAX: usize = 1024;
 /// Inbound peer messages waiting for the raft thread; transport readers block when full,
 /// which pushes back on the sending peer through TCP.
 pub const INBOUND_QUEUE_MAX: usize = 16384;
@@ -73,8 +73,11 @@ pub enum ApplyItem {
     Stopped(String),
 }
 
+/// One proposal: who is waiting for it, and the entry's payload.
+pub type Proposal = (ProposalTag, Vec<u8>);
+
 enum Input {
-    Propose(ProposalTag, Vec<u8>),
+    Propose(Vec<Proposal>),
     SetFsync(bool),
     Stop,
 }
@@ -167,11 +170,13 @@ pub enum NodeError {
     Thread(std::io::Error),
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
     /// Too many writes waiting for the raft thread.
+    #[error("TRYAGAIN too many writes waiting for the raft log; retry")]
     Full,
     /// The raft thread is not running.
+    #[error("ERR the raft node is stopped; see the server log")]
     Stopped,
 }
 
@@ -291,11 +296,14 @@ impl Node {
         &self.shared
     }
 
-    pub fn propose(&self, tag: ProposalTag, data: Vec<u8>) -> Result<(), ProposeError> {
-        match self.input.try_send(Input::Propose(tag, data)) {
+    /// Hands a batch of proposals to the raft thread (one channel send, one wake-up).
+    /// On error the batch is handed back so its clients can be told.
+    pub fn propose(&self, batch: Vec<Proposal>) -> Result<(), (ProposeError, Vec<Proposal>)> {
+        match self.input.try_send(Input::Propose(batch)) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(ProposeError::Full),
-            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
+            Err(TrySendError::Full(Input::Propose(b))) => Err((ProposeError::Full, b)),
+            Err(TrySendError::Disconnected(Input::Propose(b))) => Err((ProposeError::Stopped, b)),
+            Err(_) => Err((ProposeError::Stopped, Vec::new())),
         }
     }
 
@@ -349,7 +357,11 @@ impl RaftThread {
             let mut dropped = Vec::new();
             for _ in 0..DRAIN_MAX {
                 match self.input.try_recv() {
-                    Ok(Input::Propose(tag, data)) => self.propose(tag, data, &mut dropped),
+                    Ok(Input::Propose(batch)) => {
+                        for (tag, data) in batch {
+                            self.propose(tag, data, &mut dropped);
+                        }
+                    }
                     Ok(i) => stop |= self.on_input(i),
                     Err(_) => break,
                 }
@@ -395,9 +407,11 @@ impl RaftThread {
     /// Returns true to stop.
     fn on_input(&mut self, i: Input) -> bool {
         match i {
-            Input::Propose(tag, data) => {
+            Input::Propose(batch) => {
                 let mut dropped = Vec::new();
-                self.propose(tag, data, &mut dropped);
+                for (tag, data) in batch {
+                    self.propose(tag, data, &mut dropped);
+                }
                 if !dropped.is_empty() {
                     self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
                 }
@@ -567,3 +581,6 @@ impl RaftThread {
         *lock(&self.shared.status) = st;
     }
 }
+
+#[cfg(test)]
+mod tests;

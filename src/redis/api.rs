@@ -80,7 +80,8 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_CallReplyLength,
         RedisModule_CallReplyArrayElement,
         RedisModule_CallReplyStringPtr,
-        RedisModule_FreeCallReply
+        RedisModule_FreeCallReply,
+        RedisModule_SubscribeToServerEvent
     );
     v
 }

@@ -15,15 +15,32 @@ pub const ELECTION_MS: u64 = 500;
 pub const HEARTBEAT_MS: u64 = 50;
 
 /// Path of the module built alongside this test binary (target/<profile>/libredis_raft.so).
+/// `cargo test` builds the library only as an rlib for the tests, so the first call builds
+/// the cdylib with the same profile (a no-op when it is fresh).
 pub fn module_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps");
-    let p = profile_dir.join("libredis_raft.so");
-    assert!(p.exists(), "module not built at {}", p.display());
-    p
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test exe path");
+            let profile_dir = exe
+                .parent()
+                .and_then(|d| d.parent())
+                .expect("target/<profile>/deps");
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--lib", "--quiet"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            if release {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("run cargo build");
+            assert!(st.success(), "cargo build of the module failed");
+            let p = profile_dir.join("libredis_raft.so");
+            assert!(p.exists(), "module not built at {}", p.display());
+            p
+        })
+        .clone()
 }
 
 pub fn free_port() -> u16 {

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs what building and running redis-raft needs, and nothing when it is all there.
+#
+#   scripts/setup.sh
+#
+# On Debian/Ubuntu it installs the missing packages with apt-get (through sudo when not
+# root); `apt-get update` runs only when something has to be installed. It never installs
+# Rust: it checks that `cargo` is on PATH and says how to get it if not.
+# Silent when everything is present, so other scripts can call it on every run.
+set -euo pipefail
+
+# redis-server/redis-tools: the server the module loads into, redis-cli, redis-benchmark.
+# libclang-dev/clang: bindgen (redis-module's build). protobuf-compiler: raft-proto's build.
+PACKAGES=(redis-server redis-tools libclang-dev clang protobuf-compiler)
+
+die() {
+    echo "setup.sh: $*" >&2
+    exit 1
+}
+
+is_installed() {
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
+}
+
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+    for p in "${PACKAGES[@]}"; do
+        is_installed "$p" || missing+=("$p")
+    done
+else
+    # Not Debian: we cannot install, but we can say what is missing by its commands.
+    for c in redis-server redis-cli redis-benchmark clang protoc; do
+        command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+    done
+    if ((${#missing[@]})); then
+        die "missing: ${missing[*]} (and libclang for bindgen). This script installs them only on Debian/Ubuntu; install them with your package manager."
+    fi
+fi
+
+if ((${#missing[@]})); then
+    sudo=()
+    if [[ "$(id -u)" -ne 0 ]]; then
+        command -v sudo >/dev/null 2>&1 || die "need root or sudo to install: ${missing[*]}"
+        sudo=(sudo)
+    fi
+    echo "setup.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    ${sudo[@]+"${sudo[@]}"} apt-get update -qq >/dev/null
+    ${sudo[@]+"${sudo[@]}"} apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    for p in "${missing[@]}"; do
+        is_installed "$p" || die "apt-get did not install $p"
+    done
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [[ -x "$HOME/.cargo/bin/cargo" ]] &&
+        die "cargo is in $HOME/.cargo/bin but not on PATH: run 'source \$HOME/.cargo/env' (or add it to PATH) and retry"
+    die "cargo not found: install a Rust toolchain (https://rustup.rs: curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then retry"
+fi

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds the module and runs every test: unit tests, and the integration tests in tests/,
+# which start real redis-server processes with target/release/libredis_raft.so (found from
+# the test binary's own path, so the build profile here must be release).
+#
+#   scripts/test.sh [extra cargo test filter/args before --]
+#
+# Exits non-zero if the build or any test fails.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/setup.sh
+cargo build --release
+# Two threads: each integration test runs a cluster of redis-servers, and the machine may
+# have only two cores; more in parallel makes elections time out.
+cargo test --release "$@" -- --test-threads=2

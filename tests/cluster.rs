@@ -433,3 +433,24 @@ fn write_whose_outcome_is_unknown_gets_timeout() {
         assert_eq!(c.local(i, &["EXISTS", "k"]), v, "node {i}");
     }
 }
+
+#[test]
+fn a_returning_node_does_not_depose_a_healthy_leader() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let term = c.info_field(l, "raft_current_term").unwrap();
+    let f = (l + 1) % 3;
+    // Cut off long enough to time out several times over, then back.
+    c.signal(f, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(ELECTION_MS * 4));
+    c.signal(f, libc::SIGCONT);
+    c.kill((l + 2) % 3);
+    c.start_node((l + 2) % 3);
+    std::thread::sleep(Duration::from_millis(ELECTION_MS * 4));
+    assert_eq!(c.leader(), Some(l));
+    assert_eq!(
+        c.info_field(l, "raft_current_term").unwrap(),
+        term,
+        "term changed"
+    );
+}

@@ -203,3 +203,75 @@ fn node_without_cluster_nodes_refuses_writes_with_nocluster() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn raft_addr_is_what_followers_send_clients_to() {
+    let mut c = Cluster::define(3);
+    for i in 0..3 {
+        c.nodes[i].extra = vec![
+            "--raft.addr".into(),
+            format!("public-n{}.example:{}", i + 1, 6380 + i),
+        ];
+    }
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let l = c.wait_leader(Duration::from_secs(10));
+    let f = (l + 1) % 3;
+    let expected = format!("MOVED 0 public-n{}.example:{}", l + 1, 6380 + l);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut con = c.conn(f).unwrap();
+        let e = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query::<()>(&mut con)
+            .unwrap_err();
+        if err_text(&e) == expected {
+            break;
+        }
+        // The leader replicates its address right after it is elected.
+        assert!(std::time::Instant::now() < deadline, "got {}", err_text(&e));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        c.info_field(f, "raft_leader_addr"),
+        Some(format!("public-n{}.example:{}", l + 1, 6380 + l))
+    );
+}
+
+/// A node behind a port mapping: its entry announces one bus port, it listens on another,
+/// and a forwarder (standing in for NAT or a proxy) joins the two.
+#[test]
+fn raft_bus_port_listens_where_the_entry_does_not_say() {
+    let mut c = Cluster::define(3);
+    let announced = c.nodes[2].def.bus_port;
+    let actual = free_port();
+    c.nodes[2].extra = vec!["--raft.bus-port".into(), actual.to_string()];
+    let listener = std::net::TcpListener::bind(("127.0.0.1", announced)).unwrap();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            let Ok(outbound) = std::net::TcpStream::connect(("127.0.0.1", actual)) else {
+                continue;
+            };
+            let (mut a, mut b) = (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+            let (mut a2, mut b2) = (inbound, outbound);
+            std::thread::spawn(move || std::io::copy(&mut a, &mut b2));
+            std::thread::spawn(move || std::io::copy(&mut b, &mut a2));
+        }
+    });
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut con).unwrap();
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    assert_eq!(c.local(2, &["GET", "k"]), Value::BulkString(b"v".to_vec()));
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("raft.bus-port")
+        .query(&mut c.conn(2).unwrap())
+        .unwrap();
+    assert_eq!(v, vec!["raft.bus-port".to_string(), actual.to_string()]);
+}

@@ -538,18 +538,12 @@ impl RaftThread {
         }
     }
 
-    /// A leader whose `raft.addr` differs from what the cluster knows replicates it.
+    /// A leader with a `raft.addr` replicates it on every election, so every node's -MOVED
+    /// names it (the others only know the address in its `raft.cluster-nodes` entry).
     fn announce_addr(&mut self) {
         let Some(addr) = self.advertise_addr.clone() else {
             return;
         };
-        let known = self
-            .shared
-            .member(self.shared.node_id)
-            .map(|m| m.redis_addr);
-        if known.as_deref() == Some(addr.as_str()) {
-            return;
-        }
         let data = encode_command(&LogCommand::NodeAddr {
             id: self.shared.node_id,
             addr,

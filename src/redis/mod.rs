@@ -173,7 +173,7 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
                 id: me.raft_id(),
                 members,
                 cluster_id: format!("static:{}", names.join(",")),
-                bus_listen: std::net::SocketAddr::from(([0, 0, 0, 0], bus_port)),
+                bus_listen: bus_listen_addr(&me.host, bus_port),
                 election_timeout_ms: opts.election_timeout_ms,
                 heartbeat_interval_ms: opts.heartbeat_interval_ms,
                 advertise_addr: (!opts.addr.is_empty()).then(|| opts.addr.clone()),
@@ -204,6 +204,17 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
         unsafe { rm!(RedisModule_EventLoopAddOneShot)(Some(on_wake), std::ptr::null_mut()) };
     }
     Ok(())
+}
+
+/// A node whose entry is a loopback address keeps its bus on loopback; any other listens on
+/// all interfaces (its entry may name a host name, or an address that NAT maps to it).
+fn bus_listen_addr(host: &str, port: u16) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => SocketAddr::new(ip, port),
+        _ if host == "localhost" => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+        _ => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+    }
 }
 
 pub fn on_fsync_changed(on: bool) {

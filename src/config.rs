@@ -19,6 +19,11 @@ pub struct Options {
     pub addr: String,
     pub bus_port: u64,
     pub loglevel: LogLevel,
+    /// `raft.read-mode` as set; see `effective_read_mode`.
+    pub read_mode: ReadMode,
+    /// RedisRaft's `raft.quorum-reads no`: stale reads whatever `raft.read-mode` says.
+    pub quorum_reads_no: bool,
+    pub follower_reads: bool,
 }
 
 impl Default for Options {
@@ -33,7 +38,52 @@ impl Default for Options {
             addr: String::new(),
             bus_port: 0,
             loglevel: LogLevel::Notice,
+            read_mode: ReadMode::Linearizable,
+            quorum_reads_no: false,
+            follower_reads: false,
         }
+    }
+}
+
+impl Options {
+    /// The read mode in force: `raft.read-mode`, unless RedisRaft's `raft.quorum-reads no`
+    /// asked for stale reads.
+    pub fn effective_read_mode(&self) -> ReadMode {
+        if self.quorum_reads_no {
+            ReadMode::Stale
+        } else {
+            self.read_mode
+        }
+    }
+}
+
+/// `raft.read-mode`: how reads are kept consistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// ReadIndex: the leader confirms it still leads with a quorum round, then the read runs
+    /// once this node has applied up to the confirmed commit index.
+    Linearizable = 0,
+    /// Leader lease: no round trip; assumes clocks advance at about the same rate on every
+    /// node (a deposed leader stops serving within an election timeout).
+    Lease = 1,
+    /// Local data, no check: may be stale.
+    Stale = 2,
+}
+
+impl ReadMode {
+    pub const NAMES: [&'static str; 3] = ["linearizable", "lease", "stale"];
+
+    pub fn from_index(i: i32) -> Option<ReadMode> {
+        match i {
+            0 => Some(ReadMode::Linearizable),
+            1 => Some(ReadMode::Lease),
+            2 => Some(ReadMode::Stale),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
     }
 }
 

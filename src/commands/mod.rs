@@ -12,7 +12,7 @@ pub use info::info_func;
 
 use crate::redis::api::{self, guard, rm, CallOpts, RedisModuleCtx, RedisModuleString};
 use crate::redis::classify::Class;
-use crate::redis::{module, propose_write, redirect_error};
+use crate::redis::{module, propose_write, queue_read, redirect_error};
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
@@ -76,9 +76,9 @@ extern "C" fn raft_cmd(
                     }
                     propose_write(ctx, m, node, cmd)
                 }
-                Class::Read if !node.shared().is_ready_leader() => {
-                    api::reply_error(ctx, &redirect_error(m))
-                }
+                Class::Read if m.serves_reads_locally(node) => call_and_reply(ctx, &cmd),
+                Class::Read if m.serves_reads_by_index(node) => queue_read(ctx, cmd),
+                Class::Read => api::reply_error(ctx, &redirect_error(m)),
                 _ => call_and_reply(ctx, &cmd),
             }
         },

@@ -55,6 +55,8 @@ pub struct NodeSpec {
     pub heartbeat_interval_ms: u64,
     /// This node's `raft.addr`, when it differs from its entry: replicated so -MOVED is right.
     pub advertise_addr: Option<String>,
+    /// Confirm reads by leader lease instead of a quorum round (`raft.read-mode lease`).
+    pub lease_reads: bool,
 }
 
 /// Wakes the main thread (the Redis side passes `RedisModule_EventLoopAddOneShot`).
@@ -71,6 +73,10 @@ pub enum ApplyItem {
     LeadershipLost,
     /// The node stopped (log write failed): fail everything pending with this message.
     Stopped(String),
+    /// Read round `round` may run once this node has applied `index`.
+    ReadReady { round: u64, index: u64 },
+    /// These read rounds could not be confirmed (no leader, or no quorum, in time).
+    ReadFailed { rounds: Vec<u64> },
 }
 
 /// One proposal: who is waiting for it, and the entry's payload.
@@ -78,6 +84,8 @@ pub type Proposal = (ProposalTag, Vec<u8>);
 
 enum Input {
     Propose(Vec<Proposal>),
+    /// Start a ReadIndex round with this number.
+    ReadIndex(u64),
     SetFsync(bool),
     Stop,
 }
@@ -86,6 +94,8 @@ enum Input {
 pub struct Shared {
     pub node_id: u64,
     is_leader: AtomicBool,
+    /// The leader this node knows, 0 for none.
+    leader_id: AtomicU64,
     /// First index of this node's leadership term; reads are served once applied reaches it.
     leader_ready_index: AtomicU64,
     applied: AtomicU64,
@@ -104,6 +114,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub fn is_leader(&self) -> bool {
         self.is_leader.load(Ordering::Acquire)
+    }
+
+    /// The leader this node knows, 0 for none.
+    pub fn leader_id(&self) -> u64 {
+        self.leader_id.load(Ordering::Acquire)
     }
 
     /// Leader that has applied an entry of its own term: its data is current.
@@ -247,6 +262,11 @@ impl Node {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_committed_size_per_ready: 16 << 20,
+            read_only_option: if spec.lease_reads {
+                raft::ReadOnlyOption::LeaseBased
+            } else {
+                raft::ReadOnlyOption::Safe
+            },
             ..Default::default()
         };
         cfg.validate()?;
@@ -258,6 +278,7 @@ impl Node {
         let shared = Arc::new(Shared {
             node_id: spec.id,
             is_leader: AtomicBool::new(false),
+            leader_id: AtomicU64::new(0),
             leader_ready_index: AtomicU64::new(u64::MAX),
             applied: AtomicU64::new(0),
             wake_pending: AtomicBool::new(false),
@@ -278,6 +299,8 @@ impl Node {
             tick: Duration::from_millis(spec.heartbeat_interval_ms),
             advertise_addr: spec.advertise_addr,
             was_leader_term: None,
+            reads: HashMap::new(),
+            read_timeout: Duration::from_millis(spec.election_timeout_ms),
         };
         worker.publish_status();
         let thread = std::thread::Builder::new()
@@ -307,6 +330,15 @@ impl Node {
         }
     }
 
+    /// Starts a ReadIndex round; its result comes back as `ReadReady` or `ReadFailed`.
+    pub fn read_index(&self, round: u64) -> Result<(), ProposeError> {
+        match self.input.try_send(Input::ReadIndex(round)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Full),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
+        }
+    }
+
     pub fn set_fsync(&self, on: bool) {
         // Best effort: a full queue means the thread is busy; it keeps the previous setting.
         let _ = self.input.try_send(Input::SetFsync(on));
@@ -333,11 +365,33 @@ struct RaftThread {
     shared: Arc<Shared>,
     waker: Waker,
     input: Receiver<Input>,
-    inbound: Receiver<Message>,
+    inbound: Receiver<Vec<Message>>,
     tick: Duration,
     advertise_addr: Option<String>,
     /// The term in which this node was last seen leading, while it still leads.
     was_leader_term: Option<u64>,
+    /// Read rounds in flight: when last asked, and how many times.
+    reads: HashMap<u64, (Instant, u32)>,
+    /// A round not confirmed within this is asked again (a new leader, a lost message).
+    read_timeout: Duration,
+}
+
+/// A read round is asked this many times before its clients get -TIMEOUT.
+const READ_TRIES_MAX: u32 = 3;
+
+/// `ReadState.request_ctx` of our rounds: our node id and the round, so rounds forwarded
+/// to the leader from several followers never collide.
+fn read_ctx(node_id: u64, round: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&node_id.to_le_bytes());
+    v.extend_from_slice(&round.to_le_bytes());
+    v
+}
+
+fn parse_read_ctx(b: &[u8]) -> Option<(u64, u64)> {
+    let id = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
+    let round = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
+    Some((id, round))
 }
 
 impl RaftThread {
@@ -351,7 +405,11 @@ impl RaftThread {
                     Ok(i) => stop |= self.on_input(i),
                     Err(_) => stop = true,
                 },
-                recv(self.inbound) -> m => if let Ok(m) = m { self.on_message(m) },
+                recv(self.inbound) -> batch => if let Ok(batch) = batch {
+                    for m in batch {
+                        self.on_message(m);
+                    }
+                },
                 default(timeout) => {}
             }
             let mut dropped = Vec::new();
@@ -368,7 +426,11 @@ impl RaftThread {
             }
             for _ in 0..DRAIN_MAX {
                 match self.inbound.try_recv() {
-                    Ok(m) => self.on_message(m),
+                    Ok(batch) => {
+                        for m in batch {
+                            self.on_message(m);
+                        }
+                    }
                     Err(_) => break,
                 }
             }
@@ -380,6 +442,7 @@ impl RaftThread {
             }
             let now = Instant::now();
             if now >= next_tick {
+                self.retry_reads(now);
                 self.node.tick();
                 next_tick += self.tick;
                 if next_tick < now {
@@ -417,11 +480,44 @@ impl RaftThread {
                 }
                 false
             }
+            Input::ReadIndex(round) => {
+                self.reads.insert(round, (Instant::now(), 1));
+                self.node.read_index(read_ctx(self.shared.node_id, round));
+                false
+            }
             Input::SetFsync(on) => {
                 self.store.set_fsync(on);
                 false
             }
             Input::Stop => true,
+        }
+    }
+
+    /// Asks again for rounds not confirmed in time; gives up on them after a few tries.
+    fn retry_reads(&mut self, now: Instant) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let mut failed = Vec::new();
+        let me = self.shared.node_id;
+        for (round, (asked, tries)) in self.reads.iter_mut() {
+            if now.duration_since(*asked) < self.read_timeout {
+                continue;
+            }
+            if *tries >= READ_TRIES_MAX {
+                failed.push(*round);
+            } else {
+                *asked = now;
+                *tries += 1;
+                self.node.read_index(read_ctx(me, *round));
+            }
+        }
+        if !failed.is_empty() {
+            for r in &failed {
+                self.reads.remove(r);
+            }
+            self.shared
+                .push(ApplyItem::ReadFailed { rounds: failed }, &self.waker);
         }
     }
 
@@ -456,6 +552,19 @@ impl RaftThread {
         }
         let committed = rd.take_committed_entries();
         self.deliver(committed)?;
+        for rs in rd.take_read_states() {
+            if let Some((id, round)) = parse_read_ctx(&rs.request_ctx) {
+                if id == self.shared.node_id && self.reads.remove(&round).is_some() {
+                    self.shared.push(
+                        ApplyItem::ReadReady {
+                            round,
+                            index: rs.index,
+                        },
+                        &self.waker,
+                    );
+                }
+            }
+        }
         if !rd.entries().is_empty() {
             self.store.append(rd.entries())?;
         }
@@ -560,6 +669,7 @@ impl RaftThread {
 
     fn publish_status(&self) {
         let r = &self.node.raft;
+        self.shared.leader_id.store(r.leader_id, Ordering::Release);
         let st = NodeStatus {
             role: Role::from(r.state),
             term: r.term,

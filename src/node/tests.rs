@@ -28,6 +28,8 @@ struct TestCluster {
     /// Normal entries (index, payload) each node has been handed, in order.
     applied: Vec<Vec<(u64, Vec<u8>)>>,
     dropped: Vec<Vec<ProposalTag>>,
+    /// Confirmed read rounds (round, index) each node has been handed.
+    reads: Vec<Vec<(u64, u64)>>,
 }
 
 impl TestCluster {
@@ -53,6 +55,7 @@ impl TestCluster {
             nodes: (0..n).map(|_| None).collect(),
             applied: vec![Vec::new(); n],
             dropped: vec![Vec::new(); n],
+            reads: vec![Vec::new(); n],
         };
         for i in 0..n {
             c.start(i);
@@ -70,6 +73,7 @@ impl TestCluster {
             election_timeout_ms: 300,
             heartbeat_interval_ms: 30,
             advertise_addr: None,
+            lease_reads: false,
         };
         let waker: Waker = Arc::new(|| {});
         self.applied[i].clear();
@@ -100,7 +104,10 @@ impl TestCluster {
                         }
                     }
                     ApplyItem::Dropped(tags) => self.dropped[i].extend(tags),
-                    ApplyItem::LeadershipLost | ApplyItem::Stopped(_) => {}
+                    ApplyItem::ReadReady { round, index } => self.reads[i].push((round, index)),
+                    ApplyItem::LeadershipLost
+                    | ApplyItem::Stopped(_)
+                    | ApplyItem::ReadFailed { .. } => {}
                 }
             }
         }
@@ -187,8 +194,32 @@ fn entries_commit_in_one_order_survive_leader_loss_and_replay_on_restart() {
         assert_eq!(c.applied[i], c.applied[l], "node {i} order");
     }
 
-    // A follower never proposes: the batch comes back as Dropped, nothing enters the log.
+    // A read round on the leader, and one on a follower (forwarded to the leader), are
+    // confirmed at an index covering everything committed before they were asked.
     let f = (l + 1) % 3;
+    let committed = c.applied[l].last().map(|(i, _)| *i).unwrap_or(0);
+    c.node(l).read_index(7).expect("read index");
+    c.node(f).read_index(8).expect("read index");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.reads[l].is_empty() || c.reads[f].is_empty() {
+        assert!(Instant::now() < deadline, "read rounds not confirmed");
+        c.collect();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.reads[l][0].0, 7);
+    assert!(
+        c.reads[l][0].1 >= committed,
+        "{:?} < {committed}",
+        c.reads[l]
+    );
+    assert_eq!(c.reads[f][0].0, 8);
+    assert!(
+        c.reads[f][0].1 >= committed,
+        "{:?} < {committed}",
+        c.reads[f]
+    );
+
+    // A follower never proposes: the batch comes back as Dropped, nothing enters the log.
     let batch = proposals(f as u64 + 1, 1000, 3);
     let tags: Vec<ProposalTag> = batch.iter().map(|(t, _)| *t).collect();
     c.node(f).propose(batch).expect("propose");

@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_longlong, c_void, CStr, CString};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use super::api::{self, guard, raw, rm, RedisModuleCtx, RedisModuleString};
 use super::MainThread;
-use crate::config::{check_string, LogLevel, Options};
+use crate::config::{check_string, LogLevel, Options, ReadMode};
 
 /// The values Redis last accepted. Read at start-up and by INFO; CONFIG SET writes here.
 pub static OPTIONS: Mutex<Options> = Mutex::new(Options {
@@ -21,10 +21,16 @@ pub static OPTIONS: Mutex<Options> = Mutex::new(Options {
     addr: String::new(),
     bus_port: 0,
     loglevel: LogLevel::Notice,
+    read_mode: ReadMode::Linearizable,
+    quorum_reads_no: false,
+    follower_reads: false,
 });
 
 /// `raft.loglevel`, read by the log filter on any thread.
 pub static LOGLEVEL: AtomicU8 = AtomicU8::new(LogLevel::Notice as u8);
+
+/// `raft.follower-reads`, read by the command filter.
+pub static FOLLOWER_READS: AtomicBool = AtomicBool::new(false);
 
 pub fn options() -> Options {
     OPTIONS.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -65,6 +71,9 @@ fn key(name: &str) -> &'static str {
         "bus-port" => "bus-port",
         "log-fsync" => "log-fsync",
         "loglevel" => "loglevel",
+        "read-mode" => "read-mode",
+        "quorum-reads" => "quorum-reads",
+        "follower-reads" => "follower-reads",
         _ => "",
     }
 }
@@ -150,6 +159,8 @@ extern "C" fn get_bool(name: *const c_char, _p: *mut c_void) -> c_int {
     let k = key(&name_of(name));
     with_options(|o| match k {
         "log-fsync" => c_int::from(o.log_fsync),
+        "quorum-reads" => c_int::from(o.effective_read_mode() != ReadMode::Stale),
+        "follower-reads" => c_int::from(o.follower_reads),
         _ => 0,
     })
 }
@@ -164,25 +175,48 @@ extern "C" fn set_bool(
         "config set",
         || api::ERR,
         || {
-            if key(&name_of(name)) == "log-fsync" {
-                with_options(|o| o.log_fsync = val != 0);
-                super::on_fsync_changed(val != 0);
+            let on = val != 0;
+            match key(&name_of(name)) {
+                "log-fsync" => {
+                    with_options(|o| o.log_fsync = on);
+                    super::on_fsync_changed(on);
+                }
+                // RedisRaft's option. Its default (yes) is also what Redis sets when the
+                // option is absent, so only `no` says something: stale reads.
+                "quorum-reads" => with_options(|o| o.quorum_reads_no = !on),
+                "follower-reads" => {
+                    with_options(|o| o.follower_reads = on);
+                    FOLLOWER_READS.store(on, Ordering::Relaxed);
+                }
+                _ => {}
             }
             api::OK
         },
     )
 }
 
-extern "C" fn get_enum(_name: *const c_char, _p: *mut c_void) -> c_int {
-    c_int::from(LOGLEVEL.load(Ordering::Relaxed))
+extern "C" fn get_enum(name: *const c_char, _p: *mut c_void) -> c_int {
+    match key(&name_of(name)) {
+        "read-mode" => with_options(|o| o.effective_read_mode() as c_int),
+        _ => c_int::from(LOGLEVEL.load(Ordering::Relaxed)),
+    }
 }
 
 extern "C" fn set_enum(
-    _name: *const c_char,
+    name: *const c_char,
     val: c_int,
     _p: *mut c_void,
     err: *mut *mut RedisModuleString,
 ) -> c_int {
+    if key(&name_of(name)) == "read-mode" {
+        return match ReadMode::from_index(val) {
+            Some(m) => {
+                with_options(|o| o.read_mode = m);
+                api::OK
+            }
+            None => set_err(err, "raft.read-mode: must be linearizable, lease or stale"),
+        };
+    }
     match LogLevel::from_index(val) {
         Some(l) => {
             LOGLEVEL.store(l as u8, Ordering::Relaxed);
@@ -278,31 +312,67 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         };
         check(r, name)?;
     }
-    let r = unsafe {
-        rm!(RedisModule_RegisterBoolConfig)(
-            ctx,
-            c"log-fsync".as_ptr(),
-            1,
-            DEFAULT,
-            Some(get_bool),
-            Some(set_bool),
-            None,
-            std::ptr::null_mut(),
-        )
-    };
-    check(r, c"log-fsync")?;
-    let names: Vec<CString> = LogLevel::NAMES
+    // The read mode picks raft-rs's read-only option at start: fixed while running.
+    let bools: [(&CStr, bool, u32); 3] = [
+        (c"log-fsync", d.log_fsync, DEFAULT),
+        (c"quorum-reads", d.read_mode != ReadMode::Stale, IMMUTABLE),
+        (c"follower-reads", d.follower_reads, DEFAULT),
+    ];
+    for (name, default, flags) in bools {
+        let r = unsafe {
+            rm!(RedisModule_RegisterBoolConfig)(
+                ctx,
+                name.as_ptr(),
+                c_int::from(default),
+                flags,
+                Some(get_bool),
+                Some(set_bool),
+                None,
+                std::ptr::null_mut(),
+            )
+        };
+        check(r, name)?;
+    }
+    register_enum(
+        ctx,
+        c"loglevel",
+        &LogLevel::NAMES,
+        LogLevel::Notice as c_int,
+        DEFAULT,
+    )?;
+    register_enum(
+        ctx,
+        c"read-mode",
+        &ReadMode::NAMES,
+        d.read_mode as c_int,
+        IMMUTABLE,
+    )?;
+    if unsafe { rm!(RedisModule_LoadConfigs)(ctx) } != api::OK {
+        return Err("a raft.* option in the configuration was refused (see the line above)".into());
+    }
+    Ok(())
+}
+
+fn register_enum(
+    ctx: *mut RedisModuleCtx,
+    name: &CStr,
+    values: &[&str],
+    default: c_int,
+    flags: u32,
+) -> Result<(), String> {
+    let names: Vec<CString> = values
         .iter()
         .map(|n| CString::new(*n).unwrap_or_default())
         .collect();
     let ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
     let vals: Vec<c_int> = (0..names.len() as c_int).collect();
+    // Redis copies the names.
     let r = unsafe {
         rm!(RedisModule_RegisterEnumConfig)(
             ctx,
-            c"loglevel".as_ptr(),
-            LogLevel::Notice as c_int,
-            DEFAULT,
+            name.as_ptr(),
+            default,
+            flags,
             ptrs.as_ptr() as *mut *const c_char,
             vals.as_ptr(),
             names.len() as c_int,
@@ -312,11 +382,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
             std::ptr::null_mut(),
         )
     };
-    check(r, c"loglevel")?;
-    if unsafe { rm!(RedisModule_LoadConfigs)(ctx) } != api::OK {
-        return Err("a raft.* option in the configuration was refused (see the line above)".into());
-    }
-    Ok(())
+    check(r, name)
 }
 
 fn check(r: c_int, name: &CStr) -> Result<(), String> {

@@ -30,11 +30,9 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     };
     let reroute = match m.table.classify(name, sub) {
         Class::Write | Class::Refused(_) => true,
-        // Served natively only by a leader whose data is current; otherwise RAFT redirects.
-        Class::Read => !m
-            .node
-            .as_ref()
-            .is_some_and(|n| n.shared().is_ready_leader()),
+        // Run natively only when no check is needed (stale mode); otherwise RAFT confirms
+        // the read index first, or redirects.
+        Class::Read => !m.node.as_ref().is_some_and(|n| m.serves_reads_locally(n)),
         Class::Local | Class::Container => false,
     };
     if reroute {

@@ -16,7 +16,7 @@ pub mod filter;
 pub mod logging;
 
 use std::cell::UnsafeCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -30,7 +30,7 @@ use self::api::{
 };
 use self::classify::CommandTable;
 use crate::codec::{decode_command, encode_command, LogCommand, ProposalTag, ENTRY_BYTES_MAX};
-use crate::config::Bootstrap;
+use crate::config::{Bootstrap, ReadMode};
 use crate::node::{ApplyItem, Member, Node, NodeSpec, Proposal, ProposeError};
 use crate::storage::LogStore;
 
@@ -73,6 +73,8 @@ enum Reply {
 /// The module's process-wide state, set once at load.
 pub struct Module {
     pub node: Option<Node>,
+    /// `raft.read-mode`, fixed at start.
+    pub read_mode: ReadMode,
     pub bootstrap: Option<Bootstrap>,
     pub table: CommandTable,
     /// Context the apply path executes commands on (a detached thread-safe context, used
@@ -87,8 +89,23 @@ unsafe impl Send for Module {}
 
 static MODULE: OnceLock<Module> = OnceLock::new();
 
+/// A client blocked on a read until the node has applied up to the read's confirmed index.
+struct ReadWaiter {
+    bc: *mut RedisModuleBlockedClient,
+    argv: Vec<Vec<u8>>,
+    db: i32,
+    resp3: bool,
+}
+
 #[derive(Default)]
 struct MainState {
+    /// Reads received this event-loop turn: they share one ReadIndex round.
+    read_batch: Vec<ReadWaiter>,
+    /// Rounds sent to the raft thread, waiting for their read index.
+    read_rounds: HashMap<u64, Vec<ReadWaiter>>,
+    next_round: u64,
+    /// Confirmed reads waiting for the apply index to reach theirs.
+    reads_ready: BTreeMap<u64, Vec<ReadWaiter>>,
     pending: HashMap<u64, Pending>,
     /// Proposals made during this event-loop turn, handed to the raft thread in one batch
     /// before Redis sleeps (fewer wake-ups, bigger log appends).
@@ -177,6 +194,7 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
                 election_timeout_ms: opts.election_timeout_ms,
                 heartbeat_interval_ms: opts.heartbeat_interval_ms,
                 advertise_addr: (!opts.addr.is_empty()).then(|| opts.addr.clone()),
+                lease_reads: opts.effective_read_mode() == ReadMode::Lease,
             };
             info!(
                 "starting raft node '{}' (id {}), bus on port {}, {} nodes",
@@ -191,6 +209,7 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
     let apply_ctx = unsafe { rm!(RedisModule_GetDetachedThreadSafeContext)(ctx) } as usize;
     let m = Module {
         node,
+        read_mode: opts.effective_read_mode(),
         bootstrap,
         table,
         apply_ctx,
@@ -217,6 +236,24 @@ fn bus_listen_addr(host: &str, port: u16) -> std::net::SocketAddr {
     }
 }
 
+impl Module {
+    /// Whether this node may run a read on its local data right away (no round): stale mode
+    /// on a leader whose data is current, or on any node with follower reads.
+    pub fn serves_reads_locally(&self, node: &Node) -> bool {
+        self.read_mode == ReadMode::Stale
+            && (node.shared().is_ready_leader() || configs::FOLLOWER_READS.load(Ordering::Relaxed))
+    }
+
+    /// Whether this node may start a ReadIndex round for a read: a leader whose data is
+    /// current, or a follower with follower reads that knows a leader.
+    pub fn serves_reads_by_index(&self, node: &Node) -> bool {
+        node.shared().is_ready_leader()
+            || (!node.shared().is_leader()
+                && configs::FOLLOWER_READS.load(Ordering::Relaxed)
+                && node.shared().leader_id() != 0)
+    }
+}
+
 pub fn on_fsync_changed(on: bool) {
     if let Some(n) = module().and_then(|m| m.node.as_ref()) {
         n.set_fsync(on);
@@ -228,9 +265,9 @@ pub fn redirect_error(m: &Module) -> String {
     let Some(node) = &m.node else {
         return "NOCLUSTER No Raft Cluster".into();
     };
-    let st = node.shared().status();
-    if st.leader_id != 0 && st.leader_id != node.shared().node_id {
-        if let Some(l) = node.shared().member(st.leader_id) {
+    let leader = node.shared().leader_id();
+    if leader != 0 && leader != node.shared().node_id {
+        if let Some(l) = node.shared().member(leader) {
             return format!("MOVED 0 {}", l.redis_addr);
         }
     }
@@ -283,6 +320,57 @@ pub fn propose_write(
 /// Writes waiting for their entry to be applied here; past that new writes get -TRYAGAIN.
 const PENDING_MAX: usize = 100_000;
 
+/// Blocks a read until this node has applied up to an index the leader confirmed with a
+/// quorum after the read arrived (ReadIndex); reads of one event-loop turn share a round.
+pub fn queue_read(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> c_int {
+    let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
+    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
+    let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
+    let bc = unsafe {
+        rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
+    };
+    if bc.is_null() {
+        return api::reply_error(ctx, "ERR could not block the client for a read");
+    }
+    MAIN.get_mut().read_batch.push(ReadWaiter {
+        bc,
+        argv,
+        db,
+        resp3,
+    });
+    api::OK
+}
+
+/// Runs a confirmed read on the apply context and answers its client.
+fn serve_read(ctx: *mut RedisModuleCtx, w: ReadWaiter) {
+    if unsafe { rm!(RedisModule_SelectDb)(ctx, w.db) } != api::OK {
+        unblock(
+            w.bc,
+            Reply::Error(format!("ERR DB index {} is out of range", w.db)),
+        );
+        return;
+    }
+    let r = api::call(ctx, &w.argv, CallOpts { resp3: w.resp3 });
+    unblock(w.bc, Reply::Call(r));
+}
+
+/// Serves every confirmed read whose index this node has now applied.
+fn serve_ready_reads(ctx: *mut RedisModuleCtx, applied: u64) {
+    loop {
+        let st = MAIN.get_mut();
+        let Some(entry) = st.reads_ready.first_entry() else {
+            return;
+        };
+        if *entry.key() > applied {
+            return;
+        }
+        let waiters = entry.remove();
+        for w in waiters {
+            serve_read(ctx, w);
+        }
+    }
+}
+
 /// Redis is about to sleep: hand this turn's proposals to the raft thread.
 extern "C" fn before_sleep(
     _ctx: *mut RedisModuleCtx,
@@ -297,13 +385,28 @@ extern "C" fn before_sleep(
 }
 
 fn flush_proposals() {
-    let st = MAIN.get_mut();
-    if st.batch.is_empty() {
-        return;
-    }
     let Some(node) = module().and_then(|m| m.node.as_ref()) else {
         return;
     };
+    let st = MAIN.get_mut();
+    if !st.read_batch.is_empty() {
+        st.next_round += 1;
+        let round = st.next_round;
+        let waiters = std::mem::take(&mut st.read_batch);
+        match node.read_index(round) {
+            Ok(()) => {
+                st.read_rounds.insert(round, waiters);
+            }
+            Err(e) => {
+                for w in waiters {
+                    unblock(w.bc, Reply::Error(e.to_string()));
+                }
+            }
+        }
+    }
+    if st.batch.is_empty() {
+        return;
+    }
     let batch = std::mem::take(&mut st.batch);
     if let Err((e, batch)) = node.propose(batch) {
         for (tag, _) in batch {
@@ -370,9 +473,11 @@ fn apply_committed() {
     let Some(m) = module() else { return };
     let Some(node) = &m.node else { return };
     let ctx = m.apply_ctx as *mut RedisModuleCtx;
-    let st = MAIN.get_mut();
-    if !st.started_applying {
-        st.started_applying = true;
+    let first = {
+        let st = MAIN.get_mut();
+        !std::mem::replace(&mut st.started_applying, true)
+    };
+    if first {
         take_over_dataset(ctx);
     }
     let me = node.shared().node_id;
@@ -397,8 +502,40 @@ fn apply_committed() {
             ApplyItem::LeadershipLost => fail_all_pending(
                 "TIMEOUT leadership changed before the write was committed; its outcome is unknown",
             ),
-            ApplyItem::Stopped(msg) => fail_all_pending(&format!("ERR {msg}")),
+            ApplyItem::Stopped(msg) => {
+                let msg = format!("ERR {msg}");
+                fail_all_pending(&msg);
+                fail_all_reads(&msg);
+            }
+            ApplyItem::ReadReady { round, index } => {
+                let st = MAIN.get_mut();
+                if let Some(waiters) = st.read_rounds.remove(&round) {
+                    st.reads_ready.entry(index).or_default().extend(waiters);
+                }
+            }
+            ApplyItem::ReadFailed { rounds } => {
+                for round in rounds {
+                    let waiters = MAIN
+                        .get_mut()
+                        .read_rounds
+                        .remove(&round)
+                        .unwrap_or_default();
+                    for w in waiters {
+                        unblock(w.bc, Reply::Error("TIMEOUT no quorum for read".into()));
+                    }
+                }
+            }
         }
+    }
+    serve_ready_reads(ctx, node.shared().applied());
+}
+
+fn fail_all_reads(msg: &str) {
+    let st = MAIN.get_mut();
+    let rounds = std::mem::take(&mut st.read_rounds).into_values();
+    let ready = std::mem::take(&mut st.reads_ready).into_values();
+    for w in rounds.chain(ready).flatten() {
+        unblock(w.bc, Reply::Error(msg.to_string()));
     }
 }
 

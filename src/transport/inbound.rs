@@ -1,5 +1,9 @@
 //! Inbound side: the acceptor thread and one reader thread per accepted connection.
 //!
+//! A reader decodes every complete frame a socket read made available and forwards the valid
+//! messages as one batch, so the node is woken once per read, not once per message. A batch is
+//! bounded by what one read completes: `READ_CHUNK_BYTES` plus the partial frame before it.
+//!
 //! Invariants: a connection forwards nothing before a valid Hello for this cluster and this
 //! node; any framing error closes that connection only; at most `MAX_INBOUND_CONNS` readers
 //! exist at once; every blocking call is bounded by a timeout so `stop` is seen promptly.
@@ -26,7 +30,7 @@ const READ_TIMEOUT: Duration = Duration::from_millis(100);
 /// A connection that has not sent a valid Hello by then is closed.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Bounds each attempt to hand a message to the node, so readers notice `stop`.
+/// Bounds each attempt to hand a batch to the node, so readers notice `stop`.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// An accepted connection: a clone of its socket (to close it on shutdown) and its reader.
@@ -46,7 +50,7 @@ impl InboundConn {
 pub(crate) struct Acceptor {
     pub(crate) listener: TcpListener,
     pub(crate) local: Arc<LocalIdentity>,
-    pub(crate) inbound: Sender<Message>,
+    pub(crate) inbound: Sender<Vec<Message>>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) conns: Arc<Mutex<Vec<InboundConn>>>,
 }
@@ -122,8 +126,15 @@ struct Reader {
     stream: TcpStream,
     addr: SocketAddr,
     local: Arc<LocalIdentity>,
-    inbound: Sender<Message>,
+    inbound: Sender<Vec<Message>>,
     stop: Arc<AtomicBool>,
+}
+
+/// Per-connection state the frame handling updates.
+struct ConnState {
+    hello: Option<Hello>,
+    /// Messages dropped because their from/to does not match the Hello.
+    misrouted: u64,
 }
 
 impl Drop for Reader {
@@ -138,8 +149,10 @@ impl Reader {
         let addr = self.addr;
         let mut decoder = FrameDecoder::new(self.local.max_frame_bytes);
         let mut chunk = vec![0u8; READ_CHUNK_BYTES];
-        let mut hello: Option<Hello> = None;
-        let mut misrouted: u64 = 0;
+        let mut conn = ConnState {
+            hello: None,
+            misrouted: 0,
+        };
         let accepted_at = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             match self.stream.read(&mut chunk) {
@@ -152,7 +165,7 @@ impl Reader {
                     if e.kind() == io::ErrorKind::WouldBlock
                         || e.kind() == io::ErrorKind::TimedOut =>
                 {
-                    if hello.is_none() && accepted_at.elapsed() > HELLO_TIMEOUT {
+                    if conn.hello.is_none() && accepted_at.elapsed() > HELLO_TIMEOUT {
                         tracing::warn!(peer = %addr,
                             "raft bus: closing connection from {addr}: no hello within {HELLO_TIMEOUT:?}");
                         return;
@@ -165,83 +178,101 @@ impl Reader {
                     return;
                 }
             }
-            loop {
-                let frame = match decoder.next_frame() {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let who = describe(&hello);
-                        tracing::warn!(peer = %addr, error = %e,
-                            "raft bus: closing connection from {addr}{who}: {e}");
-                        return;
+            let mut batch = Vec::new();
+            let keep = self.decode_all(&mut decoder, &mut conn, &mut batch);
+            // Messages that came before a bad frame are valid: the node gets them either way.
+            if !batch.is_empty() && !self.forward(batch) {
+                return;
+            }
+            if !keep {
+                return;
+            }
+        }
+    }
+
+    /// Moves every complete frame out of `decoder`, appending the valid messages to `batch`.
+    /// False when the connection must be closed (the reason is logged here).
+    fn decode_all(
+        &self,
+        decoder: &mut FrameDecoder,
+        conn: &mut ConnState,
+        batch: &mut Vec<Message>,
+    ) -> bool {
+        let addr = self.addr;
+        loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return true,
+                Err(e) => {
+                    let who = describe(&conn.hello);
+                    tracing::warn!(peer = %addr, error = %e,
+                        "raft bus: closing connection from {addr}{who}: {e}");
+                    return false;
+                }
+            };
+            match frame {
+                Frame::Hello(h) => {
+                    if conn.hello.is_some() {
+                        tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: second hello",
+                            describe(&conn.hello));
+                        return false;
                     }
-                };
-                match frame {
-                    Frame::Hello(h) => {
-                        if hello.is_some() {
-                            tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: second hello",
-                                describe(&hello));
-                            return;
-                        }
-                        if let Err(why) = check_hello(&h, &self.local) {
-                            tracing::warn!(peer = %addr, from = h.from, cluster_id = %h.cluster_id,
-                                "raft bus: refusing connection from {addr} (claims node {} of cluster {:?}): {why}",
-                                h.from, h.cluster_id);
-                            return;
-                        }
-                        // -------------------------------------------------------------------
-                        // AUTH HOOK (inbound). Not implemented yet, so the bus is NOT
-                        // authenticated. Here the acceptor will send an AuthChallenge frame
-                        // (kind 3, a fresh random nonce), wait (bounded) for the AuthResponse
-                        // (kind 4), check it against HMAC(cluster password, nonce || cluster_id
-                        // || from || to) in constant time, and close with a warning on failure.
-                        // Nothing may be forwarded before this succeeds.
-                        // -------------------------------------------------------------------
-                        tracing::info!(peer = %addr, from = h.from,
-                            "raft bus: accepted connection from node {} at {addr}", h.from);
-                        hello = Some(h);
+                    if let Err(why) = check_hello(&h, &self.local) {
+                        tracing::warn!(peer = %addr, from = h.from, cluster_id = %h.cluster_id,
+                            "raft bus: refusing connection from {addr} (claims node {} of cluster {:?}): {why}",
+                            h.from, h.cluster_id);
+                        return false;
                     }
-                    Frame::Raft(msg) => {
-                        let Some(h) = &hello else {
-                            tracing::warn!(peer = %addr,
-                                "raft bus: closing connection from {addr}: raft message before hello");
-                            return;
-                        };
-                        if msg.to != self.local.node_id || msg.from != h.from {
-                            misrouted += 1;
-                            // Warn once per connection; a flood of these is one problem.
-                            if misrouted == 1 {
-                                tracing::warn!(peer = %addr, from = h.from, msg_from = msg.from, msg_to = msg.to,
-                                    "raft bus: dropping message from node {} at {addr}: addressed from {} to {}, \
-                                     this connection carries {} to {}",
-                                    h.from, msg.from, msg.to, h.from, self.local.node_id);
-                            } else {
-                                tracing::debug!(peer = %addr, msg_from = msg.from, msg_to = msg.to,
-                                    dropped = misrouted, "raft bus: dropping misaddressed message");
-                            }
-                            continue;
+                    // -----------------------------------------------------------------------
+                    // AUTH HOOK (inbound). Not implemented yet, so the bus is NOT
+                    // authenticated. Here the acceptor will send an AuthChallenge frame
+                    // (kind 3, a fresh random nonce), wait (bounded) for the AuthResponse
+                    // (kind 4), check it against HMAC(cluster password, nonce || cluster_id
+                    // || from || to) in constant time, and close with a warning on failure.
+                    // Nothing may be forwarded before this succeeds.
+                    // -----------------------------------------------------------------------
+                    tracing::info!(peer = %addr, from = h.from,
+                        "raft bus: accepted connection from node {} at {addr}", h.from);
+                    conn.hello = Some(h);
+                }
+                Frame::Raft(msg) => {
+                    let Some(h) = &conn.hello else {
+                        tracing::warn!(peer = %addr,
+                            "raft bus: closing connection from {addr}: raft message before hello");
+                        return false;
+                    };
+                    if msg.to != self.local.node_id || msg.from != h.from {
+                        conn.misrouted += 1;
+                        // Warn once per connection; a flood of these is one problem.
+                        if conn.misrouted == 1 {
+                            tracing::warn!(peer = %addr, from = h.from, msg_from = msg.from, msg_to = msg.to,
+                                "raft bus: dropping message from node {} at {addr}: addressed from {} to {}, \
+                                 this connection carries {} to {}",
+                                h.from, msg.from, msg.to, h.from, self.local.node_id);
+                        } else {
+                            tracing::debug!(peer = %addr, msg_from = msg.from, msg_to = msg.to,
+                                dropped = conn.misrouted, "raft bus: dropping misaddressed message");
                         }
-                        if !self.forward(msg) {
-                            return;
-                        }
+                        continue;
                     }
+                    batch.push(msg);
                 }
             }
         }
     }
 
-    /// Hands a message to the node, waiting while its channel is full (back-pressure onto
-    /// TCP). False when the node is gone or the transport stops.
-    fn forward(&self, msg: Message) -> bool {
-        let mut msg = msg;
+    /// Hands a batch to the node, waiting while its channel is full (back-pressure onto TCP).
+    /// False when the node is gone or the transport stops.
+    fn forward(&self, batch: Vec<Message>) -> bool {
+        let mut batch = batch;
         loop {
-            match self.inbound.send_timeout(msg, FORWARD_TIMEOUT) {
+            match self.inbound.send_timeout(batch, FORWARD_TIMEOUT) {
                 Ok(()) => return true,
                 Err(SendTimeoutError::Timeout(back)) => {
                     if self.stop.load(Ordering::Acquire) {
                         return false;
                     }
-                    msg = back;
+                    batch = back;
                 }
                 Err(SendTimeoutError::Disconnected(_)) => {
                     tracing::debug!(peer = %self.addr, "raft bus: inbound channel closed; dropping connection");

@@ -1,14 +1,17 @@
 //! Outbound side: one writer thread per peer, fed by a bounded queue.
 //!
-//! The writer connects, sends its Hello, then drains its queue into one buffer per socket write.
-//! On any error it closes the socket and reconnects with exponential backoff.
+//! Each queue item is a batch: all the messages one `Transport::send` call had for this peer, so
+//! a call wakes the writer once, not once per message. The writer connects, sends its Hello,
+//! then drains the queued batches into one buffer per socket write. On any error it closes the
+//! socket and reconnects with exponential backoff.
 //!
 //! Invariant: only the writer thread reads from the queue, and it reads only while connected, so
-//! a disconnected peer holds at most `QUEUE_CAPACITY` messages; senders shed the rest.
+//! a disconnected peer holds at most `QUEUE_MSGS_MAX` messages (queued, or taken from the queue
+//! but not yet encoded); senders shed the rest.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,8 +22,9 @@ use raft::eraftpb::Message;
 use super::frame::{self, Hello};
 use super::{lock, LocalIdentity, PeerState, PeerStatus};
 
-/// Messages a peer may have waiting; beyond this `send` drops (Raft retransmits).
-pub(crate) const QUEUE_CAPACITY: usize = 4096;
+/// Messages a peer may have waiting; beyond this `send` drops (Raft retransmits). Counted in
+/// messages, not batches, so many small sends cannot hold more than a few large ones.
+pub(crate) const QUEUE_MSGS_MAX: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A write that makes no progress for this long means the peer is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,6 +32,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// One socket write carries at most this much (a single larger message still goes alone).
 const BATCH_BYTES_MAX: usize = 1 << 20;
+/// One socket write carries at most this many messages.
 const BATCH_MSGS_MAX: usize = 4096;
 /// With nothing to send for this long, check whether the peer closed the connection, so
 /// `PeerStatus` does not report a dead link as connected.
@@ -45,6 +50,9 @@ struct PeerShared {
     conn_oks: AtomicU64,
     conn_errors: AtomicU64,
     dropped_msgs: AtomicU64,
+    /// Messages in the queue or in the writer's `pending`: reserved by `enqueue` before the push,
+    /// released by the writer once encoded (or dropped), so it never undercounts.
+    queued_msgs: AtomicUsize,
     stop: AtomicBool,
     /// A clone of the live socket, so `stop` can unblock a writer stuck in `write`.
     conn: Mutex<Option<TcpStream>>,
@@ -80,13 +88,15 @@ impl PeerShared {
 /// The transport's handle on one peer.
 pub(crate) struct PeerHandle {
     shared: Arc<PeerShared>,
-    queue: Sender<Message>,
+    queue: Sender<Vec<Message>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl PeerHandle {
     pub(crate) fn spawn(id: u64, addr: &str, local: Arc<LocalIdentity>) -> io::Result<PeerHandle> {
-        let (queue_tx, queue_rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        // Every batch holds at least one counted message, so `queued_msgs` refuses a batch
+        // before this channel can be full.
+        let (queue_tx, queue_rx) = crossbeam_channel::bounded(QUEUE_MSGS_MAX);
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let shared = Arc::new(PeerShared {
             id,
@@ -99,6 +109,7 @@ impl PeerHandle {
             conn_oks: AtomicU64::new(0),
             conn_errors: AtomicU64::new(0),
             dropped_msgs: AtomicU64::new(0),
+            queued_msgs: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             conn: Mutex::new(None),
             wake: wake_tx,
@@ -109,6 +120,7 @@ impl PeerHandle {
             wake: wake_rx,
             local,
             buf: Vec::new(),
+            pending: Vec::new().into_iter(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-bus-w{id}"))
@@ -120,12 +132,44 @@ impl PeerHandle {
         })
     }
 
-    /// Never blocks: a full queue or a dead writer drops the message and counts it.
-    pub(crate) fn enqueue(&self, msg: Message) {
-        match self.queue.try_send(msg) {
+    /// Never blocks. Queues as much of `batch` as fits under `QUEUE_MSGS_MAX` as one item (one
+    /// wake-up of the writer); the tail that does not fit, or everything if the writer is gone,
+    /// is dropped and counted. Keeping the head preserves the order Raft sent in.
+    pub(crate) fn enqueue(&self, mut batch: Vec<Message>) {
+        let wanted = batch.len();
+        if wanted == 0 {
+            return;
+        }
+        // Relaxed: a plain counter; the channel itself publishes the messages to the writer.
+        let reserved = match self.shared.queued_msgs.fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |queued| {
+                let room = QUEUE_MSGS_MAX.saturating_sub(queued);
+                (room > 0).then(|| queued + room.min(wanted))
+            },
+        ) {
+            Ok(queued) => (QUEUE_MSGS_MAX - queued).min(wanted),
+            Err(_) => 0,
+        };
+        if reserved < wanted {
+            batch.truncate(reserved);
+            self.shared
+                .dropped_msgs
+                .fetch_add((wanted - reserved) as u64, Ordering::Relaxed);
+        }
+        if reserved == 0 {
+            return;
+        }
+        match self.queue.try_send(batch) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.shared.dropped_msgs.fetch_add(1, Ordering::Relaxed);
+            Err(TrySendError::Full(batch)) | Err(TrySendError::Disconnected(batch)) => {
+                self.shared
+                    .queued_msgs
+                    .fetch_sub(batch.len(), Ordering::Relaxed);
+                self.shared
+                    .dropped_msgs
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -176,10 +220,13 @@ enum PumpEnd {
 
 struct Writer {
     shared: Arc<PeerShared>,
-    queue: Receiver<Message>,
+    queue: Receiver<Vec<Message>>,
     wake: Receiver<()>,
     local: Arc<LocalIdentity>,
     buf: Vec<u8>,
+    /// The rest of a batch taken from the queue that did not fit in the last write; sent
+    /// before anything newer so order is kept. Still counted in `queued_msgs`.
+    pending: std::vec::IntoIter<Message>,
 }
 
 impl Writer {
@@ -300,10 +347,18 @@ impl Writer {
             if self.shared.stopping() {
                 return PumpEnd::Stopped;
             }
+            if self.pending.len() > 0 {
+                // Bounded: `pending` only shrinks here and holds at most one batch.
+                if let Err(e) = self.write_batch(&mut stream) {
+                    return PumpEnd::Failed(e);
+                }
+                continue;
+            }
             crossbeam_channel::select! {
-                recv(self.queue) -> first => match first {
-                    Ok(first) => {
-                        if let Err(e) = self.write_batch(&mut stream, first) {
+                recv(self.queue) -> batch => match batch {
+                    Ok(batch) => {
+                        self.pending = batch.into_iter();
+                        if let Err(e) = self.write_batch(&mut stream) {
                             return PumpEnd::Failed(e);
                         }
                     }
@@ -327,13 +382,22 @@ impl Writer {
         }
     }
 
-    /// Encodes `first` and whatever else is queued (bounded) into one buffer, one write.
-    fn write_batch(&mut self, stream: &mut TcpStream, first: Message) -> io::Result<()> {
+    /// Encodes `pending` and then whatever else is queued into one buffer, one write, up to
+    /// `BATCH_MSGS_MAX` messages or `BATCH_BYTES_MAX` bytes; the rest stays in `pending`.
+    fn write_batch(&mut self, stream: &mut TcpStream) -> io::Result<()> {
         self.buf.clear();
         let mut batched: u64 = 0;
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(msg) = next.take() {
+        let mut taken: usize = 0;
+        while taken < BATCH_MSGS_MAX && self.buf.len() < BATCH_BYTES_MAX {
+            let Some(msg) = self.pending.next() else {
+                match self.queue.try_recv() {
+                    Ok(batch) => {
+                        self.pending = batch.into_iter();
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            };
             taken += 1;
             match frame::encode_message(&msg, self.local.max_frame_bytes, &mut self.buf) {
                 Ok(()) => batched += 1,
@@ -343,10 +407,9 @@ impl Writer {
                         "raft bus: dropping message to node {}: {e}", self.shared.id);
                 }
             }
-            if taken < BATCH_MSGS_MAX && self.buf.len() < BATCH_BYTES_MAX {
-                next = self.queue.try_recv().ok();
-            }
         }
+        // Encoded or dropped, these no longer wait in this peer's queue.
+        self.shared.queued_msgs.fetch_sub(taken, Ordering::Relaxed);
         let result = if self.buf.is_empty() {
             Ok(())
         } else {

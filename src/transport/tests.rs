@@ -1,10 +1,11 @@
 //! Bus tests over real TCP on 127.0.0.1.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 
 use super::frame::{self, FrameKind, Hello, HEADER_BYTES, MAGIC, PROTOCOL_VERSION};
@@ -13,15 +14,51 @@ use super::*;
 const CLUSTER: &str = "test-cluster";
 const WAIT: Duration = Duration::from_secs(5);
 
+/// The node's end of the inbound channel, read one message at a time the way the raft thread
+/// steps them, counting the batches they came in.
+struct Inbox {
+    rx: Receiver<Vec<Message>>,
+    pending: VecDeque<Message>,
+    batches: usize,
+}
+
+impl Inbox {
+    fn new(rx: Receiver<Vec<Message>>) -> Inbox {
+        Inbox {
+            rx,
+            pending: VecDeque::new(),
+            batches: 0,
+        }
+    }
+
+    fn recv_timeout(&mut self, timeout: Duration) -> Result<Message, RecvTimeoutError> {
+        if self.pending.is_empty() {
+            let batch = self.rx.recv_timeout(timeout)?;
+            self.take(batch);
+        }
+        Ok(self.pending.pop_front().expect("a non-empty batch"))
+    }
+
+    fn try_recv(&mut self) -> Result<Message, TryRecvError> {
+        if self.pending.is_empty() {
+            let batch = self.rx.try_recv()?;
+            self.take(batch);
+        }
+        Ok(self.pending.pop_front().expect("a non-empty batch"))
+    }
+
+    fn take(&mut self, batch: Vec<Message>) {
+        assert!(!batch.is_empty(), "the transport forwarded an empty batch");
+        self.batches += 1;
+        self.pending.extend(batch);
+    }
+}
+
 fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-fn start_on(
-    node_id: u64,
-    listen: SocketAddr,
-    max_frame_bytes: usize,
-) -> (Transport, Receiver<Message>) {
+fn start_on(node_id: u64, listen: SocketAddr, max_frame_bytes: usize) -> (Transport, Inbox) {
     let (tx, rx) = crossbeam_channel::unbounded();
     let cfg = TransportConfig {
         node_id,
@@ -29,10 +66,10 @@ fn start_on(
         listen,
         max_frame_bytes,
     };
-    (Transport::start(cfg, tx).unwrap(), rx)
+    (Transport::start(cfg, tx).unwrap(), Inbox::new(rx))
 }
 
-fn start(node_id: u64) -> (Transport, Receiver<Message>) {
+fn start(node_id: u64) -> (Transport, Inbox) {
     start_on(node_id, any_port(), DEFAULT_MAX_FRAME_BYTES)
 }
 
@@ -130,8 +167,8 @@ fn transport_is_send_and_sync() {
 
 #[test]
 fn two_transports_exchange_messages_both_ways() {
-    let (a, a_rx) = start(1);
-    let (b, b_rx) = start(2);
+    let (a, mut a_rx) = start(1);
+    let (b, mut b_rx) = start(2);
     a.set_peer(2, &b.local_addr().to_string());
     b.set_peer(1, &a.local_addr().to_string());
 
@@ -158,7 +195,7 @@ fn two_transports_exchange_messages_both_ways() {
 #[test]
 fn many_messages_arrive_in_order() {
     let (a, _a_rx) = start(1);
-    let (b, b_rx) = start(2);
+    let (b, mut b_rx) = start(2);
     a.set_peer(2, &b.local_addr().to_string());
     wait_connected(&a, 2);
 
@@ -183,6 +220,43 @@ fn many_messages_arrive_in_order() {
 }
 
 #[test]
+fn one_large_send_arrives_in_order_in_few_batches() {
+    // 10,000 messages in one call, interleaved over four peers so that grouping by destination
+    // must keep each peer's order, and each peer's 2,500 fit its 4,096-message queue.
+    let total = 10_000u64;
+    let peers = 4u64;
+    let dest = |i: u64| 2 + i % peers;
+    let (a, _a_rx) = start(1);
+    let mut nodes = Vec::new();
+    for id in 2..2 + peers {
+        let (t, rx) = start(id);
+        a.set_peer(id, &t.local_addr().to_string());
+        wait_connected(&a, id);
+        nodes.push((id, t, rx));
+    }
+
+    a.send((0..total).map(|i| append(1, dest(i), i)).collect());
+    for (id, _, rx) in &mut nodes {
+        for i in (0..total).filter(|&i| dest(i) == *id) {
+            assert_eq!(rx.recv_timeout(WAIT).unwrap(), append(1, *id, i));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let share = (total / peers) as usize;
+    for (id, _, rx) in &mut nodes {
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty), "node {id}");
+        // One wake-up of the node per socket read, not per message.
+        assert!(
+            rx.batches < share / 10,
+            "node {id}: {share} messages came in {} batches",
+            rx.batches
+        );
+        assert_eq!(peer_status(&a, *id).dropped_msgs, 0);
+    }
+    assert_eq!(a.unknown_peer_drops(), 0);
+}
+
+#[test]
 fn peer_started_later_is_reached_after_backoff() {
     let b_addr = free_port();
     let (a, _a_rx) = start(1);
@@ -196,7 +270,7 @@ fn peer_started_later_is_reached_after_backoff() {
     assert_eq!(before.last_conn_secs, 0);
     assert_ne!(before.state, PeerState::Connected);
 
-    let (b, b_rx) = start_on(2, b_addr, DEFAULT_MAX_FRAME_BYTES);
+    let (b, mut b_rx) = start_on(2, b_addr, DEFAULT_MAX_FRAME_BYTES);
     // The message queued while B did not exist is delivered once the backoff retry connects.
     assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), early);
     let after = peer_status(&a, 2);
@@ -209,7 +283,7 @@ fn peer_started_later_is_reached_after_backoff() {
 #[test]
 fn changed_peer_address_is_used_at_once() {
     let (a, _a_rx) = start(1);
-    let (b, b_rx) = start(2);
+    let (b, mut b_rx) = start(2);
     a.set_peer(2, &free_port().to_string());
     assert!(wait_until(|| peer_status(&a, 2).conn_errors >= 1));
     // A host name, resolved at connect time.
@@ -225,7 +299,7 @@ fn changed_peer_address_is_used_at_once() {
 #[test]
 fn bad_input_closes_only_that_connection() {
     let (a, _a_rx) = start(1);
-    let (b, b_rx) = start_on(2, any_port(), 4096);
+    let (b, mut b_rx) = start_on(2, any_port(), 4096);
     a.set_peer(2, &b.local_addr().to_string());
     wait_connected(&a, 2);
 
@@ -273,7 +347,7 @@ fn bad_input_closes_only_that_connection() {
 
 #[test]
 fn valid_frames_before_a_bad_one_are_delivered() {
-    let (b, b_rx) = start(2);
+    let (b, mut b_rx) = start(2);
     let good = append(3, 2, 1);
     let mut bad = message_bytes(&append(3, 2, 2));
     bad[HEADER_BYTES] ^= 0x01;
@@ -287,7 +361,7 @@ fn valid_frames_before_a_bad_one_are_delivered() {
 
 #[test]
 fn misaddressed_messages_are_dropped_and_the_connection_kept() {
-    let (b, b_rx) = start(2);
+    let (b, mut b_rx) = start(2);
     let mut raw = TcpStream::connect(b.local_addr()).unwrap();
     let wrong_to = append(3, 9, 1);
     let wrong_from = append(4, 2, 2);
@@ -310,7 +384,7 @@ fn misaddressed_messages_are_dropped_and_the_connection_kept() {
 
 #[test]
 fn inbound_connections_beyond_the_limit_are_refused() {
-    let (b, b_rx) = start(2);
+    let (b, mut b_rx) = start(2);
     let mut held: Vec<TcpStream> = (0..inbound::MAX_INBOUND_CONNS)
         .map(|_| TcpStream::connect(b.local_addr()).unwrap())
         .collect();
@@ -363,6 +437,9 @@ fn unknown_peer_and_full_queue_drops_are_counted() {
     a.set_peer(2, &free_port().to_string());
     a.send((0..5000).map(|i| append(1, 2, i)).collect());
     assert_eq!(peer_status(&a, 2).dropped_msgs, 5000 - 4096);
+    // The bound is in messages, across calls: a full queue takes no further batch.
+    a.send((0..10).map(|i| append(1, 2, i)).collect());
+    assert_eq!(peer_status(&a, 2).dropped_msgs, 5000 - 4096 + 10);
     assert_eq!(a.unknown_peer_drops(), 1);
 
     a.remove_peer(2);

@@ -1,0 +1,161 @@
+//! Read consistency: `raft.read-mode` linearizable (ReadIndex), lease and stale, RedisRaft's
+//! `raft.quorum-reads`, and linearizable follower reads.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn cluster_with(args: &[&str]) -> Cluster {
+    let mut c = Cluster::define(3);
+    for n in &mut c.nodes {
+        n.extra = args.iter().map(|s| s.to_string()).collect();
+    }
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    c.wait_leader(Duration::from_secs(10));
+    c
+}
+
+fn set(c: &Cluster, i: usize, k: &str, v: &str) {
+    let mut con = c.conn(i).unwrap();
+    let _: () = redis::cmd("SET").arg(k).arg(v).query(&mut con).unwrap();
+}
+
+fn get(c: &Cluster, i: usize, k: &str) -> redis::RedisResult<Option<String>> {
+    let mut con = c.conn(i)?;
+    redis::cmd("GET").arg(k).query(&mut con)
+}
+
+#[test]
+fn linearizable_read_on_a_cut_off_leader_never_returns_data() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    set(&c, l, "k", "v1");
+    assert_eq!(get(&c, l, "k").unwrap().as_deref(), Some("v1"));
+    let followers: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    for &f in &followers {
+        c.signal(f, libc::SIGSTOP);
+    }
+    let t0 = Instant::now();
+    let r = get(&c, l, "k");
+    let elapsed = t0.elapsed();
+    for &f in &followers {
+        c.signal(f, libc::SIGCONT);
+    }
+    let e = r.expect_err("a leader without a quorum answered a linearizable read");
+    assert_eq!(e.code(), Some("TIMEOUT"), "{e}");
+    assert!(elapsed >= Duration::from_millis(ELECTION_MS), "{elapsed:?}");
+    // Reads work again once the cluster is whole.
+    let l = c.wait_leader(Duration::from_secs(10));
+    assert_eq!(get(&c, l, "k").unwrap().as_deref(), Some("v1"));
+}
+
+#[test]
+fn stale_mode_reads_local_data_and_quorum_reads_no_means_stale() {
+    let mut c = cluster_with(&["--raft.quorum-reads", "no"]);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("raft.read-mode")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(v, vec!["raft.read-mode", "stale"]);
+    set(&c, l, "k", "v1");
+    let followers: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    for &f in &followers {
+        c.signal(f, libc::SIGSTOP);
+    }
+    // Without a quorum, a stale-mode leader still answers from its data until it steps down.
+    let r = get(&c, l, "k");
+    for &f in &followers {
+        c.signal(f, libc::SIGCONT);
+    }
+    assert_eq!(r.unwrap().as_deref(), Some("v1"));
+}
+
+#[test]
+fn lease_mode_serves_reads_on_the_leader() {
+    let mut c = cluster_with(&["--raft.read-mode", "lease"]);
+    let l = c.wait_leader(Duration::from_secs(10));
+    set(&c, l, "k", "v1");
+    assert_eq!(get(&c, l, "k").unwrap().as_deref(), Some("v1"));
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("raft.read-mode")
+        .query(&mut c.conn(l).unwrap())
+        .unwrap();
+    assert_eq!(v, vec!["raft.read-mode", "lease"]);
+}
+
+#[test]
+fn follower_reads_see_every_write_acknowledged_before_them() {
+    let mut c = cluster_with(&["--raft.follower-reads", "yes"]);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let followers: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let mut fcons: Vec<redis::Connection> = followers.iter().map(|&f| c.conn(f).unwrap()).collect();
+    let mut lcon = c.conn(l).unwrap();
+    for i in 0..200 {
+        let v = i.to_string();
+        let _: () = redis::cmd("SET").arg("k").arg(&v).query(&mut lcon).unwrap();
+        // The write is acknowledged: a read on any follower must see it (or later).
+        for fc in &mut fcons {
+            let got: String = redis::cmd("GET").arg("k").query(fc).unwrap();
+            assert_eq!(got, v);
+        }
+    }
+    // Writes on a follower still redirect.
+    let e = redis::cmd("SET")
+        .arg("k")
+        .arg("x")
+        .query::<()>(&mut fcons[0])
+        .unwrap_err();
+    assert_eq!(
+        err_text(&e),
+        format!("MOVED 0 127.0.0.1:{}", c.nodes[l].def.port)
+    );
+    // follower-reads can be turned off at runtime: reads on followers redirect again.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("raft.follower-reads")
+        .arg("no")
+        .query(&mut fcons[0])
+        .unwrap();
+    let e = redis::cmd("GET")
+        .arg("k")
+        .query::<String>(&mut fcons[0])
+        .unwrap_err();
+    assert_eq!(e.code(), Some("MOVED"));
+}
+
+#[test]
+fn reads_without_follower_reads_redirect_and_new_leader_waits_for_its_term() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let f = (l + 1) % 3;
+    let e = get(&c, f, "k").unwrap_err();
+    assert_eq!(
+        err_text(&e),
+        format!("MOVED 0 127.0.0.1:{}", c.nodes[l].def.port)
+    );
+    // Pipelined reads from many clients share rounds and each gets its own answer.
+    set(&c, l, "a", "1");
+    set(&c, l, "b", "2");
+    let mut con = c.conn(l).unwrap();
+    let mut p = redis::pipe();
+    for _ in 0..100 {
+        p.cmd("GET")
+            .arg("a")
+            .cmd("GET")
+            .arg("b")
+            .cmd("GET")
+            .arg("missing");
+    }
+    let vals: Vec<Option<String>> = p.query(&mut con).unwrap();
+    for chunk in vals.chunks(3) {
+        assert_eq!(chunk, [Some("1".to_string()), Some("2".to_string()), None]);
+    }
+}

@@ -17,6 +17,8 @@ pub enum LogCommand {
     Redis { db: i32, argv: Vec<Vec<u8>> },
     /// Node `id` is reached by clients at `addr` (from its `raft.addr`); used in -MOVED.
     NodeAddr { id: u64, addr: String },
+    /// A MULTI/EXEC transaction: its commands, each with its database, run back to back.
+    Multi { cmds: Vec<(i32, Vec<Vec<u8>>)> },
 }
 
 #[derive(Debug, thiserror::Error)]

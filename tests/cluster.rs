@@ -145,10 +145,9 @@ fn unsupported_commands_get_clear_errors() {
         e.to_string().contains("makes no sense in a Raft cluster"),
         "{e}"
     );
-    let e = redis::cmd("MULTI").query::<()>(&mut con).unwrap_err();
+    let e = redis::cmd("WATCH").arg("k").query::<()>(&mut con).unwrap_err();
     assert!(
-        e.to_string()
-            .contains("MULTI is not supported by redis-raft yet"),
+        e.to_string().contains("WATCH is not supported by redis-raft yet"),
         "{e}"
     );
 }
@@ -321,7 +320,17 @@ fn redis_rdb_data_is_replaced_by_the_log_on_restart() {
     c.wait_applied_everywhere(Duration::from_secs(10));
     let f = (l + 1) % 3;
     let mut fc = c.conn(f).unwrap();
-    let _: String = redis::cmd("SAVE").query(&mut fc).unwrap();
+    // SAVE is refused for clients; RAFT.DEBUG EXEC runs it locally, as an operator could.
+    let e = redis::cmd("SAVE").query::<String>(&mut fc).unwrap_err();
+    assert!(
+        e.to_string().contains("the Raft log is the persistence"),
+        "{e}"
+    );
+    let _: String = redis::cmd("RAFT.DEBUG")
+        .arg("EXEC")
+        .arg("SAVE")
+        .query(&mut fc)
+        .unwrap();
     c.kill(f);
     c.start_node(f);
     c.wait_applied_everywhere(Duration::from_secs(10));

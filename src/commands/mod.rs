@@ -5,6 +5,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 mod info;
+pub mod multi;
 
 use std::ffi::{c_int, CStr};
 
@@ -55,7 +56,16 @@ extern "C" fn raft_cmd(
                 return api::reply_error(ctx, "ERR redis-raft is not initialised");
             };
             let cmd: Vec<Vec<u8>> = args[1..].iter().map(|a| a.to_vec()).collect();
-            let class = m.table.classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
+            let class = m
+                .table()
+                .classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
+            let client = unsafe { rm!(RedisModule_GetClientId)(ctx) };
+            if multi::in_multi(client) {
+                return multi::handle(ctx, m, cmd, class);
+            }
+            if class == Class::Transaction {
+                return multi::begin_or_misplaced(ctx, &cmd[0]);
+            }
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));
             }

@@ -28,9 +28,9 @@ use crate::transport::{PeerStatus, Transport, TransportConfig};
 /// How many proposal batches (one per Redis event-loop turn) may wait for the raft thread;
 /// past that a write is refused with `-TRYAGAIN` rather than queued without bound.
 pub const PROPOSAL_QUEUE_MAX: usize = 1024;
-/// Inbound peer messages waiting for the raft thread; transport readers block when full,
-/// which pushes back on the sending peer through TCP.
-pub const INBOUND_QUEUE_MAX: usize = 16384;
+/// Batches of inbound peer messages (one per socket read) waiting for the raft thread;
+/// transport readers block when full, which pushes back on the sending peer through TCP.
+pub const INBOUND_QUEUE_MAX: usize = 1024;
 /// Inputs handled per loop turn before the node produces a `Ready` (bounds latency).
 const DRAIN_MAX: usize = 8192;
 

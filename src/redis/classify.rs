@@ -17,6 +17,8 @@ pub enum Class {
     Refused(&'static str),
     /// Has subcommands: look up `name|sub`.
     Container,
+    /// MULTI, EXEC, DISCARD: redis-raft queues transactions itself.
+    Transaction,
 }
 
 /// Commands refused outright, with the reason the client sees.
@@ -37,23 +39,48 @@ const REFUSED: &[(&str, &str)] = &[
         "psync",
         "PSYNC is not supported by redis-raft: nodes replicate through the Raft log",
     ),
-    ("multi", "MULTI is not supported by redis-raft yet"),
-    ("exec", "EXEC is not supported by redis-raft yet"),
-    ("discard", "DISCARD is not supported by redis-raft yet"),
     ("watch", "WATCH is not supported by redis-raft yet"),
+    ("unwatch", "UNWATCH is not supported by redis-raft yet"),
+    ("failover", "FAILOVER makes no sense in a Raft cluster"),
     (
-        "select",
-        "SELECT is not supported by redis-raft yet: use database 0",
+        "save",
+        "SAVE is not supported by redis-raft: the Raft log is the persistence",
     ),
-    ("swapdb", "SWAPDB is not supported by redis-raft yet"),
+    (
+        "bgsave",
+        "BGSAVE is not supported by redis-raft: the Raft log is the persistence",
+    ),
+    (
+        "bgrewriteaof",
+        "BGREWRITEAOF is not supported by redis-raft: the Raft log is the persistence",
+    ),
 ];
+
+/// Subcommands refused although their command is not (DEBUG has no subcommand table).
+const REFUSED_SUB: &[(&str, &str, &str)] = &[
+    (
+        "debug",
+        "reload",
+        "DEBUG RELOAD would replace this node's data behind the Raft log's back",
+    ),
+    (
+        "debug",
+        "loadaof",
+        "DEBUG LOADAOF would replace this node's data behind the Raft log's back",
+    ),
+];
+
+/// Transaction commands: redis-raft queues transactions itself (commands/multi.rs).
+const TRANSACTION: &[&str] = &["multi", "exec", "discard"];
 
 /// Commands that Redis does not flag `write` but whose effects must be replicated.
 const WRITES: &[&str] = &["eval", "evalsha", "fcall"];
 
 #[derive(Default)]
 pub struct CommandTable {
-    map: HashMap<Vec<u8>, Class>,
+    /// Lower-case name (`name|sub` for subcommands) to class and Redis's arity (negative:
+    /// at least that many).
+    map: HashMap<Vec<u8>, (Class, i64)>,
 }
 
 fn flags_of(v: &Value) -> Vec<&[u8]> {
@@ -75,6 +102,9 @@ fn class_of(name: &str, flags: &[&[u8]]) -> Class {
     }
     if let Some((_, why)) = REFUSED.iter().find(|(n, _)| *n == name) {
         return Class::Refused(why);
+    }
+    if TRANSACTION.contains(&name) {
+        return Class::Transaction;
     }
     if WRITES.contains(&name) || flags.contains(&b"write".as_slice()) {
         Class::Write
@@ -104,6 +134,10 @@ impl CommandTable {
         };
         let name = String::from_utf8_lossy(name).to_ascii_lowercase();
         let flags = fields.get(2).map(flags_of).unwrap_or_default();
+        let arity = match fields.get(1) {
+            Some(Value::Int(a)) => *a,
+            _ => -1,
+        };
         let subs = match fields.get(9) {
             Some(Value::Array(s)) if !s.is_empty() => Some(s),
             _ => None,
@@ -117,7 +151,7 @@ impl CommandTable {
             (Some(_), Class::Refused(w)) => Class::Refused(w),
             _ => class,
         };
-        self.map.insert(name.clone().into_bytes(), class);
+        self.map.insert(name.clone().into_bytes(), (class, arity));
         if let Some(subs) = subs {
             for s in subs {
                 self.add(s, Some(&name));
@@ -129,17 +163,73 @@ impl CommandTable {
     pub fn classify(&self, name: &[u8], sub: Option<&[u8]>) -> Class {
         let mut key = Vec::with_capacity(name.len() + 16);
         key.extend(name.iter().map(|b| b.to_ascii_lowercase()));
+        if let Some(sub) = sub {
+            for (n, s, why) in REFUSED_SUB {
+                if key == n.as_bytes() && sub.eq_ignore_ascii_case(s.as_bytes()) {
+                    return Class::Refused(why);
+                }
+            }
+        }
         match self.map.get(&key) {
             // Unknown commands run as usual: Redis answers "unknown command".
             None => Class::Local,
-            Some(Class::Container) => {
+            Some((Class::Container, _)) => {
                 let Some(sub) = sub else { return Class::Local };
                 key.push(b'|');
                 key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
-                self.map.get(&key).copied().unwrap_or(Class::Local)
+                self.map.get(&key).map(|(c, _)| *c).unwrap_or(Class::Local)
             }
-            Some(c) => *c,
+            Some((c, _)) => *c,
         }
+    }
+
+    /// Checks a command line against Redis's table as Redis would before running it:
+    /// `Err` carries Redis's own error text (unknown command, wrong arity).
+    pub fn check_syntax(&self, argv: &[Vec<u8>]) -> Result<(), String> {
+        let Some(name) = argv.first() else {
+            return Err("ERR empty command".into());
+        };
+        let lname = name.to_ascii_lowercase();
+        let shown = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(128)]).into_owned();
+        let Some((class, arity)) = self.map.get(&lname) else {
+            let rest: Vec<String> = argv[1..]
+                .iter()
+                .map(|a| format!("'{}' ", shown(a)))
+                .collect();
+            return Err(format!(
+                "ERR unknown command '{}', with args beginning with: {}",
+                shown(name),
+                rest.concat()
+            ));
+        };
+        let (arity, what) = match (class, argv.get(1)) {
+            (Class::Container, Some(sub)) => {
+                let mut key = lname.clone();
+                key.push(b'|');
+                key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+                match self.map.get(&key) {
+                    Some((_, a)) => (
+                        *a,
+                        format!("{}|{}", shown(&lname), shown(&sub.to_ascii_lowercase())),
+                    ),
+                    None => {
+                        return Err(format!(
+                            "ERR unknown subcommand '{}'. Try {} HELP.",
+                            shown(sub),
+                            shown(&name.to_ascii_uppercase())
+                        ))
+                    }
+                }
+            }
+            _ => (*arity, shown(&lname)),
+        };
+        let n = argv.len() as i64;
+        if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
+            return Err(format!(
+                "ERR wrong number of arguments for '{what}' command"
+            ));
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -174,11 +264,19 @@ mod tests {
         ])
     }
 
+    fn cmd_arity(name: &str, arity: i64, flags: &[&str]) -> Value {
+        let Value::Array(mut v) = cmd(name, flags, vec![]) else {
+            unreachable!()
+        };
+        v[1] = Value::Int(arity);
+        Value::Array(v)
+    }
+
     #[test]
     fn classifies_from_flags_and_subcommands() {
         let reply = Value::Array(vec![
-            cmd("set", &["write", "denyoom"], vec![]),
-            cmd("get", &["readonly", "fast"], vec![]),
+            cmd_arity("set", -3, &["write", "denyoom"]),
+            cmd_arity("get", 2, &["readonly", "fast"]),
             cmd("ping", &["fast"], vec![]),
             cmd("eval", &["noscript"], vec![]),
             cmd("replicaof", &["admin"], vec![]),
@@ -191,6 +289,8 @@ mod tests {
                 ],
             ),
             cmd("raft.debug", &["admin"], vec![]),
+            cmd("debug", &["admin"], vec![]),
+            cmd("multi", &["fast"], vec![]),
         ]);
         let t = CommandTable::from_command_reply(&reply);
         assert_eq!(t.classify(b"SET", None), Class::Write);
@@ -203,5 +303,22 @@ mod tests {
         assert_eq!(t.classify(b"xgroup", None), Class::Local);
         assert_eq!(t.classify(b"raft.debug", None), Class::Local);
         assert_eq!(t.classify(b"nosuchcommand", None), Class::Local);
+        assert!(matches!(
+            t.classify(b"DEBUG", Some(b"Reload")),
+            Class::Refused(_)
+        ));
+        assert_eq!(t.classify(b"debug", Some(b"sleep")), Class::Local);
+        assert_eq!(t.classify(b"MULTI", None), Class::Transaction);
+        let argv = |a: &[&str]| a.iter().map(|x| x.as_bytes().to_vec()).collect::<Vec<_>>();
+        assert_eq!(
+            t.check_syntax(&argv(&["get"])),
+            Err("ERR wrong number of arguments for 'get' command".into())
+        );
+        assert_eq!(t.check_syntax(&argv(&["SET", "k", "v"])), Ok(()));
+        assert_eq!(
+            t.check_syntax(&argv(&["nope", "a"])),
+            Err("ERR unknown command 'nope', with args beginning with: 'a' ".into())
+        );
+        assert_eq!(t.check_syntax(&argv(&["xgroup", "create"])), Ok(()));
     }
 }

@@ -28,13 +28,16 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     } else {
         None
     };
-    let reroute = match m.table.classify(name, sub) {
+    let reroute = match m.table().classify(name, sub) {
         Class::Write | Class::Refused(_) => true,
         // Run natively only when no check is needed (stale mode); otherwise RAFT confirms
         // the read index first, or redirects.
         Class::Read => !m.node.as_ref().is_some_and(|n| m.serves_reads_locally(n)),
+        Class::Transaction => true,
         Class::Local | Class::Container => false,
     };
+    // Redis 7.0 does not tell a filter which client sent the command, so node-local
+    // commands inside MULTI run at once instead of being queued (see commands/multi.rs).
     if reroute {
         let s = api::create_string(std::ptr::null_mut(), b"RAFT");
         rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);

@@ -67,7 +67,23 @@ struct Pending {
 /// What a blocked client is finally told.
 enum Reply {
     Call(*mut RedisModuleCallReply),
+    /// EXEC's array: one reply per queued command.
+    Multi(Vec<Part>),
     Error(String),
+}
+
+/// One element of EXEC's reply.
+enum Part {
+    Call(*mut RedisModuleCallReply),
+    Error(String),
+}
+
+impl Part {
+    fn free(self) {
+        if let Part::Call(r) = self {
+            api::free_call_reply(r);
+        }
+    }
 }
 
 /// The module's process-wide state, set once at load.
@@ -76,7 +92,7 @@ pub struct Module {
     /// `raft.read-mode`, fixed at start.
     pub read_mode: ReadMode,
     pub bootstrap: Option<Bootstrap>,
-    pub table: CommandTable,
+    table: MainThread<CommandTable>,
     /// Context the apply path executes commands on (a detached thread-safe context, used
     /// only on the main thread).
     apply_ctx: usize,
@@ -211,10 +227,11 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
         node,
         read_mode: opts.effective_read_mode(),
         bootstrap,
-        table,
+        table: MainThread::new_lazy(),
         apply_ctx,
         incarnation,
     };
+    *m.table.get_mut() = table;
     if MODULE.set(m).is_err() {
         return Err("module state already initialised".into());
     }
@@ -237,6 +254,11 @@ fn bus_listen_addr(host: &str, port: u16) -> std::net::SocketAddr {
 }
 
 impl Module {
+    /// Redis's command table as classified at load (main thread only).
+    pub fn table(&self) -> &CommandTable {
+        self.table.get_mut()
+    }
+
     /// Whether this node may run a read on its local data right away (no round): stale mode
     /// on a leader whose data is current, or on any node with follower reads.
     pub fn serves_reads_locally(&self, node: &Node) -> bool {
@@ -282,9 +304,15 @@ pub fn propose_write(
     argv: Vec<Vec<u8>>,
 ) -> c_int {
     let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
+    propose(ctx, m, node, LogCommand::Redis { db, argv })
+}
+
+/// Replicates `cmd`: blocks the client until its entry is applied here, then replies with
+/// what applying it returned.
+pub fn propose(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, cmd: LogCommand) -> c_int {
     let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
     let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
-    let data = encode_command(&LogCommand::Redis { db, argv });
+    let data = encode_command(&cmd);
     if data.len() > ENTRY_BYTES_MAX {
         return api::reply_error(
             ctx,
@@ -426,7 +454,35 @@ pub fn subscribe_events(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     if unsafe { rm!(RedisModule_SubscribeToServerEvent)(ctx, ev, Some(before_sleep)) } != api::OK {
         return Err("could not subscribe to the event loop (Redis 7.0 or newer is needed)".into());
     }
+    let ev = api::raw::RedisModuleEvent {
+        id: api::raw::REDISMODULE_EVENT_CLIENT_CHANGE,
+        dataver: 1,
+    };
+    if unsafe { rm!(RedisModule_SubscribeToServerEvent)(ctx, ev, Some(client_change)) } != api::OK {
+        return Err("could not subscribe to client events".into());
+    }
     Ok(())
+}
+
+/// A client disconnected: drop what redis-raft kept for it.
+extern "C" fn client_change(
+    _ctx: *mut RedisModuleCtx,
+    _eid: api::raw::RedisModuleEvent,
+    subevent: u64,
+    data: *mut c_void,
+) {
+    if subevent != api::raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_DISCONNECTED || data.is_null() {
+        return;
+    }
+    guard(
+        "client change",
+        || (),
+        || {
+            // RedisModuleClientInfo starts with version, flags, id (all u64).
+            let id = unsafe { *(data as *const u64).add(2) };
+            crate::commands::multi::forget(id);
+        },
+    );
 }
 
 fn unblock(bc: *mut RedisModuleBlockedClient, reply: Reply) {
@@ -452,6 +508,25 @@ extern "C" fn reply_blocked(
                     rm!(RedisModule_ReplyWithCallReply)(ctx, *r)
                 },
                 Reply::Call(_) => api::reply_error(ctx, "ERR the command could not be executed"),
+                Reply::Multi(parts) => {
+                    unsafe {
+                        rm!(RedisModule_ReplyWithArray)(ctx, parts.len() as std::ffi::c_long)
+                    };
+                    for p in parts {
+                        match p {
+                            Part::Call(r) if !r.is_null() => unsafe {
+                                rm!(RedisModule_ReplyWithCallReply)(ctx, *r);
+                            },
+                            Part::Call(_) => {
+                                api::reply_error(ctx, "ERR the command could not be executed");
+                            }
+                            Part::Error(e) => {
+                                api::reply_error(ctx, e);
+                            }
+                        }
+                    }
+                    api::OK
+                }
                 Reply::Error(e) => api::reply_error(ctx, e),
             }
         },
@@ -463,8 +538,10 @@ extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
         return;
     }
     let r = unsafe { Box::from_raw(p as *mut Reply) };
-    if let Reply::Call(c) = *r {
-        api::free_call_reply(c);
+    match *r {
+        Reply::Call(c) => api::free_call_reply(c),
+        Reply::Multi(parts) => parts.into_iter().for_each(Part::free),
+        Reply::Error(_) => {}
     }
 }
 
@@ -545,6 +622,22 @@ fn fail_all_pending(msg: &str) {
     }
 }
 
+/// Runs a transaction's commands back to back, each in its own database.
+fn apply_transaction(
+    ctx: *mut RedisModuleCtx,
+    cmds: &[(i32, Vec<Vec<u8>>)],
+    resp3: bool,
+) -> Vec<Part> {
+    cmds.iter()
+        .map(|(db, argv)| {
+            if unsafe { rm!(RedisModule_SelectDb)(ctx, *db) } != api::OK {
+                return Part::Error("ERR DB index is out of range".into());
+            }
+            Part::Call(api::call(ctx, argv, CallOpts { resp3 }))
+        })
+        .collect()
+}
+
 /// The Raft log is the source of truth: whatever Redis loaded from its own RDB/AOF at start
 /// is dropped before the log is replayed.
 fn take_over_dataset(ctx: *mut RedisModuleCtx) {
@@ -602,6 +695,14 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
             match pending {
                 Some(p) => unblock(p.bc, Reply::Call(r)),
                 None => api::free_call_reply(r),
+            }
+        }
+        LogCommand::Multi { cmds } => {
+            let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
+            let replies = apply_transaction(ctx, &cmds, resp3);
+            match pending {
+                Some(p) => unblock(p.bc, Reply::Multi(replies)),
+                None => replies.into_iter().for_each(Part::free),
             }
         }
         LogCommand::NodeAddr { id, addr } => {

@@ -390,3 +390,62 @@ pub fn err_text(e: &redis::RedisError) -> String {
         _ => e.to_string(),
     }
 }
+
+/// A bare RESP connection, for asserting replies byte for byte (redis-rs turns an error
+/// inside an array into an error for the whole reply).
+pub struct RawConn {
+    stream: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl RawConn {
+    pub fn open(port: u16) -> RawConn {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        RawConn {
+            stream: std::io::BufReader::new(s),
+        }
+    }
+
+    /// Sends one command and returns its reply as raw RESP text.
+    pub fn cmd(&mut self, args: &[&str]) -> String {
+        use std::io::Write;
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.stream
+            .get_mut()
+            .write_all(out.as_bytes())
+            .expect("write");
+        let mut reply = String::new();
+        self.read_value(&mut reply);
+        reply
+    }
+
+    fn read_value(&mut self, into: &mut String) {
+        use std::io::{BufRead, Read};
+        let mut line = String::new();
+        self.stream.read_line(&mut line).expect("read");
+        into.push_str(&line);
+        let n: i64 = line[1..].trim().parse().unwrap_or(0);
+        match line.as_bytes().first() {
+            Some(b'*') | Some(b'~') | Some(b'>') => {
+                for _ in 0..n.max(0) {
+                    self.read_value(into);
+                }
+            }
+            Some(b'%') => {
+                for _ in 0..n.max(0) * 2 {
+                    self.read_value(into);
+                }
+            }
+            Some(b'$') | Some(b'=') if n >= 0 => {
+                let mut buf = vec![0u8; n as usize + 2];
+                self.stream.read_exact(&mut buf).expect("read bulk");
+                into.push_str(&String::from_utf8_lossy(&buf));
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! MULTI / EXEC / DISCARD: redis-raft queues a client's transaction itself and, at EXEC,
+//! replicates it as ONE log entry that every node applies atomically (the apply path runs
+//! its commands back to back on the main thread, so nothing interleaves).
+//!
+//! Commands that never go through the log (PING, SELECT, CLIENT, CONFIG ...) are not seen
+//! here while the client is in MULTI: Redis 7.0's command filter cannot tell which client
+//! sent a command, so they run at once rather than being queued. Each queued command keeps
+//! the database selected when it was queued, so SELECT between commands still works.
+
+use std::collections::HashMap;
+use std::ffi::c_int;
+
+use crate::codec::LogCommand;
+use crate::redis::api::{self, rm, RedisModuleCtx};
+use crate::redis::classify::Class;
+use crate::redis::{propose, redirect_error, MainThread, Module};
+
+/// A transaction being queued by one client.
+#[derive(Default)]
+struct Queued {
+    cmds: Vec<(i32, Vec<Vec<u8>>)>,
+    /// A command was refused at queue time: EXEC answers EXECABORT.
+    failed: bool,
+}
+
+/// Clients inside MULTI, by client id.
+static IN_MULTI: MainThread<HashMap<u64, Queued>> = MainThread::new_lazy();
+
+/// Commands that may be queued although they do not go through the log on their own:
+/// they are deterministic and touch no node-local state.
+const LOCAL_ALLOWED: &[&[u8]] = &[b"ping", b"echo", b"select"];
+
+pub fn in_multi(client_id: u64) -> bool {
+    IN_MULTI.get_mut().contains_key(&client_id)
+}
+
+/// The client disconnected: forget its transaction.
+pub fn forget(client_id: u64) {
+    IN_MULTI.get_mut().remove(&client_id);
+}
+
+fn client_id(ctx: *mut RedisModuleCtx) -> u64 {
+    unsafe { rm!(RedisModule_GetClientId)(ctx) }
+}
+
+/// MULTI, EXEC or DISCARD outside a transaction.
+pub fn begin_or_misplaced(ctx: *mut RedisModuleCtx, name: &[u8]) -> c_int {
+    match name.to_ascii_lowercase().as_slice() {
+        b"multi" => {
+            IN_MULTI.get_mut().insert(client_id(ctx), Queued::default());
+            api::reply_simple(ctx, "OK")
+        }
+        b"exec" => api::reply_error(ctx, "ERR EXEC without MULTI"),
+        _ => api::reply_error(ctx, "ERR DISCARD without MULTI"),
+    }
+}
+
+/// A command from a client inside MULTI: queue it, or finish the transaction.
+pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Class) -> c_int {
+    let id = client_id(ctx);
+    let name = cmd[0].to_ascii_lowercase();
+    match (class, name.as_slice()) {
+        (Class::Transaction, b"multi") => {
+            fail(id);
+            api::reply_error(ctx, "ERR MULTI calls can not be nested")
+        }
+        (Class::Transaction, b"discard") => {
+            forget(id);
+            api::reply_simple(ctx, "OK")
+        }
+        (Class::Transaction, _) => exec(ctx, m, id),
+        (Class::Refused(why), _) => {
+            fail(id);
+            api::reply_error(ctx, &format!("ERR {why}"))
+        }
+        (Class::Local, n) if !LOCAL_ALLOWED.contains(&n) => {
+            fail(id);
+            let shown = String::from_utf8_lossy(&cmd[0]).to_uppercase();
+            api::reply_error(
+                ctx,
+                &format!("ERR {shown} inside MULTI is not supported by redis-raft"),
+            )
+        }
+        _ => {
+            if let Err(e) = m.table().check_syntax(&cmd) {
+                fail(id);
+                return api::reply_error(ctx, &e);
+            }
+            let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
+            if let Some(q) = IN_MULTI.get_mut().get_mut(&id) {
+                q.cmds.push((db, cmd));
+            }
+            api::reply_simple(ctx, "QUEUED")
+        }
+    }
+}
+
+fn fail(id: u64) {
+    if let Some(q) = IN_MULTI.get_mut().get_mut(&id) {
+        q.failed = true;
+    }
+}
+
+fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
+    let Some(q) = IN_MULTI.get_mut().remove(&id) else {
+        return api::reply_error(ctx, "ERR EXEC without MULTI");
+    };
+    if q.failed {
+        return api::reply_error(
+            ctx,
+            "EXECABORT Transaction discarded because of previous errors.",
+        );
+    }
+    if q.cmds.is_empty() {
+        return unsafe { rm!(RedisModule_ReplyWithArray)(ctx, 0) };
+    }
+    let Some(node) = &m.node else {
+        return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
+    };
+    if !node.shared().is_leader() {
+        return api::reply_error(ctx, &redirect_error(m));
+    }
+    propose(ctx, m, node, LogCommand::Multi { cmds: q.cmds })
+}

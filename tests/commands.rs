@@ -1,0 +1,196 @@
+//! Commands behave as on a single Redis, on every node: transactions, databases, refused
+//! commands.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn leader_conn(c: &mut Cluster) -> (usize, redis::Connection) {
+    let l = c.wait_leader(Duration::from_secs(10));
+    (l, c.conn(l).unwrap())
+}
+
+#[test]
+fn multi_exec_is_one_atomic_entry_with_redis_replies() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(r.cmd(&["SET", "s", "str"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["INCR", "n"]), "+QUEUED\r\n");
+    assert_eq!(r.cmd(&["RPUSH", "l", "a", "b"]), "+QUEUED\r\n");
+    assert_eq!(r.cmd(&["LPUSH", "s", "x"]), "+QUEUED\r\n");
+    assert_eq!(r.cmd(&["GET", "n"]), "+QUEUED\r\n");
+    // Node-local commands run at once inside MULTI (Redis 7.0's filter cannot tell clients apart).
+    assert_eq!(r.cmd(&["PING"]), "+PONG\r\n");
+    assert_eq!(
+        r.cmd(&["EXEC"]),
+        "*4\r\n:1\r\n:2\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n$1\r\n1\r\n"
+    );
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["GET", "n"]),
+            Value::BulkString(b"1".to_vec()),
+            "node {i}"
+        );
+        assert_eq!(c.local(i, &["LLEN", "l"]), Value::Int(2), "node {i}");
+    }
+}
+
+#[test]
+fn queue_time_errors_abort_the_transaction_as_redis_does() {
+    let mut c = Cluster::start(3);
+    let (_, mut con) = leader_conn(&mut c);
+    let _: String = redis::cmd("MULTI").query(&mut con).unwrap();
+    let _: String = redis::cmd("SET").arg("a").arg("1").query(&mut con).unwrap();
+    let e = redis::cmd("GET").query::<String>(&mut con).unwrap_err();
+    assert_eq!(
+        err_text(&e),
+        "ERR wrong number of arguments for 'get' command"
+    );
+    let e = redis::cmd("NOSUCHCMD")
+        .arg("x")
+        .query::<String>(&mut con)
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown command 'NOSUCHCMD'"), "{e}");
+    let e = redis::cmd("EXEC").query::<Value>(&mut con).unwrap_err();
+    assert_eq!(
+        err_text(&e),
+        "EXECABORT Transaction discarded because of previous errors."
+    );
+    // Nothing was written; the client is out of MULTI.
+    let v: Option<String> = redis::cmd("GET").arg("a").query(&mut con).unwrap();
+    assert_eq!(v, None);
+    let e = redis::cmd("EXEC").query::<Value>(&mut con).unwrap_err();
+    assert_eq!(err_text(&e), "ERR EXEC without MULTI");
+    let e = redis::cmd("DISCARD").query::<Value>(&mut con).unwrap_err();
+    assert_eq!(err_text(&e), "ERR DISCARD without MULTI");
+    // Nested MULTI and DISCARD.
+    let _: String = redis::cmd("MULTI").query(&mut con).unwrap();
+    let e = redis::cmd("MULTI").query::<String>(&mut con).unwrap_err();
+    assert_eq!(err_text(&e), "ERR MULTI calls can not be nested");
+    let ok: String = redis::cmd("DISCARD").query(&mut con).unwrap();
+    assert_eq!(ok, "OK");
+    // An empty transaction.
+    let _: String = redis::cmd("MULTI").query(&mut con).unwrap();
+    let v: Vec<Value> = redis::cmd("EXEC").query(&mut con).unwrap();
+    assert!(v.is_empty());
+}
+
+#[test]
+fn transactions_on_a_follower_redirect_at_exec() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn((l + 1) % 3).unwrap();
+    let _: String = redis::cmd("MULTI").query(&mut con).unwrap();
+    let _: String = redis::cmd("SET").arg("a").arg("1").query(&mut con).unwrap();
+    let e = redis::cmd("EXEC").query::<Value>(&mut con).unwrap_err();
+    assert_eq!(
+        err_text(&e),
+        format!("MOVED 0 127.0.0.1:{}", c.nodes[l].def.port)
+    );
+}
+
+#[test]
+fn select_and_databases_work_on_every_node() {
+    let mut c = Cluster::start(3);
+    let (l, mut con) = leader_conn(&mut c);
+    let _: () = redis::cmd("SELECT").arg(3).query(&mut con).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("in3")
+        .query(&mut con)
+        .unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut con).unwrap();
+    assert_eq!(v, "in3");
+    let moved: i64 = redis::cmd("MOVE").arg("k").arg(5).query(&mut con).unwrap();
+    assert_eq!(moved, 1);
+    let _: () = redis::cmd("SELECT").arg(5).query(&mut con).unwrap();
+    let copied: i64 = redis::cmd("COPY")
+        .arg("k")
+        .arg("k2")
+        .arg("DB")
+        .arg(6)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(copied, 1);
+    let _: () = redis::cmd("SWAPDB").arg(6).arg(7).query(&mut con).unwrap();
+    // A transaction that selects between its commands: each runs in its own database.
+    let _: String = redis::cmd("MULTI").query(&mut con).unwrap();
+    let _: String = redis::cmd("SET")
+        .arg("t")
+        .arg("in5")
+        .query(&mut con)
+        .unwrap();
+    let _: String = redis::cmd("SELECT").arg(9).query(&mut con).unwrap();
+    let _: String = redis::cmd("SET")
+        .arg("t")
+        .arg("in9")
+        .query(&mut con)
+        .unwrap();
+    let r: Vec<Value> = redis::cmd("EXEC").query(&mut con).unwrap();
+    assert_eq!(r, vec![Value::Okay, Value::Okay]);
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        let mut n = c.conn(i).unwrap();
+        let get = |n: &mut redis::Connection, db: i64, k: &str| -> Value {
+            let _: () = redis::cmd("SELECT").arg(db).query(n).unwrap();
+            redis::cmd("RAFT.DEBUG")
+                .arg("EXEC")
+                .arg("GET")
+                .arg(k)
+                .query(n)
+                .unwrap()
+        };
+        assert_eq!(get(&mut n, 3, "k"), Value::Nil, "node {i}");
+        assert_eq!(
+            get(&mut n, 5, "k"),
+            Value::BulkString(b"in3".to_vec()),
+            "node {i}"
+        );
+        assert_eq!(
+            get(&mut n, 7, "k2"),
+            Value::BulkString(b"in3".to_vec()),
+            "node {i}"
+        );
+        assert_eq!(
+            get(&mut n, 9, "t"),
+            Value::BulkString(b"in9".to_vec()),
+            "node {i}"
+        );
+        assert_eq!(
+            get(&mut n, 5, "t"),
+            Value::BulkString(b"in5".to_vec()),
+            "node {i}"
+        );
+        assert_eq!(get(&mut n, 0, "t"), Value::Nil, "node {i}");
+    }
+    let _ = l;
+}
+
+#[test]
+fn commands_that_make_no_sense_here_are_refused_clearly() {
+    let mut c = Cluster::start(3);
+    let (_, mut con) = leader_conn(&mut c);
+    for (cmd, args, text) in [
+        ("SAVE", vec![], "the Raft log is the persistence"),
+        ("BGSAVE", vec![], "the Raft log is the persistence"),
+        ("BGREWRITEAOF", vec![], "the Raft log is the persistence"),
+        (
+            "SLAVEOF",
+            vec!["no", "one"],
+            "makes no sense in a Raft cluster",
+        ),
+        ("DEBUG", vec!["RELOAD"], "behind the Raft log's back"),
+    ] {
+        let mut c = redis::cmd(cmd);
+        for a in args {
+            c.arg(a);
+        }
+        let e = c.query::<Value>(&mut con).unwrap_err();
+        assert!(e.to_string().contains(text), "{cmd}: {e}");
+    }
+}

@@ -194,3 +194,85 @@ fn commands_that_make_no_sense_here_are_refused_clearly() {
         assert!(e.to_string().contains(text), "{cmd}: {e}");
     }
 }
+
+#[test]
+fn relative_ttls_become_the_same_deadline_on_every_node() {
+    let mut c = Cluster::start(3);
+    let (_, mut con) = leader_conn(&mut c);
+    let cmds: Vec<Vec<&str>> = vec![
+        vec!["SET", "a", "v", "EX", "100"],
+        vec!["SETEX", "b", "100", "v"],
+        vec!["PSETEX", "c", "100000", "v"],
+        vec!["SET", "d", "v"],
+        vec!["EXPIRE", "d", "100"],
+        vec!["SET", "e", "v"],
+        vec!["PEXPIRE", "e", "100000"],
+        vec!["SET", "f", "v"],
+        vec!["GETEX", "f", "EX", "100"],
+    ];
+    for args in &cmds {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let _: Value = cmd.query(&mut con).unwrap();
+    }
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for k in ["a", "b", "c", "d", "e", "f"] {
+        let at = c.local(0, &["PEXPIRETIME", k]);
+        let Value::Int(ms) = at else {
+            panic!("{k}: {at:?}")
+        };
+        assert!(ms > 0, "{k} has no deadline");
+        for i in 1..3 {
+            assert_eq!(c.local(i, &["PEXPIRETIME", k]), at, "key {k} node {i}");
+        }
+    }
+}
+
+#[test]
+fn spop_removes_the_same_members_on_every_node() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    let mut sadd = vec!["SADD", "s"];
+    let members: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+    sadd.extend(members.iter().map(|s| s.as_str()));
+    assert_eq!(r.cmd(&sadd), ":100\r\n");
+    // Reply shapes as Redis's: bulk without a count, array with one, nil / empty when missing.
+    let one = r.cmd(&["SPOP", "s"]);
+    assert!(
+        one.starts_with("$2\r\nm") || one.starts_with("$3\r\nm"),
+        "{one}"
+    );
+    let three = r.cmd(&["SPOP", "s", "3"]);
+    assert!(three.starts_with("*3\r\n"), "{three}");
+    assert_eq!(r.cmd(&["SPOP", "missing"]), "$-1\r\n");
+    assert_eq!(r.cmd(&["SPOP", "missing", "2"]), "*0\r\n");
+    assert_eq!(r.cmd(&["SET", "str", "x"]), "+OK\r\n");
+    assert!(r.cmd(&["SPOP", "str"]).starts_with("-WRONGTYPE"));
+    for _ in 0..10 {
+        r.cmd(&["SPOP", "s", "5"]);
+    }
+    assert_eq!(r.cmd(&["SCARD", "s"]), ":46\r\n");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let sorted = |v: Value| -> Vec<String> {
+        let Value::Array(items) = v else {
+            panic!("{v:?}")
+        };
+        let mut s: Vec<String> = items
+            .into_iter()
+            .map(|x| match x {
+                Value::BulkString(b) => String::from_utf8(b).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    let first = sorted(c.local(0, &["SMEMBERS", "s"]));
+    assert_eq!(first.len(), 46);
+    for i in 1..3 {
+        assert_eq!(sorted(c.local(i, &["SMEMBERS", "s"])), first, "node {i}");
+    }
+}

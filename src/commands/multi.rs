@@ -13,7 +13,7 @@ use std::ffi::c_int;
 use crate::codec::LogCommand;
 use crate::redis::api::{self, rm, RedisModuleCtx};
 use crate::redis::classify::Class;
-use crate::redis::{propose, redirect_error, MainThread, Module};
+use crate::redis::{leader_rewrite, propose, redirect_error, MainThread, Module};
 
 /// A transaction being queued by one client.
 #[derive(Default)]
@@ -120,5 +120,10 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
     if !node.shared().is_leader() {
         return api::reply_error(ctx, &redirect_error(m));
     }
-    propose(ctx, m, node, LogCommand::Multi { cmds: q.cmds })
+    let cmds = q
+        .cmds
+        .into_iter()
+        .map(|(db, argv)| (db, leader_rewrite(argv)))
+        .collect();
+    propose(ctx, m, node, LogCommand::Multi { cmds })
 }

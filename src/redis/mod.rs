@@ -14,6 +14,7 @@ pub mod classify;
 pub mod configs;
 pub mod filter;
 pub mod logging;
+pub mod rewrite;
 
 use std::cell::UnsafeCell;
 use std::collections::{BTreeMap, HashMap};
@@ -304,7 +305,23 @@ pub fn propose_write(
     argv: Vec<Vec<u8>>,
 ) -> c_int {
     let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
+    let argv = leader_rewrite(argv);
     propose(ctx, m, node, LogCommand::Redis { db, argv })
+}
+
+/// What the leader changes in a command before logging it (see rewrite.rs).
+pub fn leader_rewrite(argv: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let st = MAIN.get_mut();
+    // A fresh seed per command (xorshift over the request counter and the clock).
+    let mut x = (now as u64) ^ st.next_request.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    rewrite::rewrite(&argv, now, (x >> 33) as u32).unwrap_or(argv)
 }
 
 /// Replicates `cmd`: blocks the client until its entry is applied here, then replies with

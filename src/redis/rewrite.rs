@@ -1,0 +1,247 @@
+//! Rewrites a command on the leader, before it enters the log, so that every node computes
+//! the same result however late it applies the entry:
+//! - relative expiry becomes an absolute deadline (EXPIRE → PEXPIREAT, SET EX → SET PXAT,
+//!   SETEX/PSETEX → SET ... PXAT, GETEX EX/PX → GETEX PXAT, RESTORE ttl → RESTORE ... ABSTTL);
+//! - SPOP, whose members Redis picks at random, becomes a script that picks them from the
+//!   sorted members with a seed chosen here, so every node removes the same ones.
+//!
+//! Pure functions of the command line, the leader's clock and a seed: unit-tested below.
+//! Clock assumption: nodes' wall clocks agree to within the precision users need for TTLs
+//! (NTP); a key dies on each node when that node's clock passes the deadline.
+
+/// SPOP key [count], deterministic: members sorted, then picked by a xorshift generator
+/// seeded from the entry. Replies as SPOP does (nil / bulk without count; array with count).
+pub const SPOP_SCRIPT: &str = r#"
+local members = redis.pcall('SMEMBERS', KEYS[1])
+if members.err then return members end
+table.sort(members)
+local seed = tonumber(ARGV[1])
+local function rnd(n)
+  seed = (seed * 1103515245 + 12345) % 2147483648
+  return (seed % n) + 1
+end
+local single = ARGV[2] == nil
+local count = single and 1 or tonumber(ARGV[2])
+local picked = {}
+while #picked < count and #members > 0 do
+  local i = rnd(#members)
+  picked[#picked + 1] = members[i]
+  members[i] = members[#members]
+  members[#members] = nil
+end
+for i = 1, #picked, 1000 do
+  redis.call('SREM', KEYS[1], unpack(picked, i, math.min(i + 999, #picked)))
+end
+if single then
+  if #picked == 0 then return false end
+  return picked[1]
+end
+return picked
+"#;
+
+fn eq(a: &[u8], b: &str) -> bool {
+    a.eq_ignore_ascii_case(b.as_bytes())
+}
+
+fn int(a: &[u8]) -> Option<i64> {
+    std::str::from_utf8(a).ok()?.parse().ok()
+}
+
+fn num(v: i64) -> Vec<u8> {
+    v.to_string().into_bytes()
+}
+
+/// `now_ms + amount * unit_ms`, or None on overflow (the command is then left as it is, and
+/// Redis refuses it the same way on every node).
+fn deadline(now_ms: i64, amount: i64, unit_ms: i64) -> Option<i64> {
+    amount.checked_mul(unit_ms)?.checked_add(now_ms)
+}
+
+/// Returns the command to log instead of `argv`, or None to log it unchanged.
+pub fn rewrite(argv: &[Vec<u8>], now_ms: i64, seed: u32) -> Option<Vec<Vec<u8>>> {
+    let name = argv.first()?;
+    if eq(name, "expire") || eq(name, "pexpire") {
+        // EXPIRE key seconds [NX|XX|GT|LT] -> PEXPIREAT key ms [NX|XX|GT|LT]
+        let unit = if eq(name, "expire") { 1000 } else { 1 };
+        let at = deadline(now_ms, int(argv.get(2)?)?, unit)?;
+        let mut v = vec![b"PEXPIREAT".to_vec(), argv.get(1)?.clone(), num(at)];
+        v.extend(argv[3..].iter().cloned());
+        return Some(v);
+    }
+    if eq(name, "expireat") {
+        let at = int(argv.get(2)?)?.checked_mul(1000)?;
+        let mut v = vec![b"PEXPIREAT".to_vec(), argv.get(1)?.clone(), num(at)];
+        v.extend(argv[3..].iter().cloned());
+        return Some(v);
+    }
+    if eq(name, "setex") || eq(name, "psetex") {
+        // SETEX key seconds value -> SET key value PXAT ms. Redis refuses a non-positive
+        // time; keep that (and its message) by leaving such commands alone.
+        let amount = int(argv.get(2)?)?;
+        if amount <= 0 || argv.len() != 4 {
+            return None;
+        }
+        let unit = if eq(name, "setex") { 1000 } else { 1 };
+        let at = deadline(now_ms, amount, unit)?;
+        return Some(vec![
+            b"SET".to_vec(),
+            argv[1].clone(),
+            argv[3].clone(),
+            b"PXAT".to_vec(),
+            num(at),
+        ]);
+    }
+    if eq(name, "set") || eq(name, "getex") {
+        // Options: EX s | PX ms | EXAT s -> PXAT ms; everything else kept in place.
+        let first_opt = if eq(name, "set") { 3 } else { 2 };
+        let mut v = argv.to_vec();
+        let mut changed = false;
+        let mut i = first_opt;
+        while i < v.len() {
+            let o = &v[i];
+            let unit = if eq(o, "ex") {
+                Some((1000, true))
+            } else if eq(o, "px") {
+                Some((1, true))
+            } else if eq(o, "exat") {
+                Some((1000, false))
+            } else {
+                None
+            };
+            if let Some((unit, relative)) = unit {
+                let amount = int(v.get(i + 1)?)?;
+                if amount <= 0 {
+                    return None;
+                }
+                let at = if relative {
+                    deadline(now_ms, amount, unit)?
+                } else {
+                    amount.checked_mul(unit)?
+                };
+                v[i] = b"PXAT".to_vec();
+                v[i + 1] = num(at);
+                changed = true;
+                i += 2;
+            } else {
+                i += 1;
+            }
+        }
+        return changed.then_some(v);
+    }
+    if eq(name, "restore") {
+        // RESTORE key ttl payload [REPLACE] [ABSTTL] ...: ttl 0 means none.
+        let ttl = int(argv.get(2)?)?;
+        if ttl <= 0 || argv[4..].iter().any(|a| eq(a, "absttl")) {
+            return None;
+        }
+        let mut v = argv.to_vec();
+        v[2] = num(deadline(now_ms, ttl, 1)?);
+        v.push(b"ABSTTL".to_vec());
+        return Some(v);
+    }
+    if eq(name, "spop") && (argv.len() == 2 || argv.len() == 3) {
+        if let Some(c) = argv.get(2) {
+            // Let Redis refuse a bad count itself, identically everywhere.
+            if int(c).is_none_or(|c| c < 0) {
+                return None;
+            }
+        }
+        let mut v = vec![
+            b"EVAL".to_vec(),
+            SPOP_SCRIPT.as_bytes().to_vec(),
+            b"1".to_vec(),
+            argv[1].clone(),
+            num(i64::from(seed)),
+        ];
+        v.extend(argv.get(2).cloned());
+        return Some(v);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &[&str]) -> Vec<Vec<u8>> {
+        s.iter().map(|x| x.as_bytes().to_vec()).collect()
+    }
+
+    fn r(s: &[&str]) -> Option<Vec<String>> {
+        rewrite(&a(s), 1_000_000, 7).map(|v| {
+            v.into_iter()
+                .map(|x| String::from_utf8(x).unwrap())
+                .collect()
+        })
+    }
+
+    fn v(s: &[&str]) -> Option<Vec<String>> {
+        Some(s.iter().map(|x| x.to_string()).collect())
+    }
+
+    #[test]
+    fn relative_expiry_becomes_absolute() {
+        assert_eq!(r(&["EXPIRE", "k", "10"]), v(&["PEXPIREAT", "k", "1010000"]));
+        assert_eq!(
+            r(&["expire", "k", "10", "NX"]),
+            v(&["PEXPIREAT", "k", "1010000", "NX"])
+        );
+        assert_eq!(r(&["PEXPIRE", "k", "5"]), v(&["PEXPIREAT", "k", "1000005"]));
+        assert_eq!(
+            r(&["EXPIREAT", "k", "2000"]),
+            v(&["PEXPIREAT", "k", "2000000"])
+        );
+        assert_eq!(
+            r(&["SETEX", "k", "3", "v"]),
+            v(&["SET", "k", "v", "PXAT", "1003000"])
+        );
+        assert_eq!(
+            r(&["PSETEX", "k", "3", "v"]),
+            v(&["SET", "k", "v", "PXAT", "1000003"])
+        );
+        assert_eq!(
+            r(&["SET", "k", "v", "NX", "EX", "2", "GET"]),
+            v(&["SET", "k", "v", "NX", "PXAT", "1002000", "GET"])
+        );
+        assert_eq!(
+            r(&["SET", "k", "v", "px", "2"]),
+            v(&["SET", "k", "v", "PXAT", "1000002"])
+        );
+        assert_eq!(
+            r(&["SET", "k", "v", "EXAT", "2"]),
+            v(&["SET", "k", "v", "PXAT", "2000"])
+        );
+        assert_eq!(
+            r(&["GETEX", "k", "EX", "1"]),
+            v(&["GETEX", "k", "PXAT", "1001000"])
+        );
+        assert_eq!(
+            r(&["RESTORE", "k", "50", "payload"]),
+            v(&["RESTORE", "k", "1000050", "payload", "ABSTTL"])
+        );
+    }
+
+    #[test]
+    fn commands_without_relative_time_or_with_bad_values_are_left_alone() {
+        assert_eq!(r(&["SET", "k", "v"]), None);
+        assert_eq!(r(&["SET", "k", "EX"]), None);
+        assert_eq!(r(&["SET", "k", "v", "EX", "x"]), None);
+        assert_eq!(r(&["SET", "k", "v", "EX", "0"]), None);
+        assert_eq!(r(&["SETEX", "k", "-1", "v"]), None);
+        assert_eq!(r(&["EXPIRE", "k", "nope"]), None);
+        assert_eq!(r(&["EXPIRE", "k", "9223372036854775807"]), None);
+        assert_eq!(r(&["RESTORE", "k", "0", "p"]), None);
+        assert_eq!(r(&["RESTORE", "k", "5", "p", "ABSTTL"]), None);
+        assert_eq!(r(&["GET", "k"]), None);
+        assert_eq!(r(&["SPOP", "k", "-1"]), None);
+    }
+
+    #[test]
+    fn spop_becomes_a_seeded_script() {
+        let out = r(&["SPOP", "s", "3"]).unwrap();
+        assert_eq!(out[0], "EVAL");
+        assert_eq!(&out[2..], &["1", "s", "7", "3"]);
+        let out = r(&["spop", "s"]).unwrap();
+        assert_eq!(&out[2..], &["1", "s", "7"]);
+    }
+}

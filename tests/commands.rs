@@ -276,3 +276,62 @@ fn spop_removes_the_same_members_on_every_node() {
         assert_eq!(sorted(c.local(i, &["SMEMBERS", "s"])), first, "node {i}");
     }
 }
+
+#[test]
+fn acl_and_maxmemory_refusals_happen_before_the_log() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut admin = RawConn::open(c.nodes[l].def.port);
+    // ACLs are node-local: set the user up on the leader.
+    assert_eq!(
+        admin.cmd(&[
+            "ACL",
+            "SETUSER",
+            "app",
+            "on",
+            ">pw",
+            "~allowed:*",
+            "+@all",
+            "-del"
+        ]),
+        "+OK\r\n"
+    );
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(r.cmd(&["AUTH", "app", "pw"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["SET", "allowed:k", "v"]), "+OK\r\n");
+    assert!(
+        r.cmd(&["SET", "other:k", "v"]).starts_with("-NOPERM"),
+        "key outside the user's pattern"
+    );
+    assert!(
+        r.cmd(&["DEL", "allowed:k"]).starts_with("-NOPERM"),
+        "command the user may not run"
+    );
+    assert!(
+        r.cmd(&["GET", "other:k"]).starts_with("-NOPERM"),
+        "read of a key outside the pattern"
+    );
+    // A refused command inside MULTI aborts the transaction, as in Redis.
+    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
+    assert!(r.cmd(&["SET", "other:k", "v"]).starts_with("-NOPERM"));
+    assert!(r.cmd(&["EXEC"]).starts_with("-EXECABORT"));
+    // Over maxmemory, denyoom commands are refused; reads and deletes still work.
+    assert_eq!(admin.cmd(&["CONFIG", "SET", "maxmemory", "1"]), "+OK\r\n");
+    assert_eq!(
+        admin.cmd(&["SET", "big", "v"]),
+        "-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+    );
+    assert_eq!(admin.cmd(&["GET", "allowed:k"]), "$1\r\nv\r\n");
+    assert_eq!(admin.cmd(&["DEL", "allowed:k"]), ":1\r\n");
+    assert_eq!(admin.cmd(&["CONFIG", "SET", "maxmemory", "0"]), "+OK\r\n");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        for k in ["other:k", "big", "allowed:k"] {
+            assert_eq!(
+                c.local(i, &["EXISTS", k]),
+                Value::Int(0),
+                "node {i} key {k}"
+            );
+        }
+    }
+}

@@ -13,7 +13,7 @@ pub use info::info_func;
 
 use crate::redis::api::{self, guard, rm, CallOpts, RedisModuleCtx, RedisModuleString};
 use crate::redis::classify::Class;
-use crate::redis::{module, propose_write, queue_read, redirect_error};
+use crate::redis::{admit, module, propose_write, queue_read, redirect_error};
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
@@ -78,6 +78,11 @@ extern "C" fn raft_cmd(
                 ctx,
                 "ERR replicated commands inside MULTI or scripts are not supported by redis-raft yet",
             );
+            }
+            if matches!(class, Class::Write | Class::Read) {
+                if let Err(e) = admit(ctx, m, &cmd) {
+                    return api::reply_error(ctx, &e);
+                }
             }
             match class {
                 Class::Write => {

@@ -13,7 +13,7 @@ use std::ffi::c_int;
 use crate::codec::LogCommand;
 use crate::redis::api::{self, rm, RedisModuleCtx};
 use crate::redis::classify::Class;
-use crate::redis::{leader_rewrite, propose, redirect_error, MainThread, Module};
+use crate::redis::{admit, leader_rewrite, propose, redirect_error, MainThread, Module};
 
 /// A transaction being queued by one client.
 #[derive(Default)]
@@ -82,7 +82,11 @@ pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Cl
             )
         }
         _ => {
-            if let Err(e) = m.table().check_syntax(&cmd) {
+            if let Err(e) = m
+                .table()
+                .check_syntax(&cmd)
+                .and_then(|()| admit(ctx, m, &cmd))
+            {
                 fail(id);
                 return api::reply_error(ctx, &e);
             }

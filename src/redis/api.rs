@@ -81,7 +81,13 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_CallReplyArrayElement,
         RedisModule_CallReplyStringPtr,
         RedisModule_FreeCallReply,
-        RedisModule_SubscribeToServerEvent
+        RedisModule_SubscribeToServerEvent,
+        RedisModule_GetClientId,
+        RedisModule_GetCurrentUserName,
+        RedisModule_GetModuleUserFromUserName,
+        RedisModule_FreeModuleUser,
+        RedisModule_ACLCheckCommandPermissions,
+        RedisModule_GetUsedMemoryRatio
     );
     v
 }

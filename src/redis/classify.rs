@@ -81,6 +81,8 @@ pub struct CommandTable {
     /// Lower-case name (`name|sub` for subcommands) to class and Redis's arity (negative:
     /// at least that many).
     map: HashMap<Vec<u8>, (Class, i64)>,
+    /// Commands (lower-case, `name|sub` for subcommands) Redis refuses when over maxmemory.
+    denyoom: std::collections::HashSet<Vec<u8>>,
 }
 
 fn flags_of(v: &Value) -> Vec<&[u8]> {
@@ -151,6 +153,9 @@ impl CommandTable {
             (Some(_), Class::Refused(w)) => Class::Refused(w),
             _ => class,
         };
+        if flags.contains(&b"denyoom".as_slice()) {
+            self.denyoom.insert(name.clone().into_bytes());
+        }
         self.map.insert(name.clone().into_bytes(), (class, arity));
         if let Some(subs) = subs {
             for s in subs {
@@ -181,6 +186,23 @@ impl CommandTable {
             }
             Some((c, _)) => *c,
         }
+    }
+
+    /// Whether Redis refuses this command line when memory is over `maxmemory`.
+    pub fn denies_oom(&self, argv: &[Vec<u8>]) -> bool {
+        let Some(name) = argv.first() else {
+            return false;
+        };
+        let mut key = name.to_ascii_lowercase();
+        if self.denyoom.contains(&key) {
+            return true;
+        }
+        if let Some(sub) = argv.get(1) {
+            key.push(b'|');
+            key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+            return self.denyoom.contains(&key);
+        }
+        false
     }
 
     /// Checks a command line against Redis's table as Redis would before running it:
@@ -320,5 +342,7 @@ mod tests {
             Err("ERR unknown command 'nope', with args beginning with: 'a' ".into())
         );
         assert_eq!(t.check_syntax(&argv(&["xgroup", "create"])), Ok(()));
+        assert!(t.denies_oom(&argv(&["SET", "k", "v"])));
+        assert!(!t.denies_oom(&argv(&["GET", "k"])));
     }
 }

@@ -297,6 +297,42 @@ pub fn redirect_error(m: &Module) -> String {
     "CLUSTERDOWN No raft leader".into()
 }
 
+/// The checks Redis would make before running `argv` itself, which it cannot make for
+/// commands routed to RAFT: the client's ACL permissions (command, keys, channels), and
+/// maxmemory for commands flagged `denyoom`. `Err` is the error to reply; nothing is logged.
+pub fn admit(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> Result<(), String> {
+    let name = unsafe { rm!(RedisModule_GetCurrentUserName)(ctx) };
+    if !name.is_null() {
+        let user = unsafe { rm!(RedisModule_GetModuleUserFromUserName)(name) };
+        unsafe { rm!(RedisModule_FreeString)(ctx, name) };
+        if !user.is_null() {
+            let strs: Vec<*mut api::RedisModuleString> =
+                argv.iter().map(|a| api::create_string(ctx, a)).collect();
+            let r = unsafe {
+                rm!(RedisModule_ACLCheckCommandPermissions)(
+                    user,
+                    strs.as_ptr() as *mut *mut api::RedisModuleString,
+                    strs.len() as c_int,
+                )
+            };
+            for s in strs {
+                unsafe { rm!(RedisModule_FreeString)(ctx, s) };
+            }
+            unsafe { rm!(RedisModule_FreeModuleUser)(user) };
+            if r != api::OK {
+                let cmd = String::from_utf8_lossy(&argv[0]).to_lowercase();
+                return Err(format!(
+                    "NOPERM this user has no permissions to run the '{cmd}' command or to access one of its keys or channels"
+                ));
+            }
+        }
+    }
+    if m.table().denies_oom(argv) && unsafe { rm!(RedisModule_GetUsedMemoryRatio)() } > 1.0 {
+        return Err("OOM command not allowed when used memory > 'maxmemory'.".into());
+    }
+    Ok(())
+}
+
 /// Replicates a write: blocks the client until its entry is applied here.
 pub fn propose_write(
     ctx: *mut RedisModuleCtx,

@@ -24,6 +24,8 @@ pub struct Options {
     /// RedisRaft's `raft.quorum-reads no`: stale reads whatever `raft.read-mode` says.
     pub quorum_reads_no: bool,
     pub follower_reads: bool,
+    /// RedisRaft's `raft.ignored-commands`: comma-separated commands run locally.
+    pub ignored_commands: String,
 }
 
 impl Default for Options {
@@ -41,11 +43,21 @@ impl Default for Options {
             read_mode: ReadMode::Linearizable,
             quorum_reads_no: false,
             follower_reads: false,
+            ignored_commands: String::new(),
         }
     }
 }
 
 impl Options {
+    /// `raft.ignored-commands` as lower-case names.
+    pub fn ignored(&self) -> Vec<String> {
+        self.ignored_commands
+            .split(',')
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
     /// The read mode in force: `raft.read-mode`, unless RedisRaft's `raft.quorum-reads no`
     /// asked for stale reads.
     pub fn effective_read_mode(&self) -> ReadMode {
@@ -313,6 +325,16 @@ pub fn check_string(option: &'static str, value: &str) -> Result<(), ConfigError
         }
         "cluster-nodes" => {
             parse_cluster_nodes(value)?;
+        }
+        "ignored-commands"
+            if value
+                .split(',')
+                .any(|c| c.trim().contains(char::is_whitespace)) =>
+        {
+            return Err(err(
+                option,
+                "must be a comma-separated list of command names, as in \"incr,decr\"",
+            ));
         }
         "log-filename" => {
             if value.is_empty() {

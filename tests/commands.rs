@@ -335,3 +335,45 @@ fn acl_and_maxmemory_refusals_happen_before_the_log() {
         }
     }
 }
+
+#[test]
+fn ignored_commands_run_locally_and_can_change_at_runtime() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(
+        r.cmd(&["CONFIG", "SET", "raft.ignored-commands", "incr, decr"]),
+        "+OK\r\n"
+    );
+    assert_eq!(
+        r.cmd(&["CONFIG", "GET", "raft.ignored-commands"]),
+        "*2\r\n$21\r\nraft.ignored-commands\r\n$10\r\nincr, decr\r\n"
+    );
+    assert_eq!(r.cmd(&["INCR", "local"]), ":1\r\n");
+    assert_eq!(r.cmd(&["SET", "replicated", "1"]), "+OK\r\n");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in (0..3).filter(|&i| i != l) {
+        assert_eq!(c.local(i, &["EXISTS", "local"]), Value::Int(0), "node {i}");
+        assert_eq!(
+            c.local(i, &["EXISTS", "replicated"]),
+            Value::Int(1),
+            "node {i}"
+        );
+    }
+    assert_eq!(
+        r.cmd(&["CONFIG", "SET", "raft.ignored-commands", ""]),
+        "+OK\r\n"
+    );
+    assert_eq!(r.cmd(&["INCR", "counted"]), ":1\r\n");
+    assert!(r
+        .cmd(&["CONFIG", "SET", "raft.ignored-commands", "incr decr"])
+        .starts_with("-ERR"));
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["GET", "counted"]),
+            Value::BulkString(b"1".to_vec()),
+            "node {i}"
+        );
+    }
+}

@@ -120,10 +120,30 @@ fn class_of(name: &str, flags: &[&[u8]]) -> Class {
 impl CommandTable {
     /// Builds the table from the reply of `COMMAND`.
     pub fn from_command_reply(reply: &Value) -> CommandTable {
+        Self::build(reply, &[])
+    }
+
+    /// Builds the table; `ignored` (lower-case names, RedisRaft's `raft.ignored-commands`)
+    /// run locally whatever their flags say.
+    pub fn build(reply: &Value, ignored: &[String]) -> CommandTable {
         let mut t = CommandTable::default();
         if let Value::Array(cmds) = reply {
             for c in cmds {
                 t.add(c, None);
+            }
+        }
+        for name in ignored {
+            let key = name.as_bytes().to_vec();
+            if let Some(entry) = t.map.get_mut(&key) {
+                entry.0 = Class::Local;
+            }
+            // Its subcommands too.
+            let mut prefix = key.clone();
+            prefix.push(b'|');
+            for (k, v) in t.map.iter_mut() {
+                if k.starts_with(&prefix) {
+                    v.0 = Class::Local;
+                }
             }
         }
         t
@@ -343,6 +363,10 @@ mod tests {
         );
         assert_eq!(t.check_syntax(&argv(&["xgroup", "create"])), Ok(()));
         assert!(t.denies_oom(&argv(&["SET", "k", "v"])));
+        let t = CommandTable::build(&reply, &["set".to_string(), "xgroup".to_string()]);
+        assert_eq!(t.classify(b"SET", None), Class::Local);
+        assert_eq!(t.classify(b"xgroup", Some(b"create")), Class::Local);
+        assert_eq!(t.classify(b"get", None), Class::Read);
         assert!(!t.denies_oom(&argv(&["GET", "k"])));
     }
 }

@@ -24,6 +24,7 @@ pub static OPTIONS: Mutex<Options> = Mutex::new(Options {
     read_mode: ReadMode::Linearizable,
     quorum_reads_no: false,
     follower_reads: false,
+    ignored_commands: String::new(),
 });
 
 /// `raft.loglevel`, read by the log filter on any thread.
@@ -74,6 +75,7 @@ fn key(name: &str) -> &'static str {
         "read-mode" => "read-mode",
         "quorum-reads" => "quorum-reads",
         "follower-reads" => "follower-reads",
+        "ignored-commands" => "ignored-commands",
         _ => "",
     }
 }
@@ -86,6 +88,7 @@ extern "C" fn get_string(name: *const c_char, _p: *mut c_void) -> *mut RedisModu
             "cluster-nodes" => o.cluster_nodes.clone(),
             "log-filename" => o.log_filename.clone(),
             "addr" => o.addr.clone(),
+            "ignored-commands" => o.ignored_commands.clone(),
             _ => String::new(),
         });
         let s = api::create_string(std::ptr::null_mut(), v.as_bytes());
@@ -119,8 +122,12 @@ extern "C" fn set_string(
                 "cluster-nodes" => o.cluster_nodes = v,
                 "log-filename" => o.log_filename = v,
                 "addr" => o.addr = v,
+                "ignored-commands" => o.ignored_commands = v,
                 _ => {}
             });
+            if k == "ignored-commands" {
+                super::on_command_table_changed();
+            }
             api::OK
         },
     )
@@ -254,11 +261,12 @@ const DEFAULT: u32 = raw::REDISMODULE_CONFIG_DEFAULT;
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let d = Options::default();
     with_options(|o| *o = d.clone());
-    let strings: [(&CStr, &str, u32); 4] = [
+    let strings: [(&CStr, &str, u32); 5] = [
         (c"node-id", "", IMMUTABLE),
         (c"cluster-nodes", "", IMMUTABLE),
         (c"log-filename", &d.log_filename, IMMUTABLE),
         (c"addr", "", IMMUTABLE),
+        (c"ignored-commands", "", DEFAULT),
     ];
     for (name, default, flags) in strings {
         let def = CString::new(default).map_err(|e| e.to_string())?;

@@ -156,16 +156,11 @@ extern "C" fn on_wake(_data: *mut c_void) {
 
 /// Called from OnLoad after the options are loaded and validated.
 pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(), String> {
-    let table = CommandTable::from_command_reply(&{
-        let r = api::call(ctx, &[b"COMMAND".to_vec()], CallOpts::default());
-        let v = api::call_reply_value(r);
-        api::free_call_reply(r);
-        v
-    });
+    let opts = configs::options();
+    let table = read_command_table(ctx, &opts.ignored());
     if table.is_empty() {
         return Err("could not read Redis's command table (COMMAND)".into());
     }
-    let opts = configs::options();
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -275,6 +270,36 @@ impl Module {
                 && configs::FOLLOWER_READS.load(Ordering::Relaxed)
                 && node.shared().leader_id() != 0)
     }
+}
+
+/// Classifies Redis's command table as it is now (COMMAND).
+fn read_command_table(ctx: *mut RedisModuleCtx, ignored: &[String]) -> CommandTable {
+    let r = api::call(ctx, &[b"COMMAND".to_vec()], CallOpts::default());
+    let v = api::call_reply_value(r);
+    api::free_call_reply(r);
+    CommandTable::build(&v, ignored)
+}
+
+/// A module was loaded or unloaded, or `raft.ignored-commands` changed: classify again.
+pub fn on_command_table_changed() {
+    let Some(m) = module() else { return };
+    let ctx = m.apply_ctx as *mut RedisModuleCtx;
+    let table = read_command_table(ctx, &configs::options().ignored());
+    if table.is_empty() {
+        warn!("could not re-read Redis's command table; keeping the previous classification");
+        return;
+    }
+    info!("command table classified again ({} commands)", table.len());
+    *m.table.get_mut() = table;
+}
+
+extern "C" fn module_change(
+    _ctx: *mut RedisModuleCtx,
+    _eid: api::raw::RedisModuleEvent,
+    _subevent: u64,
+    _data: *mut c_void,
+) {
+    guard("module change", || (), on_command_table_changed);
 }
 
 pub fn on_fsync_changed(on: bool) {
@@ -513,6 +538,13 @@ pub fn subscribe_events(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     };
     if unsafe { rm!(RedisModule_SubscribeToServerEvent)(ctx, ev, Some(client_change)) } != api::OK {
         return Err("could not subscribe to client events".into());
+    }
+    let ev = api::raw::RedisModuleEvent {
+        id: api::raw::REDISMODULE_EVENT_MODULE_CHANGE,
+        dataver: 1,
+    };
+    if unsafe { rm!(RedisModule_SubscribeToServerEvent)(ctx, ev, Some(module_change)) } != api::OK {
+        return Err("could not subscribe to module events".into());
     }
     Ok(())
 }

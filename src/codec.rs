@@ -17,8 +17,13 @@ pub enum LogCommand {
     Redis { db: i32, argv: Vec<Vec<u8>> },
     /// Node `id` is reached by clients at `addr` (from its `raft.addr`); used in -MOVED.
     NodeAddr { id: u64, addr: String },
-    /// A MULTI/EXEC transaction: its commands, each with its database, run back to back.
-    Multi { cmds: Vec<(i32, Vec<Vec<u8>>)> },
+    /// A MULTI/EXEC transaction: its commands, each with its database, run back to back;
+    /// aborted on every node if a watched key (database, key, applied index at WATCH) was
+    /// modified by an entry after that index.
+    Multi {
+        cmds: Vec<(i32, Vec<Vec<u8>>)>,
+        watch: Vec<(i32, Vec<u8>, u64)>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

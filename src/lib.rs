@@ -64,6 +64,7 @@ fn load(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     commands::register(ctx)?;
     redis::start(ctx, bootstrap)?;
     redis::subscribe_events(ctx)?;
+    redis::watch::subscribe(ctx)?;
     let f = unsafe {
         rm!(RedisModule_RegisterCommandFilter)(
             ctx,

@@ -377,3 +377,58 @@ fn ignored_commands_run_locally_and_can_change_at_runtime() {
         );
     }
 }
+
+#[test]
+fn watch_aborts_exec_when_a_watched_key_changed_on_every_node_alike() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut a = RawConn::open(port);
+    let mut b = RawConn::open(port);
+    assert_eq!(a.cmd(&["SET", "k", "0"]), "+OK\r\n");
+    // Modified by another client after WATCH: EXEC returns the null reply, nothing runs.
+    assert_eq!(a.cmd(&["WATCH", "k", "other"]), "+OK\r\n");
+    assert_eq!(b.cmd(&["SET", "k", "by-b"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "k", "by-a"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["SET", "side", "effect"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n");
+    // Not modified: EXEC runs. EXEC unwatched everything, so b's write no longer matters.
+    assert_eq!(b.cmd(&["SET", "k", "by-b-again"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["WATCH", "k"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["INCR", "n"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["EXEC"]), "*1\r\n:1\r\n");
+    // UNWATCH forgets; DISCARD unwatches too.
+    assert_eq!(a.cmd(&["WATCH", "k"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["UNWATCH"]), "+OK\r\n");
+    assert_eq!(b.cmd(&["SET", "k", "x"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["INCR", "n"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["EXEC"]), "*1\r\n:2\r\n");
+    // FLUSHALL touches every key.
+    assert_eq!(a.cmd(&["WATCH", "k"]), "+OK\r\n");
+    assert_eq!(b.cmd(&["FLUSHALL"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "after", "flush"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n");
+    // WATCH inside MULTI is refused and aborts the transaction, as in Redis 7.
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(
+        a.cmd(&["WATCH", "k"]),
+        "-ERR Command not allowed inside a transaction\r\n"
+    );
+    assert!(a.cmd(&["EXEC"]).starts_with("-EXECABORT"));
+    // WATCH on a follower redirects to where EXEC must go.
+    let mut f = RawConn::open(c.nodes[(l + 1) % 3].def.port);
+    assert_eq!(
+        f.cmd(&["WATCH", "k"]),
+        format!("-MOVED 0 127.0.0.1:{port}\r\n")
+    );
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(c.local(i, &["EXISTS", "side"]), Value::Int(0), "node {i}");
+        assert_eq!(c.local(i, &["EXISTS", "after"]), Value::Int(0), "node {i}");
+        assert_eq!(c.local(i, &["DBSIZE"]), Value::Int(0), "node {i}");
+    }
+}

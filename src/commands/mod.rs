@@ -64,7 +64,7 @@ extern "C" fn raft_cmd(
                 return multi::handle(ctx, m, cmd, class);
             }
             if class == Class::Transaction {
-                return multi::begin_or_misplaced(ctx, &cmd[0]);
+                return multi::begin_or_misplaced(ctx, m, &cmd);
             }
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));

@@ -13,7 +13,7 @@ use std::ffi::c_int;
 use crate::codec::LogCommand;
 use crate::redis::api::{self, rm, RedisModuleCtx};
 use crate::redis::classify::Class;
-use crate::redis::{admit, leader_rewrite, propose, redirect_error, MainThread, Module};
+use crate::redis::{admit, leader_rewrite, propose, redirect_error, watch, MainThread, Module};
 
 /// A transaction being queued by one client.
 #[derive(Default)]
@@ -43,11 +43,28 @@ fn client_id(ctx: *mut RedisModuleCtx) -> u64 {
     unsafe { rm!(RedisModule_GetClientId)(ctx) }
 }
 
-/// MULTI, EXEC or DISCARD outside a transaction.
-pub fn begin_or_misplaced(ctx: *mut RedisModuleCtx, name: &[u8]) -> c_int {
-    match name.to_ascii_lowercase().as_slice() {
+/// MULTI, EXEC, DISCARD, WATCH or UNWATCH outside a transaction.
+pub fn begin_or_misplaced(ctx: *mut RedisModuleCtx, m: &Module, cmd: &[Vec<u8>]) -> c_int {
+    match cmd[0].to_ascii_lowercase().as_slice() {
         b"multi" => {
             IN_MULTI.get_mut().insert(client_id(ctx), Queued::default());
+            api::reply_simple(ctx, "OK")
+        }
+        b"watch" if cmd.len() < 2 => {
+            api::reply_error(ctx, "ERR wrong number of arguments for 'watch' command")
+        }
+        b"watch" => {
+            // WATCH is decided by the leader's log: it must be sent where EXEC will go.
+            let Some(node) = m.node.as_ref().filter(|n| n.shared().is_leader()) else {
+                return api::reply_error(ctx, &redirect_error(m));
+            };
+            let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
+            let keys: Vec<&[u8]> = cmd[1..].iter().map(|k| k.as_slice()).collect();
+            watch::watch(client_id(ctx), db, &keys, node.shared().applied());
+            api::reply_simple(ctx, "OK")
+        }
+        b"unwatch" => {
+            watch::unwatch(client_id(ctx));
             api::reply_simple(ctx, "OK")
         }
         b"exec" => api::reply_error(ctx, "ERR EXEC without MULTI"),
@@ -66,8 +83,15 @@ pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Cl
         }
         (Class::Transaction, b"discard") => {
             forget(id);
+            watch::unwatch(id);
             api::reply_simple(ctx, "OK")
         }
+        (Class::Transaction, b"watch") => {
+            fail(id);
+            api::reply_error(ctx, "ERR Command not allowed inside a transaction")
+        }
+        // Queued by Redis, and a no-op at EXEC (which unwatches anyway).
+        (Class::Transaction, b"unwatch") => api::reply_simple(ctx, "QUEUED"),
         (Class::Transaction, _) => exec(ctx, m, id),
         (Class::Refused(why), _) => {
             fail(id);
@@ -109,13 +133,14 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
     let Some(q) = IN_MULTI.get_mut().remove(&id) else {
         return api::reply_error(ctx, "ERR EXEC without MULTI");
     };
+    let watched = watch::take(id);
     if q.failed {
         return api::reply_error(
             ctx,
             "EXECABORT Transaction discarded because of previous errors.",
         );
     }
-    if q.cmds.is_empty() {
+    if q.cmds.is_empty() && watched.is_empty() {
         return unsafe { rm!(RedisModule_ReplyWithArray)(ctx, 0) };
     }
     let Some(node) = &m.node else {
@@ -129,5 +154,13 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
         .into_iter()
         .map(|(db, argv)| (db, leader_rewrite(argv)))
         .collect();
-    propose(ctx, m, node, LogCommand::Multi { cmds })
+    propose(
+        ctx,
+        m,
+        node,
+        LogCommand::Multi {
+            cmds,
+            watch: watched,
+        },
+    )
 }

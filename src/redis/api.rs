@@ -87,7 +87,9 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_GetModuleUserFromUserName,
         RedisModule_FreeModuleUser,
         RedisModule_ACLCheckCommandPermissions,
-        RedisModule_GetUsedMemoryRatio
+        RedisModule_GetUsedMemoryRatio,
+        RedisModule_SubscribeToKeyspaceEvents,
+        RedisModule_ReplyWithNullArray
     );
     v
 }

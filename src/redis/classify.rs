@@ -17,7 +17,7 @@ pub enum Class {
     Refused(&'static str),
     /// Has subcommands: look up `name|sub`.
     Container,
-    /// MULTI, EXEC, DISCARD: redis-raft queues transactions itself.
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH: redis-raft runs transactions itself.
     Transaction,
 }
 
@@ -39,8 +39,6 @@ const REFUSED: &[(&str, &str)] = &[
         "psync",
         "PSYNC is not supported by redis-raft: nodes replicate through the Raft log",
     ),
-    ("watch", "WATCH is not supported by redis-raft yet"),
-    ("unwatch", "UNWATCH is not supported by redis-raft yet"),
     ("failover", "FAILOVER makes no sense in a Raft cluster"),
     (
         "save",
@@ -71,7 +69,7 @@ const REFUSED_SUB: &[(&str, &str, &str)] = &[
 ];
 
 /// Transaction commands: redis-raft queues transactions itself (commands/multi.rs).
-const TRANSACTION: &[&str] = &["multi", "exec", "discard"];
+const TRANSACTION: &[&str] = &["multi", "exec", "discard", "watch", "unwatch"];
 
 /// Commands that Redis does not flag `write` but whose effects must be replicated.
 const WRITES: &[&str] = &["eval", "evalsha", "fcall"];

@@ -15,6 +15,7 @@ pub mod configs;
 pub mod filter;
 pub mod logging;
 pub mod rewrite;
+pub mod watch;
 
 use std::cell::UnsafeCell;
 use std::collections::{BTreeMap, HashMap};
@@ -70,6 +71,8 @@ enum Reply {
     Call(*mut RedisModuleCallReply),
     /// EXEC's array: one reply per queued command.
     Multi(Vec<Part>),
+    /// EXEC of a transaction whose watched keys changed.
+    NullArray,
     Error(String),
 }
 
@@ -566,6 +569,7 @@ extern "C" fn client_change(
             // RedisModuleClientInfo starts with version, flags, id (all u64).
             let id = unsafe { *(data as *const u64).add(2) };
             crate::commands::multi::forget(id);
+            watch::unwatch(id);
         },
     );
 }
@@ -612,6 +616,7 @@ extern "C" fn reply_blocked(
                     }
                     api::OK
                 }
+                Reply::NullArray => unsafe { rm!(RedisModule_ReplyWithNullArray)(ctx) },
                 Reply::Error(e) => api::reply_error(ctx, e),
             }
         },
@@ -626,7 +631,7 @@ extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
     match *r {
         Reply::Call(c) => api::free_call_reply(c),
         Reply::Multi(parts) => parts.into_iter().for_each(Part::free),
-        Reply::Error(_) => {}
+        Reply::Error(_) | Reply::NullArray => {}
     }
 }
 
@@ -776,15 +781,32 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
             let opts = CallOpts {
                 resp3: pending.as_ref().is_some_and(|p| p.resp3),
             };
+            watch::set_applying(Some(e.index));
             let r = api::call(ctx, &argv, opts);
+            watch::set_applying(None);
+            watch::note_command(&argv, e.index);
             match pending {
                 Some(p) => unblock(p.bc, Reply::Call(r)),
                 None => api::free_call_reply(r),
             }
         }
-        LogCommand::Multi { cmds } => {
+        LogCommand::Multi {
+            cmds,
+            watch: watched,
+        } => {
+            if watch::tripped(&watched) {
+                if let Some(p) = pending {
+                    unblock(p.bc, Reply::NullArray);
+                }
+                return;
+            }
             let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
+            watch::set_applying(Some(e.index));
             let replies = apply_transaction(ctx, &cmds, resp3);
+            watch::set_applying(None);
+            for (_, argv) in &cmds {
+                watch::note_command(argv, e.index);
+            }
             match pending {
                 Some(p) => unblock(p.bc, Reply::Multi(replies)),
                 None => replies.into_iter().for_each(Part::free),

@@ -1,0 +1,194 @@
+//! WATCH decided the same way on every node.
+//!
+//! Every node records, for each key a replicated command modified, the log index of that
+//! command (from keyspace notifications fired while an entry is applied; expirations and
+//! evictions, which each node does by itself, are not counted). A client's WATCH remembers the
+//! leader's applied index; its EXEC entry carries the watched keys with those indexes, and
+//! every node aborts the transaction if one of the keys was modified by an entry after it.
+//! The record is bounded: the oldest keys are forgotten first, and a forgotten key counts as
+//! modified at the newest index forgotten (`floor`), which only ever aborts more, never less,
+//! and identically everywhere since it depends only on the applied entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{c_char, c_int};
+
+use super::api::{self, guard, rm, RedisModuleCtx, RedisModuleString};
+use super::MainThread;
+
+/// Keys remembered with their last modification; past this the oldest are forgotten.
+const TRACKED_KEYS_MAX: usize = 200_000;
+
+pub type WatchedKey = (i32, Vec<u8>, u64);
+
+#[derive(Default)]
+struct Tracker {
+    last: HashMap<(i32, Vec<u8>), u64>,
+    by_index: BTreeMap<u64, Vec<(i32, Vec<u8>)>>,
+    /// Every key not in `last` counts as modified at this index.
+    floor: u64,
+    /// The entry being applied, while one is.
+    applying: Option<u64>,
+}
+
+impl Tracker {
+    fn touch(&mut self, db: i32, key: &[u8], index: u64) {
+        let k = (db, key.to_vec());
+        if let Some(old) = self.last.insert(k.clone(), index) {
+            if old == index {
+                return;
+            }
+            if let Some(v) = self.by_index.get_mut(&old) {
+                v.retain(|x| *x != k);
+                if v.is_empty() {
+                    self.by_index.remove(&old);
+                }
+            }
+        }
+        self.by_index.entry(index).or_default().push(k);
+        while self.last.len() > TRACKED_KEYS_MAX {
+            let Some((idx, keys)) = self.by_index.pop_first() else {
+                break;
+            };
+            for k in keys {
+                self.last.remove(&k);
+            }
+            self.floor = self.floor.max(idx);
+        }
+    }
+
+    fn touch_all(&mut self, index: u64) {
+        self.last.clear();
+        self.by_index.clear();
+        self.floor = index;
+    }
+
+    fn modified_after(&self, db: i32, key: &[u8], since: u64) -> bool {
+        let at = self
+            .last
+            .get(&(db, key.to_vec()))
+            .copied()
+            .unwrap_or(self.floor);
+        at > since
+    }
+}
+
+static TRACKER: MainThread<Tracker> = MainThread::new_lazy();
+
+/// Client id → the keys it watches, each with the applied index at its WATCH.
+static WATCHES: MainThread<HashMap<u64, Vec<WatchedKey>>> = MainThread::new_lazy();
+
+/// Types of keyspace events that mean a replicated command changed a key.
+const EVENTS: c_int = api::raw::REDISMODULE_NOTIFY_GENERIC
+    | api::raw::REDISMODULE_NOTIFY_STRING
+    | api::raw::REDISMODULE_NOTIFY_LIST
+    | api::raw::REDISMODULE_NOTIFY_SET
+    | api::raw::REDISMODULE_NOTIFY_HASH
+    | api::raw::REDISMODULE_NOTIFY_ZSET
+    | api::raw::REDISMODULE_NOTIFY_STREAM
+    | api::raw::REDISMODULE_NOTIFY_MODULE;
+
+pub fn subscribe(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    if unsafe { rm!(RedisModule_SubscribeToKeyspaceEvents)(ctx, EVENTS, Some(on_event)) } != api::OK
+    {
+        return Err("could not subscribe to keyspace events".into());
+    }
+    Ok(())
+}
+
+extern "C" fn on_event(
+    ctx: *mut RedisModuleCtx,
+    _type: c_int,
+    _event: *const c_char,
+    key: *mut RedisModuleString,
+) -> c_int {
+    guard(
+        "keyspace event",
+        || api::OK,
+        || {
+            let t = TRACKER.get_mut();
+            if let Some(index) = t.applying {
+                let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
+                let k = unsafe { api::str_bytes(key) };
+                t.touch(db, k, index);
+            }
+            api::OK
+        },
+    )
+}
+
+/// Brackets the execution of entry `index` (None after it).
+pub fn set_applying(index: Option<u64>) {
+    TRACKER.get_mut().applying = index;
+}
+
+/// A command that changes every key of a database at once (FLUSHALL, FLUSHDB, SWAPDB) and
+/// fires no per-key events: everything counts as modified.
+pub fn note_command(argv: &[Vec<u8>], index: u64) {
+    if let Some(n) = argv.first() {
+        if n.eq_ignore_ascii_case(b"flushall")
+            || n.eq_ignore_ascii_case(b"flushdb")
+            || n.eq_ignore_ascii_case(b"swapdb")
+        {
+            TRACKER.get_mut().touch_all(index);
+        }
+    }
+}
+
+/// Whether a transaction watching `keys` must abort.
+pub fn tripped(keys: &[WatchedKey]) -> bool {
+    let t = TRACKER.get_mut();
+    keys.iter()
+        .any(|(db, k, since)| t.modified_after(*db, k, *since))
+}
+
+pub fn watch(client: u64, db: i32, keys: &[&[u8]], applied: u64) {
+    let w = WATCHES.get_mut().entry(client).or_default();
+    for k in keys {
+        if !w.iter().any(|(d, x, _)| *d == db && x.as_slice() == *k) {
+            w.push((db, k.to_vec(), applied));
+        }
+    }
+}
+
+pub fn unwatch(client: u64) {
+    WATCHES.get_mut().remove(&client);
+}
+
+/// The client's watched keys, clearing them (EXEC and DISCARD unwatch, as in Redis).
+pub fn take(client: u64) -> Vec<WatchedKey> {
+    WATCHES.get_mut().remove(&client).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modifications_after_the_watch_trip_it() {
+        let mut t = Tracker::default();
+        t.touch(0, b"a", 5);
+        assert!(!t.modified_after(0, b"a", 5));
+        assert!(t.modified_after(0, b"a", 4));
+        assert!(!t.modified_after(1, b"a", 4), "other database");
+        assert!(!t.modified_after(0, b"b", 0), "never modified");
+        t.touch(0, b"a", 9);
+        assert!(t.modified_after(0, b"a", 5));
+        assert_eq!(t.by_index.get(&5), None);
+        t.touch_all(12);
+        assert!(t.modified_after(0, b"zzz", 11));
+        assert!(!t.modified_after(0, b"zzz", 12));
+    }
+
+    #[test]
+    fn forgetting_old_keys_only_makes_aborts_more_likely() {
+        let mut t = Tracker::default();
+        for i in 0..(TRACKED_KEYS_MAX as u64 + 10) {
+            t.touch(0, format!("k{i}").as_bytes(), i + 1);
+        }
+        assert_eq!(t.last.len(), TRACKED_KEYS_MAX);
+        assert_eq!(t.floor, 10);
+        // k0 was forgotten: a watch from before its modification still trips.
+        assert!(t.modified_after(0, b"k0", 5));
+        assert!(!t.modified_after(0, b"k0", 10));
+    }
+}

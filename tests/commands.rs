@@ -432,3 +432,24 @@ fn watch_aborts_exec_when_a_watched_key_changed_on_every_node_alike() {
         assert_eq!(c.local(i, &["DBSIZE"]), Value::Int(0), "node {i}");
     }
 }
+
+#[test]
+fn publish_through_the_leader_reaches_subscribers_on_every_node() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut subs: Vec<RawConn> = (0..3).map(|i| RawConn::open(c.nodes[i].def.port)).collect();
+    for s in &mut subs {
+        assert_eq!(s.cmd(&["SUBSCRIBE", "news"]), "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n");
+    }
+    let mut p = RawConn::open(c.nodes[l].def.port);
+    // The count is the leader's own subscribers, as PUBLISH in Redis Cluster counts its node's.
+    assert_eq!(p.cmd(&["PUBLISH", "news", "hello"]), ":1\r\n");
+    assert_eq!(p.cmd(&["PUBLISH", "news", "world"]), ":1\r\n");
+    for (i, s) in subs.iter_mut().enumerate() {
+        assert_eq!(s.read(), "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n", "node {i}");
+        assert_eq!(s.read(), "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nworld\r\n", "node {i}");
+    }
+    // Publishing on a follower redirects, like any write.
+    let mut f = RawConn::open(c.nodes[(l + 1) % 3].def.port);
+    assert!(f.cmd(&["PUBLISH", "news", "x"]).starts_with("-MOVED"));
+}

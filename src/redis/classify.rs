@@ -71,8 +71,9 @@ const REFUSED_SUB: &[(&str, &str, &str)] = &[
 /// Transaction commands: redis-raft queues transactions itself (commands/multi.rs).
 const TRANSACTION: &[&str] = &["multi", "exec", "discard", "watch", "unwatch"];
 
-/// Commands that Redis does not flag `write` but whose effects must be replicated.
-const WRITES: &[&str] = &["eval", "evalsha", "fcall"];
+/// Commands that Redis does not flag `write` but whose effects must be replicated. PUBLISH
+/// goes through the log so that subscribers on every node get each message, in one order.
+const WRITES: &[&str] = &["eval", "evalsha", "fcall", "publish", "spublish"];
 
 #[derive(Default)]
 pub struct CommandTable {

@@ -423,6 +423,13 @@ impl RawConn {
         reply
     }
 
+    /// Reads one more reply or pushed message.
+    pub fn read(&mut self) -> String {
+        let mut reply = String::new();
+        self.read_value(&mut reply);
+        reply
+    }
+
     fn read_value(&mut self, into: &mut String) {
         use std::io::{BufRead, Read};
         let mut line = String::new();

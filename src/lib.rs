@@ -75,6 +75,11 @@ fn load(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     if f.is_null() {
         return Err("could not register the command filter".into());
     }
+    // Sees the commands scripts run on the apply path (so no NOSELF); see redis/scripts.rs.
+    let f = unsafe { rm!(RedisModule_RegisterCommandFilter)(ctx, Some(redis::scripts::filter), 0) };
+    if f.is_null() {
+        return Err("could not register the script command filter".into());
+    }
     if unsafe { rm!(RedisModule_RegisterInfoFunc)(ctx, Some(commands::info_func)) } != api::OK {
         return Err("could not register INFO raft".into());
     }

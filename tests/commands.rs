@@ -439,17 +439,84 @@ fn publish_through_the_leader_reaches_subscribers_on_every_node() {
     let l = c.wait_leader(Duration::from_secs(10));
     let mut subs: Vec<RawConn> = (0..3).map(|i| RawConn::open(c.nodes[i].def.port)).collect();
     for s in &mut subs {
-        assert_eq!(s.cmd(&["SUBSCRIBE", "news"]), "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n");
+        assert_eq!(
+            s.cmd(&["SUBSCRIBE", "news"]),
+            "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+        );
     }
     let mut p = RawConn::open(c.nodes[l].def.port);
     // The count is the leader's own subscribers, as PUBLISH in Redis Cluster counts its node's.
     assert_eq!(p.cmd(&["PUBLISH", "news", "hello"]), ":1\r\n");
     assert_eq!(p.cmd(&["PUBLISH", "news", "world"]), ":1\r\n");
     for (i, s) in subs.iter_mut().enumerate() {
-        assert_eq!(s.read(), "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n", "node {i}");
-        assert_eq!(s.read(), "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nworld\r\n", "node {i}");
+        assert_eq!(
+            s.read(),
+            "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n",
+            "node {i}"
+        );
+        assert_eq!(
+            s.read(),
+            "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nworld\r\n",
+            "node {i}"
+        );
     }
     // Publishing on a follower redirects, like any write.
     let mut f = RawConn::open(c.nodes[(l + 1) % 3].def.port);
     assert!(f.cmd(&["PUBLISH", "news", "x"]).starts_with("-MOVED"));
+}
+
+#[test]
+fn scripts_and_functions_compute_the_same_on_every_node() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(r.cmd(&["SADD", "s", "c", "a", "d", "b"]), ":4\r\n");
+    assert_eq!(r.cmd(&["HSET", "h", "f2", "v2", "f1", "v1"]), ":2\r\n");
+    // Arbitrary-order output is sorted inside scripts, so writes that depend on it agree.
+    let script = "local m = redis.call('SMEMBERS', KEYS[1]); redis.call('SET', KEYS[2], table.concat(m, ',')); return m";
+    assert_eq!(
+        r.cmd(&["EVAL", script, "2", "s", "joined"]),
+        "*4\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n$1\r\nd\r\n"
+    );
+    assert_eq!(
+        r.cmd(&["EVAL", "return redis.call('HGETALL', KEYS[1])", "1", "h"]),
+        "*4\r\n$2\r\nf1\r\n$2\r\nv1\r\n$2\r\nf2\r\n$2\r\nv2\r\n"
+    );
+    // Random results are refused with a clear error.
+    let e = r.cmd(&[
+        "EVAL",
+        "return redis.call('SRANDMEMBER', KEYS[1])",
+        "1",
+        "s",
+    ]);
+    assert!(
+        e.starts_with("-") && e.contains("SRANDMEMBER has random results"),
+        "{e}"
+    );
+    // SCRIPT LOAD reaches every node, so EVALSHA works wherever the entry is applied.
+    let sha_reply = r.cmd(&["SCRIPT", "LOAD", "return redis.call('INCR', KEYS[1])"]);
+    let sha = sha_reply.lines().nth(1).unwrap().to_string();
+    assert_eq!(r.cmd(&["EVALSHA", &sha, "1", "counter"]), ":1\r\n");
+    // Functions.
+    let lib = "#!lua name=mylib\nredis.register_function('incr2', function(keys, args) return redis.call('INCRBY', keys[1], 2) end)";
+    assert_eq!(r.cmd(&["FUNCTION", "LOAD", lib]), "$5\r\nmylib\r\n");
+    assert_eq!(r.cmd(&["FCALL", "incr2", "1", "counter"]), ":3\r\n");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["GET", "joined"]),
+            Value::BulkString(b"a,b,c,d".to_vec()),
+            "node {i}"
+        );
+        assert_eq!(
+            c.local(i, &["GET", "counter"]),
+            Value::BulkString(b"3".to_vec()),
+            "node {i}"
+        );
+        assert_eq!(
+            c.local(i, &["SCRIPT", "EXISTS", &sha]),
+            Value::Array(vec![Value::Int(1)]),
+            "node {i}"
+        );
+    }
 }

@@ -13,14 +13,17 @@ pub use info::info_func;
 
 use crate::redis::api::{self, guard, rm, CallOpts, RedisModuleCtx, RedisModuleString};
 use crate::redis::classify::Class;
-use crate::redis::{admit, module, propose_write, queue_read, redirect_error};
+use crate::redis::{admit, module, propose_write, queue_read, redirect_error, scripts};
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 2] = [
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 4] = [
         // `RAFT <command> ...`: what the filter routes writes (and redirected reads) to.
         (c"raft", Some(raft_cmd), c"write"),
         (c"raft.debug", Some(raft_debug_cmd), c"admin"),
+        // Inside scripts on the apply path (redis/scripts.rs).
+        (c"raft._reject", Some(reject_cmd), c""),
+        (c"raft._sort", Some(sort_cmd), c"readonly"),
     ];
     for (name, f, flags) in cmds {
         let r = unsafe {
@@ -112,6 +115,63 @@ fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
     let rc = unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, r) };
     api::free_call_reply(r);
     rc
+}
+
+/// A command with random results, called from a script on the apply path.
+extern "C" fn reject_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    let args = unsafe { api::args(argv, argc) };
+    let name = args
+        .get(1)
+        .map(|n| String::from_utf8_lossy(n).to_uppercase())
+        .unwrap_or_default();
+    api::reply_error(
+        ctx,
+        &format!("ERR {name} has random results and cannot run inside a script in redis-raft: every node would compute a different result"),
+    )
+}
+
+/// A command with arbitrary output order, called from a script on the apply path: its reply
+/// is sorted so every node's script sees the same.
+extern "C" fn sort_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT._SORT",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::args(argv, argc) };
+            if args.len() < 2 {
+                return api::reply_error(
+                    ctx,
+                    "ERR wrong number of arguments for 'raft._sort' command",
+                );
+            }
+            let cmd: Vec<Vec<u8>> = args[1..].iter().map(|a| a.to_vec()).collect();
+            scripts::set_sorting(true);
+            let r = api::call(ctx, &cmd, CallOpts::default());
+            scripts::set_sorting(false);
+            if r.is_null() {
+                return api::reply_error(ctx, "ERR the command could not be executed");
+            }
+            let is_error = unsafe { rm!(RedisModule_CallReplyType)(r) } as isize
+                == api::raw::REDISMODULE_REPLY_ERROR;
+            if is_error {
+                let rc = unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, r) };
+                api::free_call_reply(r);
+                return rc;
+            }
+            let v = api::call_reply_value(r);
+            api::free_call_reply(r);
+            let pairs = cmd[0].eq_ignore_ascii_case(b"hgetall");
+            api::reply_value(ctx, &scripts::sort_reply(v, pairs))
+        },
+    )
 }
 
 /// `RAFT.DEBUG EXEC <command> [args...]`: runs a command locally, outside Raft.

@@ -227,6 +227,22 @@ pub enum Value {
     Other,
 }
 
+/// Replies with a decoded value (strings, integers, arrays; anything else as null).
+pub fn reply_value(ctx: *mut RedisModuleCtx, v: &Value) -> c_int {
+    match v {
+        Value::Str(s) => reply_bulk(ctx, s),
+        Value::Int(i) => reply_int(ctx, *i),
+        Value::Array(items) => {
+            unsafe { rm!(RedisModule_ReplyWithArray)(ctx, items.len() as std::ffi::c_long) };
+            for i in items {
+                reply_value(ctx, i);
+            }
+            OK
+        }
+        Value::Other => unsafe { rm!(RedisModule_ReplyWithNull)(ctx) },
+    }
+}
+
 pub fn call_reply_value(r: *mut RedisModuleCallReply) -> Value {
     if r.is_null() {
         return Value::Other;

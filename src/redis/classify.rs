@@ -73,7 +73,16 @@ const TRANSACTION: &[&str] = &["multi", "exec", "discard", "watch", "unwatch"];
 
 /// Commands that Redis does not flag `write` but whose effects must be replicated. PUBLISH
 /// goes through the log so that subscribers on every node get each message, in one order.
-const WRITES: &[&str] = &["eval", "evalsha", "fcall", "publish", "spublish"];
+const WRITES: &[&str] = &[
+    "eval",
+    "evalsha",
+    "fcall",
+    "publish",
+    "spublish",
+    // Every node must hold the same scripts for EVALSHA.
+    "script|load",
+    "script|flush",
+];
 
 #[derive(Default)]
 pub struct CommandTable {
@@ -82,6 +91,21 @@ pub struct CommandTable {
     map: HashMap<Vec<u8>, (Class, i64)>,
     /// Commands (lower-case, `name|sub` for subcommands) Redis refuses when over maxmemory.
     denyoom: std::collections::HashSet<Vec<u8>>,
+    /// Commands whose output Redis marks as random (`nondeterministic_output`).
+    random_output: std::collections::HashSet<Vec<u8>>,
+    /// Commands whose output order Redis marks as arbitrary (`nondeterministic_output_order`).
+    unordered_output: std::collections::HashSet<Vec<u8>>,
+}
+
+/// How a command inside a script run on the apply path must be treated so that every node
+/// computes the same result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InScript {
+    Run,
+    /// Random results: refused.
+    Refuse,
+    /// Arbitrary order: the reply is sorted.
+    Sort,
 }
 
 fn flags_of(v: &Value) -> Vec<&[u8]> {
@@ -175,6 +199,13 @@ impl CommandTable {
         if flags.contains(&b"denyoom".as_slice()) {
             self.denyoom.insert(name.clone().into_bytes());
         }
+        let tips = fields.get(7).map(flags_of).unwrap_or_default();
+        if tips.contains(&b"nondeterministic_output".as_slice()) {
+            self.random_output.insert(name.clone().into_bytes());
+        }
+        if tips.contains(&b"nondeterministic_output_order".as_slice()) {
+            self.unordered_output.insert(name.clone().into_bytes());
+        }
         self.map.insert(name.clone().into_bytes(), (class, arity));
         if let Some(subs) = subs {
             for s in subs {
@@ -205,6 +236,31 @@ impl CommandTable {
             }
             Some((c, _)) => *c,
         }
+    }
+
+    /// How a command called from a script on the apply path is treated.
+    pub fn in_script(&self, name: &[u8], sub: Option<&[u8]>) -> InScript {
+        let mut key = name.to_ascii_lowercase();
+        let found = |k: &Vec<u8>| {
+            if self.random_output.contains(k) {
+                Some(InScript::Refuse)
+            } else if self.unordered_output.contains(k) {
+                Some(InScript::Sort)
+            } else {
+                None
+            }
+        };
+        if let Some(r) = found(&key) {
+            return r;
+        }
+        if let Some(sub) = sub {
+            key.push(b'|');
+            key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+            if let Some(r) = found(&key) {
+                return r;
+            }
+        }
+        InScript::Run
     }
 
     /// Whether Redis refuses this command line when memory is over `maxmemory`.

@@ -15,6 +15,7 @@ pub mod configs;
 pub mod filter;
 pub mod logging;
 pub mod rewrite;
+pub mod scripts;
 pub mod watch;
 
 use std::cell::UnsafeCell;
@@ -782,8 +783,10 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
                 resp3: pending.as_ref().is_some_and(|p| p.resp3),
             };
             watch::set_applying(Some(e.index));
+            scripts::set_applying(true);
             let r = api::call(ctx, &argv, opts);
             watch::set_applying(None);
+            scripts::set_applying(false);
             watch::note_command(&argv, e.index);
             match pending {
                 Some(p) => unblock(p.bc, Reply::Call(r)),
@@ -802,8 +805,10 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
             }
             let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
             watch::set_applying(Some(e.index));
+            scripts::set_applying(true);
             let replies = apply_transaction(ctx, &cmds, resp3);
             watch::set_applying(None);
+            scripts::set_applying(false);
             for (_, argv) in &cmds {
                 watch::note_command(argv, e.index);
             }

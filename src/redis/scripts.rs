@@ -1,0 +1,110 @@
+//! Scripts (EVAL, EVALSHA, FCALL) run again on every node when their entry is applied, so
+//! what they compute must not depend on the node: inside a script on the apply path,
+//! commands whose results Redis marks as random are refused, and commands whose output order
+//! is arbitrary (SMEMBERS, HGETALL, KEYS ...) get their reply sorted.
+//!
+//! A second command filter, registered without `NOSELF` so it sees the commands a script
+//! runs, does this only while the apply path is executing an entry (`set_applying`); it
+//! routes such commands to `RAFT._REJECT` / `RAFT._SORT` (commands/mod.rs).
+
+use std::cell::Cell;
+
+use super::api::{self, guard, raw, rm};
+use super::classify::InScript;
+use super::module;
+
+thread_local! {
+    /// The apply path is executing an entry (scripts in it must be deterministic).
+    static APPLYING: Cell<bool> = const { Cell::new(false) };
+    /// RAFT._SORT is running its inner command: let it through untouched.
+    static SORTING: Cell<bool> = const { Cell::new(false) };
+}
+
+pub fn set_applying(on: bool) {
+    APPLYING.with(|a| a.set(on));
+}
+
+pub fn set_sorting(on: bool) {
+    SORTING.with(|a| a.set(on));
+}
+
+pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    if !APPLYING.with(|a| a.get()) || SORTING.with(|a| a.get()) {
+        return;
+    }
+    guard(
+        "script filter",
+        || (),
+        || unsafe {
+            let Some(m) = module() else { return };
+            let argc = rm!(RedisModule_CommandFilterArgsCount)(fctx);
+            if argc < 1 {
+                return;
+            }
+            let name = api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 0));
+            if name.len() >= 5 && name[..5].eq_ignore_ascii_case(b"raft.") {
+                return;
+            }
+            let sub =
+                (argc > 1).then(|| api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 1)));
+            let prefix: &[u8] = match m.table().in_script(name, sub) {
+                InScript::Run => return,
+                InScript::Refuse => b"RAFT._REJECT",
+                InScript::Sort => b"RAFT._SORT",
+            };
+            let s = api::create_string(std::ptr::null_mut(), prefix);
+            rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);
+        },
+    )
+}
+
+/// Sorts a reply for RAFT._SORT: a flat array of strings, or (HGETALL, and the like, when
+/// `pairs`) field/value pairs by field.
+pub fn sort_reply(v: api::Value, pairs: bool) -> api::Value {
+    match v {
+        api::Value::Array(items) if pairs && items.len() % 2 == 0 => {
+            let mut p: Vec<(api::Value, api::Value)> = Vec::new();
+            let mut it = items.into_iter();
+            while let (Some(a), Some(b)) = (it.next(), it.next()) {
+                p.push((a, b));
+            }
+            p.sort_by(|a, b| key(&a.0).cmp(key(&b.0)));
+            api::Value::Array(p.into_iter().flat_map(|(a, b)| [a, b]).collect())
+        }
+        api::Value::Array(mut items) => {
+            items.sort_by(|a, b| key(a).cmp(key(b)));
+            api::Value::Array(items)
+        }
+        other => other,
+    }
+}
+
+fn key(v: &api::Value) -> &[u8] {
+    match v {
+        api::Value::Str(s) => s,
+        _ => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::Value::{Array, Int, Str};
+
+    fn s(x: &str) -> api::Value {
+        Str(x.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn sorts_members_and_pairs() {
+        assert_eq!(
+            sort_reply(Array(vec![s("b"), s("c"), s("a")]), false),
+            Array(vec![s("a"), s("b"), s("c")])
+        );
+        assert_eq!(
+            sort_reply(Array(vec![s("f2"), s("v2"), s("f1"), s("v1")]), true),
+            Array(vec![s("f1"), s("v1"), s("f2"), s("v2")])
+        );
+        assert_eq!(sort_reply(Int(3), false), Int(3));
+    }
+}

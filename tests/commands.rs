@@ -520,3 +520,58 @@ fn scripts_and_functions_compute_the_same_on_every_node() {
         );
     }
 }
+
+#[test]
+fn stream_ids_generated_with_star_are_the_same_on_every_node() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let reply = r.cmd(&[
+            "XADD",
+            "st",
+            "MAXLEN",
+            "~",
+            "1000",
+            "*",
+            "n",
+            &i.to_string(),
+        ]);
+        assert!(reply.starts_with('$'), "{reply}");
+        ids.push(reply.lines().nth(1).unwrap().to_string());
+    }
+    let mut sorted = ids.clone();
+    sorted.sort_by_key(|id| {
+        let (a, b) = id.split_once('-').unwrap();
+        (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap())
+    });
+    assert_eq!(ids, sorted, "IDs grow");
+    // An explicit ID below the top is refused as Redis does; a missing stream with NOMKSTREAM is nil.
+    assert!(r.cmd(&["XADD", "st", "1-1", "f", "v"]).starts_with("-ERR"));
+    assert_eq!(
+        r.cmd(&["XADD", "nost", "NOMKSTREAM", "*", "f", "v"]),
+        "$-1\r\n"
+    );
+    assert_eq!(r.cmd(&["XGROUP", "CREATE", "st", "g", "0"]), "+OK\r\n");
+    assert!(r
+        .cmd(&[
+            "XREADGROUP",
+            "GROUP",
+            "g",
+            "c1",
+            "COUNT",
+            "5",
+            "STREAMS",
+            "st",
+            ">"
+        ])
+        .starts_with("*1"));
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let first = c.local(0, &["XRANGE", "st", "-", "+"]);
+    let pending = c.local(0, &["XPENDING", "st", "g"]);
+    for i in 1..3 {
+        assert_eq!(c.local(i, &["XRANGE", "st", "-", "+"]), first, "node {i}");
+        assert_eq!(c.local(i, &["XPENDING", "st", "g"]), pending, "node {i}");
+    }
+}

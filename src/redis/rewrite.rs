@@ -39,6 +39,52 @@ end
 return picked
 "#;
 
+/// XADD key ... * field value ...: the ID becomes `<ms>-*`, where ms is the later of the
+/// leader's clock and the stream's last ID, computed identically on every node from the
+/// stream they all hold. ARGV: ms, position of the ID in the XADD arguments, the arguments.
+pub const XADD_SCRIPT: &str = r#"
+local ms = tonumber(ARGV[1])
+local pos = tonumber(ARGV[2])
+local args = {}
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+if not info.err then
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      local last = tonumber(string.match(info[i + 1], '^(%d+)-'))
+      if last and last > ms then ms = last end
+    end
+  end
+end
+args[pos] = ms .. '-*'
+return redis.call('XADD', unpack(args))
+"#;
+
+/// Position of the ID in `XADD key [NOMKSTREAM] [MAXLEN|MINID [=|~] n [LIMIT c]] id ...`.
+pub fn xadd_id_pos(argv: &[Vec<u8>]) -> Option<usize> {
+    let mut i = 2;
+    loop {
+        let a = argv.get(i)?;
+        if eq(a, "nomkstream") {
+            i += 1;
+        } else if eq(a, "maxlen") || eq(a, "minid") {
+            i += 1;
+            if argv
+                .get(i)
+                .is_some_and(|x| x.as_slice() == b"=" || x.as_slice() == b"~")
+            {
+                i += 1;
+            }
+            i += 1;
+            if argv.get(i).is_some_and(|x| eq(x, "limit")) {
+                i += 2;
+            }
+        } else {
+            return Some(i);
+        }
+    }
+}
+
 fn eq(a: &[u8], b: &str) -> bool {
     a.eq_ignore_ascii_case(b.as_bytes())
 }
@@ -139,6 +185,22 @@ pub fn rewrite(argv: &[Vec<u8>], now_ms: i64, seed: u32) -> Option<Vec<Vec<u8>>>
         v.push(b"ABSTTL".to_vec());
         return Some(v);
     }
+    if eq(name, "xadd") {
+        let pos = xadd_id_pos(argv)?;
+        if argv.get(pos)?.as_slice() != b"*" || argv.len() < pos + 3 {
+            return None;
+        }
+        let mut v = vec![
+            b"EVAL".to_vec(),
+            XADD_SCRIPT.as_bytes().to_vec(),
+            b"1".to_vec(),
+            argv[1].clone(),
+            num(now_ms),
+            num(pos as i64),
+        ];
+        v.extend(argv[1..].iter().cloned());
+        return Some(v);
+    }
     if eq(name, "spop") && (argv.len() == 2 || argv.len() == 3) {
         if let Some(c) = argv.get(2) {
             // Let Redis refuse a bad count itself, identically everywhere.
@@ -234,6 +296,29 @@ mod tests {
         assert_eq!(r(&["RESTORE", "k", "5", "p", "ABSTTL"]), None);
         assert_eq!(r(&["GET", "k"]), None);
         assert_eq!(r(&["SPOP", "k", "-1"]), None);
+    }
+
+    #[test]
+    fn xadd_with_a_generated_id_becomes_a_script() {
+        let out = r(&[
+            "XADD", "s", "MAXLEN", "~", "10", "LIMIT", "5", "*", "f", "v",
+        ])
+        .unwrap();
+        assert_eq!(out[0], "EVAL");
+        assert_eq!(
+            &out[2..],
+            &["1", "s", "1000000", "7", "s", "MAXLEN", "~", "10", "LIMIT", "5", "*", "f", "v"]
+        );
+        assert_eq!(r(&["XADD", "s", "5-1", "f", "v"]), None);
+        assert_eq!(
+            r(&["XADD", "s", "NOMKSTREAM", "*"]),
+            None,
+            "no fields: Redis refuses it"
+        );
+        assert_eq!(
+            xadd_id_pos(&a(&["XADD", "s", "NOMKSTREAM", "MINID", "5", "*"])),
+            Some(5)
+        );
     }
 
     #[test]

@@ -47,7 +47,12 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             }
             let sub =
                 (argc > 1).then(|| api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 1)));
-            let prefix: &[u8] = match m.table().in_script(name, sub) {
+            let verdict = match m.table().in_script(name, sub) {
+                // XADD is random only with a generated ID; with an explicit one it is not.
+                InScript::Refuse if name.eq_ignore_ascii_case(b"xadd") => xadd_verdict(fctx, argc),
+                v => v,
+            };
+            let prefix: &[u8] = match verdict {
                 InScript::Run => return,
                 InScript::Refuse => b"RAFT._REJECT",
                 InScript::Sort => b"RAFT._SORT",
@@ -56,6 +61,19 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);
         },
     )
+}
+
+unsafe fn xadd_verdict(
+    fctx: *mut raw::RedisModuleCommandFilterCtx,
+    argc: std::ffi::c_int,
+) -> InScript {
+    let argv: Vec<Vec<u8>> = (0..argc)
+        .map(|i| api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, i)).to_vec())
+        .collect();
+    match super::rewrite::xadd_id_pos(&argv) {
+        Some(p) if argv.get(p).is_some_and(|id| id.as_slice() != b"*") => InScript::Run,
+        _ => InScript::Refuse,
+    }
 }
 
 /// Sorts a reply for RAFT._SORT: a flat array of strings, or (HGETALL, and the like, when

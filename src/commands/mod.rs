@@ -13,7 +13,9 @@ pub use info::info_func;
 
 use crate::redis::api::{self, guard, rm, CallOpts, RedisModuleCtx, RedisModuleString};
 use crate::redis::classify::Class;
-use crate::redis::{admit, module, propose_write, queue_read, redirect_error, scripts};
+use crate::redis::{
+    admit, blocking, module, propose_write, queue_read, redirect_error, scripts, start_blocking,
+};
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
@@ -92,7 +94,10 @@ extern "C" fn raft_cmd(
                     if !node.shared().is_leader() {
                         return api::reply_error(ctx, &redirect_error(m));
                     }
-                    propose_write(ctx, m, node, cmd)
+                    match blocking::parse(&cmd) {
+                        Some(spec) => start_blocking(ctx, m, node, cmd, spec),
+                        None => propose_write(ctx, m, node, cmd),
+                    }
                 }
                 Class::Read if m.serves_reads_locally(node) => call_and_reply(ctx, &cmd),
                 Class::Read if m.serves_reads_by_index(node) => queue_read(ctx, cmd),

@@ -10,6 +10,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 pub mod api;
+pub mod blocking;
 pub mod classify;
 pub mod configs;
 pub mod filter;
@@ -65,6 +66,8 @@ impl<T: Default> MainThread<T> {
 struct Pending {
     bc: *mut RedisModuleBlockedClient,
     resp3: bool,
+    /// A blocking command's attempt: its waiter (redis/blocking.rs).
+    waiter: Option<u64>,
 }
 
 /// What a blocked client is finally told.
@@ -422,9 +425,78 @@ pub fn propose(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, cmd: LogComman
         unblock(bc, Reply::Error(ProposeError::Full.to_string()));
         return api::OK;
     }
-    st.pending.insert(tag.request, Pending { bc, resp3 });
+    st.pending.insert(
+        tag.request,
+        Pending {
+            bc,
+            resp3,
+            waiter: None,
+        },
+    );
     st.batch.push((tag, data));
     api::OK
+}
+
+/// Queues what the blocking-command machinery asks for: an attempt for a waiter (answered
+/// through the pending map like any write), or a command undoing a pop nobody received.
+fn enqueue_blocking(m: &Module, node: &Node, p: blocking::Proposal) {
+    let st = MAIN.get_mut();
+    match p {
+        blocking::Proposal::Attempt {
+            waiter,
+            bc,
+            db,
+            argv,
+            resp3,
+        } => {
+            st.next_request += 1;
+            let tag = ProposalTag {
+                node_id: node.shared().node_id,
+                incarnation: m.incarnation,
+                request: st.next_request,
+            };
+            st.pending.insert(
+                tag.request,
+                Pending {
+                    bc,
+                    resp3,
+                    waiter: Some(waiter),
+                },
+            );
+            st.batch
+                .push((tag, encode_command(&LogCommand::Redis { db, argv })));
+        }
+        blocking::Proposal::Undo { db, argv } => {
+            // Nobody waits for this entry: a tag no pending request carries.
+            let tag = ProposalTag {
+                node_id: node.shared().node_id,
+                incarnation: 0,
+                request: 0,
+            };
+            st.batch
+                .push((tag, encode_command(&LogCommand::Redis { db, argv })));
+        }
+    }
+}
+
+/// A blocking command on the leader: block the client and propose its first attempt.
+pub fn start_blocking(
+    ctx: *mut RedisModuleCtx,
+    m: &Module,
+    node: &Node,
+    argv: Vec<Vec<u8>>,
+    spec: blocking::Spec,
+) -> c_int {
+    let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
+    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
+    let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
+    match blocking::start(ctx, db, argv, spec, resp3) {
+        Some(p) => {
+            enqueue_blocking(m, node, p);
+            api::OK
+        }
+        None => api::reply_error(ctx, "ERR could not block the client"),
+    }
 }
 
 /// Writes waiting for their entry to be applied here; past that new writes get -TRYAGAIN.
@@ -498,6 +570,7 @@ fn flush_proposals() {
     let Some(node) = module().and_then(|m| m.node.as_ref()) else {
         return;
     };
+    blocking::release_gone();
     let st = MAIN.get_mut();
     if !st.read_batch.is_empty() {
         st.next_round += 1;
@@ -662,16 +735,23 @@ fn apply_committed() {
                 for t in tags {
                     if t.incarnation == m.incarnation {
                         if let Some(p) = MAIN.get_mut().pending.remove(&t.request) {
+                            if let Some(w) = p.waiter {
+                                blocking::forget(w);
+                            }
                             unblock(p.bc, Reply::Error(err.clone()));
                         }
                     }
                 }
             }
-            ApplyItem::LeadershipLost => fail_all_pending(
-                "TIMEOUT leadership changed before the write was committed; its outcome is unknown",
-            ),
+            ApplyItem::LeadershipLost => {
+                blocking::leadership_lost(&redirect_error(m));
+                fail_all_pending(
+                    "TIMEOUT leadership changed before the write was committed; its outcome is unknown",
+                )
+            }
             ApplyItem::Stopped(msg) => {
                 let msg = format!("ERR {msg}");
+                blocking::leadership_lost(&msg);
                 fail_all_pending(&msg);
                 fail_all_reads(&msg);
             }
@@ -696,6 +776,11 @@ fn apply_committed() {
         }
     }
     serve_ready_reads(ctx, node.shared().applied());
+    if node.shared().is_leader() {
+        for p in blocking::retries() {
+            enqueue_blocking(m, node, p);
+        }
+    }
 }
 
 fn fail_all_reads(msg: &str) {
@@ -789,6 +874,21 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
             scripts::set_applying(false);
             watch::note_command(&argv, e.index);
             match pending {
+                Some(Pending {
+                    waiter: Some(w), ..
+                }) => match blocking::attempt_done(w, r) {
+                    blocking::Outcome::Reply(bc) => unblock(bc, Reply::Call(r)),
+                    blocking::Outcome::Drop(undo) => {
+                        api::free_call_reply(r);
+                        if let Some(u) = undo {
+                            enqueue_blocking(
+                                m,
+                                m.node.as_ref().expect("applying implies a node"),
+                                u,
+                            );
+                        }
+                    }
+                },
                 Some(p) => unblock(p.bc, Reply::Call(r)),
                 None => api::free_call_reply(r),
             }

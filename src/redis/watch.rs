@@ -110,6 +110,7 @@ extern "C" fn on_event(
                 let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
                 let k = unsafe { api::str_bytes(key) };
                 t.touch(db, k, index);
+                super::blocking::touched(db, k);
             }
             api::OK
         },

@@ -1,0 +1,620 @@
+//! Blocking commands (BLPOP, BRPOP, BRPOPLPUSH, BLMOVE, BLMPOP, BZPOPMIN, BZPOPMAX, BZMPOP,
+//! XREADGROUP ... BLOCK) on Redis 7.0, which cannot block inside RM_Call.
+//!
+//! Every pop goes through the log, so every node removes the same elements in the same
+//! order. On the leader, a client's blocking command is proposed as an *attempt*; applied
+//! through RM_Call it never blocks: it pops or answers null at once, identically everywhere.
+//! Null means the client waits: it is queued, first come first served, on each of its keys.
+//! When an applied entry changes one of those keys, the leader proposes a new attempt for the
+//! first waiter of that key that has none in flight. Attempts are ordinary entries, so a
+//! waiter may lose a race to a non-blocking pop; it then waits again.
+//!
+//! Timeouts, CLIENT UNBLOCK and disconnects are Redis's own (the client is blocked with a
+//! timeout callback). If a waiter goes away while its attempt is in flight and the attempt
+//! then pops something, nobody can receive it: the leader proposes the inverse command
+//! (LPUSH/RPUSH/LMOVE/ZADD) so the elements go back where they were. XREADGROUP entries are
+//! not put back: they stay in the group's pending list, as after any delivery.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_int;
+
+use super::api::{
+    self, guard, rm, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, Value,
+};
+use super::MainThread;
+
+/// What a blocked client gets when it times out (as Redis answers each command).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NullKind {
+    NullArray,
+    NullBulk,
+}
+
+/// What `parse` learns from a blocking command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub keys: Vec<Vec<u8>>,
+    /// 0 waits forever.
+    pub timeout_ms: i64,
+    pub null: NullKind,
+}
+
+fn eq(a: &[u8], b: &str) -> bool {
+    a.eq_ignore_ascii_case(b.as_bytes())
+}
+
+/// Seconds as Redis parses them for BLPOP and friends (a float), to milliseconds.
+fn secs(a: &[u8]) -> Option<i64> {
+    let s: f64 = std::str::from_utf8(a).ok()?.parse().ok()?;
+    (s.is_finite() && s >= 0.0).then(|| (s * 1000.0).ceil() as i64)
+}
+
+fn ms(a: &[u8]) -> Option<i64> {
+    let v: i64 = std::str::from_utf8(a).ok()?.parse().ok()?;
+    (v >= 0).then_some(v)
+}
+
+/// Recognises a blocking command whose arguments are well formed; anything else (a bad
+/// timeout, XREADGROUP without BLOCK or reading history) is an ordinary command, and Redis
+/// gives its own answer or error when it is applied.
+pub fn parse(argv: &[Vec<u8>]) -> Option<Spec> {
+    let name = argv.first()?;
+    let n = argv.len();
+    if eq(name, "blpop") || eq(name, "brpop") || eq(name, "bzpopmin") || eq(name, "bzpopmax") {
+        if n < 3 {
+            return None;
+        }
+        return Some(Spec {
+            keys: argv[1..n - 1].to_vec(),
+            timeout_ms: secs(&argv[n - 1])?,
+            null: NullKind::NullArray,
+        });
+    }
+    if eq(name, "brpoplpush") && n == 4 {
+        return Some(Spec {
+            keys: vec![argv[1].clone()],
+            timeout_ms: secs(&argv[3])?,
+            null: NullKind::NullBulk,
+        });
+    }
+    if eq(name, "blmove") && n == 6 {
+        return Some(Spec {
+            keys: vec![argv[1].clone()],
+            timeout_ms: secs(&argv[5])?,
+            null: NullKind::NullBulk,
+        });
+    }
+    if eq(name, "blmpop") || eq(name, "bzmpop") {
+        let numkeys: usize = std::str::from_utf8(argv.get(2)?).ok()?.parse().ok()?;
+        if numkeys == 0 || n < 3 + numkeys + 1 {
+            return None;
+        }
+        return Some(Spec {
+            keys: argv[3..3 + numkeys].to_vec(),
+            timeout_ms: secs(&argv[1])?,
+            null: NullKind::NullArray,
+        });
+    }
+    if eq(name, "xreadgroup") {
+        let mut timeout = None;
+        let mut i = 1;
+        while i < n {
+            let a = &argv[i];
+            if eq(a, "block") {
+                timeout = Some(ms(argv.get(i + 1)?)?);
+                i += 2;
+            } else if eq(a, "group") {
+                i += 3;
+            } else if eq(a, "count") {
+                i += 2;
+            } else if eq(a, "noack") {
+                i += 1;
+            } else if eq(a, "streams") {
+                let rest = &argv[i + 1..];
+                if rest.is_empty() || rest.len() % 2 != 0 {
+                    return None;
+                }
+                let (keys, ids) = rest.split_at(rest.len() / 2);
+                // Only new entries (">") make XREADGROUP block.
+                if !ids.iter().all(|id| id.as_slice() == b">") {
+                    return None;
+                }
+                return Some(Spec {
+                    keys: keys.to_vec(),
+                    timeout_ms: timeout?,
+                    null: NullKind::NullArray,
+                });
+            } else {
+                return None;
+            }
+        }
+    }
+    None
+}
+
+struct Waiter {
+    bc: *mut RedisModuleBlockedClient,
+    db: i32,
+    argv: Vec<Vec<u8>>,
+    keys: Vec<Vec<u8>>,
+    resp3: bool,
+    null: NullKind,
+    in_flight: bool,
+    /// Timed out, unblocked or disconnected: Redis answered it already.
+    gone: bool,
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    waiters: HashMap<u64, Waiter>,
+    by_bc: HashMap<usize, u64>,
+    /// Waiters per (db, key), in arrival order.
+    queues: HashMap<(i32, Vec<u8>), VecDeque<u64>>,
+    /// Keys with waiters that applied entries changed since the last retry.
+    touched: Vec<(i32, Vec<u8>)>,
+    /// Gone waiters with nothing in flight: their handles are released before Redis sleeps.
+    to_release: Vec<u64>,
+}
+
+static STATE: MainThread<State> = MainThread::new_lazy();
+
+/// Something the apply path must propose for a waiter (an attempt), or to undo a pop.
+pub enum Proposal {
+    Attempt {
+        waiter: u64,
+        bc: *mut RedisModuleBlockedClient,
+        db: i32,
+        argv: Vec<Vec<u8>>,
+        resp3: bool,
+    },
+    Undo {
+        db: i32,
+        argv: Vec<Vec<u8>>,
+    },
+}
+
+/// Blocks the client for a blocking command and returns its first attempt.
+pub fn start(
+    ctx: *mut RedisModuleCtx,
+    db: i32,
+    argv: Vec<Vec<u8>>,
+    spec: Spec,
+    resp3: bool,
+) -> Option<Proposal> {
+    let bc = unsafe {
+        rm!(RedisModule_BlockClient)(
+            ctx,
+            Some(super::reply_blocked),
+            Some(on_timeout),
+            Some(super::free_reply),
+            spec.timeout_ms,
+        )
+    };
+    if bc.is_null() {
+        return None;
+    }
+    unsafe { rm!(RedisModule_SetDisconnectCallback)(bc, Some(on_disconnect)) };
+    let st = STATE.get_mut();
+    st.next += 1;
+    let id = st.next;
+    st.by_bc.insert(bc as usize, id);
+    st.waiters.insert(
+        id,
+        Waiter {
+            bc,
+            db,
+            argv: argv.clone(),
+            keys: spec.keys,
+            resp3,
+            null: spec.null,
+            in_flight: true,
+            gone: false,
+        },
+    );
+    Some(Proposal::Attempt {
+        waiter: id,
+        bc,
+        db,
+        argv,
+        resp3,
+    })
+}
+
+fn is_null(r: *mut RedisModuleCallReply) -> bool {
+    r.is_null()
+        || unsafe { rm!(RedisModule_CallReplyType)(r) } as isize == api::raw::REDISMODULE_REPLY_NULL
+}
+
+/// What to do with the reply of an applied attempt.
+pub enum Outcome {
+    /// Answer the client with it.
+    Reply(*mut RedisModuleBlockedClient),
+    /// Nobody to answer: drop it (and maybe undo it).
+    Drop(Option<Proposal>),
+}
+
+/// An attempt of waiter `id` was applied on the leader with reply `r`.
+pub fn attempt_done(id: u64, r: *mut RedisModuleCallReply) -> Outcome {
+    let st = STATE.get_mut();
+    let Some(w) = st.waiters.get_mut(&id) else {
+        return Outcome::Drop(None);
+    };
+    w.in_flight = false;
+    if is_null(r) {
+        if w.gone {
+            st.to_release.push(id);
+        } else {
+            let (db, keys) = (w.db, w.keys.clone());
+            for k in keys {
+                let q = st.queues.entry((db, k)).or_default();
+                if !q.contains(&id) {
+                    q.push_back(id);
+                }
+            }
+        }
+        return Outcome::Drop(None);
+    }
+    let Some(w) = remove(st, id) else {
+        return Outcome::Drop(None);
+    };
+    if w.gone {
+        // Release the handle, and put back what nobody received.
+        unsafe { rm!(RedisModule_UnblockClient)(w.bc, std::ptr::null_mut()) };
+        let undo = undo_command(&w.argv, &api::call_reply_value(r))
+            .map(|argv| Proposal::Undo { db: w.db, argv });
+        return Outcome::Drop(undo);
+    }
+    Outcome::Reply(w.bc)
+}
+
+fn remove(st: &mut State, id: u64) -> Option<Waiter> {
+    let w = st.waiters.remove(&id)?;
+    st.by_bc.remove(&(w.bc as usize));
+    for k in &w.keys {
+        if let Some(q) = st.queues.get_mut(&(w.db, k.clone())) {
+            q.retain(|x| *x != id);
+            if q.is_empty() {
+                st.queues.remove(&(w.db, k.clone()));
+            }
+        }
+    }
+    Some(w)
+}
+
+/// An applied entry changed `key` in `db` (keyspace event on the apply path).
+pub fn touched(db: i32, key: &[u8]) {
+    let st = STATE.get_mut();
+    if st.queues.contains_key(&(db, key.to_vec())) {
+        st.touched.push((db, key.to_vec()));
+    }
+}
+
+/// After a batch was applied on the leader: one new attempt per changed key that has a
+/// waiter with nothing in flight. Also releases gone waiters.
+pub fn retries() -> Vec<Proposal> {
+    release_gone();
+    let st = STATE.get_mut();
+    let mut out = Vec::new();
+    for key in std::mem::take(&mut st.touched) {
+        let Some(q) = st.queues.get(&key) else {
+            continue;
+        };
+        let next = q
+            .iter()
+            .copied()
+            .find(|id| st.waiters.get(id).is_some_and(|w| !w.in_flight && !w.gone));
+        if let Some(id) = next {
+            if let Some(w) = st.waiters.get_mut(&id) {
+                w.in_flight = true;
+                out.push(Proposal::Attempt {
+                    waiter: id,
+                    bc: w.bc,
+                    db: w.db,
+                    argv: w.argv.clone(),
+                    resp3: w.resp3,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Releases the handles of waiters that went away with nothing in flight (Redis already
+/// answered them; the handle must still be released once).
+pub fn release_gone() {
+    let st = STATE.get_mut();
+    for id in std::mem::take(&mut st.to_release) {
+        if let Some(w) = remove(st, id) {
+            unsafe { rm!(RedisModule_UnblockClient)(w.bc, std::ptr::null_mut()) };
+        }
+    }
+}
+
+/// This node stopped leading. Waiters with an attempt in flight are answered by the pending
+/// path (-TIMEOUT: the outcome is unknown); the others lost nothing and are redirected.
+pub fn leadership_lost(redirect: &str) {
+    let st = STATE.get_mut();
+    let ids: Vec<u64> = st.waiters.keys().copied().collect();
+    for id in ids {
+        let Some(w) = remove(st, id) else { continue };
+        if w.in_flight {
+            continue;
+        }
+        super::unblock(w.bc, super::Reply::Error(redirect.to_string()));
+    }
+    st.touched.clear();
+}
+
+/// The attempt of waiter `id` never entered the log (pending answered it): forget it.
+pub fn forget(id: u64) {
+    remove(STATE.get_mut(), id);
+}
+
+extern "C" fn on_timeout(
+    ctx: *mut RedisModuleCtx,
+    _argv: *mut *mut api::RedisModuleString,
+    _argc: c_int,
+) -> c_int {
+    guard(
+        "blocking timeout",
+        || api::OK,
+        || {
+            let bc = unsafe { rm!(RedisModule_GetBlockedClientHandle)(ctx) };
+            let null = gone(bc).unwrap_or(NullKind::NullArray);
+            match null {
+                NullKind::NullArray => unsafe { rm!(RedisModule_ReplyWithNullArray)(ctx) },
+                NullKind::NullBulk => unsafe { rm!(RedisModule_ReplyWithNull)(ctx) },
+            }
+        },
+    )
+}
+
+extern "C" fn on_disconnect(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlockedClient) {
+    guard(
+        "blocking disconnect",
+        || (),
+        || {
+            gone(bc);
+        },
+    );
+}
+
+/// Marks the waiter of `bc` gone; its handle is released once nothing is in flight.
+fn gone(bc: *mut RedisModuleBlockedClient) -> Option<NullKind> {
+    let st = STATE.get_mut();
+    let id = *st.by_bc.get(&(bc as usize))?;
+    let w = st.waiters.get_mut(&id)?;
+    w.gone = true;
+    if !w.in_flight {
+        st.to_release.push(id);
+    }
+    Some(w.null)
+}
+
+fn strs(v: &Value) -> Option<Vec<Vec<u8>>> {
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                Value::Str(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// The command that puts back what a blocking command popped (`reply` is what it returned).
+pub fn undo_command(argv: &[Vec<u8>], reply: &Value) -> Option<Vec<Vec<u8>>> {
+    let name = argv.first()?;
+    if eq(name, "blpop") || eq(name, "brpop") {
+        let kv = strs(reply)?;
+        let push = if eq(name, "blpop") { "LPUSH" } else { "RPUSH" };
+        return Some(vec![
+            push.as_bytes().to_vec(),
+            kv.first()?.clone(),
+            kv.get(1)?.clone(),
+        ]);
+    }
+    if eq(name, "bzpopmin") || eq(name, "bzpopmax") {
+        let kms = strs(reply)?;
+        return Some(vec![
+            b"ZADD".to_vec(),
+            kms.first()?.clone(),
+            kms.get(2)?.clone(),
+            kms.get(1)?.clone(),
+        ]);
+    }
+    if eq(name, "brpoplpush") {
+        // Moved src tail -> dst head: move it back from dst head to src tail.
+        return Some(vec![
+            b"LMOVE".to_vec(),
+            argv[2].clone(),
+            argv[1].clone(),
+            b"LEFT".to_vec(),
+            b"RIGHT".to_vec(),
+        ]);
+    }
+    if eq(name, "blmove") {
+        // BLMOVE src dst <from> <to>: take it from dst where it was put, back to src.
+        return Some(vec![
+            b"LMOVE".to_vec(),
+            argv.get(2)?.clone(),
+            argv.get(1)?.clone(),
+            argv.get(4)?.to_ascii_uppercase(),
+            argv.get(3)?.to_ascii_uppercase(),
+        ]);
+    }
+    if eq(name, "blmpop") {
+        let Value::Array(items) = reply else {
+            return None;
+        };
+        let (Some(Value::Str(key)), Some(vals)) = (items.first(), items.get(1).and_then(strs))
+        else {
+            return None;
+        };
+        let left = argv.iter().any(|a| eq(a, "left"));
+        let mut v = vec![
+            if left {
+                b"LPUSH".to_vec()
+            } else {
+                b"RPUSH".to_vec()
+            },
+            key.clone(),
+        ];
+        v.extend(vals.into_iter().rev());
+        return Some(v);
+    }
+    if eq(name, "bzmpop") {
+        let Value::Array(items) = reply else {
+            return None;
+        };
+        let (Some(Value::Str(key)), Some(Value::Array(pairs))) = (items.first(), items.get(1))
+        else {
+            return None;
+        };
+        let mut v = vec![b"ZADD".to_vec(), key.clone()];
+        for p in pairs {
+            let ms = strs(p)?;
+            v.push(ms.get(1)?.clone());
+            v.push(ms.first()?.clone());
+        }
+        return Some(v);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &[&str]) -> Vec<Vec<u8>> {
+        s.iter().map(|x| x.as_bytes().to_vec()).collect()
+    }
+
+    fn s(x: &str) -> Value {
+        Value::Str(x.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn recognises_blocking_commands() {
+        assert_eq!(
+            parse(&a(&["BLPOP", "a", "b", "1.5"])),
+            Some(Spec {
+                keys: a(&["a", "b"]),
+                timeout_ms: 1500,
+                null: NullKind::NullArray
+            })
+        );
+        assert_eq!(
+            parse(&a(&["BLPOP", "a", "-1"])),
+            None,
+            "Redis refuses a negative timeout itself"
+        );
+        assert_eq!(
+            parse(&a(&["brpoplpush", "s", "d", "0"])).map(|s| s.null),
+            Some(NullKind::NullBulk)
+        );
+        assert_eq!(
+            parse(&a(&["BLMPOP", "2", "2", "x", "y", "LEFT"])).map(|s| (s.keys, s.timeout_ms)),
+            Some((a(&["x", "y"]), 2000))
+        );
+        assert_eq!(
+            parse(&a(&["BZMPOP", "0", "1", "z", "MIN", "COUNT", "2"])).map(|s| s.keys),
+            Some(a(&["z"]))
+        );
+        assert_eq!(
+            parse(&a(&[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "COUNT",
+                "1",
+                "BLOCK",
+                "100",
+                "STREAMS",
+                "s1",
+                "s2",
+                ">",
+                ">"
+            ]))
+            .map(|s| (s.keys, s.timeout_ms)),
+            Some((a(&["s1", "s2"]), 100))
+        );
+        assert_eq!(
+            parse(&a(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s1", ">"])),
+            None,
+            "no BLOCK"
+        );
+        assert_eq!(
+            parse(&a(&[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "BLOCK",
+                "1",
+                "STREAMS",
+                "s1",
+                "0"
+            ])),
+            None,
+            "history"
+        );
+        assert_eq!(parse(&a(&["LPOP", "a"])), None);
+    }
+
+    #[test]
+    fn undo_puts_back_what_was_popped() {
+        let v = |x: Option<Vec<Vec<u8>>>| {
+            x.map(|v| {
+                v.into_iter()
+                    .map(|b| String::from_utf8(b).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            v(undo_command(
+                &a(&["BLPOP", "k", "0"]),
+                &Value::Array(vec![s("k"), s("x")])
+            )),
+            Some(vec!["LPUSH".into(), "k".into(), "x".into()])
+        );
+        assert_eq!(
+            v(undo_command(
+                &a(&["BRPOP", "k", "0"]),
+                &Value::Array(vec![s("k"), s("x")])
+            )),
+            Some(vec!["RPUSH".into(), "k".into(), "x".into()])
+        );
+        assert_eq!(
+            v(undo_command(
+                &a(&["BZPOPMIN", "z", "0"]),
+                &Value::Array(vec![s("z"), s("m"), s("1.5")])
+            )),
+            Some(vec!["ZADD".into(), "z".into(), "1.5".into(), "m".into()])
+        );
+        assert_eq!(
+            v(undo_command(
+                &a(&["BLMOVE", "src", "dst", "left", "right", "0"]),
+                &s("x")
+            )),
+            Some(vec![
+                "LMOVE".into(),
+                "dst".into(),
+                "src".into(),
+                "RIGHT".into(),
+                "LEFT".into()
+            ])
+        );
+        assert_eq!(
+            v(undo_command(
+                &a(&["BLMPOP", "0", "1", "k", "LEFT", "COUNT", "2"]),
+                &Value::Array(vec![s("k"), Value::Array(vec![s("a"), s("b")])])
+            )),
+            Some(vec!["LPUSH".into(), "k".into(), "b".into(), "a".into()])
+        );
+    }
+}

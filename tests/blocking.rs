@@ -1,0 +1,177 @@
+//! Blocking commands on Redis 7.0: clients block until data arrives, in arrival order, with
+//! the same data on every node; timeouts, CLIENT UNBLOCK and disconnects.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn same_everywhere(c: &mut Cluster, args: &[&str]) -> Value {
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let v = c.local(0, args);
+    for i in 1..3 {
+        assert_eq!(c.local(i, args), v, "node {i}: {args:?}");
+    }
+    v
+}
+
+#[test]
+fn blpop_waits_for_data_and_waiters_are_served_in_arrival_order() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut w1 = RawConn::open(port);
+    let mut w2 = RawConn::open(port);
+    let mut p = RawConn::open(port);
+    w1.send(&["BLPOP", "q", "0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    w2.send(&["BLPOP", "q", "other", "0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.cmd(&["RPUSH", "q", "a"]), ":1\r\n");
+    assert_eq!(w1.read(), "*2\r\n$1\r\nq\r\n$1\r\na\r\n");
+    assert_eq!(p.cmd(&["RPUSH", "q", "b", "c"]), ":2\r\n");
+    assert_eq!(w2.read(), "*2\r\n$1\r\nq\r\n$1\r\nb\r\n");
+    // Data already there: no blocking.
+    assert_eq!(p.cmd(&["BLPOP", "q", "0"]), "*2\r\n$1\r\nq\r\n$1\r\nc\r\n");
+    assert_eq!(same_everywhere(&mut c, &["LLEN", "q"]), Value::Int(0));
+}
+
+#[test]
+fn blocking_commands_of_every_kind_are_served() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut p = RawConn::open(port);
+    let cases: Vec<(Vec<&str>, Vec<&str>, &str)> = vec![
+        (
+            vec!["BRPOP", "l1", "0"],
+            vec!["RPUSH", "l1", "x"],
+            "*2\r\n$2\r\nl1\r\n$1\r\nx\r\n",
+        ),
+        (
+            vec!["BLMOVE", "l2", "d2", "LEFT", "RIGHT", "0"],
+            vec!["RPUSH", "l2", "y"],
+            "$1\r\ny\r\n",
+        ),
+        (
+            vec!["BRPOPLPUSH", "l3", "d3", "0"],
+            vec!["RPUSH", "l3", "z"],
+            "$1\r\nz\r\n",
+        ),
+        (
+            vec!["BLMPOP", "0", "1", "l4", "LEFT", "COUNT", "2"],
+            vec!["RPUSH", "l4", "a", "b"],
+            "*2\r\n$2\r\nl4\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n",
+        ),
+        (
+            vec!["BZPOPMIN", "z1", "0"],
+            vec!["ZADD", "z1", "1", "m"],
+            "*3\r\n$2\r\nz1\r\n$1\r\nm\r\n$1\r\n1\r\n",
+        ),
+        (
+            vec!["BZMPOP", "0", "1", "z2", "MAX"],
+            vec!["ZADD", "z2", "2", "n"],
+            "*2\r\n$2\r\nz2\r\n*1\r\n*2\r\n$1\r\nn\r\n$1\r\n2\r\n",
+        ),
+    ];
+    for (block, push, expected) in cases {
+        let mut w = RawConn::open(port);
+        w.send(&block);
+        std::thread::sleep(Duration::from_millis(150));
+        let r = p.cmd(&push);
+        assert!(r.starts_with(':'), "{push:?}: {r}");
+        assert_eq!(w.read(), expected, "{block:?}");
+    }
+    assert_eq!(
+        same_everywhere(&mut c, &["LRANGE", "d2", "0", "-1"]),
+        Value::Array(vec![Value::BulkString(b"y".to_vec())])
+    );
+    assert_eq!(
+        same_everywhere(&mut c, &["LRANGE", "d3", "0", "-1"]),
+        Value::Array(vec![Value::BulkString(b"z".to_vec())])
+    );
+    assert_eq!(
+        same_everywhere(&mut c, &["EXISTS", "l1", "l2", "l3", "l4", "z1", "z2"]),
+        Value::Int(0)
+    );
+}
+
+#[test]
+fn xreadgroup_block_gets_new_entries() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut p = RawConn::open(port);
+    assert_eq!(
+        p.cmd(&["XGROUP", "CREATE", "s", "g", "$", "MKSTREAM"]),
+        "+OK\r\n"
+    );
+    let mut w = RawConn::open(port);
+    w.send(&[
+        "XREADGROUP",
+        "GROUP",
+        "g",
+        "c1",
+        "BLOCK",
+        "0",
+        "STREAMS",
+        "s",
+        ">",
+    ]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(p
+        .cmd(&["XADD", "s", "5-1", "f", "v"])
+        .starts_with("$3\r\n5-1"));
+    assert_eq!(
+        w.read(),
+        "*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n5-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    same_everywhere(&mut c, &["XPENDING", "s", "g"]);
+}
+
+#[test]
+fn timeouts_unblock_and_disconnects_lose_nothing() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    // Timeout: the null reply of each command, after about the timeout.
+    let mut w = RawConn::open(port);
+    let t0 = Instant::now();
+    assert_eq!(w.cmd(&["BLPOP", "t", "0.3"]), "*-1\r\n");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(290),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        w.cmd(&["BLMOVE", "t", "d", "LEFT", "LEFT", "0.1"]),
+        "$-1\r\n"
+    );
+    // CLIENT UNBLOCK.
+    let mut w = RawConn::open(port);
+    let id = w.cmd(&["CLIENT", "ID"]);
+    let id = id.trim_start_matches(':').trim().to_string();
+    w.send(&["BLPOP", "u", "0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut admin = RawConn::open(port);
+    assert_eq!(admin.cmd(&["CLIENT", "UNBLOCK", &id]), ":1\r\n");
+    assert_eq!(w.read(), "*-1\r\n");
+    // A waiter that disconnects takes nothing with it.
+    {
+        let mut gone = RawConn::open(port);
+        gone.send(&["BLPOP", "d", "0"]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(admin.cmd(&["RPUSH", "d", "kept"]), ":1\r\n");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        same_everywhere(&mut c, &["LRANGE", "d", "0", "-1"]),
+        Value::Array(vec![Value::BulkString(b"kept".to_vec())])
+    );
+    // Inside MULTI blocking commands do not block, as in Redis.
+    assert_eq!(admin.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(admin.cmd(&["BLPOP", "empty", "0"]), "+QUEUED\r\n");
+    assert_eq!(admin.cmd(&["EXEC"]), "*1\r\n*-1\r\n");
+}

@@ -111,7 +111,7 @@ pub fn parse(argv: &[Vec<u8>]) -> Option<Spec> {
                 i += 1;
             } else if eq(a, "streams") {
                 let rest = &argv[i + 1..];
-                if rest.is_empty() || rest.len() % 2 != 0 {
+                if rest.is_empty() || !rest.len().is_multiple_of(2) {
                     return None;
                 }
                 let (keys, ids) = rest.split_at(rest.len() / 2);

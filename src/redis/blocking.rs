@@ -21,6 +21,7 @@ use std::ffi::c_int;
 use super::api::{
     self, guard, rm, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx, Value,
 };
+use super::rewrite::eq;
 use super::MainThread;
 
 /// What a blocked client gets when it times out (as Redis answers each command).
@@ -37,10 +38,6 @@ pub struct Spec {
     /// 0 waits forever.
     pub timeout_ms: i64,
     pub null: NullKind,
-}
-
-fn eq(a: &[u8], b: &str) -> bool {
-    a.eq_ignore_ascii_case(b.as_bytes())
 }
 
 /// Seconds as Redis parses them for BLPOP and friends (a float), to milliseconds.

@@ -11,21 +11,8 @@ use super::MainThread;
 use crate::config::{check_string, LogLevel, Options, ReadMode};
 
 /// The values Redis last accepted. Read at start-up and by INFO; CONFIG SET writes here.
-pub static OPTIONS: Mutex<Options> = Mutex::new(Options {
-    node_id: String::new(),
-    cluster_nodes: String::new(),
-    election_timeout_ms: 1000,
-    heartbeat_interval_ms: 100,
-    log_filename: String::new(),
-    log_fsync: true,
-    addr: String::new(),
-    bus_port: 0,
-    loglevel: LogLevel::Notice,
-    read_mode: ReadMode::Linearizable,
-    quorum_reads_no: false,
-    follower_reads: false,
-    ignored_commands: String::new(),
-});
+/// Set to the defaults when the module registers its options.
+pub static OPTIONS: Mutex<Option<Options>> = Mutex::new(None);
 
 /// `raft.loglevel`, read by the log filter on any thread.
 pub static LOGLEVEL: AtomicU8 = AtomicU8::new(LogLevel::Notice as u8);
@@ -34,11 +21,12 @@ pub static LOGLEVEL: AtomicU8 = AtomicU8::new(LogLevel::Notice as u8);
 pub static FOLLOWER_READS: AtomicBool = AtomicBool::new(false);
 
 pub fn options() -> Options {
-    OPTIONS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    with_options(|o| o.clone())
 }
 
 fn with_options<R>(f: impl FnOnce(&mut Options) -> R) -> R {
-    f(&mut OPTIONS.lock().unwrap_or_else(|p| p.into_inner()))
+    let mut guard = OPTIONS.lock().unwrap_or_else(|p| p.into_inner());
+    f(guard.get_or_insert_with(Options::default))
 }
 
 /// Strings handed to Redis by getters must stay valid until the next get: kept here.

@@ -85,7 +85,8 @@ pub fn xadd_id_pos(argv: &[Vec<u8>]) -> Option<usize> {
     }
 }
 
-fn eq(a: &[u8], b: &str) -> bool {
+/// Case-insensitive match of a command-line word.
+pub fn eq(a: &[u8], b: &str) -> bool {
     a.eq_ignore_ascii_case(b.as_bytes())
 }
 

@@ -422,18 +422,8 @@ impl RawConn {
 
     /// Sends one command and returns its reply as raw RESP text.
     pub fn cmd(&mut self, args: &[&str]) -> String {
-        use std::io::Write;
-        let mut out = format!("*{}\r\n", args.len());
-        for a in args {
-            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        self.stream
-            .get_mut()
-            .write_all(out.as_bytes())
-            .expect("write");
-        let mut reply = String::new();
-        self.read_value(&mut reply);
-        reply
+        self.send(args);
+        self.read()
     }
 
     /// Reads one more reply or pushed message.

@@ -175,3 +175,39 @@ fn timeouts_unblock_and_disconnects_lose_nothing() {
     assert_eq!(admin.cmd(&["BLPOP", "empty", "0"]), "+QUEUED\r\n");
     assert_eq!(admin.cmd(&["EXEC"]), "*1\r\n*-1\r\n");
 }
+
+#[test]
+fn xread_block_waits_for_new_entries_on_leader_and_followers() {
+    let mut c = Cluster::define(3);
+    for n in &mut c.nodes {
+        n.extra = vec!["--raft.follower-reads".into(), "yes".into()];
+    }
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let l = c.wait_leader(Duration::from_secs(10));
+    let f = (l + 1) % 3;
+    let mut p = RawConn::open(c.nodes[l].def.port);
+    assert!(p.cmd(&["XADD", "s", "1-1", "old", "x"]).starts_with("$3"));
+    let mut on_leader = RawConn::open(c.nodes[l].def.port);
+    let mut on_follower = RawConn::open(c.nodes[f].def.port);
+    // `$` means entries after the last one at the time of the call.
+    on_leader.send(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]);
+    on_follower.send(&["XREAD", "COUNT", "10", "BLOCK", "5000", "STREAMS", "s", "$"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(p.cmd(&["XADD", "s", "2-1", "new", "y"]).starts_with("$3"));
+    let expected = "*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n2-1\r\n*2\r\n$3\r\nnew\r\n$1\r\ny\r\n";
+    assert_eq!(on_leader.read(), expected);
+    assert_eq!(on_follower.read(), expected);
+    // Nothing new within the timeout: the null reply.
+    let t0 = Instant::now();
+    assert_eq!(
+        on_leader.cmd(&["XREAD", "BLOCK", "200", "STREAMS", "s", "$"]),
+        "*-1\r\n"
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(190));
+    // Data already there: answered at once.
+    assert!(on_leader
+        .cmd(&["XREAD", "BLOCK", "0", "STREAMS", "s", "0"])
+        .starts_with("*1\r\n"));
+}

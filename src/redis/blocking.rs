@@ -14,6 +14,11 @@
 //! then pops something, nobody can receive it: the leader proposes the inverse command
 //! (LPUSH/RPUSH/LMOVE/ZADD) so the elements go back where they were. XREADGROUP entries are
 //! not put back: they stay in the group's pending list, as after any delivery.
+//!
+//! XREAD ... BLOCK is a read: it takes nothing, so it needs no log entry. Once its read is
+//! confirmed (ReadIndex) and finds nothing, it waits on this node (any node with follower
+//! reads) and runs again each time an applied entry changes one of its streams. Its `$` IDs
+//! are fixed at the first run to the streams' last IDs, as Redis fixes them when it blocks.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_int;
@@ -92,7 +97,8 @@ pub fn parse(argv: &[Vec<u8>]) -> Option<Spec> {
             null: NullKind::NullArray,
         });
     }
-    if eq(name, "xreadgroup") {
+    if eq(name, "xreadgroup") || eq(name, "xread") {
+        let group = eq(name, "xreadgroup");
         let mut timeout = None;
         let mut i = 1;
         while i < n {
@@ -113,7 +119,7 @@ pub fn parse(argv: &[Vec<u8>]) -> Option<Spec> {
                 }
                 let (keys, ids) = rest.split_at(rest.len() / 2);
                 // Only new entries (">") make XREADGROUP block.
-                if !ids.iter().all(|id| id.as_slice() == b">") {
+                if group && !ids.iter().all(|id| id.as_slice() == b">") {
                     return None;
                 }
                 return Some(Spec {
@@ -130,6 +136,8 @@ pub fn parse(argv: &[Vec<u8>]) -> Option<Spec> {
 }
 
 struct Waiter {
+    /// XREAD BLOCK: re-run locally, never proposed.
+    read: bool,
     bc: *mut RedisModuleBlockedClient,
     db: i32,
     argv: Vec<Vec<u8>>,
@@ -169,6 +177,126 @@ pub enum Proposal {
         db: i32,
         argv: Vec<Vec<u8>>,
     },
+    /// Run XREAD BLOCK waiter `waiter` again, locally.
+    Reread {
+        waiter: u64,
+        bc: *mut RedisModuleBlockedClient,
+        db: i32,
+        argv: Vec<Vec<u8>>,
+        resp3: bool,
+    },
+}
+
+/// Blocks a client for XREAD ... BLOCK; the read itself goes through the read path first.
+pub fn start_read(
+    ctx: *mut RedisModuleCtx,
+    db: i32,
+    argv: &[Vec<u8>],
+    spec: Spec,
+    resp3: bool,
+) -> Option<(*mut RedisModuleBlockedClient, u64)> {
+    let bc = unsafe {
+        rm!(RedisModule_BlockClient)(
+            ctx,
+            Some(super::reply_blocked),
+            Some(on_timeout),
+            Some(super::free_reply),
+            spec.timeout_ms,
+        )
+    };
+    if bc.is_null() {
+        return None;
+    }
+    unsafe { rm!(RedisModule_SetDisconnectCallback)(bc, Some(on_disconnect)) };
+    let st = STATE.get_mut();
+    st.next += 1;
+    let id = st.next;
+    st.by_bc.insert(bc as usize, id);
+    st.waiters.insert(
+        id,
+        Waiter {
+            read: true,
+            bc,
+            db,
+            argv: argv.to_vec(),
+            keys: spec.keys,
+            resp3,
+            null: spec.null,
+            // In its read round: not released until the read path is done with it.
+            in_flight: true,
+            gone: false,
+        },
+    );
+    Some((bc, id))
+}
+
+/// What the read path does after a run of XREAD BLOCK waiter `id`.
+pub enum ReadOutcome {
+    Reply(*mut RedisModuleBlockedClient),
+    Wait,
+    /// Not (or no longer) a waiter, e.g. after a change of leader: answer with what it got.
+    Unknown,
+    /// Redis answered it already (timeout, unblock, disconnect): release the handle.
+    Release(*mut RedisModuleBlockedClient),
+}
+
+/// The argv to run for waiter `id`, its `$` IDs fixed at the first run.
+pub fn read_argv(id: u64, ctx: *mut RedisModuleCtx) -> Option<Vec<Vec<u8>>> {
+    let st = STATE.get_mut();
+    let w = st.waiters.get_mut(&id)?;
+    let pos = w.argv.iter().position(|a| eq(a, "streams"))?;
+    let n = (w.argv.len() - pos - 1) / 2;
+    for i in 0..n {
+        let id_pos = pos + 1 + n + i;
+        if w.argv[id_pos].as_slice() == b"$" {
+            let key = w.argv[pos + 1 + i].clone();
+            w.argv[id_pos] = last_stream_id(ctx, &key);
+        }
+    }
+    Some(w.argv.clone())
+}
+
+fn last_stream_id(ctx: *mut RedisModuleCtx, key: &[u8]) -> Vec<u8> {
+    let argv = [b"XINFO".to_vec(), b"STREAM".to_vec(), key.to_vec()];
+    let r = api::call(ctx, &argv, api::CallOpts::default());
+    let v = api::call_reply_value(r);
+    api::free_call_reply(r);
+    if let Value::Array(items) = v {
+        for pair in items.chunks(2) {
+            if let [Value::Str(k), Value::Str(id)] = pair {
+                if k.as_slice() == b"last-generated-id" {
+                    return id.clone();
+                }
+            }
+        }
+    }
+    b"0-0".to_vec()
+}
+
+/// XREAD BLOCK waiter `id` ran; `found` says whether it returned entries.
+pub fn read_done(id: u64, found: bool) -> ReadOutcome {
+    let st = STATE.get_mut();
+    let Some(w) = st.waiters.get_mut(&id) else {
+        return ReadOutcome::Unknown;
+    };
+    w.in_flight = false;
+    let bc = w.bc;
+    if w.gone {
+        remove(st, id);
+        return ReadOutcome::Release(bc);
+    }
+    if found {
+        remove(st, id);
+        return ReadOutcome::Reply(bc);
+    }
+    let (db, keys) = (w.db, w.keys.clone());
+    for k in keys {
+        let q = st.queues.entry((db, k)).or_default();
+        if !q.contains(&id) {
+            q.push_back(id);
+        }
+    }
+    ReadOutcome::Wait
 }
 
 /// Blocks the client for a blocking command and returns its first attempt.
@@ -199,6 +327,7 @@ pub fn start(
     st.waiters.insert(
         id,
         Waiter {
+            read: false,
             bc,
             db,
             argv: argv.clone(),
@@ -297,10 +426,33 @@ pub fn retries() -> Vec<Proposal> {
         let Some(q) = st.queues.get(&key) else {
             continue;
         };
-        let next = q
+        // Readers take nothing: every one of them runs again.
+        let readers: Vec<u64> = q
             .iter()
             .copied()
-            .find(|id| st.waiters.get(id).is_some_and(|w| !w.in_flight && !w.gone));
+            .filter(|id| {
+                st.waiters
+                    .get(id)
+                    .is_some_and(|w| w.read && !w.in_flight && !w.gone)
+            })
+            .collect();
+        let next = q.iter().copied().find(|id| {
+            st.waiters
+                .get(id)
+                .is_some_and(|w| !w.read && !w.in_flight && !w.gone)
+        });
+        for id in readers {
+            if let Some(w) = st.waiters.get_mut(&id) {
+                w.in_flight = true;
+                out.push(Proposal::Reread {
+                    waiter: id,
+                    bc: w.bc,
+                    db: w.db,
+                    argv: w.argv.clone(),
+                    resp3: w.resp3,
+                });
+            }
+        }
         if let Some(id) = next {
             if let Some(w) = st.waiters.get_mut(&id) {
                 w.in_flight = true;

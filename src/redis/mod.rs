@@ -119,6 +119,8 @@ struct ReadWaiter {
     argv: Vec<Vec<u8>>,
     db: i32,
     resp3: bool,
+    /// XREAD ... BLOCK: its waiter in redis/blocking.rs.
+    blocking: Option<u64>,
 }
 
 #[derive(Default)]
@@ -466,6 +468,9 @@ fn enqueue_blocking(m: &Module, node: &Node, p: blocking::Proposal) {
             st.batch
                 .push((tag, encode_command(&LogCommand::Redis { db, argv })));
         }
+        blocking::Proposal::Reread { .. } => {
+            // Run by the apply path itself (apply_committed), never proposed.
+        }
         blocking::Proposal::Undo { db, argv } => {
             // Nobody waits for this entry: a tag no pending request carries.
             let tag = ProposalTag {
@@ -508,8 +513,21 @@ pub fn queue_read(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> c_int {
     let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
     let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
     let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
-    let bc = unsafe {
-        rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
+    let spec = argv[0]
+        .eq_ignore_ascii_case(b"xread")
+        .then(|| blocking::parse(&argv))
+        .flatten();
+    let (bc, blocking) = match spec {
+        Some(spec) => match blocking::start_read(ctx, db, &argv, spec, resp3) {
+            Some((bc, id)) => (bc, Some(id)),
+            None => (std::ptr::null_mut(), None),
+        },
+        None => (
+            unsafe {
+                rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
+            },
+            None,
+        ),
     };
     if bc.is_null() {
         return api::reply_error(ctx, "ERR could not block the client for a read");
@@ -519,6 +537,7 @@ pub fn queue_read(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> c_int {
         argv,
         db,
         resp3,
+        blocking,
     });
     api::OK
 }
@@ -532,8 +551,26 @@ fn serve_read(ctx: *mut RedisModuleCtx, w: ReadWaiter) {
         );
         return;
     }
-    let r = api::call(ctx, &w.argv, CallOpts { resp3: w.resp3 });
-    unblock(w.bc, Reply::Call(r));
+    let Some(id) = w.blocking else {
+        let r = api::call(ctx, &w.argv, CallOpts { resp3: w.resp3 });
+        unblock(w.bc, Reply::Call(r));
+        return;
+    };
+    // XREAD ... BLOCK: answer if it found entries, else wait for its streams to change.
+    let argv = blocking::read_argv(id, ctx).unwrap_or(w.argv);
+    let r = api::call(ctx, &argv, CallOpts { resp3: w.resp3 });
+    let found = !r.is_null()
+        && unsafe { rm!(RedisModule_CallReplyType)(r) } as isize
+            != api::raw::REDISMODULE_REPLY_NULL;
+    match blocking::read_done(id, found) {
+        blocking::ReadOutcome::Reply(bc) => unblock(bc, Reply::Call(r)),
+        blocking::ReadOutcome::Unknown => unblock(w.bc, Reply::Call(r)),
+        blocking::ReadOutcome::Wait => api::free_call_reply(r),
+        blocking::ReadOutcome::Release(bc) => {
+            api::free_call_reply(r);
+            unsafe { rm!(RedisModule_UnblockClient)(bc, std::ptr::null_mut()) };
+        }
+    }
 }
 
 /// Serves every confirmed read whose index this node has now applied.
@@ -769,6 +806,9 @@ fn apply_committed() {
                         .remove(&round)
                         .unwrap_or_default();
                     for w in waiters {
+                        if let Some(id) = w.blocking {
+                            blocking::forget(id);
+                        }
                         unblock(w.bc, Reply::Error("TIMEOUT no quorum for read".into()));
                     }
                 }
@@ -776,9 +816,25 @@ fn apply_committed() {
         }
     }
     serve_ready_reads(ctx, node.shared().applied());
-    if node.shared().is_leader() {
-        for p in blocking::retries() {
-            enqueue_blocking(m, node, p);
+    for p in blocking::retries() {
+        match p {
+            blocking::Proposal::Reread {
+                waiter,
+                bc,
+                db,
+                argv,
+                resp3,
+            } => serve_read(
+                ctx,
+                ReadWaiter {
+                    bc,
+                    argv,
+                    db,
+                    resp3,
+                    blocking: Some(waiter),
+                },
+            ),
+            other => enqueue_blocking(m, node, other),
         }
     }
 }
@@ -788,6 +844,9 @@ fn fail_all_reads(msg: &str) {
     let rounds = std::mem::take(&mut st.read_rounds).into_values();
     let ready = std::mem::take(&mut st.reads_ready).into_values();
     for w in rounds.chain(ready).flatten() {
+        if let Some(id) = w.blocking {
+            blocking::forget(id);
+        }
         unblock(w.bc, Reply::Error(msg.to_string()));
     }
 }

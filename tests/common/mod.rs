@@ -43,13 +43,22 @@ pub fn module_path() -> PathBuf {
         .clone()
 }
 
+/// A port free right now, below Linux's ephemeral range (32768 and up) so that no outgoing
+/// connection (the nodes' own bus connections included) can take it before the node binds
+/// it. Each test process starts at its own place in 10000..32000 and walks forward.
 pub fn free_port() -> u16 {
-    // Ports above the ephemeral range's start would race with outgoing connections less,
-    // but the OS's choice is free at this moment, which is what matters here.
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = 10_000 + (std::process::id() * 7919) % 22_000;
+    for _ in 0..22_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + (start - 10_000 + n) % 22_000;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            drop(l);
+            return port as u16;
+        }
+    }
+    panic!("no free port in 10000..32000");
 }
 
 pub struct NodeDef {

@@ -463,3 +463,28 @@ fn a_returning_node_does_not_depose_a_healthy_leader() {
         "term changed"
     );
 }
+
+#[test]
+fn raft_transfer_leader_to_a_named_node_and_to_any_node() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let target = (l + 1) % 3;
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    // By name (our node names), or by the numeric id INFO raft shows.
+    let name = c.nodes[target].def.name.clone();
+    assert_eq!(r.cmd(&["RAFT.TRANSFER_LEADER", &name]), "+OK\r\n");
+    assert_eq!(c.wait_leader(Duration::from_secs(10)), target);
+    // The old leader now redirects; transfer from a follower is refused.
+    assert_eq!(r.cmd(&["RAFT.TRANSFER_LEADER"]), "-ERR not leader\r\n");
+    let mut r = RawConn::open(c.nodes[target].def.port);
+    assert_eq!(
+        r.cmd(&["RAFT.TRANSFER_LEADER", "nosuchnode"]),
+        "-ERR invalid node id\r\n"
+    );
+    assert_eq!(r.cmd(&["RAFT.TRANSFER_LEADER"]), "+OK\r\n");
+    let now = c.wait_leader(Duration::from_secs(10));
+    assert_ne!(now, target);
+    // Writes work on the new leader.
+    let mut w = RawConn::open(c.nodes[now].def.port);
+    assert_eq!(w.cmd(&["SET", "k", "v"]), "+OK\r\n");
+}

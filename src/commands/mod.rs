@@ -15,14 +15,16 @@ use crate::redis::api::{self, guard, rm, CallOpts, RedisModuleCtx, RedisModuleSt
 use crate::redis::classify::Class;
 use crate::redis::{
     admit, blocking, module, propose_write, queue_read, redirect_error, scripts, start_blocking,
+    transfer_leader,
 };
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 4] = [
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 5] = [
         // `RAFT <command> ...`: what the filter routes writes (and redirected reads) to.
         (c"raft", Some(raft_cmd), c"write"),
         (c"raft.debug", Some(raft_debug_cmd), c"admin"),
+        (c"raft.transfer_leader", Some(transfer_leader_cmd), c"admin"),
         // Inside scripts on the apply path (redis/scripts.rs).
         (c"raft._reject", Some(reject_cmd), c""),
         (c"raft._sort", Some(sort_cmd), c"readonly"),
@@ -120,6 +122,49 @@ fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
     let rc = unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, r) };
     api::free_call_reply(r);
     rc
+}
+
+/// `RAFT.TRANSFER_LEADER [<id>]` (RedisRaft's): +OK once that node (or, without an id, the
+/// most up-to-date follower) is leader. The id is a node id or a node name.
+extern "C" fn transfer_leader_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT.TRANSFER_LEADER",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::args(argv, argc) };
+            if args.len() > 2 {
+                return api::reply_error(
+                    ctx,
+                    "ERR wrong number of arguments for 'raft.transfer_leader' command",
+                );
+            }
+            let Some(m) = module() else {
+                return api::reply_error(ctx, "ERR redis-raft is not initialised");
+            };
+            let Some(node) = &m.node else {
+                return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
+            };
+            let target = match args.get(1) {
+                None => 0,
+                Some(a) => {
+                    let s = String::from_utf8_lossy(a);
+                    let members = node.shared().members();
+                    match members
+                        .iter()
+                        .find(|mb| mb.name == s || s.parse::<u64>().ok() == Some(mb.id))
+                    {
+                        Some(mb) => mb.id,
+                        None => return api::reply_error(ctx, "ERR invalid node id"),
+                    }
+                }
+            };
+            transfer_leader(ctx, node, target)
+        },
+    )
 }
 
 /// A command with random results, called from a script on the apply path.

@@ -77,6 +77,8 @@ pub enum ApplyItem {
     ReadReady { round: u64, index: u64 },
     /// These read rounds could not be confirmed (no leader, or no quorum, in time).
     ReadFailed { rounds: Vec<u64> },
+    /// How a leadership transfer ended (Err: RedisRaft's error text).
+    TransferDone(Result<(), String>),
 }
 
 /// One proposal: who is waiting for it, and the entry's payload.
@@ -86,6 +88,8 @@ enum Input {
     Propose(Vec<Proposal>),
     /// Start a ReadIndex round with this number.
     ReadIndex(u64),
+    /// Hand leadership to this node (0: the most up-to-date follower).
+    TransferLeader(u64),
     SetFsync(bool),
     Stop,
 }
@@ -301,6 +305,7 @@ impl Node {
             was_leader_term: None,
             reads: HashMap::new(),
             read_timeout: Duration::from_millis(spec.election_timeout_ms),
+            transfer: None,
         };
         worker.publish_status();
         let thread = std::thread::Builder::new()
@@ -327,6 +332,15 @@ impl Node {
             Err(TrySendError::Full(Input::Propose(b))) => Err((ProposeError::Full, b)),
             Err(TrySendError::Disconnected(Input::Propose(b))) => Err((ProposeError::Stopped, b)),
             Err(_) => Err((ProposeError::Stopped, Vec::new())),
+        }
+    }
+
+    /// Asks the raft thread to hand leadership over; the result comes back as `TransferDone`.
+    pub fn transfer_leader(&self, target: u64) -> Result<(), ProposeError> {
+        match self.input.try_send(Input::TransferLeader(target)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Full),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
         }
     }
 
@@ -374,6 +388,8 @@ struct RaftThread {
     reads: HashMap<u64, (Instant, u32)>,
     /// A round not confirmed within this is asked again (a new leader, a lost message).
     read_timeout: Duration,
+    /// A leadership transfer in progress: its target and when it gives up.
+    transfer: Option<(u64, Instant)>,
 }
 
 /// A read round is asked this many times before its clients get -TIMEOUT.
@@ -463,6 +479,7 @@ impl RaftThread {
                 return;
             }
             self.track_leadership();
+            self.track_transfer();
             self.publish_status();
         }
     }
@@ -485,12 +502,75 @@ impl RaftThread {
                 self.node.read_index(read_ctx(self.shared.node_id, round));
                 false
             }
+            Input::TransferLeader(target) => {
+                self.start_transfer(target);
+                false
+            }
             Input::SetFsync(on) => {
                 self.store.set_fsync(on);
                 false
             }
             Input::Stop => true,
         }
+    }
+
+    fn start_transfer(&mut self, target: u64) {
+        let done =
+            |s: &Self, r: Result<(), String>| s.shared.push(ApplyItem::TransferDone(r), &s.waker);
+        if self.node.raft.state != StateRole::Leader {
+            return done(self, Err("ERR not leader".into()));
+        }
+        if self.transfer.is_some() {
+            return done(self, Err("ERR leader transfer is in progress".into()));
+        }
+        let me = self.shared.node_id;
+        let voters: Vec<u64> = self.node.raft.prs().conf().voters().ids().iter().collect();
+        let target = if target == 0 {
+            // The most up-to-date follower.
+            let best = self
+                .node
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != me && voters.contains(id))
+                .max_by_key(|(_, p)| p.matched)
+                .map(|(id, _)| *id);
+            match best {
+                Some(id) => id,
+                None => return done(self, Err("ERR no other voting node to transfer to".into())),
+            }
+        } else {
+            target
+        };
+        if target == me {
+            return done(self, Ok(()));
+        }
+        if !voters.contains(&target) {
+            return done(self, Err("ERR invalid node id".into()));
+        }
+        info!("transferring leadership to node {target}");
+        self.node.transfer_leader(target);
+        // raft-rs gives up after an election timeout; allow for the new leader's election.
+        self.transfer = Some((target, Instant::now() + self.read_timeout * 3));
+    }
+
+    fn track_transfer(&mut self) {
+        let Some((target, deadline)) = self.transfer else {
+            return;
+        };
+        let r = &self.node.raft;
+        let result = if r.leader_id == target && r.state != StateRole::Leader {
+            Ok(())
+        } else if r.leader_id != 0 && r.leader_id != target && r.leader_id != self.shared.node_id {
+            Err("ERR different node elected leader".to_string())
+        } else if Instant::now() > deadline {
+            Err("ERR transfer timed out".to_string())
+        } else {
+            return;
+        };
+        self.transfer = None;
+        self.shared
+            .push(ApplyItem::TransferDone(result), &self.waker);
     }
 
     /// Asks again for rounds not confirmed in time; gives up on them after a few tries.

@@ -107,7 +107,8 @@ impl TestCluster {
                     ApplyItem::ReadReady { round, index } => self.reads[i].push((round, index)),
                     ApplyItem::LeadershipLost
                     | ApplyItem::Stopped(_)
-                    | ApplyItem::ReadFailed { .. } => {}
+                    | ApplyItem::ReadFailed { .. }
+                    | ApplyItem::TransferDone(_) => {}
                 }
             }
         }

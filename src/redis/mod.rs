@@ -77,6 +77,8 @@ enum Reply {
     Multi(Vec<Part>),
     /// EXEC of a transaction whose watched keys changed.
     NullArray,
+    /// A status reply such as OK.
+    Status(&'static str),
     Error(String),
 }
 
@@ -132,6 +134,8 @@ struct MainState {
     next_round: u64,
     /// Confirmed reads waiting for the apply index to reach theirs.
     reads_ready: BTreeMap<u64, Vec<ReadWaiter>>,
+    /// The client waiting on RAFT.TRANSFER_LEADER.
+    transfer: Option<usize>,
     pending: HashMap<u64, Pending>,
     /// Proposals made during this event-loop turn, handed to the raft thread in one batch
     /// before Redis sleeps (fewer wake-ups, bigger log appends).
@@ -365,6 +369,28 @@ pub fn admit(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> Result<(
         return Err("OOM command not allowed when used memory > 'maxmemory'.".into());
     }
     Ok(())
+}
+
+/// RAFT.TRANSFER_LEADER: blocks the client until the transfer ends.
+pub fn transfer_leader(ctx: *mut RedisModuleCtx, node: &Node, target: u64) -> c_int {
+    if !node.shared().is_leader() {
+        return api::reply_error(ctx, "ERR not leader");
+    }
+    let st = MAIN.get_mut();
+    if st.transfer.is_some() {
+        return api::reply_error(ctx, "ERR leader transfer is in progress");
+    }
+    let bc = unsafe {
+        rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
+    };
+    if bc.is_null() {
+        return api::reply_error(ctx, "ERR could not block the client");
+    }
+    match node.transfer_leader(target) {
+        Ok(()) => st.transfer = Some(bc as usize),
+        Err(e) => unblock(bc, Reply::Error(e.to_string())),
+    }
+    api::OK
 }
 
 /// Replicates a write: blocks the client until its entry is applied here.
@@ -728,6 +754,7 @@ extern "C" fn reply_blocked(
                     api::OK
                 }
                 Reply::NullArray => unsafe { rm!(RedisModule_ReplyWithNullArray)(ctx) },
+                Reply::Status(s) => api::reply_simple(ctx, s),
                 Reply::Error(e) => api::reply_error(ctx, e),
             }
         },
@@ -742,7 +769,7 @@ extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
     match *r {
         Reply::Call(c) => api::free_call_reply(c),
         Reply::Multi(parts) => parts.into_iter().for_each(Part::free),
-        Reply::Error(_) | Reply::NullArray => {}
+        Reply::Error(_) | Reply::NullArray | Reply::Status(_) => {}
     }
 }
 
@@ -796,6 +823,15 @@ fn apply_committed() {
                 let st = MAIN.get_mut();
                 if let Some(waiters) = st.read_rounds.remove(&round) {
                     st.reads_ready.entry(index).or_default().extend(waiters);
+                }
+            }
+            ApplyItem::TransferDone(result) => {
+                if let Some(bc) = MAIN.get_mut().transfer.take() {
+                    let reply = match result {
+                        Ok(()) => Reply::Status("OK"),
+                        Err(e) => Reply::Error(e),
+                    };
+                    unblock(bc as *mut RedisModuleBlockedClient, reply);
                 }
             }
             ApplyItem::ReadFailed { rounds } => {

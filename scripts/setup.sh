@@ -11,7 +11,8 @@ set -euo pipefail
 
 # redis-server/redis-tools: the server the module loads into, redis-cli, redis-benchmark.
 # libclang-dev/clang: bindgen (redis-module's build). protobuf-compiler: raft-proto's build.
-PACKAGES=(redis-server redis-tools libclang-dev clang protobuf-compiler)
+# python3-venv: a venv (target/pyvenv) with redis-py from PyPI for the cluster-client test.
+PACKAGES=(redis-server redis-tools libclang-dev clang protobuf-compiler python3-venv)
 
 die() {
     echo "setup.sh: $*" >&2

@@ -4,6 +4,7 @@
 // marking every wrapper `unsafe` would only move the same promise to each caller.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+mod cluster;
 mod info;
 pub mod multi;
 
@@ -20,11 +21,14 @@ use crate::redis::{
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 5] = [
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 7] = [
         // `RAFT <command> ...`: what the filter routes writes (and redirected reads) to.
         (c"raft", Some(raft_cmd), c"write"),
         (c"raft.debug", Some(raft_debug_cmd), c"admin"),
         (c"raft.transfer_leader", Some(transfer_leader_cmd), c"admin"),
+        // What the filter routes CLUSTER and INFO to (commands/cluster.rs).
+        (c"raft._cluster", Some(cluster_cmd), c"readonly"),
+        (c"raft._info", Some(info_cmd), c"readonly"),
         // Inside scripts on the apply path (redis/scripts.rs).
         (c"raft._reject", Some(reject_cmd), c""),
         (c"raft._sort", Some(sort_cmd), c"readonly"),
@@ -163,6 +167,47 @@ extern "C" fn transfer_leader_cmd(
                 }
             };
             transfer_leader(ctx, node, target)
+        },
+    )
+}
+
+/// `RAFT._CLUSTER CLUSTER <sub> ...`: CLUSTER as cluster clients expect it.
+extern "C" fn cluster_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "CLUSTER",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args: Vec<Vec<u8>> = unsafe { api::args(argv, argc) }
+                .iter()
+                .map(|a| a.to_vec())
+                .collect();
+            let Some(m) = module() else {
+                return api::reply_error(ctx, "ERR redis-raft is not initialised");
+            };
+            cluster::cluster(ctx, m, args.get(2..).unwrap_or(&[]))
+        },
+    )
+}
+
+/// `RAFT._INFO INFO [section ...]`.
+extern "C" fn info_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "INFO",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args: Vec<Vec<u8>> = unsafe { api::args(argv, argc) }
+                .iter()
+                .map(|a| a.to_vec())
+                .collect();
+            cluster::info(ctx, args.get(1..).unwrap_or(&[]))
         },
     )
 }

@@ -38,8 +38,16 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     };
     // Redis 7.0 does not tell a filter which client sent the command, so node-local
     // commands inside MULTI run at once instead of being queued (see commands/multi.rs).
-    if reroute {
-        let s = api::create_string(std::ptr::null_mut(), b"RAFT");
-        rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);
-    }
+    // CLUSTER and INFO are answered by redis-raft (commands/cluster.rs).
+    let prefix: &[u8] = if name.eq_ignore_ascii_case(b"cluster") {
+        b"RAFT._CLUSTER"
+    } else if name.eq_ignore_ascii_case(b"info") {
+        b"RAFT._INFO"
+    } else if reroute {
+        b"RAFT"
+    } else {
+        return;
+    };
+    let s = api::create_string(std::ptr::null_mut(), prefix);
+    rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);
 }

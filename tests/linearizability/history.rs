@@ -76,7 +76,59 @@ pub enum Reply {
     /// GET: `None` for nil.
     Value(Option<i64>),
     /// LRANGE 0 -1.
-    List(Vec<i64>),
+    List(ListRead),
+}
+
+/// An `LRANGE 0 -1` reply, kept compact: a long run makes tens of thousands of reads of
+/// lists thousands of items long. The checker needs only the length and whether the items
+/// are a prefix of the final list, which an order-sensitive hash of all of them tells
+/// (a 64-bit collision, the only way to miss a difference, is not a practical concern).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListRead {
+    pub len: usize,
+    pub hash: u64,
+    /// The last few items, for printing.
+    pub tail: Vec<i64>,
+}
+
+const LIST_TAIL: usize = 3;
+const LIST_HASH_SEED: u64 = 0x6c69_7374_6861_7368;
+
+fn list_hash_step(h: u64, v: i64) -> u64 {
+    // splitmix64's finaliser over the running hash and the item: order-sensitive.
+    let mut z = (h ^ (v as u64)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl ListRead {
+    pub fn of(items: &[i64]) -> ListRead {
+        ListRead {
+            len: items.len(),
+            hash: items
+                .iter()
+                .fold(LIST_HASH_SEED, |h, &v| list_hash_step(h, v)),
+            tail: items[items.len().saturating_sub(LIST_TAIL)..].to_vec(),
+        }
+    }
+}
+
+/// `hashes[n]` is the `ListRead::hash` of `items[..n]`.
+pub fn prefix_hashes(items: &[i64]) -> Vec<u64> {
+    let mut hashes = Vec::with_capacity(items.len() + 1);
+    hashes.push(LIST_HASH_SEED);
+    for &v in items {
+        hashes.push(list_hash_step(*hashes.last().expect("seeded"), v));
+    }
+    hashes
+}
+
+pub fn show_values(vs: &[i64]) -> String {
+    vs.iter()
+        .map(|v| show_value(*v))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -164,14 +216,9 @@ impl fmt::Display for Op {
             Outcome::Ok(Reply::Value(None)) => write!(f, " -> nil"),
             Outcome::Ok(Reply::Value(Some(v))) => write!(f, " -> {}", show_value(*v)),
             Outcome::Ok(Reply::List(l)) => {
-                let tail: Vec<String> = l
-                    .iter()
-                    .skip(l.len().saturating_sub(3))
-                    .map(|v| show_value(*v))
-                    .collect();
-                write!(f, " -> {} items", l.len())?;
-                if !l.is_empty() {
-                    write!(f, ", ending {}", tail.join(" "))?;
+                write!(f, " -> {} items", l.len)?;
+                if l.len > 0 {
+                    write!(f, ", ending {}", show_values(&l.tail))?;
                 }
                 Ok(())
             }
@@ -209,6 +256,13 @@ mod tests {
         assert_eq!(set_value_of(5), None);
         assert_eq!(show_value(5), "5");
         assert_ne!(unique_value(0, 1), unique_value(1, 0));
+        let all = [10, 11, 12, 13];
+        let h = prefix_hashes(&all);
+        for n in 0..=all.len() {
+            assert_eq!(ListRead::of(&all[..n]).hash, h[n]);
+        }
+        assert_ne!(ListRead::of(&[11, 10]).hash, h[2]);
+        assert_eq!(ListRead::of(&all).tail, vec![11, 12, 13]);
         let o = op(
             2,
             Cmd::Set(v),

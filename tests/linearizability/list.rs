@@ -1,9 +1,9 @@
 //! Checks one list's sub-history (one key: RPUSH of unique values, LRANGE 0 -1) against its
 //! final contents, read once the cluster has settled.
 //!
-//! Appends are linearizable if and only if there is one order of appends (the final list)
-//! that every reply and every read agrees with, and that respects real time. So, with
-//! `pos(v)` the position of value `v` in the final list:
+//! Linearizable appends and reads have one order of appends (the final list) that every
+//! reply and every read agrees with and that respects real time. So, with `pos(v)` the
+//! position of value `v` in the final list, the checks are:
 //! - no value appears twice, and every value in it was appended to this key by an RPUSH
 //!   that did not definitely fail;
 //! - every acknowledged RPUSH's value is there, at position (reply length - 1);
@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::history::{show_value, Cmd, Op, Outcome, Reply};
+use crate::history::{prefix_hashes, show_value, show_values, Cmd, Op, Outcome, Reply};
 
 #[derive(Debug, PartialEq)]
 pub struct Anomaly {
@@ -94,31 +94,35 @@ pub fn check(ops: &[&Op], final_list: &[i64]) -> Vec<Anomaly> {
                     vec![i],
                 )),
                 Some(&p) if p as i64 != len - 1 => out.push(anomaly(
-                    format!("reply says position {} but the final list has it at {p}", len - 1),
+                    format!(
+                        "reply says position {} but the final list has it at {p}",
+                        len - 1
+                    ),
                     vec![i],
                 )),
                 Some(_) => {}
             }
         }
     }
-    let reads: Vec<(usize, &[i64])> = ops
-        .iter()
-        .enumerate()
-        .filter_map(|(i, o)| match (&o.cmd, &o.outcome) {
-            (Cmd::LRange, Outcome::Ok(Reply::List(l))) => Some((i, l.as_slice())),
+    let final_hashes = prefix_hashes(final_list);
+    for (i, o) in ops.iter().enumerate() {
+        let l = match (&o.cmd, &o.outcome) {
+            (Cmd::LRange, Outcome::Ok(Reply::List(l))) => l,
             (Cmd::LRange, Outcome::Ok(r)) => panic!("LRANGE with reply {r:?}"),
-            _ => None,
-        })
-        .collect();
-    for &(i, l) in &reads {
-        if let Some(d) = (0..l.len()).find(|&k| final_list.get(k) != Some(&l[k])) {
-            let at_end = final_list
-                .get(d)
-                .map_or("nothing".to_string(), |v| show_value(*v));
+            _ => continue,
+        };
+        if final_hashes.get(l.len) != Some(&l.hash) {
+            let there = &final_list[l.len.min(final_list.len()).saturating_sub(l.tail.len())
+                ..l.len.min(final_list.len())];
             out.push(anomaly(
                 format!(
-                    "read is not a prefix of the final list: item {d} is {} where the final list has {at_end}",
-                    show_value(l[d])
+                    "read of {} items is not a prefix of the final list ({} items): it ends [{}], \
+                     the final list's first {} end [{}]",
+                    l.len,
+                    final_list.len(),
+                    show_values(&l.tail),
+                    l.len.min(final_list.len()),
+                    show_values(there)
                 ),
                 vec![i],
             ));
@@ -135,12 +139,12 @@ pub fn check(ops: &[&Op], final_list: &[i64]) -> Vec<Anomaly> {
                     floors.push((o.ret, p + 1, i));
                 }
             }
-            (Cmd::LRange, Outcome::Ok(Reply::List(l))) => floors.push((o.ret, l.len(), i)),
+            (Cmd::LRange, Outcome::Ok(Reply::List(l))) => floors.push((o.ret, l.len, i)),
             _ => {}
         }
     }
     floors.sort();
-    // (invocation time, items it has: read length or push position + 1... as "before" count, op)
+    // (invocation time, items before it: a read's length, or an append's position, op)
     let mut queries: Vec<(Duration, usize, usize)> = Vec::new();
     for (i, o) in ops.iter().enumerate() {
         match (&o.cmd, &o.outcome) {
@@ -149,7 +153,7 @@ pub fn check(ops: &[&Op], final_list: &[i64]) -> Vec<Anomaly> {
                     queries.push((o.call, p, i));
                 }
             }
-            (Cmd::LRange, Outcome::Ok(Reply::List(l))) => queries.push((o.call, l.len(), i)),
+            (Cmd::LRange, Outcome::Ok(Reply::List(l))) => queries.push((o.call, l.len, i)),
             _ => {}
         }
     }
@@ -201,7 +205,7 @@ pub fn check(ops: &[&Op], final_list: &[i64]) -> Vec<Anomaly> {
     }
     for (i, o) in ops.iter().enumerate() {
         let items = match (&o.cmd, &o.outcome) {
-            (Cmd::LRange, Outcome::Ok(Reply::List(l))) => l.len().min(final_list.len()),
+            (Cmd::LRange, Outcome::Ok(Reply::List(l))) => l.len.min(final_list.len()),
             (Cmd::RPush(v), Outcome::Ok(_)) => match pos.get(v) {
                 Some(&p) => p + 1,
                 None => continue,
@@ -216,7 +220,11 @@ pub fn check(ops: &[&Op], final_list: &[i64]) -> Vec<Anomaly> {
                 out.push(anomaly(
                     format!(
                         "{} includes an append invoked only after it completed",
-                        if o.cmd == Cmd::LRange { "read" } else { "append's prefix" }
+                        if o.cmd == Cmd::LRange {
+                            "read"
+                        } else {
+                            "append's prefix"
+                        }
                     ),
                     vec![i, j],
                 ));
@@ -229,13 +237,13 @@ pub fn check(ops: &[&Op], final_list: &[i64]) -> Vec<Anomaly> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{op, Cmd::*};
+    use crate::history::{op, Cmd::*, ListRead};
 
     fn push(c: usize, v: i64, t0: u64, t1: u64, len: i64) -> Op {
         op(c, RPush(v), t0, t1, Outcome::Ok(Reply::Int(len)))
     }
     fn read(c: usize, t0: u64, t1: u64, l: &[i64]) -> Op {
-        op(c, LRange, t0, t1, Outcome::Ok(Reply::List(l.to_vec())))
+        op(c, LRange, t0, t1, Outcome::Ok(Reply::List(ListRead::of(l))))
     }
     fn run(h: &[Op], fin: &[i64]) -> Vec<Anomaly> {
         let refs: Vec<&Op> = h.iter().collect();
@@ -259,7 +267,13 @@ mod tests {
             read(4, 15, 25, &[10, 12]),
             op(5, RPush(13), 31, 40, Outcome::Unknown("TIMEOUT".into())),
             op(5, RPush(14), 41, 42, Outcome::Failed("CLUSTERDOWN".into())),
-            op(5, RPush(15), 43, 44, Outcome::Unknown("read timeout".into())),
+            op(
+                5,
+                RPush(15),
+                43,
+                44,
+                Outcome::Unknown("read timeout".into()),
+            ),
             read(3, 50, 60, &[10, 12, 11, 15]),
             op(6, LRange, 50, 60, Outcome::Unknown("TIMEOUT".into())),
         ];
@@ -275,7 +289,13 @@ mod tests {
         assert!(!run(&h, &[10, 11, 99]).is_empty()); // never appended
         let h = vec![
             push(0, 10, 0, 10, 1),
-            op(1, RPush(11), 20, 30, Outcome::Failed("MOVED 0 127.0.0.1:1".into())),
+            op(
+                1,
+                RPush(11),
+                20,
+                30,
+                Outcome::Failed("MOVED 0 127.0.0.1:1".into()),
+            ),
         ];
         assert_eq!(faults(&h, &[10, 11]), vec![vec![1]]);
     }

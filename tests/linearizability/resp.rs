@@ -30,11 +30,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn connect(
-        port: u16,
-        connect_timeout: Duration,
-        io_timeout: Duration,
-    ) -> io::Result<Conn> {
+    pub fn connect(port: u16, connect_timeout: Duration, io_timeout: Duration) -> io::Result<Conn> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let stream = TcpStream::connect_timeout(&addr, connect_timeout)?;
         stream.set_read_timeout(Some(io_timeout))?;
@@ -49,13 +45,22 @@ impl Conn {
     /// Sends one command and reads its reply. An `Err` means the connection is no longer
     /// usable (I/O error, timeout, protocol error): drop it.
     pub fn call(&mut self, args: &[&str]) -> io::Result<Resp> {
+        self.send(args)?;
+        self.recv()
+    }
+
+    /// Sends one command without waiting for its reply (`recv` reads it).
+    pub fn send(&mut self, args: &[&str]) -> io::Result<()> {
         let mut buf = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
             buf.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
             buf.extend_from_slice(a.as_bytes());
             buf.extend_from_slice(b"\r\n");
         }
-        self.writer.write_all(&buf)?;
+        self.writer.write_all(&buf)
+    }
+
+    pub fn recv(&mut self) -> io::Result<Resp> {
         read_reply(&mut self.reader, 0)
     }
 }
@@ -67,9 +72,7 @@ fn protocol(msg: String) -> io::Error {
 fn read_line(r: &mut impl BufRead) -> io::Result<String> {
     let mut line = Vec::new();
     // Bounded: a reply line longer than a bulk string is garbage.
-    let n = r
-        .take(BULK_BYTES_MAX as u64)
-        .read_until(b'\n', &mut line)?;
+    let n = r.take(BULK_BYTES_MAX as u64).read_until(b'\n', &mut line)?;
     if n == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,

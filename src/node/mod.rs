@@ -306,6 +306,11 @@ impl Node {
             reads: HashMap::new(),
             read_timeout: Duration::from_millis(spec.election_timeout_ms),
             transfer: None,
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ u64::from(std::process::id()).rotate_left(32),
         };
         worker.publish_status();
         let thread = std::thread::Builder::new()
@@ -390,24 +395,32 @@ struct RaftThread {
     read_timeout: Duration,
     /// A leadership transfer in progress: its target and when it gives up.
     transfer: Option<(u64, Instant)>,
+    /// Distinguishes this process's read rounds from a previous one's (see `read_ctx`).
+    incarnation: u64,
 }
 
 /// A read round is asked this many times before its clients get -TIMEOUT.
 const READ_TRIES_MAX: u32 = 3;
 
-/// `ReadState.request_ctx` of our rounds: our node id and the round, so rounds forwarded
-/// to the leader from several followers never collide.
-fn read_ctx(node_id: u64, round: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(16);
+/// `ReadState.request_ctx` of our rounds: node id, this process's incarnation, round. Rounds
+/// forwarded to the leader from several followers never collide, and neither do the rounds
+/// of a restarted node (which count from 1 again) with requests its previous process left
+/// pending at the leader: such an answer carries an index from before the new read began.
+fn read_ctx(node_id: u64, incarnation: u64, round: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24);
     v.extend_from_slice(&node_id.to_le_bytes());
+    v.extend_from_slice(&incarnation.to_le_bytes());
     v.extend_from_slice(&round.to_le_bytes());
     v
 }
 
-fn parse_read_ctx(b: &[u8]) -> Option<(u64, u64)> {
-    let id = u64::from_le_bytes(b.get(0..8)?.try_into().ok()?);
-    let round = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
-    Some((id, round))
+fn parse_read_ctx(b: &[u8]) -> Option<(u64, u64, u64)> {
+    let word = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            b.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    Some((word(0)?, word(1)?, word(2)?))
 }
 
 impl RaftThread {
@@ -499,7 +512,8 @@ impl RaftThread {
             }
             Input::ReadIndex(round) => {
                 self.reads.insert(round, (Instant::now(), 1));
-                self.node.read_index(read_ctx(self.shared.node_id, round));
+                self.node
+                    .read_index(read_ctx(self.shared.node_id, self.incarnation, round));
                 false
             }
             Input::TransferLeader(target) => {
@@ -589,7 +603,7 @@ impl RaftThread {
             } else {
                 *asked = now;
                 *tries += 1;
-                self.node.read_index(read_ctx(me, *round));
+                self.node.read_index(read_ctx(me, self.incarnation, *round));
             }
         }
         if !failed.is_empty() {
@@ -633,8 +647,11 @@ impl RaftThread {
         let committed = rd.take_committed_entries();
         self.deliver(committed)?;
         for rs in rd.take_read_states() {
-            if let Some((id, round)) = parse_read_ctx(&rs.request_ctx) {
-                if id == self.shared.node_id && self.reads.remove(&round).is_some() {
+            if let Some((id, incarnation, round)) = parse_read_ctx(&rs.request_ctx) {
+                if id == self.shared.node_id
+                    && incarnation == self.incarnation
+                    && self.reads.remove(&round).is_some()
+                {
                     self.shared.push(
                         ApplyItem::ReadReady {
                             round,

@@ -3,6 +3,7 @@
 #
 #   scripts/bench.sh                 N=100000 requests per test
 #   N=20000 scripts/bench.sh         a quicker run
+#   READS=0 scripts/bench.sh         the write path and failover only
 #
 # Runs redis-benchmark (50 clients, 100-byte values, random keys out of 100000, --csv) for
 # SET and GET at pipeline 1 and 16 against, one after the other (the machine may have few
@@ -14,11 +15,23 @@
 # leader, then SET on the other nodes (following -MOVED, else trying each node every 10 ms)
 # until one is accepted, and print the milliseconds from the kill to that write.
 #
+# Then (unless READS=0) the read path: GET only, same clients, -n, -r, -d and pipelines,
+# after every one of the 100000 keys redis-benchmark picks from (key:000000000000 ...) has
+# been set to a 100-byte value (MSETs of 100 keys through redis-cli --pipe), so every GET
+# hits. Against a fresh plain redis-server, then against a fresh 3-node cluster (fsync yes)
+# per read mode, because raft.read-mode is fixed at start:
+#   linearizable  the leader, raft.read-mode left at its default (ReadIndex)
+#   lease         the leader, --raft.read-mode lease
+#   stale         the leader, --raft.read-mode stale
+#   follower      a follower of a cluster with --raft.follower-reads yes (linearizable)
+# and prints a second table. A run during which the node answered any error, missed a key
+# or changed role is flagged under that table.
+#
 # Everything runs in a temp dir on free ports of 127.0.0.1, and every process the script
 # started is killed on exit, whatever the exit. Environment: N (100000), CLIENTS (50),
-# BENCH_TIMEOUT_S (300, per redis-benchmark run), FAILOVER_TIMEOUT_S (30),
-# SKIP_BUILD=1 (use target/release as it is), KEEP_TMP=1 (keep the temp dir and its logs;
-# it is also kept when the script fails).
+# BENCH_TIMEOUT_S (300, per redis-benchmark run and per key load), FAILOVER_TIMEOUT_S (30),
+# READS (1; 0 skips the read section), SKIP_BUILD=1 (use target/release as it is),
+# KEEP_TMP=1 (keep the temp dir and its logs; it is also kept when the script fails).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +41,7 @@ N="${N:-100000}"
 CLIENTS="${CLIENTS:-50}"
 BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-300}"
 FAILOVER_TIMEOUT_S="${FAILOVER_TIMEOUT_S:-30}"
+READS="${READS:-1}"
 LEADER_TIMEOUT_S=30
 NODE_START_TIMEOUT_S=10
 CLUSTER_NODES=3
@@ -35,6 +49,8 @@ VALUE_BYTES=100
 KEYSPACE=100000
 PIPELINES=(1 16)
 TESTS=(SET GET)
+READ_MODES=(linearizable lease stale follower)
+MSET_KEYS=100
 HOST=127.0.0.1
 BUS_PORT_OFFSET=10000
 MODULE="$ROOT/target/release/libredis_raft.so"
@@ -45,6 +61,10 @@ for v in N CLIENTS BENCH_TIMEOUT_S FAILOVER_TIMEOUT_S; do
         exit 2
     }
 done
+[[ "$READS" == 0 || "$READS" == 1 ]] || {
+    echo "bench.sh: READS must be 0 or 1, not '$READS'" >&2
+    exit 2
+}
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/redis-raft-bench.XXXXXX")"
 STARTED_PIDS=()
@@ -109,12 +129,21 @@ port_busy() {
     timeout 1 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null
 }
 
+# The lowest port of the kernel's ephemeral range (outgoing connections take ports from
+# there, so a server port or bus port in it can be taken between our check and the bind).
+EPHEMERAL_LOW="$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true)"
+[[ "$EPHEMERAL_LOW" =~ ^[1-9][0-9]*$ ]] || EPHEMERAL_LOW=32768
+
 # Prints the first of $1 consecutive ports, from a random start, that are free together
-# with their bus ports (+10000). Bounded: 200 tries.
+# with their bus ports (+10000), all of them from 10000 up to below the ephemeral range.
+# Bounded: 200 tries.
 free_ports() {
-    local count=$1 try base p ok
+    local count=$1 try base p ok lo=10000 slots
+    slots=$(((EPHEMERAL_LOW - BUS_PORT_OFFSET - count - lo) / 10))
+    ((slots > 0)) ||
+        die "the ephemeral port range starts at $EPHEMERAL_LOW: no room below it for ports from $lo and their bus ports (+$BUS_PORT_OFFSET)"
     for ((try = 0; try < 200; try++)); do
-        base=$((20000 + (RANDOM % 900) * 10))
+        base=$((lo + (RANDOM % slots) * 10))
         ok=1
         for ((p = base; p < base + count; p++)); do
             if port_busy "$p" || port_busy $((p + BUS_PORT_OFFSET)); then
@@ -127,7 +156,7 @@ free_ports() {
             return 0
         fi
     done
-    die "found no $count free consecutive ports between 20000 and 29000"
+    die "found no $count free consecutive ports between $lo and $((lo + slots * 10))"
 }
 
 # Starts redis-server with the given arguments in dir $1 and waits for PONG. Prints its pid
@@ -159,12 +188,16 @@ C_PIDS=()
 C_DIR=""
 LEADER_PORT=""
 
-# Starts a fresh 3-node cluster with raft.log-fsync $1 and waits until every node names the
-# same single leader (sets LEADER_PORT).
+# Starts a fresh 3-node cluster with raft.log-fsync $1 in $TMP/$2 (default raft-fsync-$1),
+# passing any further arguments to every node's redis-server, and waits until every node
+# names the same single leader (sets LEADER_PORT).
 start_cluster() {
-    local fsync=$1 base i nodes="" sep="" port
+    local fsync=$1 name=${2:-raft-fsync-$1} base i nodes="" sep="" port
+    shift
+    if (($#)); then shift; fi
+    local extra=("$@")
     base="$(free_ports "$CLUSTER_NODES")"
-    C_DIR="$TMP/raft-fsync-$fsync"
+    C_DIR="$TMP/$name"
     C_PORTS=()
     C_PIDS=()
     for ((i = 1; i <= CLUSTER_NODES; i++)); do
@@ -177,7 +210,8 @@ start_cluster() {
         port="${C_PORTS[i - 1]}"
         local pid
         pid="$(start_server "$C_DIR/node$i" "$port" --loadmodule "$MODULE" \
-            --raft.node-id "n$i" --raft.cluster-nodes "$nodes" --raft.log-fsync "$fsync")"
+            --raft.node-id "n$i" --raft.cluster-nodes "$nodes" --raft.log-fsync "$fsync" \
+            ${extra[@]+"${extra[@]}"})"
         STARTED_PIDS+=("$pid")
         C_PIDS+=("$pid")
     done
@@ -199,38 +233,158 @@ start_cluster() {
             break
         fi
         ((SECONDS < deadline)) ||
-            die "the fsync=$fsync cluster (ports ${C_PORTS[*]}) agreed on no leader in ${LEADER_TIMEOUT_S}s; logs in $C_DIR"
+            die "the $name cluster (ports ${C_PORTS[*]}) agreed on no leader in ${LEADER_TIMEOUT_S}s; logs in $C_DIR"
         sleep 0.2
     done
     LEADER_PORT=$leader_port
     local got
     got="$(cli "$LEADER_PORT" INFO raft | sed -n 's/^raft_log_fsync://p')"
     [[ "$got" == "$fsync" ]] || die "the leader reports raft_log_fsync:$got, wanted $fsync"
-    log "raft cluster (fsync=$fsync) on ports ${C_PORTS[*]}: leader $HOST:$LEADER_PORT"
+    log "raft cluster $name (fsync=$fsync${extra[*]+ ${extra[*]}}) on ports ${C_PORTS[*]}: leader $HOST:$LEADER_PORT"
 }
 
 # Results, keyed "target,TEST,pipeline": ops/s, p50 ms, p99 ms.
 declare -A RPS P50 P99
 
+# Runs redis-benchmark -t $4 (set,get or get) at pipeline $3 against port $2, storing the
+# results under target $1.
+run_benchmark() {
+    local target=$1 port=$2 pipe=$3 tests=$4 csv test rps p50 p99
+    log "$target: redis-benchmark -c $CLIENTS -n $N -r $KEYSPACE -d $VALUE_BYTES -P $pipe -t $tests"
+    csv="$TMP/bench-$target-P$pipe.csv"
+    if ! timeout "$BENCH_TIMEOUT_S" redis-benchmark -h "$HOST" -p "$port" -c "$CLIENTS" -n "$N" \
+        -r "$KEYSPACE" -d "$VALUE_BYTES" -P "$pipe" -t "$tests" --csv >"$csv" 2>"$csv.err"; then
+        log "$target P$pipe: redis-benchmark failed or passed ${BENCH_TIMEOUT_S}s (see $csv.err)"
+    fi
+    # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    while IFS=, read -r test rps _ _ p50 _ p99 _; do
+        test="${test//\"/}"
+        [[ " ${TESTS[*]} " == *" $test "* ]] || continue
+        RPS["$target,$test,$pipe"]="${rps//\"/}"
+        P50["$target,$test,$pipe"]="${p50//\"/}"
+        P99["$target,$test,$pipe"]="${p99//\"/}"
+    done <"$csv"
+}
+
 # Runs redis-benchmark for SET and GET at each pipeline against port $2, storing results
 # under target $1.
 bench() {
-    local target=$1 port=$2 pipe csv test rps p50 p99
+    local pipe
     for pipe in "${PIPELINES[@]}"; do
-        log "$target: redis-benchmark -c $CLIENTS -n $N -r $KEYSPACE -d $VALUE_BYTES -P $pipe -t set,get"
-        csv="$TMP/bench-$target-P$pipe.csv"
-        if ! timeout "$BENCH_TIMEOUT_S" redis-benchmark -h "$HOST" -p "$port" -c "$CLIENTS" -n "$N" \
-            -r "$KEYSPACE" -d "$VALUE_BYTES" -P "$pipe" -t set,get --csv >"$csv" 2>"$csv.err"; then
-            log "$target P$pipe: redis-benchmark failed or passed ${BENCH_TIMEOUT_S}s (see $csv.err)"
+        run_benchmark "$1" "$2" "$pipe" set,get
+    done
+}
+
+# The value of field $3 in section $2 of INFO on port $1 (empty if there is none).
+info_field() {
+    cli "$1" INFO "$2" | sed -n "s/^$3://p"
+}
+
+# Dies unless CONFIG GET $2 on port $1 answers $3.
+check_config() {
+    local got
+    got="$(cli "$1" CONFIG GET "$2" | sed -n 2p)"
+    [[ "$got" == "$3" ]] || die "$HOST:$1 has $2 '$got', wanted '$3'"
+}
+
+# Sets every key redis-benchmark -r $KEYSPACE can pick (key:000000000000 ...) to a
+# $VALUE_BYTES-byte value, in MSETs of $MSET_KEYS keys piped through redis-cli --pipe to
+# port $1, then waits until port $2 (default $1) answers DBSIZE $KEYSPACE.
+load_keys() {
+    local port=$1 check=${2:-$1} out deadline size=""
+    log "loading $KEYSPACE keys of $VALUE_BYTES bytes through $HOST:$port"
+    out="$(awk -v n="$KEYSPACE" -v d="$VALUE_BYTES" -v b="$MSET_KEYS" 'BEGIN {
+            v = ""
+            for (i = 0; i < d; i++) v = v "x"
+            for (i = 0; i < n; i += b) {
+                m = (n - i < b) ? n - i : b
+                printf "*%d\r\n$4\r\nMSET\r\n", 1 + 2 * m
+                for (j = i; j < i + m; j++) {
+                    k = sprintf("key:%012d", j)
+                    printf "$%d\r\n%s\r\n$%d\r\n%s\r\n", length(k), k, d, v
+                }
+            }
+        }' | timeout "$BENCH_TIMEOUT_S" redis-cli -h "$HOST" -p "$port" --pipe 2>&1)" ||
+        die "loading the keys through $HOST:$port failed or passed ${BENCH_TIMEOUT_S}s: $out"
+    [[ "$out" == *"errors: 0, replies: "* ]] || die "loading the keys through $HOST:$port: $out"
+    deadline=$((SECONDS + BENCH_TIMEOUT_S))
+    until size="$(cli "$check" DBSIZE)" && [[ "$size" == "$KEYSPACE" ]]; do
+        ((SECONDS < deadline)) ||
+            die "$HOST:$check holds ${size:-?} keys ${BENCH_TIMEOUT_S}s after the load, wanted $KEYSPACE"
+        sleep 0.2
+    done
+}
+
+# Notes printed under the reads table (errors, misses, role changes during a run).
+READ_NOTES=()
+
+# Runs the GET benchmark at each pipeline against port $2, storing results under target
+# reads-$1, and notes any error reply, keyspace miss or role change on that node meanwhile.
+bench_reads() {
+    local mode=$1 port=$2 pipe e0 e1 h0 h1 m0 m1 r0 r1
+    for pipe in "${PIPELINES[@]}"; do
+        e0="$(info_field "$port" stats total_error_replies)"
+        h0="$(info_field "$port" stats keyspace_hits)"
+        m0="$(info_field "$port" stats keyspace_misses)"
+        r0="$(info_field "$port" raft raft_role)"
+        run_benchmark "reads-$mode" "$port" "$pipe" get
+        e1="$(info_field "$port" stats total_error_replies)"
+        h1="$(info_field "$port" stats keyspace_hits)"
+        m1="$(info_field "$port" stats keyspace_misses)"
+        r1="$(info_field "$port" raft raft_role)"
+        log "reads-$mode P$pipe: $((${h1:-0} - ${h0:-0})) hits, $((${m1:-0} - ${m0:-0})) misses, $((${e1:-0} - ${e0:-0})) error replies${r0:+, role $r0 -> $r1}"
+        if [[ -z "$e0" || -z "$e1" || -z "$m0" || -z "$m1" ]]; then
+            READ_NOTES+=("$mode P$pipe: could not read INFO stats from $HOST:$port before and after the run")
+        else
+            if ((e1 > e0)); then READ_NOTES+=("$mode P$pipe: $((e1 - e0)) error replies during the run (see $TMP/bench-reads-$mode-P$pipe.csv.err)"); fi
+            if ((m1 > m0)); then READ_NOTES+=("$mode P$pipe: $((m1 - m0)) GETs missed their key"); fi
         fi
-        # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-        while IFS=, read -r test rps _ _ p50 _ p99 _; do
-            test="${test//\"/}"
-            [[ " ${TESTS[*]} " == *" $test "* ]] || continue
-            RPS["$target,$test,$pipe"]="${rps//\"/}"
-            P50["$target,$test,$pipe"]="${p50//\"/}"
-            P99["$target,$test,$pipe"]="${p99//\"/}"
-        done <"$csv"
+        if [[ "$r0" != "$r1" ]]; then READ_NOTES+=("$mode P$pipe: the node's role changed from '$r0' to '$r1' during the run"); fi
+    done
+}
+
+# The reads section: plain, then one fresh cluster per read mode.
+run_reads() {
+    local base pid mode port follower="" got
+    base="$(free_ports 1)"
+    pid="$(start_server "$TMP/reads-plain" "$base")"
+    STARTED_PIDS+=("$pid")
+    log "reads: plain redis-server on port $base"
+    load_keys "$base"
+    bench_reads plain "$base"
+    kill_pids "$pid"
+
+    for mode in "${READ_MODES[@]}"; do
+        case $mode in
+        linearizable) start_cluster yes "reads-$mode" ;;
+        lease | stale) start_cluster yes "reads-$mode" --raft.read-mode "$mode" ;;
+        follower) start_cluster yes "reads-$mode" --raft.follower-reads yes ;;
+        *) die "unknown read mode $mode" ;;
+        esac
+        port=$LEADER_PORT
+        if [[ $mode == follower ]]; then
+            follower=""
+            for port in "${C_PORTS[@]}"; do
+                if [[ "$port" != "$LEADER_PORT" ]]; then
+                    follower=$port
+                    break
+                fi
+            done
+            port=$follower
+            [[ "$(info_field "$port" raft raft_role)" == follower ]] ||
+                die "$HOST:$port, picked as the follower, is not one"
+            check_config "$port" raft.follower-reads yes
+            check_config "$port" raft.read-mode linearizable
+        else
+            check_config "$port" raft.read-mode "$mode"
+        fi
+        load_keys "$LEADER_PORT" "$port"
+        got="$(cli "$port" GET key:000000000000)"
+        [[ ${#got} == "$VALUE_BYTES" ]] ||
+            die "reads-$mode: GET key:000000000000 on $HOST:$port answered '$got', not a $VALUE_BYTES-byte value"
+        log "reads-$mode: benchmarking $HOST:$port ($(info_field "$port" raft raft_role))"
+        bench_reads "$mode" "$port"
+        kill_pids "${C_PIDS[@]}"
     done
 }
 
@@ -311,6 +465,35 @@ print_table() {
     fi
 }
 
+print_reads_table() {
+    local mode pipe prps rrps ratio row note
+    printf '\nreads: redis-benchmark -t get, %s clients, %s requests per test, -r %s, every key set to %s bytes first; a fresh 3-node cluster (fsync yes) per mode; latencies in ms\n\n' \
+        "$CLIENTS" "$N" "$KEYSPACE" "$VALUE_BYTES"
+    row='%-12s %-8s %12s %12s %7s %15s %15s\n'
+    # shellcheck disable=SC2059 # row is ours
+    printf "$row" mode pipeline "plain ops/s" "raft ops/s" ratio "plain p50/p99" "raft p50/p99"
+    for mode in "${READ_MODES[@]}"; do
+        for pipe in "${PIPELINES[@]}"; do
+            prps="${RPS["reads-plain,GET,$pipe"]:-}"
+            rrps="${RPS["reads-$mode,GET,$pipe"]:-}"
+            ratio=-
+            if [[ -n "$prps" && -n "$rrps" ]]; then
+                ratio="$(awk -v a="$rrps" -v b="$prps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
+            fi
+            # shellcheck disable=SC2059
+            printf "$row" "$mode" "$pipe" "${prps:--}" "${rrps:--}" "$ratio" \
+                "$(fmt_ms "${P50["reads-plain,GET,$pipe"]:-}" "${P99["reads-plain,GET,$pipe"]:-}")" \
+                "$(fmt_ms "${P50["reads-$mode,GET,$pipe"]:-}" "${P99["reads-$mode,GET,$pipe"]:-}")"
+        done
+    done
+    echo
+    echo "linearizable/lease/stale: the leader with that raft.read-mode; follower: a follower, raft.follower-reads yes, read-mode linearizable."
+    echo "ratio = raft ops/s / plain ops/s (plain is measured once and shown on every mode's rows)."
+    for note in ${READ_NOTES[@]+"${READ_NOTES[@]}"}; do
+        echo "note: $note"
+    done
+}
+
 main() {
     "$ROOT/scripts/setup.sh"
     command -v redis-benchmark >/dev/null || die "redis-benchmark not found (package redis-tools)"
@@ -337,7 +520,10 @@ main() {
     bench raft-fsync-no "$LEADER_PORT"
     kill_pids "${C_PIDS[@]}"
 
+    if ((READS)); then run_reads; fi
+
     print_table
+    if ((READS)); then print_reads_table; fi
     OK=1
 }
 

@@ -132,7 +132,7 @@ fn follower_reads_see_every_write_acknowledged_before_them() {
 }
 
 #[test]
-fn reads_without_follower_reads_redirect_and_new_leader_waits_for_its_term() {
+fn reads_on_followers_redirect_and_pipelined_reads_share_rounds() {
     let mut c = Cluster::start(3);
     let l = c.wait_leader(Duration::from_secs(10));
     let f = (l + 1) % 3;

@@ -313,7 +313,7 @@ print_howto() {
     {
         printf "$fmt" "redis-cli -p $lp" "the leader: reads and writes"
         if [[ -n "$fp" ]]; then
-            printf "$fmt" "redis-cli -p $fp" "a follower: writes reply -MOVED 0 <leader addr>"
+            printf "$fmt" "redis-cli -p $fp" "a follower: commands reply -MOVED 0 <leader addr>"
             printf "$fmt" "redis-cli -c -p $fp" "follows -MOVED to the leader"
             printf "$fmt" "redis-cli -p $fp RAFT.DEBUG EXEC GET k" "a node's local copy of k"
         fi

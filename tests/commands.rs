@@ -650,3 +650,16 @@ fn commands_of_a_module_loaded_later_are_classified() {
         );
     }
 }
+
+#[test]
+fn random_reads_inside_multi_are_not_refused() {
+    // Only scripts must be deterministic: a transaction's reads answer one client.
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(r.cmd(&["SADD", "s", "only"]), ":1\r\n");
+    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["SRANDMEMBER", "s"]), "+QUEUED\r\n");
+    assert_eq!(r.cmd(&["SMEMBERS", "s"]), "+QUEUED\r\n");
+    assert_eq!(r.cmd(&["EXEC"]), "*2\r\n$4\r\nonly\r\n*1\r\n$4\r\nonly\r\n");
+}

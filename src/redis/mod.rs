@@ -904,9 +904,34 @@ fn apply_transaction(
             if unsafe { rm!(RedisModule_SelectDb)(ctx, *db) } != api::OK {
                 return Part::Error("ERR DB index is out of range".into());
             }
-            Part::Call(api::call(ctx, argv, CallOpts { resp3 }))
+            Part::Call(apply_call(ctx, argv, CallOpts { resp3 }))
         })
         .collect()
+}
+
+/// Executes one command of a committed entry. Only what a script runs must be made
+/// deterministic (redis/scripts.rs); a command's own reply goes to one client only.
+fn apply_call(
+    ctx: *mut RedisModuleCtx,
+    argv: &[Vec<u8>],
+    opts: CallOpts,
+) -> *mut RedisModuleCallReply {
+    let script = argv.first().is_some_and(|n| {
+        [
+            "eval",
+            "evalsha",
+            "eval_ro",
+            "evalsha_ro",
+            "fcall",
+            "fcall_ro",
+        ]
+        .iter()
+        .any(|s| n.eq_ignore_ascii_case(s.as_bytes()))
+    });
+    scripts::set_applying(script);
+    let r = api::call(ctx, argv, opts);
+    scripts::set_applying(false);
+    r
 }
 
 /// The Raft log is the source of truth: whatever Redis loaded from its own RDB/AOF at start
@@ -963,10 +988,8 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
                 resp3: pending.as_ref().is_some_and(|p| p.resp3),
             };
             watch::set_applying(Some(e.index));
-            scripts::set_applying(true);
-            let r = api::call(ctx, &argv, opts);
+            let r = apply_call(ctx, &argv, opts);
             watch::set_applying(None);
-            scripts::set_applying(false);
             watch::note_command(&argv, e.index);
             match pending {
                 Some(Pending {
@@ -1000,10 +1023,8 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
             }
             let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
             watch::set_applying(Some(e.index));
-            scripts::set_applying(true);
             let replies = apply_transaction(ctx, &cmds, resp3);
             watch::set_applying(None);
-            scripts::set_applying(false);
             for (_, argv) in &cmds {
                 watch::note_command(argv, e.index);
             }

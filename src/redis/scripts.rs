@@ -14,7 +14,7 @@ use super::classify::InScript;
 use super::module;
 
 thread_local! {
-    /// The apply path is executing an entry (scripts in it must be deterministic).
+    /// The apply path is executing a script (what it runs must be deterministic).
     static APPLYING: Cell<bool> = const { Cell::new(false) };
     /// RAFT._SORT is running its inner command: let it through untouched.
     static SORTING: Cell<bool> = const { Cell::new(false) };

@@ -26,6 +26,8 @@ pub struct Options {
     pub follower_reads: bool,
     /// RedisRaft's `raft.ignored-commands`: comma-separated commands run locally.
     pub ignored_commands: String,
+    /// `raft.cluster-password`: shared secret peers prove on the bus; empty disables the check.
+    pub cluster_password: String,
 }
 
 impl Default for Options {
@@ -44,6 +46,7 @@ impl Default for Options {
             quorum_reads_no: false,
             follower_reads: false,
             ignored_commands: String::new(),
+            cluster_password: String::new(),
         }
     }
 }

@@ -23,11 +23,24 @@ fn multi_exec_is_one_atomic_entry_with_redis_replies() {
     assert_eq!(r.cmd(&["RPUSH", "l", "a", "b"]), "+QUEUED\r\n");
     assert_eq!(r.cmd(&["LPUSH", "s", "x"]), "+QUEUED\r\n");
     assert_eq!(r.cmd(&["GET", "n"]), "+QUEUED\r\n");
-    // Node-local commands run at once inside MULTI (Redis 7.0's filter cannot tell clients apart).
-    assert_eq!(r.cmd(&["PING"]), "+PONG\r\n");
+    // Node-local commands are queued too, and run only on this node.
+    assert_eq!(r.cmd(&["PING"]), "+QUEUED\r\n");
+    assert_eq!(
+        r.cmd(&["CONFIG", "SET", "maxmemory-samples", "7"]),
+        "+QUEUED\r\n"
+    );
+    // Meanwhile another client's PING is not queued.
+    assert_eq!(
+        RawConn::open(c.nodes[l].def.port).cmd(&["PING"]),
+        "+PONG\r\n"
+    );
     assert_eq!(
         r.cmd(&["EXEC"]),
-        "*4\r\n:1\r\n:2\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n$1\r\n1\r\n"
+        "*6\r\n:1\r\n:2\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n$1\r\n1\r\n+PONG\r\n+OK\r\n"
+    );
+    assert_eq!(
+        r.cmd(&["CONFIG", "GET", "maxmemory-samples"]),
+        "*2\r\n$17\r\nmaxmemory-samples\r\n$1\r\n7\r\n"
     );
     c.wait_applied_everywhere(Duration::from_secs(10));
     for i in 0..3 {
@@ -37,6 +50,15 @@ fn multi_exec_is_one_atomic_entry_with_redis_replies() {
             "node {i}"
         );
         assert_eq!(c.local(i, &["LLEN", "l"]), Value::Int(2), "node {i}");
+        let samples = if i == l { "7" } else { "5" };
+        assert_eq!(
+            c.local(i, &["CONFIG", "GET", "maxmemory-samples"]),
+            Value::Array(vec![
+                Value::BulkString(b"maxmemory-samples".to_vec()),
+                Value::BulkString(samples.as_bytes().to_vec())
+            ]),
+            "CONFIG SET inside MULTI stays on node {l}, not {i}"
+        );
     }
 }
 

@@ -275,3 +275,119 @@ fn raft_bus_port_listens_where_the_entry_does_not_say() {
         .unwrap();
     assert_eq!(v, vec!["raft.bus-port".to_string(), actual.to_string()]);
 }
+
+fn with_password(c: &mut Cluster, i: usize, password: &str) {
+    c.nodes[i].extra = vec!["--raft.cluster-password".into(), password.into()];
+}
+
+#[test]
+fn cluster_with_the_same_password_elects_and_replicates() {
+    let mut c = Cluster::define(3);
+    for i in 0..3 {
+        with_password(&mut c, i, "bus-s3cret");
+    }
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let l = c.wait_leader(Duration::from_secs(15));
+    let mut con = c.conn(l).unwrap();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut con).unwrap();
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(c.local(i, &["GET", "k"]), Value::BulkString(b"v".to_vec()));
+        assert!(
+            !c.nodes[i].log().contains("raft.cluster-password"),
+            "node {i} logged a password problem"
+        );
+    }
+    // Redis 7 marks the option sensitive (kept out of its logs, SLOWLOG and MONITOR), but
+    // CONFIG GET still shows it to a client allowed to run CONFIG, as it does `requirepass`.
+    let v: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("raft.cluster-password")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(v, vec!["raft.cluster-password", "bus-s3cret"]);
+    let e = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("raft.cluster-password")
+        .arg("other")
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert!(err_text(&e).contains("raft.cluster-password"), "{e}");
+}
+
+#[test]
+fn node_with_another_password_is_kept_out_of_the_cluster() {
+    let mut c = Cluster::define(3);
+    with_password(&mut c, 0, "bus-s3cret");
+    with_password(&mut c, 1, "bus-s3cret");
+    with_password(&mut c, 2, "not-the-password");
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    // The two that agree elect one of themselves; the odd one hears from nobody.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let l = loop {
+        let roles: Vec<Option<String>> = (0..3).map(|i| c.info_field(i, "raft_role")).collect();
+        assert_ne!(
+            roles[2].as_deref(),
+            Some("leader"),
+            "the odd node became leader"
+        );
+        let leader = (0..2).find(|&i| roles[i].as_deref() == Some("leader"));
+        if let Some(l) = leader {
+            let name = Some(c.nodes[l].def.name.clone());
+            if (0..2).all(|i| c.info_field(i, "raft_leader_name") == name) {
+                let mut con = c.conn(l).unwrap();
+                if redis::cmd("SET")
+                    .arg("k")
+                    .arg("v")
+                    .query::<()>(&mut con)
+                    .is_ok()
+                {
+                    break l;
+                }
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            c.dump_logs();
+            panic!("no leader among the two nodes sharing a password");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for i in 0..2 {
+        assert_eq!(c.local(i, &["GET", "k"]), Value::BulkString(b"v".to_vec()));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.local(2, &["GET", "k"]), Value::Nil);
+    assert_ne!(c.info_field(2, "raft_role").as_deref(), Some("leader"));
+    assert_eq!(c.info_field(l, "raft_role").as_deref(), Some("leader"));
+
+    let odd = format!("127.0.0.1:{}", c.nodes[2].def.bus_port);
+    let leader_log = c.nodes[l].log();
+    assert!(
+        leader_log.contains(&format!(
+            "at {odd} refused us: wrong or missing raft.cluster-password"
+        )),
+        "leader's log:\n{leader_log}"
+    );
+    assert!(
+        leader_log.contains("refusing connection from node ")
+            && leader_log.contains(": wrong or missing raft.cluster-password"),
+        "leader's log:\n{leader_log}"
+    );
+    let odd_log = c.nodes[2].log();
+    assert!(
+        odd_log.contains("refused us: wrong or missing raft.cluster-password"),
+        "odd node's log:\n{odd_log}"
+    );
+    // The password itself is never logged.
+    for i in 0..3 {
+        let log = c.nodes[i].log();
+        assert!(
+            !log.contains("bus-s3cret") && !log.contains("not-the-password"),
+            "node {i} logged a password"
+        );
+    }
+}

@@ -2,10 +2,13 @@
 //! replicates it as ONE log entry that every node applies atomically (the apply path runs
 //! its commands back to back on the main thread, so nothing interleaves).
 //!
-//! Commands that never go through the log (PING, SELECT, CLIENT, CONFIG ...) are not seen
-//! here while the client is in MULTI: Redis 7.0's command filter cannot tell which client
-//! sent a command, so they run at once rather than being queued. Each queued command keeps
-//! the database selected when it was queued, so SELECT between commands still works.
+//! Node-local commands (PING, ECHO, CONFIG ...) are queued too: Redis 7.0's command filter
+//! cannot tell which client sent a command, so while any client is in MULTI the filter routes
+//! every node-local command here (but those that act on the connection itself, `CONN_STATE`,
+//! which run at once: SELECT, CLIENT, AUTH ...); for clients not in MULTI they simply run.
+//! In the EXEC entry they run only on the node that took the transaction, so they stay
+//! node-local. Each queued command keeps the database selected when it was queued, so SELECT
+//! between commands still works.
 
 use std::collections::HashMap;
 use std::ffi::c_int;
@@ -26,12 +29,44 @@ struct Queued {
 /// Clients inside MULTI, by client id.
 static IN_MULTI: MainThread<HashMap<u64, Queued>> = MainThread::new_lazy();
 
-/// Commands that may be queued although they do not go through the log on their own:
-/// they are deterministic and touch no node-local state.
-const LOCAL_ALLOWED: &[&[u8]] = &[b"ping", b"echo", b"select"];
+/// Node-local commands that act on the client's connection: never routed through RAFT (an
+/// RM_Call would act on the module's own client), so they run at once even inside MULTI.
+const CONN_STATE: &[&str] = &[
+    "auth",
+    "hello",
+    "client",
+    "select",
+    "reset",
+    "quit",
+    "subscribe",
+    "psubscribe",
+    "ssubscribe",
+    "unsubscribe",
+    "punsubscribe",
+    "sunsubscribe",
+    "monitor",
+    "shutdown",
+    "readonly",
+    "readwrite",
+    "asking",
+    "acl",
+    "wait",
+    "module",
+    "debug",
+];
 
 pub fn in_multi(client_id: u64) -> bool {
     IN_MULTI.get_mut().contains_key(&client_id)
+}
+
+/// Whether the filter must route node-local command `name` to RAFT: only while some client
+/// is in MULTI (it might be the sender), and never for connection-state commands.
+pub fn route_local(name: &[u8]) -> bool {
+    let ours = name.len() >= 4 && name[..4].eq_ignore_ascii_case(b"raft");
+    let connection = CONN_STATE
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()));
+    !IN_MULTI.get_mut().is_empty() && !ours && !connection
 }
 
 /// The client disconnected: forget its transaction.
@@ -97,14 +132,7 @@ pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Cl
             fail(id);
             api::reply_error(ctx, &format!("ERR {why}"))
         }
-        (Class::Local, n) if !LOCAL_ALLOWED.contains(&n) => {
-            fail(id);
-            let shown = String::from_utf8_lossy(&cmd[0]).to_uppercase();
-            api::reply_error(
-                ctx,
-                &format!("ERR {shown} inside MULTI is not supported by redis-raft"),
-            )
-        }
+
         _ => {
             if let Err(e) = m
                 .table()

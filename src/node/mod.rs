@@ -57,6 +57,8 @@ pub struct NodeSpec {
     pub advertise_addr: Option<String>,
     /// Confirm reads by leader lease instead of a quorum round (`raft.read-mode lease`).
     pub lease_reads: bool,
+    /// `raft.cluster-password`: peers must prove they know it; empty disables the check.
+    pub cluster_password: String,
 }
 
 /// Wakes the main thread (the Redis side passes `RedisModule_EventLoopAddOneShot`).
@@ -244,6 +246,7 @@ impl Node {
                 cluster_id: spec.cluster_id.clone(),
                 listen: spec.bus_listen,
                 max_frame_bytes: 64 << 20,
+                password: spec.cluster_password.clone(),
             },
             in_tx,
         )?);

@@ -74,6 +74,7 @@ impl TestCluster {
             heartbeat_interval_ms: 30,
             advertise_addr: None,
             lease_reads: false,
+            cluster_password: String::new(),
         };
         let waker: Waker = Arc::new(|| {});
         self.applied[i].clear();

@@ -64,6 +64,7 @@ fn key(name: &str) -> &'static str {
         "quorum-reads" => "quorum-reads",
         "follower-reads" => "follower-reads",
         "ignored-commands" => "ignored-commands",
+        "cluster-password" => "cluster-password",
         _ => "",
     }
 }
@@ -77,6 +78,7 @@ extern "C" fn get_string(name: *const c_char, _p: *mut c_void) -> *mut RedisModu
             "log-filename" => o.log_filename.clone(),
             "addr" => o.addr.clone(),
             "ignored-commands" => o.ignored_commands.clone(),
+            "cluster-password" => o.cluster_password.clone(),
             _ => String::new(),
         });
         let s = api::create_string(std::ptr::null_mut(), v.as_bytes());
@@ -111,6 +113,7 @@ extern "C" fn set_string(
                 "log-filename" => o.log_filename = v,
                 "addr" => o.addr = v,
                 "ignored-commands" => o.ignored_commands = v,
+                "cluster-password" => o.cluster_password = v,
                 _ => {}
             });
             if k == "ignored-commands" {
@@ -243,18 +246,21 @@ extern "C" fn apply(
 
 const IMMUTABLE: u32 = raw::REDISMODULE_CONFIG_IMMUTABLE;
 const DEFAULT: u32 = raw::REDISMODULE_CONFIG_DEFAULT;
+/// Redis keeps the value out of its own logs and redacts it from SLOWLOG and MONITOR.
+const SENSITIVE: u32 = raw::REDISMODULE_CONFIG_SENSITIVE;
 
 /// Registers every option and loads the values from redis.conf / the command line.
 /// Returns Err with a message naming the option when one is refused.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let d = Options::default();
     with_options(|o| *o = d.clone());
-    let strings: [(&CStr, &str, u32); 5] = [
+    let strings: [(&CStr, &str, u32); 6] = [
         (c"node-id", "", IMMUTABLE),
         (c"cluster-nodes", "", IMMUTABLE),
         (c"log-filename", &d.log_filename, IMMUTABLE),
         (c"addr", "", IMMUTABLE),
         (c"ignored-commands", "", DEFAULT),
+        (c"cluster-password", "", IMMUTABLE | SENSITIVE),
     ];
     for (name, default, flags) in strings {
         let def = CString::new(default).map_err(|e| e.to_string())?;

@@ -34,10 +34,10 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         // the read index first, or redirects.
         Class::Read => !m.node.as_ref().is_some_and(|n| m.serves_reads_locally(n)),
         Class::Transaction => true,
-        Class::Local | Class::Container => false,
+        // Redis 7.0 does not tell a filter which client sent the command: while any client is
+        // in MULTI, node-local commands go to RAFT, which queues them for that client.
+        Class::Local | Class::Container => crate::commands::multi::route_local(name),
     };
-    // Redis 7.0 does not tell a filter which client sent the command, so node-local
-    // commands inside MULTI run at once instead of being queued (see commands/multi.rs).
     // CLUSTER and INFO are answered by redis-raft (commands/cluster.rs).
     let prefix: &[u8] = if name.eq_ignore_ascii_case(b"cluster") {
         b"RAFT._CLUSTER"

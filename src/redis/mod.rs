@@ -220,6 +220,7 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
                 heartbeat_interval_ms: opts.heartbeat_interval_ms,
                 advertise_addr: (!opts.addr.is_empty()).then(|| opts.addr.clone()),
                 lease_reads: opts.effective_read_mode() == ReadMode::Lease,
+                cluster_password: opts.cluster_password.clone(),
             };
             info!(
                 "starting raft node '{}' (id {}), bus on port {}, {} nodes",
@@ -896,11 +897,18 @@ fn fail_all_pending(msg: &str) {
 /// Runs a transaction's commands back to back, each in its own database.
 fn apply_transaction(
     ctx: *mut RedisModuleCtx,
+    m: &Module,
     cmds: &[(i32, Vec<Vec<u8>>)],
     resp3: bool,
+    proposer: bool,
 ) -> Vec<Part> {
     cmds.iter()
         .map(|(db, argv)| {
+            // Node-local commands (PING, CONFIG ...) run only where the client is.
+            let sub = argv.get(1).map(|s| s.as_slice());
+            if !proposer && m.table().classify(&argv[0], sub) == classify::Class::Local {
+                return Part::Error(String::new());
+            }
             if unsafe { rm!(RedisModule_SelectDb)(ctx, *db) } != api::OK {
                 return Part::Error("ERR DB index is out of range".into());
             }
@@ -1023,7 +1031,7 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
             }
             let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
             watch::set_applying(Some(e.index));
-            let replies = apply_transaction(ctx, &cmds, resp3);
+            let replies = apply_transaction(ctx, m, &cmds, resp3, pending.is_some());
             watch::set_applying(None);
             for (_, argv) in &cmds {
                 watch::note_command(argv, e.index);

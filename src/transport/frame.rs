@@ -12,23 +12,40 @@
 //!   `version u16 | from u64 | to u64 | cluster_id_len u16 | cluster_id (UTF-8)`.
 //!   The version leads the body so a later version may change everything after it.
 //! - 2 `Raft`: one `raft::eraftpb::Message` in its prost (protobuf) encoding.
-//! - 3, 4 reserved for the authentication exchange (challenge, response).
+//! - 3 `Challenge` (acceptor to connector): a 32-byte random nonce.
+//! - 4 `Response` (connector to acceptor): 32 bytes,
+//!   `HMAC-SHA256(key = cluster password, nonce || cluster_id || from u64 || to u64)`, with
+//!   `from`/`to` as in the Hello. The password itself never goes on the wire.
+//! - 5 `Welcome` (acceptor to connector): empty body; "send your Raft messages".
+//! - 6 `Reject` (acceptor to connector): a UTF-8 reason, sent just before closing.
+//!
+//! Handshake: the connector sends Hello and waits. The acceptor answers a valid Hello with
+//! Welcome (no password configured) or Challenge (password configured); a Challenge is answered
+//! with Response, and the acceptor then sends Welcome (tag verified) or Reject (wrong tag, or
+//! none in time). Raft frames flow only after the connector has seen Welcome.
 //!
 //! Invariant: a decoder error means the byte stream can no longer be trusted; the caller closes
 //! that connection. The decoder never buffers more than one frame header plus `max_body_bytes`
 //! beyond what it was handed in one `push`.
 
+use hmac::{Hmac, Mac};
 use prost::Message as _;
 use raft::eraftpb::Message;
+use sha2::Sha256;
 
 /// First two bytes of every frame ("RR").
 pub const MAGIC: u16 = 0x5252;
 /// Version carried in the Hello; bump it when anything in this file changes meaning.
-pub const PROTOCOL_VERSION: u16 = 1;
+// 2: the acceptor answers the Hello (Welcome/Challenge), so version 1 peers cannot interoperate.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// magic (2) + kind (1) + len (4) + crc (4).
 pub const HEADER_BYTES: usize = 11;
 /// Upper bound on the cluster id carried in a Hello.
 pub const MAX_CLUSTER_ID_BYTES: usize = 256;
+/// Size of the Challenge nonce and of the Response tag.
+pub const AUTH_BYTES: usize = 32;
+/// Upper bound on a Reject reason.
+pub const MAX_REASON_BYTES: usize = 512;
 /// A decoder keeps at most this much idle buffer capacity between frames.
 const DECODER_KEEP_BYTES: usize = 1 << 20;
 
@@ -38,7 +55,10 @@ const DECODER_KEEP_BYTES: usize = 1 << 20;
 pub enum FrameKind {
     Hello = 1,
     Raft = 2,
-    // 3 = AuthChallenge, 4 = AuthResponse: reserved for the cluster-password handshake.
+    Challenge = 3,
+    Response = 4,
+    Welcome = 5,
+    Reject = 6,
 }
 
 impl FrameKind {
@@ -46,6 +66,10 @@ impl FrameKind {
         match kind {
             1 => Some(FrameKind::Hello),
             2 => Some(FrameKind::Raft),
+            3 => Some(FrameKind::Challenge),
+            4 => Some(FrameKind::Response),
+            5 => Some(FrameKind::Welcome),
+            6 => Some(FrameKind::Reject),
             _ => None,
         }
     }
@@ -67,6 +91,10 @@ pub struct Hello {
 pub enum Frame {
     Hello(Hello),
     Raft(Message),
+    Challenge([u8; AUTH_BYTES]),
+    Response([u8; AUTH_BYTES]),
+    Welcome,
+    Reject(String),
 }
 
 /// Why bytes could not be encoded or decoded as a frame.
@@ -88,6 +116,8 @@ pub enum FrameError {
     UnsupportedVersion { found: u16 },
     #[error("malformed hello: {0}")]
     BadHello(&'static str),
+    #[error("malformed {kind:?} frame: {why}")]
+    BadBody { kind: FrameKind, why: &'static str },
     #[error("undecodable raft message: {0}")]
     BadMessage(#[from] prost::DecodeError),
 }
@@ -133,6 +163,91 @@ pub fn encode_message(
         });
     }
     finish_frame(out, start, max_body_bytes)
+}
+
+/// Appends a Challenge frame carrying `nonce` to `out`.
+pub fn encode_challenge(nonce: &[u8; AUTH_BYTES], out: &mut Vec<u8>) {
+    encode_small(FrameKind::Challenge, nonce, out);
+}
+
+/// Appends a Response frame carrying `tag` (see `auth_tag`) to `out`.
+pub fn encode_response(tag: &[u8; AUTH_BYTES], out: &mut Vec<u8>) {
+    encode_small(FrameKind::Response, tag, out);
+}
+
+/// Appends a Welcome frame to `out`.
+pub fn encode_welcome(out: &mut Vec<u8>) {
+    encode_small(FrameKind::Welcome, &[], out);
+}
+
+/// Appends a Reject frame to `out`; a reason over `MAX_REASON_BYTES` is cut at a char boundary.
+pub fn encode_reject(reason: &str, out: &mut Vec<u8>) {
+    let mut end = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    encode_small(FrameKind::Reject, &reason.as_bytes()[..end], out);
+}
+
+/// A frame whose body is small and already bounded, so encoding cannot fail.
+fn encode_small(kind: FrameKind, body: &[u8], out: &mut Vec<u8>) {
+    let start = begin_frame(kind, out);
+    out.extend_from_slice(body);
+    // Cannot fail: every caller's body is at most MAX_REASON_BYTES.
+    let _ = finish_frame(out, start, usize::MAX);
+}
+
+/// A fresh random Challenge nonce.
+pub fn new_nonce() -> Result<[u8; AUTH_BYTES], getrandom::Error> {
+    let mut nonce = [0u8; AUTH_BYTES];
+    getrandom::getrandom(&mut nonce)?;
+    Ok(nonce)
+}
+
+fn auth_mac(
+    password: &str,
+    nonce: &[u8; AUTH_BYTES],
+    cluster_id: &str,
+    from: u64,
+    to: u64,
+) -> Hmac<Sha256> {
+    // HMAC takes keys of any length (an empty one included), so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(password.as_bytes())
+        .expect("HMAC accepts keys of any length");
+    mac.update(nonce);
+    mac.update(cluster_id.as_bytes());
+    mac.update(&from.to_le_bytes());
+    mac.update(&to.to_le_bytes());
+    mac
+}
+
+/// The Response tag proving knowledge of `password`: HMAC-SHA256 over the nonce and the
+/// connection's identity, so a tag cannot be replayed on another connection or direction.
+pub fn auth_tag(
+    password: &str,
+    nonce: &[u8; AUTH_BYTES],
+    cluster_id: &str,
+    from: u64,
+    to: u64,
+) -> [u8; AUTH_BYTES] {
+    auth_mac(password, nonce, cluster_id, from, to)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks a Response tag in constant time.
+pub fn verify_auth_tag(
+    password: &str,
+    nonce: &[u8; AUTH_BYTES],
+    cluster_id: &str,
+    from: u64,
+    to: u64,
+    tag: &[u8; AUTH_BYTES],
+) -> bool {
+    auth_mac(password, nonce, cluster_id, from, to)
+        .verify_slice(tag)
+        .is_ok()
 }
 
 fn begin_frame(kind: FrameKind, out: &mut Vec<u8>) -> usize {
@@ -226,6 +341,16 @@ impl FrameDecoder {
         let frame = match kind {
             FrameKind::Hello => Frame::Hello(decode_hello(body)?),
             FrameKind::Raft => Frame::Raft(Message::decode(body)?),
+            FrameKind::Challenge => Frame::Challenge(fixed(kind, body)?),
+            FrameKind::Response => Frame::Response(fixed(kind, body)?),
+            FrameKind::Welcome if body.is_empty() => Frame::Welcome,
+            FrameKind::Welcome => {
+                return Err(FrameError::BadBody {
+                    kind,
+                    why: "body must be empty",
+                })
+            }
+            FrameKind::Reject => Frame::Reject(decode_reason(body)?),
         };
         self.start += total;
         if self.start == self.buf.len() {
@@ -266,6 +391,26 @@ fn decode_hello(body: &[u8]) -> Result<Hello, FrameError> {
         from,
         to,
     })
+}
+
+fn fixed(kind: FrameKind, body: &[u8]) -> Result<[u8; AUTH_BYTES], FrameError> {
+    body.try_into().map_err(|_| FrameError::BadBody {
+        kind,
+        why: "body must be 32 bytes",
+    })
+}
+
+fn decode_reason(body: &[u8]) -> Result<String, FrameError> {
+    let bad = |why| FrameError::BadBody {
+        kind: FrameKind::Reject,
+        why,
+    };
+    if body.len() > MAX_REASON_BYTES {
+        return Err(bad("reason longer than 512 bytes"));
+    }
+    Ok(std::str::from_utf8(body)
+        .map_err(|_| bad("reason is not UTF-8"))?
+        .to_owned())
 }
 
 fn take<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], FrameError> {
@@ -439,13 +584,13 @@ mod tests {
     fn hello_of_another_version_is_rejected() {
         let mut buf = Vec::new();
         let mut h = hello();
-        h.version = 2;
+        h.version = 1;
         encode_hello(&h, &mut buf).unwrap();
         let mut dec = FrameDecoder::new(1 << 20);
         dec.push(&buf);
         assert!(matches!(
             dec.next_frame().unwrap_err(),
-            FrameError::UnsupportedVersion { found: 2 }
+            FrameError::UnsupportedVersion { found: 1 }
         ));
     }
 
@@ -475,6 +620,64 @@ mod tests {
         assert!(matches!(
             dec.next_frame().unwrap_err(),
             FrameError::BadMessage(_)
+        ));
+    }
+
+    #[test]
+    fn handshake_frames_roundtrip() {
+        let nonce = [7u8; AUTH_BYTES];
+        let tag = auth_tag("secret", &nonce, "cluster-a", 1, 2);
+        let mut buf = Vec::new();
+        encode_challenge(&nonce, &mut buf);
+        encode_response(&tag, &mut buf);
+        encode_welcome(&mut buf);
+        encode_reject("wrong or missing raft.cluster-password", &mut buf);
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&buf);
+        assert_eq!(dec.next_frame().unwrap(), Some(Frame::Challenge(nonce)));
+        assert_eq!(dec.next_frame().unwrap(), Some(Frame::Response(tag)));
+        assert_eq!(dec.next_frame().unwrap(), Some(Frame::Welcome));
+        assert_eq!(
+            dec.next_frame().unwrap(),
+            Some(Frame::Reject(
+                "wrong or missing raft.cluster-password".to_owned()
+            ))
+        );
+        assert_eq!(dec.next_frame().unwrap(), None);
+    }
+
+    #[test]
+    fn auth_tag_binds_password_nonce_and_identity() {
+        let nonce = [9u8; AUTH_BYTES];
+        let tag = auth_tag("secret", &nonce, "c", 1, 2);
+        assert!(verify_auth_tag("secret", &nonce, "c", 1, 2, &tag));
+        assert!(!verify_auth_tag("other", &nonce, "c", 1, 2, &tag));
+        assert!(!verify_auth_tag("", &nonce, "c", 1, 2, &tag));
+        assert!(!verify_auth_tag(
+            "secret",
+            &[8u8; AUTH_BYTES],
+            "c",
+            1,
+            2,
+            &tag
+        ));
+        assert!(!verify_auth_tag("secret", &nonce, "d", 1, 2, &tag));
+        assert!(!verify_auth_tag("secret", &nonce, "c", 2, 1, &tag));
+        assert_ne!(new_nonce().unwrap(), new_nonce().unwrap());
+    }
+
+    #[test]
+    fn challenge_of_wrong_length_is_rejected() {
+        let mut buf = Vec::new();
+        encode_small(FrameKind::Challenge, &[1, 2, 3], &mut buf);
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(&buf);
+        assert!(matches!(
+            dec.next_frame().unwrap_err(),
+            FrameError::BadBody {
+                kind: FrameKind::Challenge,
+                ..
+            }
         ));
     }
 }

@@ -4,11 +4,16 @@
 //! messages as one batch, so the node is woken once per read, not once per message. A batch is
 //! bounded by what one read completes: `READ_CHUNK_BYTES` plus the partial frame before it.
 //!
+//! The reader also answers the handshake: a valid Hello gets Welcome, or, with a cluster
+//! password set, a Challenge whose Response must verify before Welcome is sent (see frame.rs).
+//!
 //! Invariants: a connection forwards nothing before a valid Hello for this cluster and this
-//! node; any framing error closes that connection only; at most `MAX_INBOUND_CONNS` readers
+//! node, and, with a password set, nothing before a verified Response; any framing error
+//! closes that connection only; at most `MAX_INBOUND_CONNS` readers
 //! exist at once; every blocking call is bounded by a timeout so `stop` is seen promptly.
 
-use std::io::{self, Read};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +34,17 @@ const ACCEPT_POLL: Duration = Duration::from_millis(20);
 const READ_TIMEOUT: Duration = Duration::from_millis(100);
 /// A connection that has not sent a valid Hello by then is closed.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A challenged connection that has not answered by then is refused.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds each handshake write (the frames are tiny; only a stuck peer trips this).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer that keeps failing the password check is warned about at most this often; its
+/// reconnects in between log at debug level.
+const AUTH_WARN_EVERY: Duration = Duration::from_secs(60);
+/// Bound on the nodes remembered for `AUTH_WARN_EVERY` (ids come from the network).
+const AUTH_WARN_NODES_MAX: usize = 1024;
+/// Why an unauthenticated peer is refused, in our log and in the Reject it is sent.
+pub(crate) const AUTH_FAILED: &str = "wrong or missing raft.cluster-password";
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Bounds each attempt to hand a batch to the node, so readers notice `stop`.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(100);
@@ -53,6 +69,8 @@ pub(crate) struct Acceptor {
     pub(crate) inbound: Sender<Vec<Message>>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) conns: Arc<Mutex<Vec<InboundConn>>>,
+    /// When each node last had a failed password check warned about.
+    pub(crate) auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
 }
 
 impl Acceptor {
@@ -98,6 +116,7 @@ impl Acceptor {
             local: Arc::clone(&self.local),
             inbound: self.inbound.clone(),
             stop: Arc::clone(&self.stop),
+            auth_warned: Arc::clone(&self.auth_warned),
         };
         match std::thread::Builder::new()
             .name(format!("raft-bus-r{addr}"))
@@ -118,6 +137,7 @@ fn prepare(stream: &TcpStream) -> io::Result<TcpStream> {
     // Accepted sockets must block (with a timeout) whatever the listener's mode.
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     stream.set_nodelay(true)?;
     stream.try_clone()
 }
@@ -128,11 +148,25 @@ struct Reader {
     local: Arc<LocalIdentity>,
     inbound: Sender<Vec<Message>>,
     stop: Arc<AtomicBool>,
+    auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
+}
+
+/// Where a connection is in the handshake.
+enum Auth {
+    AwaitHello,
+    /// Challenged with `nonce` at `since`; waiting for the Response.
+    AwaitResponse {
+        nonce: [u8; frame::AUTH_BYTES],
+        since: Instant,
+    },
+    /// Welcomed: Raft messages are forwarded.
+    Open,
 }
 
 /// Per-connection state the frame handling updates.
 struct ConnState {
     hello: Option<Hello>,
+    auth: Auth,
     /// Messages dropped because their from/to does not match the Hello.
     misrouted: u64,
 }
@@ -151,6 +185,7 @@ impl Reader {
         let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         let mut conn = ConnState {
             hello: None,
+            auth: Auth::AwaitHello,
             misrouted: 0,
         };
         let accepted_at = Instant::now();
@@ -169,6 +204,15 @@ impl Reader {
                         tracing::warn!(peer = %addr,
                             "raft bus: closing connection from {addr}: no hello within {HELLO_TIMEOUT:?}");
                         return;
+                    }
+                    if let Auth::AwaitResponse { since, .. } = conn.auth {
+                        if since.elapsed() > AUTH_TIMEOUT {
+                            self.refuse(
+                                &conn,
+                                &format!("no response to the challenge within {AUTH_TIMEOUT:?}"),
+                            );
+                            return;
+                        }
                     }
                     continue;
                 }
@@ -223,17 +267,64 @@ impl Reader {
                             h.from, h.cluster_id);
                         return false;
                     }
-                    // -----------------------------------------------------------------------
-                    // AUTH HOOK (inbound). Not implemented yet, so the bus is NOT
-                    // authenticated. Here the acceptor will send an AuthChallenge frame
-                    // (kind 3, a fresh random nonce), wait (bounded) for the AuthResponse
-                    // (kind 4), check it against HMAC(cluster password, nonce || cluster_id
-                    // || from || to) in constant time, and close with a warning on failure.
-                    // Nothing may be forwarded before this succeeds.
-                    // -----------------------------------------------------------------------
-                    tracing::info!(peer = %addr, from = h.from,
-                        "raft bus: accepted connection from node {} at {addr}", h.from);
+                    let from = h.from;
                     conn.hello = Some(h);
+                    if self.local.password.is_empty() {
+                        if !self.send(conn, frame::encode_welcome) {
+                            return false;
+                        }
+                        conn.auth = Auth::Open;
+                        tracing::info!(peer = %addr, from,
+                            "raft bus: accepted connection from node {from} at {addr}");
+                        continue;
+                    }
+                    let nonce = match frame::new_nonce() {
+                        Ok(nonce) => nonce,
+                        Err(e) => {
+                            tracing::warn!(peer = %addr, from, error = %e,
+                                "raft bus: closing connection from {addr} (node {from}): no random nonce for the challenge: {e}");
+                            return false;
+                        }
+                    };
+                    if !self.send(conn, |out| frame::encode_challenge(&nonce, out)) {
+                        return false;
+                    }
+                    conn.auth = Auth::AwaitResponse {
+                        nonce,
+                        since: Instant::now(),
+                    };
+                }
+                Frame::Response(tag) => {
+                    let (Some(h), Auth::AwaitResponse { nonce, .. }) = (&conn.hello, &conn.auth)
+                    else {
+                        tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: unexpected response frame",
+                            describe(&conn.hello));
+                        return false;
+                    };
+                    let verified = frame::verify_auth_tag(
+                        &self.local.password,
+                        nonce,
+                        &self.local.cluster_id,
+                        h.from,
+                        self.local.node_id,
+                        &tag,
+                    );
+                    if !verified {
+                        self.refuse(conn, "response does not match");
+                        return false;
+                    }
+                    if !self.send(conn, frame::encode_welcome) {
+                        return false;
+                    }
+                    let from = h.from;
+                    conn.auth = Auth::Open;
+                    tracing::info!(peer = %addr, from,
+                        "raft bus: accepted connection from node {from} at {addr} (cluster password verified)");
+                }
+                Frame::Challenge(_) | Frame::Welcome | Frame::Reject(_) => {
+                    tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: unexpected handshake frame",
+                        describe(&conn.hello));
+                    return false;
                 }
                 Frame::Raft(msg) => {
                     let Some(h) = &conn.hello else {
@@ -241,6 +332,10 @@ impl Reader {
                             "raft bus: closing connection from {addr}: raft message before hello");
                         return false;
                     };
+                    if !matches!(conn.auth, Auth::Open) {
+                        self.refuse(conn, "raft message before the challenge was answered");
+                        return false;
+                    }
                     if msg.to != self.local.node_id || msg.from != h.from {
                         conn.misrouted += 1;
                         // Warn once per connection; a flood of these is one problem.
@@ -259,6 +354,49 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Writes one handshake frame built by `encode`. False (logged) when the write fails.
+    fn send(&self, conn: &ConnState, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let mut buf = Vec::new();
+        encode(&mut buf);
+        match (&self.stream).write_all(&buf) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(peer = %self.addr, error = %e,
+                    "raft bus: connection from {}{} failed during the handshake: {e}",
+                    self.addr, describe(&conn.hello));
+                false
+            }
+        }
+    }
+
+    /// A failed password check: warn (rate-limited per node) and tell the peer why, so its
+    /// own log says so too. The caller then closes the connection.
+    fn refuse(&self, conn: &ConnState, detail: &str) {
+        let addr = self.addr;
+        let from = conn.hello.as_ref().map_or(0, |h| h.from);
+        let warn = {
+            let mut warned = lock(&self.auth_warned);
+            let due = warned
+                .get(&from)
+                .is_none_or(|at| at.elapsed() >= AUTH_WARN_EVERY);
+            if due {
+                if warned.len() >= AUTH_WARN_NODES_MAX {
+                    warned.clear();
+                }
+                warned.insert(from, Instant::now());
+            }
+            due
+        };
+        if warn {
+            tracing::warn!(peer = %addr, from,
+                "raft bus: refusing connection from node {from} at {addr}: {AUTH_FAILED} ({detail})");
+        } else {
+            tracing::debug!(peer = %addr, from,
+                "raft bus: refusing connection from node {from} at {addr}: {AUTH_FAILED} ({detail})");
+        }
+        self.send(conn, |out| frame::encode_reject(AUTH_FAILED, out));
     }
 
     /// Hands a batch to the node, waiting while its channel is full (back-pressure onto TCP).

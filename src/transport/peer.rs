@@ -2,7 +2,7 @@
 //!
 //! Each queue item is a batch: all the messages one `Transport::send` call had for this peer, so
 //! a call wakes the writer once, not once per message. The writer connects, sends its Hello,
-//! then drains the queued batches into one buffer per socket write. On any error it closes the
+//! waits for the acceptor's Welcome (answering a password Challenge first if asked), then drains the queued batches into one buffer per socket write. On any error it closes the
 //! socket and reconnects with exponential backoff.
 //!
 //! Invariant: only the writer thread reads from the queue, and it reads only while connected, so
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use raft::eraftpb::Message;
 
-use super::frame::{self, Hello};
+use super::frame::{self, Frame, FrameDecoder, Hello};
 use super::{lock, LocalIdentity, PeerState, PeerStatus};
 
 /// Messages a peer may have waiting; beyond this `send` drops (Raft retransmits). Counted in
@@ -28,6 +28,10 @@ pub(crate) const QUEUE_MSGS_MAX: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A write that makes no progress for this long means the peer is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// From the Hello to the acceptor's Welcome (or Reject), challenge round included.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshake frames are tiny; anything larger is not a well-behaved acceptor.
+const HANDSHAKE_FRAME_BYTES_MAX: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// One socket write carries at most this much (a single larger message still goes alone).
@@ -234,6 +238,9 @@ impl Writer {
         let shared = Arc::clone(&self.shared);
         let mut backoff = BACKOFF_MIN;
         let mut failures_in_row: u64 = 0;
+        // What the last failed attempt ran into, so a new cause (say, the peer came up but
+        // refuses our password) is warned about even in the middle of an outage.
+        let mut last_failure: Option<io::ErrorKind> = None;
         while !shared.stopping() {
             let generation = shared.addr_generation.load(Ordering::Acquire);
             let addr = lock(&shared.addr).clone();
@@ -248,6 +255,7 @@ impl Writer {
                     }
                     backoff = BACKOFF_MIN;
                     failures_in_row = 0;
+                    last_failure = None;
                     tracing::info!(peer_id = shared.id, peer = %addr, "raft bus: connected to node {} at {addr}", shared.id);
                     let end = self.pump(stream, generation);
                     shared.close_conn();
@@ -266,8 +274,12 @@ impl Writer {
                     shared.conn_errors.fetch_add(1, Ordering::Relaxed);
                     shared.set_state(PeerState::ConnectError);
                     failures_in_row += 1;
-                    // One warning per outage; the retries that follow are debug noise.
-                    if failures_in_row == 1 {
+                    // One warning per outage and cause; the retries that follow are debug noise.
+                    let new_cause = last_failure.replace(e.kind()) != Some(e.kind());
+                    if new_cause && e.kind() == io::ErrorKind::PermissionDenied {
+                        tracing::warn!(peer_id = shared.id, peer = %addr, error = %e,
+                            "raft bus: node {} at {addr} {e}; retrying with backoff", shared.id);
+                    } else if new_cause {
                         tracing::warn!(peer_id = shared.id, peer = %addr, error = %e,
                             "raft bus: cannot connect to node {} at {addr}: {e}; retrying with backoff", shared.id);
                     } else {
@@ -331,14 +343,87 @@ impl Writer {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut writer = stream;
         writer.write_all(&self.buf)?;
-        // ---------------------------------------------------------------------------------
-        // AUTH HOOK (outbound). Not implemented yet, so the bus is NOT authenticated.
-        // Here the connecting side will answer the acceptor's challenge: read an AuthChallenge
-        // frame (kind 3, a random nonce), reply with an AuthResponse frame (kind 4) carrying
-        // HMAC(cluster password, nonce || cluster_id || from || to), and fail this connect on
-        // a mismatch or timeout. The password never goes on the wire.
-        // ---------------------------------------------------------------------------------
-        Ok(())
+        self.await_welcome(stream)
+    }
+
+    /// Reads the acceptor's answer to the Hello: Welcome, or a Challenge to answer first.
+    /// Bounded by `HANDSHAKE_TIMEOUT`; a Reject becomes a `PermissionDenied` error.
+    fn await_welcome(&mut self, stream: &TcpStream) -> io::Result<()> {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut decoder = FrameDecoder::new(HANDSHAKE_FRAME_BYTES_MAX);
+        let mut chunk = [0u8; 256];
+        let mut answered = false;
+        let mut reader = stream;
+        let result = loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no answer to our hello within {HANDSHAKE_TIMEOUT:?}"),
+                        ));
+                    }
+                    stream.set_read_timeout(Some(left))?;
+                    match reader.read(&mut chunk) {
+                        Ok(0) => {
+                            break Err(io::Error::new(
+                                io::ErrorKind::ConnectionAborted,
+                                "closed by peer during the handshake",
+                            ))
+                        }
+                        Ok(n) => decoder.push(&chunk[..n]),
+                        // Timed out: the deadline check above reports it clearly.
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::Interrupted
+                                    | io::ErrorKind::WouldBlock
+                                    | io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) => break Err(e),
+                    }
+                    if self.shared.stopping() {
+                        break Err(io::Error::new(io::ErrorKind::Interrupted, "shutting down"));
+                    }
+                    continue;
+                }
+                Err(e) => break Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            };
+            match frame {
+                Frame::Welcome => break Ok(()),
+                Frame::Challenge(nonce) if !answered => {
+                    answered = true;
+                    let tag = frame::auth_tag(
+                        &self.local.password,
+                        &nonce,
+                        &self.local.cluster_id,
+                        self.local.node_id,
+                        self.shared.id,
+                    );
+                    self.buf.clear();
+                    frame::encode_response(&tag, &mut self.buf);
+                    let mut writer = stream;
+                    writer.write_all(&self.buf)?;
+                }
+                Frame::Reject(reason) => {
+                    break Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("refused us: {reason}"),
+                    ))
+                }
+                other => {
+                    break Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unexpected {} during the handshake", frame_name(&other)),
+                    ))
+                }
+            }
+        };
+        // Back to plain blocking reads: the idle check uses non-blocking reads of its own.
+        stream.set_read_timeout(None)?;
+        result
     }
 
     /// Sends queued messages until an error, a stop, or an address change.
@@ -428,7 +513,18 @@ impl Writer {
     }
 }
 
-/// The peer never sends on this connection, so readable-with-EOF means it closed.
+fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "hello",
+        Frame::Raft(_) => "raft message",
+        Frame::Challenge(_) => "second challenge",
+        Frame::Response(_) => "response",
+        Frame::Welcome => "welcome",
+        Frame::Reject(_) => "reject",
+    }
+}
+
+/// After the handshake the peer never sends on this connection, so readable-with-EOF means it closed.
 fn peer_closed(stream: &mut TcpStream) -> io::Result<()> {
     stream.set_nonblocking(true)?;
     let mut byte = [0u8; 1];

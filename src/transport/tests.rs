@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 
-use super::frame::{self, FrameKind, Hello, HEADER_BYTES, MAGIC, PROTOCOL_VERSION};
+use super::frame::{
+    self, Frame, FrameDecoder, FrameKind, Hello, HEADER_BYTES, MAGIC, PROTOCOL_VERSION,
+};
 use super::*;
 
 const CLUSTER: &str = "test-cluster";
@@ -59,14 +61,22 @@ fn any_port() -> SocketAddr {
 }
 
 fn start_on(node_id: u64, listen: SocketAddr, max_frame_bytes: usize) -> (Transport, Inbox) {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let cfg = TransportConfig {
-        node_id,
-        cluster_id: CLUSTER.to_owned(),
-        listen,
+    start_cfg(TransportConfig {
         max_frame_bytes,
-    };
+        ..TransportConfig::new(node_id, CLUSTER, listen)
+    })
+}
+
+fn start_cfg(cfg: TransportConfig) -> (Transport, Inbox) {
+    let (tx, rx) = crossbeam_channel::unbounded();
     (Transport::start(cfg, tx).unwrap(), Inbox::new(rx))
+}
+
+fn start_with_password(node_id: u64, password: &str) -> (Transport, Inbox) {
+    start_cfg(TransportConfig {
+        password: password.to_owned(),
+        ..TransportConfig::new(node_id, CLUSTER, any_port())
+    })
 }
 
 fn start(node_id: u64) -> (Transport, Inbox) {
@@ -140,23 +150,65 @@ fn message_bytes(msg: &Message) -> Vec<u8> {
     buf
 }
 
-/// Asserts the other side closes `stream` promptly (EOF or reset, not a timeout).
-fn assert_closed_by_peer(mut stream: TcpStream, case: &str) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let mut buf = [0u8; 16];
-    match stream.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{case}: peer sent {n} unexpected bytes"),
-        Err(e) => assert!(
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-            ),
-            "{case}: connection not closed: {e}"
-        ),
+/// Asserts the other side closes `stream` within `timeout` (EOF or reset, not a timeout),
+/// having sent nothing but handshake answers (Welcome, Challenge, Reject), which it returns.
+fn closed_by_peer_within(mut stream: TcpStream, timeout: Duration, case: &str) -> Vec<Frame> {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut decoder = FrameDecoder::new(1024);
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                    ),
+                    "{case}: connection not closed: {e}"
+                );
+                break;
+            }
+        }
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            assert!(
+                matches!(
+                    frame,
+                    Frame::Welcome | Frame::Challenge(_) | Frame::Reject(_)
+                ),
+                "{case}: peer sent an unexpected {frame:?}"
+            );
+            frames.push(frame);
+        }
     }
+    frames
+}
+
+fn assert_closed_by_peer(stream: TcpStream, case: &str) {
+    closed_by_peer_within(stream, Duration::from_secs(3), case);
+}
+
+/// Reads frames from `stream` until `n` have arrived.
+fn read_frames(stream: &mut TcpStream, n: usize) -> Vec<Frame> {
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut decoder = FrameDecoder::new(1024);
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 256];
+    while frames.len() < n {
+        let got = stream.read(&mut buf).unwrap();
+        assert!(got > 0, "closed after {} of {n} frames", frames.len());
+        decoder.push(&buf[..got]);
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            frames.push(frame);
+        }
+    }
+    frames
+}
+
+fn refused_reason() -> Frame {
+    Frame::Reject(inbound::AUTH_FAILED.to_owned())
 }
 
 #[test]
@@ -486,4 +538,129 @@ fn shutdown_returns_promptly() {
     a.set_peer(4, "127.0.0.1:1");
     assert_eq!(a.peers(), vec![]);
     a.shutdown();
+}
+
+#[test]
+fn same_password_lets_messages_flow_both_ways() {
+    let (a, mut a_rx) = start_with_password(1, "s3cret");
+    let (b, mut b_rx) = start_with_password(2, "s3cret");
+    a.set_peer(2, &b.local_addr().to_string());
+    b.set_peer(1, &a.local_addr().to_string());
+    let to_b = append(1, 2, 10);
+    let to_a = append(2, 1, 20);
+    a.send(vec![to_b.clone()]);
+    b.send(vec![to_a.clone()]);
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), to_b);
+    assert_eq!(a_rx.recv_timeout(WAIT).unwrap(), to_a);
+    for (t, peer) in [(&a, 2), (&b, 1)] {
+        let status = peer_status(t, peer);
+        assert_eq!(status.state, PeerState::Connected);
+        assert_eq!(status.conn_oks, 1);
+        assert_eq!(status.conn_errors, 0);
+    }
+}
+
+#[test]
+fn wrong_password_is_refused_and_nothing_is_delivered() {
+    let (a, _a_rx) = start_with_password(1, "right");
+    let (b, mut b_rx) = start_with_password(2, "wrong");
+    b.set_peer(1, &a.local_addr().to_string());
+    a.set_peer(2, &b.local_addr().to_string());
+    a.send(vec![append(1, 2, 1)]);
+    assert!(wait_until(|| peer_status(&a, 2).conn_errors >= 2));
+    assert!(wait_until(|| peer_status(&b, 1).conn_errors >= 2));
+    for (t, peer) in [(&a, 2), (&b, 1)] {
+        let status = peer_status(t, peer);
+        assert_ne!(status.state, PeerState::Connected, "{status:?}");
+        assert_eq!(status.conn_oks, 0, "{status:?}");
+        assert_eq!(status.last_conn_secs, 0, "{status:?}");
+    }
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn password_on_the_acceptor_only_is_refused() {
+    let (a, _a_rx) = start(1);
+    let (b, mut b_rx) = start_with_password(2, "s3cret");
+    a.set_peer(2, &b.local_addr().to_string());
+    a.send(vec![append(1, 2, 1)]);
+    assert!(wait_until(|| peer_status(&a, 2).conn_errors >= 2));
+    let status = peer_status(&a, 2);
+    assert_eq!(status.conn_oks, 0, "{status:?}");
+    assert_ne!(status.state, PeerState::Connected);
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+
+    // Each node guards its own listener: B (password set) may still talk to A (none).
+    b.set_peer(1, &a.local_addr().to_string());
+    wait_connected(&b, 1);
+}
+
+#[test]
+fn raw_peer_must_answer_the_challenge_before_its_messages_count() {
+    let (b, mut b_rx) = start_with_password(2, "s3cret");
+
+    // Right answer: Welcome, then messages are delivered.
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&hello_bytes(CLUSTER, 3, 2)).unwrap();
+    let Frame::Challenge(nonce) = read_frames(&mut raw, 1).remove(0) else {
+        panic!("no challenge");
+    };
+    let mut resp = Vec::new();
+    frame::encode_response(&frame::auth_tag("s3cret", &nonce, CLUSTER, 3, 2), &mut resp);
+    raw.write_all(&resp).unwrap();
+    assert_eq!(read_frames(&mut raw, 1), vec![Frame::Welcome]);
+    let msg = append(3, 2, 1);
+    raw.write_all(&message_bytes(&msg)).unwrap();
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), msg);
+
+    // A tag computed for another node id does not verify.
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&hello_bytes(CLUSTER, 4, 2)).unwrap();
+    let Frame::Challenge(nonce) = read_frames(&mut raw, 1).remove(0) else {
+        panic!("no challenge");
+    };
+    let mut resp = Vec::new();
+    frame::encode_response(&frame::auth_tag("s3cret", &nonce, CLUSTER, 3, 2), &mut resp);
+    raw.write_all(&resp).unwrap();
+    assert_eq!(
+        closed_by_peer_within(raw, WAIT, "tag for another node"),
+        vec![refused_reason()]
+    );
+
+    // Skipping the challenge: refused, the message is not delivered.
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&[hello_bytes(CLUSTER, 3, 2), message_bytes(&append(3, 2, 2))].concat())
+        .unwrap();
+    let frames = closed_by_peer_within(raw, WAIT, "message before the response");
+    assert!(matches!(frames[0], Frame::Challenge(_)), "{frames:?}");
+    assert_eq!(frames[1..], [refused_reason()]);
+
+    // Never answering: refused after the bounded wait.
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&hello_bytes(CLUSTER, 3, 2)).unwrap();
+    let frames = closed_by_peer_within(raw, Duration::from_secs(10), "no response");
+    assert!(matches!(frames[0], Frame::Challenge(_)), "{frames:?}");
+    assert_eq!(frames[1..], [refused_reason()]);
+
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn acceptor_without_password_welcomes_a_valid_hello() {
+    let (b, _b_rx) = start(2);
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&hello_bytes(CLUSTER, 3, 2)).unwrap();
+    assert_eq!(read_frames(&mut raw, 1), vec![Frame::Welcome]);
+}
+
+#[test]
+fn config_debug_hides_the_password() {
+    let cfg = TransportConfig {
+        password: "s3cret".into(),
+        ..TransportConfig::new(1, CLUSTER, any_port())
+    };
+    let shown = format!("{cfg:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("<set>"), "{shown}");
 }

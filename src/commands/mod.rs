@@ -181,10 +181,7 @@ extern "C" fn cluster_cmd(
         "CLUSTER",
         || api::reply_error(ctx, "ERR internal error (see the server log)"),
         || {
-            let args: Vec<Vec<u8>> = unsafe { api::args(argv, argc) }
-                .iter()
-                .map(|a| a.to_vec())
-                .collect();
+            let args = unsafe { api::owned_args(argv, argc) };
             let Some(m) = module() else {
                 return api::reply_error(ctx, "ERR redis-raft is not initialised");
             };
@@ -203,10 +200,7 @@ extern "C" fn info_cmd(
         "INFO",
         || api::reply_error(ctx, "ERR internal error (see the server log)"),
         || {
-            let args: Vec<Vec<u8>> = unsafe { api::args(argv, argc) }
-                .iter()
-                .map(|a| a.to_vec())
-                .collect();
+            let args = unsafe { api::owned_args(argv, argc) };
             cluster::info(ctx, args.get(1..).unwrap_or(&[]))
         },
     )

@@ -153,6 +153,14 @@ pub unsafe fn args<'a>(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<&'
         .collect()
 }
 
+/// argv of a command callback, copied.
+///
+/// # Safety
+/// As for `args`.
+pub unsafe fn owned_args(argv: *mut *mut RedisModuleString, argc: c_int) -> Vec<Vec<u8>> {
+    args(argv, argc).iter().map(|a| a.to_vec()).collect()
+}
+
 pub fn create_string(ctx: *mut RedisModuleCtx, b: &[u8]) -> *mut RedisModuleString {
     unsafe { rm!(RedisModule_CreateString)(ctx, b.as_ptr() as *const c_char, b.len()) }
 }

@@ -195,39 +195,7 @@ pub fn start_read(
     spec: Spec,
     resp3: bool,
 ) -> Option<(*mut RedisModuleBlockedClient, u64)> {
-    let bc = unsafe {
-        rm!(RedisModule_BlockClient)(
-            ctx,
-            Some(super::reply_blocked),
-            Some(on_timeout),
-            Some(super::free_reply),
-            spec.timeout_ms,
-        )
-    };
-    if bc.is_null() {
-        return None;
-    }
-    unsafe { rm!(RedisModule_SetDisconnectCallback)(bc, Some(on_disconnect)) };
-    let st = STATE.get_mut();
-    st.next += 1;
-    let id = st.next;
-    st.by_bc.insert(bc as usize, id);
-    st.waiters.insert(
-        id,
-        Waiter {
-            read: true,
-            bc,
-            db,
-            argv: argv.to_vec(),
-            keys: spec.keys,
-            resp3,
-            null: spec.null,
-            // In its read round: not released until the read path is done with it.
-            in_flight: true,
-            gone: false,
-        },
-    );
-    Some((bc, id))
+    block(ctx, db, argv, spec, resp3, true)
 }
 
 /// What the read path does after a run of XREAD BLOCK waiter `id`.
@@ -307,6 +275,26 @@ pub fn start(
     spec: Spec,
     resp3: bool,
 ) -> Option<Proposal> {
+    let (bc, id) = block(ctx, db, &argv, spec, resp3, false)?;
+    Some(Proposal::Attempt {
+        waiter: id,
+        bc,
+        db,
+        argv,
+        resp3,
+    })
+}
+
+/// Blocks the client with Redis's timeout and disconnect handling, and registers its waiter
+/// (in flight: its first attempt, or its read round, is under way).
+fn block(
+    ctx: *mut RedisModuleCtx,
+    db: i32,
+    argv: &[Vec<u8>],
+    spec: Spec,
+    resp3: bool,
+    read: bool,
+) -> Option<(*mut RedisModuleBlockedClient, u64)> {
     let bc = unsafe {
         rm!(RedisModule_BlockClient)(
             ctx,
@@ -327,10 +315,10 @@ pub fn start(
     st.waiters.insert(
         id,
         Waiter {
-            read: false,
+            read,
             bc,
             db,
-            argv: argv.clone(),
+            argv: argv.to_vec(),
             keys: spec.keys,
             resp3,
             null: spec.null,
@@ -338,13 +326,7 @@ pub fn start(
             gone: false,
         },
     );
-    Some(Proposal::Attempt {
-        waiter: id,
-        bc,
-        db,
-        argv,
-        resp3,
-    })
+    Some((bc, id))
 }
 
 fn is_null(r: *mut RedisModuleCallReply) -> bool {

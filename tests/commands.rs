@@ -154,7 +154,17 @@ fn select_and_databases_work_on_every_node() {
         .query(&mut con)
         .unwrap();
     let r: Vec<Value> = redis::cmd("EXEC").query(&mut con).unwrap();
-    assert_eq!(r, vec![Value::Okay, Value::Okay]);
+    // SELECT is queued as in Redis: its OK is in EXEC's array, and it sticks afterwards.
+    assert_eq!(r, vec![Value::Okay, Value::Okay, Value::Okay]);
+    let v: String = redis::cmd("GET").arg("t").query(&mut con).unwrap();
+    assert_eq!(v, "in9");
+    // A SELECT by another client while one is in MULTI still selects for that client.
+    let mut other = c.conn(l).unwrap();
+    let _: String = redis::cmd("MULTI").query(&mut con).unwrap();
+    let _: () = redis::cmd("SELECT").arg(5).query(&mut other).unwrap();
+    let v: String = redis::cmd("GET").arg("t").query(&mut other).unwrap();
+    assert_eq!(v, "in5");
+    let _: () = redis::cmd("DISCARD").query(&mut con).unwrap();
     c.wait_applied_everywhere(Duration::from_secs(10));
     for i in 0..3 {
         let mut n = c.conn(i).unwrap();

@@ -77,6 +77,9 @@ extern "C" fn raft_cmd(
             if class == Class::Transaction {
                 return multi::begin_or_misplaced(ctx, m, &cmd);
             }
+            if cmd[0].eq_ignore_ascii_case(b"select") {
+                return multi::select_now(ctx, &cmd);
+            }
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));
             }

@@ -5,10 +5,10 @@
 //! Node-local commands (PING, ECHO, CONFIG ...) are queued too: Redis 7.0's command filter
 //! cannot tell which client sent a command, so while any client is in MULTI the filter routes
 //! every node-local command here (but those that act on the connection itself, `CONN_STATE`,
-//! which run at once: SELECT, CLIENT, AUTH ...); for clients not in MULTI they simply run.
+//! which run at once: CLIENT, AUTH ...); for clients not in MULTI they simply run. SELECT is
+//! queued as in Redis: later commands carry its database, and EXEC's reply selects it.
 //! In the EXEC entry they run only on the node that took the transaction, so they stay
-//! node-local. Each queued command keeps the database selected when it was queued, so SELECT
-//! between commands still works.
+//! node-local.
 
 use std::collections::HashMap;
 use std::ffi::c_int;
@@ -16,12 +16,16 @@ use std::ffi::c_int;
 use crate::codec::LogCommand;
 use crate::redis::api::{self, rm, RedisModuleCtx};
 use crate::redis::classify::Class;
-use crate::redis::{admit, leader_rewrite, propose, redirect_error, watch, MainThread, Module};
+use crate::redis::{
+    admit, leader_rewrite, propose_then_select, redirect_error, watch, MainThread, Module,
+};
 
 /// A transaction being queued by one client.
 #[derive(Default)]
 struct Queued {
     cmds: Vec<(i32, Vec<Vec<u8>>)>,
+    /// The database a queued SELECT switched to: later commands run there.
+    db: Option<i32>,
     /// A command was refused at queue time: EXEC answers EXECABORT.
     failed: bool,
 }
@@ -35,7 +39,6 @@ const CONN_STATE: &[&str] = &[
     "auth",
     "hello",
     "client",
-    "select",
     "reset",
     "quit",
     "subscribe",
@@ -142,13 +145,43 @@ pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Cl
                 fail(id);
                 return api::reply_error(ctx, &e);
             }
-            let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
-            if let Some(q) = IN_MULTI.get_mut().get_mut(&id) {
-                q.cmds.push((db, cmd));
+            let Some(q) = IN_MULTI.get_mut().get_mut(&id) else {
+                return api::reply_error(ctx, "ERR EXEC without MULTI");
+            };
+            let mut db =
+                q.db.unwrap_or_else(|| unsafe { rm!(RedisModule_GetSelectedDb)(ctx) });
+            if name == b"select" {
+                // Later commands run in the new database; a bad index fails at EXEC.
+                db = parse_db(&cmd[1]).unwrap_or(-1);
+                q.db = Some(db);
             }
+            q.cmds.push((db, cmd));
             api::reply_simple(ctx, "QUEUED")
         }
     }
+}
+
+fn parse_db(a: &[u8]) -> Option<i32> {
+    std::str::from_utf8(a)
+        .ok()?
+        .parse::<i32>()
+        .ok()
+        .filter(|d| *d >= 0)
+}
+
+/// SELECT routed to RAFT while some client is in MULTI, from a client that is not: it must
+/// still select the database for this client, which RM_Call cannot.
+pub fn select_now(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
+    if cmd.len() != 2 {
+        return api::reply_error(ctx, "ERR wrong number of arguments for 'select' command");
+    }
+    let Some(db) = parse_db(&cmd[1]) else {
+        return api::reply_error(ctx, "ERR value is not an integer or out of range");
+    };
+    if unsafe { rm!(RedisModule_SelectDb)(ctx, db) } != api::OK {
+        return api::reply_error(ctx, "ERR DB index is out of range");
+    }
+    api::reply_simple(ctx, "OK")
 }
 
 fn fail(id: u64) {
@@ -182,7 +215,7 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
         .into_iter()
         .map(|(db, argv)| (db, leader_rewrite(argv)))
         .collect();
-    propose(
+    propose_then_select(
         ctx,
         m,
         node,
@@ -190,5 +223,6 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
             cmds,
             watch: watched,
         },
+        q.db,
     )
 }

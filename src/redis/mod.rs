@@ -66,6 +66,8 @@ impl<T: Default> MainThread<T> {
 struct Pending {
     bc: *mut RedisModuleBlockedClient,
     resp3: bool,
+    /// Select this database for the client after its reply (SELECT inside MULTI).
+    select_after: Option<i32>,
     /// A blocking command's attempt: its waiter (redis/blocking.rs).
     waiter: Option<u64>,
 }
@@ -73,8 +75,9 @@ struct Pending {
 /// What a blocked client is finally told.
 enum Reply {
     Call(*mut RedisModuleCallReply),
-    /// EXEC's array: one reply per queued command.
-    Multi(Vec<Part>),
+    /// EXEC's array: one reply per queued command; then select this database (SELECT was
+    /// queued in the transaction).
+    Multi(Vec<Part>, Option<i32>),
     /// EXEC of a transaction whose watched keys changed.
     NullArray,
     /// A status reply such as OK.
@@ -85,6 +88,7 @@ enum Reply {
 /// One element of EXEC's reply.
 enum Part {
     Call(*mut RedisModuleCallReply),
+    Status(&'static str),
     Error(String),
 }
 
@@ -424,6 +428,18 @@ pub fn leader_rewrite(argv: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 /// Replicates `cmd`: blocks the client until its entry is applied here, then replies with
 /// what applying it returned.
 pub fn propose(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, cmd: LogCommand) -> c_int {
+    propose_then_select(ctx, m, node, cmd, None)
+}
+
+/// `propose`, and once the client got its reply, select database `select_after` for it
+/// (a transaction that queued SELECT).
+pub fn propose_then_select(
+    ctx: *mut RedisModuleCtx,
+    m: &Module,
+    node: &Node,
+    cmd: LogCommand,
+    select_after: Option<i32>,
+) -> c_int {
     let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
     let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
     let data = encode_command(&cmd);
@@ -460,6 +476,7 @@ pub fn propose(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, cmd: LogComman
             bc,
             resp3,
             waiter: None,
+            select_after,
         },
     );
     st.batch.push((tag, data));
@@ -489,6 +506,7 @@ fn enqueue_blocking(m: &Module, node: &Node, p: blocking::Proposal) {
                 Pending {
                     bc,
                     resp3,
+                    select_after: None,
                     waiter: Some(waiter),
                 },
             );
@@ -735,10 +753,14 @@ extern "C" fn reply_blocked(
                     rm!(RedisModule_ReplyWithCallReply)(ctx, *r)
                 },
                 Reply::Call(_) => api::reply_error(ctx, "ERR the command could not be executed"),
-                Reply::Multi(parts) => {
+                Reply::Multi(parts, select_after) => {
                     unsafe {
                         rm!(RedisModule_ReplyWithArray)(ctx, parts.len() as std::ffi::c_long)
                     };
+                    if let Some(db) = select_after {
+                        // This context's client is the one that sent EXEC.
+                        unsafe { rm!(RedisModule_SelectDb)(ctx, *db) };
+                    }
                     for p in parts {
                         match p {
                             Part::Call(r) if !r.is_null() => unsafe {
@@ -746,6 +768,9 @@ extern "C" fn reply_blocked(
                             },
                             Part::Call(_) => {
                                 api::reply_error(ctx, "ERR the command could not be executed");
+                            }
+                            Part::Status(s) => {
+                                api::reply_simple(ctx, s);
                             }
                             Part::Error(e) => {
                                 api::reply_error(ctx, e);
@@ -769,7 +794,7 @@ extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
     let r = unsafe { Box::from_raw(p as *mut Reply) };
     match *r {
         Reply::Call(c) => api::free_call_reply(c),
-        Reply::Multi(parts) => parts.into_iter().for_each(Part::free),
+        Reply::Multi(parts, _) => parts.into_iter().for_each(Part::free),
         Reply::Error(_) | Reply::NullArray | Reply::Status(_) => {}
     }
 }
@@ -912,6 +937,10 @@ fn apply_transaction(
             if unsafe { rm!(RedisModule_SelectDb)(ctx, *db) } != api::OK {
                 return Part::Error("ERR DB index is out of range".into());
             }
+            // A queued SELECT: its database is already this entry's `db`.
+            if argv[0].eq_ignore_ascii_case(b"select") {
+                return Part::Status("OK");
+            }
             Part::Call(apply_call(ctx, argv, CallOpts { resp3 }))
         })
         .collect()
@@ -1037,7 +1066,7 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
                 watch::note_command(argv, e.index);
             }
             match pending {
-                Some(p) => unblock(p.bc, Reply::Multi(replies)),
+                Some(p) => unblock(p.bc, Reply::Multi(replies, p.select_after)),
                 None => replies.into_iter().for_each(Part::free),
             }
         }

@@ -369,10 +369,27 @@ fn info_raft_reports_role_indexes_and_peers() {
         .filter(|l| l.starts_with("raft_node0:") || l.starts_with("raft_node1:"))
         .collect();
     assert_eq!(peers.len(), 2, "{info}");
+    // From the same INFO snapshot as the peer lines.
+    let commit = info
+        .lines()
+        .find_map(|l| l.strip_prefix("raft_commit_index:"))
+        .unwrap()
+        .trim()
+        .to_string();
     for p in peers {
         assert!(p.contains("state=connected"), "{p}");
         assert!(p.contains("addr=127.0.0.1"), "{p}");
+        // The leader shows each follower's replication progress.
+        assert!(
+            p.contains(&format!("match_index={commit},")),
+            "{p} (commit {commit})"
+        );
     }
+    assert_eq!(
+        c.info_field(l, "raft_voters").unwrap().split(',').count(),
+        3
+    );
+    assert_eq!(c.info_field(l, "raft_learners").as_deref(), Some(""));
     let commit = c.info_field(l, "raft_commit_index").unwrap();
     assert_eq!(c.info_field(l, "raft_last_applied_index").unwrap(), commit);
     let names: HashSet<String> = (0..3)

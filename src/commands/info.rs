@@ -95,6 +95,14 @@ fn fill(i: &Info) {
     i.num("current_term", st.term);
     i.num("num_nodes", (st.voters.len() + st.learners.len()) as u64);
     i.num("num_voting_nodes", st.voters.len() as u64);
+    let ids = |v: &[u64]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    i.str("voters", &ids(&st.voters));
+    i.str("learners", &ids(&st.learners));
     if let Some(f) = &st.failure {
         i.str("failure", f);
     }
@@ -105,13 +113,14 @@ fn fill(i: &Info) {
             continue;
         }
         let p = peers.iter().find(|p| p.id == mem.id);
+        let progress = st.progress.iter().find(|x| x.0 == mem.id);
         let (host, port) = mem
             .redis_addr
             .rsplit_once(':')
             .map(|(h, p)| (h.to_string(), p.to_string()))
             .unwrap_or_default();
         let v = format!(
-            "id={},name={},state={},voting={},addr={},port={},bus_addr={},last_conn_secs={},conn_errors={},conn_oks={}",
+            "id={},name={},state={},voting={},addr={},port={},bus_addr={},last_conn_secs={},conn_errors={},conn_oks={},match_index={},next_index={}",
             mem.id,
             mem.name,
             p.map(|p| peer_state_name(&p.state)).unwrap_or("disconnected"),
@@ -122,6 +131,8 @@ fn fill(i: &Info) {
             p.map(|p| p.last_conn_secs).unwrap_or(0),
             p.map(|p| p.conn_errors).unwrap_or(0),
             p.map(|p| p.conn_oks).unwrap_or(0),
+            progress.map(|x| x.1.to_string()).unwrap_or_else(|| "-".into()),
+            progress.map(|x| x.2.to_string()).unwrap_or_else(|| "-".into()),
         );
         i.str(&format!("node{n}"), &v);
         n += 1;

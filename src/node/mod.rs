@@ -779,6 +779,15 @@ impl RaftThread {
             last_index: r.raft_log.last_index(),
             voters: r.prs().conf().voters().ids().iter().collect(),
             learners: r.prs().conf().learners().iter().copied().collect(),
+            // Replication progress is known only to the leader.
+            progress: if r.state == StateRole::Leader {
+                r.prs()
+                    .iter()
+                    .map(|(id, p)| (*id, p.matched, p.next_idx))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             log: self.store.stats(),
             failure: None,
         };

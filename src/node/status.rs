@@ -50,6 +50,8 @@ pub struct NodeStatus {
     pub last_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// On the leader: (node id, matched index, next index) per node.
+    pub progress: Vec<(u64, u64, u64)>,
     pub log: LogStats,
     pub failure: Option<String>,
 }

@@ -9,7 +9,7 @@
 //! modified at the newest index forgotten (`floor`), which only ever aborts more, never less,
 //! and identically everywhere since it depends only on the applied entries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int};
 
 use super::api::{self, guard, rm, RedisModuleCtx, RedisModuleString};
@@ -23,7 +23,9 @@ pub type WatchedKey = (i32, Vec<u8>, u64);
 #[derive(Default)]
 struct Tracker {
     last: HashMap<(i32, Vec<u8>), u64>,
-    by_index: BTreeMap<u64, Vec<(i32, Vec<u8>)>>,
+    /// Every touch in index order; an entry is stale once `last` holds a newer index for
+    /// its key. Stale entries are skipped when forgetting and dropped when compacting.
+    log: VecDeque<(u64, (i32, Vec<u8>))>,
     /// Every key not in `last` counts as modified at this index.
     floor: u64,
     /// The entry being applied, while one is.
@@ -33,32 +35,30 @@ struct Tracker {
 impl Tracker {
     fn touch(&mut self, db: i32, key: &[u8], index: u64) {
         let k = (db, key.to_vec());
-        if let Some(old) = self.last.insert(k.clone(), index) {
-            if old == index {
-                return;
-            }
-            if let Some(v) = self.by_index.get_mut(&old) {
-                v.retain(|x| *x != k);
-                if v.is_empty() {
-                    self.by_index.remove(&old);
-                }
-            }
+        if self.last.insert(k.clone(), index) == Some(index) {
+            return;
         }
-        self.by_index.entry(index).or_default().push(k);
+        self.log.push_back((index, k));
+        // Forget the least recently modified keys, oldest first.
         while self.last.len() > TRACKED_KEYS_MAX {
-            let Some((idx, keys)) = self.by_index.pop_first() else {
+            let Some((idx, k)) = self.log.pop_front() else {
                 break;
             };
-            for k in keys {
+            if self.last.get(&k) == Some(&idx) {
                 self.last.remove(&k);
+                self.floor = self.floor.max(idx);
             }
-            self.floor = self.floor.max(idx);
+        }
+        // Bounded: drop stale entries once they outnumber the live ones.
+        if self.log.len() > 2 * TRACKED_KEYS_MAX {
+            let last = &self.last;
+            self.log.retain(|(idx, k)| last.get(k) == Some(idx));
         }
     }
 
     fn touch_all(&mut self, index: u64) {
         self.last.clear();
-        self.by_index.clear();
+        self.log.clear();
         self.floor = index;
     }
 
@@ -174,7 +174,7 @@ mod tests {
         assert!(!t.modified_after(0, b"b", 0), "never modified");
         t.touch(0, b"a", 9);
         assert!(t.modified_after(0, b"a", 5));
-        assert_eq!(t.by_index.get(&5), None);
+        assert_eq!(t.log.len(), 2, "one entry per touch until compaction");
         t.touch_all(12);
         assert!(t.modified_after(0, b"zzz", 11));
         assert!(!t.modified_after(0, b"zzz", 12));

@@ -51,13 +51,14 @@ pub fn cluster(ctx: *mut RedisModuleCtx, m: &Module, sub: &[Vec<u8>]) -> c_int {
     let leader = members.iter().find(|mb| mb.id == leader_id);
     match name.as_slice() {
         b"info" => {
+            let term = node.shared().status().term;
             let state = if leader.is_some() { "ok" } else { "fail" };
             let text = format!(
                 "cluster_enabled:1\r\ncluster_state:{state}\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:{}\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\ncluster_known_nodes:{}\r\ncluster_size:1\r\ncluster_current_epoch:{}\r\ncluster_my_epoch:{}\r\n",
                 if leader.is_some() { 16384 } else { 0 },
                 members.len(),
-                node.shared().status().term,
-                node.shared().status().term,
+                term,
+                term,
             );
             api::reply_bulk(ctx, text.as_bytes())
         }

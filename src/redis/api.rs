@@ -89,7 +89,12 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_ACLCheckCommandPermissions,
         RedisModule_GetUsedMemoryRatio,
         RedisModule_SubscribeToKeyspaceEvents,
-        RedisModule_ReplyWithNullArray
+        RedisModule_ReplyWithNullArray,
+        RedisModule_CallReplyInteger,
+        RedisModule_GetBlockedClientHandle,
+        RedisModule_InfoAddFieldLongLong,
+        RedisModule_ReplyWithNull,
+        RedisModule_SetDisconnectCallback
     );
     v
 }

@@ -398,8 +398,9 @@ pub fn touched(db: i32, key: &[u8]) {
     }
 }
 
-/// After a batch was applied on the leader: one new attempt per changed key that has a
-/// waiter with nothing in flight. Also releases gone waiters.
+/// After a batch was applied: for each changed key, every XREAD BLOCK waiter runs again
+/// (readers take nothing), and the first blocking-pop waiter with nothing in flight gets a
+/// new attempt (only leaders have those). Also releases gone waiters.
 pub fn retries() -> Vec<Proposal> {
     release_gone();
     let st = STATE.get_mut();
@@ -408,44 +409,36 @@ pub fn retries() -> Vec<Proposal> {
         let Some(q) = st.queues.get(&key) else {
             continue;
         };
-        // Readers take nothing: every one of them runs again.
-        let readers: Vec<u64> = q
-            .iter()
-            .copied()
-            .filter(|id| {
-                st.waiters
-                    .get(id)
-                    .is_some_and(|w| w.read && !w.in_flight && !w.gone)
-            })
-            .collect();
-        let next = q.iter().copied().find(|id| {
+        let idle = |id: &u64, read: bool| {
             st.waiters
                 .get(id)
-                .is_some_and(|w| !w.read && !w.in_flight && !w.gone)
-        });
-        for id in readers {
-            if let Some(w) = st.waiters.get_mut(&id) {
-                w.in_flight = true;
-                out.push(Proposal::Reread {
-                    waiter: id,
-                    bc: w.bc,
-                    db: w.db,
-                    argv: w.argv.clone(),
-                    resp3: w.resp3,
-                });
-            }
-        }
-        if let Some(id) = next {
-            if let Some(w) = st.waiters.get_mut(&id) {
-                w.in_flight = true;
-                out.push(Proposal::Attempt {
-                    waiter: id,
-                    bc: w.bc,
-                    db: w.db,
-                    argv: w.argv.clone(),
-                    resp3: w.resp3,
-                });
-            }
+                .is_some_and(|w| w.read == read && !w.in_flight && !w.gone)
+        };
+        let mut run: Vec<u64> = q.iter().copied().filter(|id| idle(id, true)).collect();
+        run.extend(q.iter().copied().find(|id| idle(id, false)));
+        for id in run {
+            let Some(w) = st.waiters.get_mut(&id) else {
+                continue;
+            };
+            w.in_flight = true;
+            let (waiter, bc, db, argv, resp3) = (id, w.bc, w.db, w.argv.clone(), w.resp3);
+            out.push(if w.read {
+                Proposal::Reread {
+                    waiter,
+                    bc,
+                    db,
+                    argv,
+                    resp3,
+                }
+            } else {
+                Proposal::Attempt {
+                    waiter,
+                    bc,
+                    db,
+                    argv,
+                    resp3,
+                }
+            });
         }
     }
     out

@@ -26,6 +26,98 @@ pub enum LogCommand {
     },
 }
 
+/// One member of the cluster: its raft id, name, and where clients and peers reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u64,
+    pub name: String,
+    /// Redis address, given to clients in -MOVED.
+    pub redis_addr: String,
+    /// Bus address peers connect to.
+    pub bus_addr: String,
+}
+
+/// What a membership change entry (raft-rs ConfChangeV2, in its `context`) means to us.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// One of the entries every new cluster starts with, one voter each (config-file
+    /// bootstrap or RAFT.CLUSTER INIT); the first names the cluster.
+    Bootstrap { cluster_id: String, member: Member },
+    /// RAFT.NODE ADD: the node joins as a learner.
+    Add { member: Member },
+    /// A learner that caught up becomes a voter.
+    Promote { id: u64 },
+    /// RAFT.NODE REMOVE.
+    Remove { id: u64 },
+}
+
+/// The cluster's members as the committed log defines them, and every id ever used.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberBook {
+    pub cluster_id: String,
+    pub members: std::collections::BTreeMap<u64, Member>,
+    /// Ids are never reused: a removed node cannot come back under its old id.
+    pub used_ids: std::collections::BTreeSet<u64>,
+}
+
+impl MemberBook {
+    /// Applies a committed change (the same on every node, in log order).
+    pub fn apply(&mut self, change: &MemberChange) {
+        match change {
+            MemberChange::Bootstrap { cluster_id, member } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = cluster_id.clone();
+                }
+                self.used_ids.insert(member.id);
+                self.members.insert(member.id, member.clone());
+            }
+            MemberChange::Add { member } => {
+                self.used_ids.insert(member.id);
+                self.members.insert(member.id, member.clone());
+            }
+            MemberChange::Promote { .. } => {}
+            MemberChange::Remove { id } => {
+                self.members.remove(id);
+            }
+        }
+    }
+
+    /// True when `id` was a member and is no more.
+    pub fn was_removed(&self, id: u64) -> bool {
+        self.used_ids.contains(&id) && !self.members.contains_key(&id)
+    }
+}
+
+/// What a node's log stores about membership: the book, and which member the node is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMembership {
+    pub me: u64,
+    pub book: MemberBook,
+    /// Peers known before the log named any (a joining node's view of the cluster).
+    pub hints: Vec<Member>,
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(FORMAT_V1);
+    // Serializing in-memory vectors, maps and strings into a Vec cannot fail.
+    if let Err(e) = bincode::serialize_into(&mut out, v) {
+        unreachable!("bincode serialize into Vec failed: {e}");
+    }
+    out
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(data: &[u8]) -> Result<T, CodecError> {
+    let (&version, body) = data.split_first().ok_or(CodecError::Empty)?;
+    if version != FORMAT_V1 {
+        return Err(CodecError::Version(version));
+    }
+    use ::bincode::Options as _;
+    bincode::options_limited()
+        .deserialize(body)
+        .map_err(|e| CodecError::Decode(e.to_string()))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty payload")]
@@ -37,24 +129,11 @@ pub enum CodecError {
 }
 
 pub fn encode_command(cmd: &LogCommand) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
-    out.push(FORMAT_V1);
-    // Serializing an in-memory enum of vectors and strings into a Vec cannot fail.
-    if let Err(e) = bincode::serialize_into(&mut out, cmd) {
-        unreachable!("bincode serialize into Vec failed: {e}");
-    }
-    out
+    encode(cmd)
 }
 
 pub fn decode_command(data: &[u8]) -> Result<LogCommand, CodecError> {
-    let (&version, body) = data.split_first().ok_or(CodecError::Empty)?;
-    if version != FORMAT_V1 {
-        return Err(CodecError::Version(version));
-    }
-    use ::bincode::Options as _;
-    bincode::options_limited()
-        .deserialize(body)
-        .map_err(|e| CodecError::Decode(e.to_string()))
+    decode(data)
 }
 
 mod bincode {
@@ -135,6 +214,48 @@ mod tests {
             decode_command(&[1, 0, 0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255]),
             Err(CodecError::Decode(_))
         ));
+    }
+
+    #[test]
+    fn member_book_follows_changes_and_never_forgets_ids() {
+        let m = |id: u64| Member {
+            id,
+            name: format!("n{id}"),
+            redis_addr: format!("h:{id}"),
+            bus_addr: format!("h:1{id}"),
+        };
+        let changes = [
+            MemberChange::Bootstrap {
+                cluster_id: "c1".into(),
+                member: m(1),
+            },
+            MemberChange::Bootstrap {
+                cluster_id: "c1".into(),
+                member: m(2),
+            },
+            MemberChange::Add { member: m(3) },
+            MemberChange::Promote { id: 3 },
+            MemberChange::Remove { id: 1 },
+        ];
+        let mut book = MemberBook::default();
+        for c in &changes {
+            let bytes = encode(c);
+            book.apply(&decode::<MemberChange>(&bytes).unwrap());
+        }
+        assert_eq!(book.cluster_id, "c1");
+        assert_eq!(book.members.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+        assert!(book.was_removed(1));
+        assert!(!book.was_removed(2) && !book.was_removed(9));
+        let stored = StoredMembership {
+            me: 2,
+            book,
+            hints: Vec::new(),
+        };
+        assert_eq!(
+            decode::<StoredMembership>(&encode(&stored)).unwrap(),
+            stored
+        );
+        assert!(decode::<StoredMembership>(&[1, 0xff]).is_err());
     }
 
     #[test]

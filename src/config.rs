@@ -28,6 +28,8 @@ pub struct Options {
     pub ignored_commands: String,
     /// `raft.cluster-password`: shared secret peers prove on the bus; empty disables the check.
     pub cluster_password: String,
+    /// RAFT.CLUSTER JOIN gives up after this long (`raft.join-timeout`, RedisRaft's option).
+    pub join_timeout_ms: u64,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             follower_reads: false,
             ignored_commands: String::new(),
             cluster_password: String::new(),
+            join_timeout_ms: 120_000,
         }
     }
 }

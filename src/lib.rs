@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod commands;
 pub mod config;
+pub mod join;
 pub mod node;
 pub mod redis;
 pub mod storage;

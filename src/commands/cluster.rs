@@ -35,7 +35,7 @@ fn s(x: impl Into<String>) -> Value {
 
 /// `CLUSTER <subcommand>` (argv without CLUSTER itself).
 pub fn cluster(ctx: *mut RedisModuleCtx, m: &Module, sub: &[Vec<u8>]) -> c_int {
-    let Some(node) = &m.node else {
+    let Some(node) = m.node() else {
         return api::reply_error(ctx, "ERR This instance has cluster support disabled");
     };
     let Some(name) = sub.first() else {

@@ -47,21 +47,37 @@ fn fill(i: &Info) {
     let Some(m) = module() else { return };
     let opts = configs::options();
     i.section("general");
-    let Some(node) = &m.node else {
+    let Some(node) = m.node() else {
+        i.str("dbid", "");
         i.num("node_id", 0);
         i.str("node_name", &opts.node_id);
-        i.str("state", "uninitialized");
+        let state = if m.is_removed() {
+            "removed"
+        } else if super::membership::is_joining() {
+            "joining"
+        } else {
+            "uninitialized"
+        };
+        i.str("state", state);
         i.str("role", "(none)");
         return;
     };
     let sh = node.shared();
     let st = sh.status();
     let me = sh.node_id;
+    i.str("dbid", &sh.cluster_id());
     i.num("node_id", me);
-    i.str("node_name", &opts.node_id);
+    i.str(
+        "node_name",
+        &sh.member(me)
+            .map(|mb| mb.name)
+            .unwrap_or(opts.node_id.clone()),
+    );
     i.str(
         "state",
-        if st.failure.is_some() {
+        if sh.is_removed() {
+            "removed"
+        } else if st.failure.is_some() {
             "stopped"
         } else {
             "up"

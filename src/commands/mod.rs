@@ -6,6 +6,7 @@
 
 mod cluster;
 mod info;
+mod membership;
 pub mod multi;
 
 use std::ffi::{c_int, CStr};
@@ -44,7 +45,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    membership::register(ctx)
 }
 
 const CTX_MULTI: u32 = api::raw::REDISMODULE_CTX_FLAGS_MULTI;
@@ -83,8 +84,8 @@ extern "C" fn raft_cmd(
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));
             }
-            let Some(node) = &m.node else {
-                return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
+            let Some(node) = m.node() else {
+                return api::reply_error(ctx, &redirect_error(m));
             };
             let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
             if flags & (CTX_MULTI | CTX_LUA) != 0 {
@@ -152,8 +153,8 @@ extern "C" fn transfer_leader_cmd(
             let Some(m) = module() else {
                 return api::reply_error(ctx, "ERR redis-raft is not initialised");
             };
-            let Some(node) = &m.node else {
-                return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
+            let Some(node) = m.node() else {
+                return api::reply_error(ctx, &redirect_error(m));
             };
             let target = match args.get(1) {
                 None => 0,

@@ -93,7 +93,7 @@ pub fn begin_or_misplaced(ctx: *mut RedisModuleCtx, m: &Module, cmd: &[Vec<u8>])
         }
         b"watch" => {
             // WATCH is decided by the leader's log: it must be sent where EXEC will go.
-            let Some(node) = m.node.as_ref().filter(|n| n.shared().is_leader()) else {
+            let Some(node) = m.node().filter(|n| n.shared().is_leader()) else {
                 return api::reply_error(ctx, &redirect_error(m));
             };
             let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
@@ -204,8 +204,8 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
     if q.cmds.is_empty() && watched.is_empty() {
         return unsafe { rm!(RedisModule_ReplyWithArray)(ctx, 0) };
     }
-    let Some(node) = &m.node else {
-        return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
+    let Some(node) = m.node() else {
+        return api::reply_error(ctx, &redirect_error(m));
     };
     if !node.shared().is_leader() {
         return api::reply_error(ctx, &redirect_error(m));

@@ -16,12 +16,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+};
 use raft::prelude::ConfState;
 use raft::{RawNode, StateRole};
 use tracing::{error, info, warn};
 
-use crate::codec::{encode_command, LogCommand, ProposalTag};
+use crate::codec::{
+    decode, encode, encode_command, LogCommand, MemberBook, MemberChange, ProposalTag,
+    StoredMembership,
+};
 use crate::storage::LogStore;
 use crate::transport::{PeerStatus, Transport, TransportConfig};
 
@@ -34,21 +39,22 @@ pub const INBOUND_QUEUE_MAX: usize = 1024;
 /// Inputs handled per loop turn before the node produces a `Ready` (bounds latency).
 const DRAIN_MAX: usize = 8192;
 
-/// One member of the cluster as this node knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Member {
-    pub id: u64,
-    pub name: String,
-    /// Redis address, given to clients in -MOVED.
-    pub redis_addr: String,
-    /// Bus address peers connect to.
-    pub bus_addr: String,
-}
+pub use crate::codec::Member;
+
+/// How far (in entries) a learner may trail the commit index and still count as caught up,
+/// so that it is promoted to voter even while clients keep writing.
+const PROMOTE_SLACK_ENTRIES: u64 = 256;
 
 /// Everything the raft thread needs to start.
 pub struct NodeSpec {
     pub id: u64,
+    /// Where peers are, before the log says (raft.cluster-nodes, or what a join learned).
     pub members: Vec<Member>,
+    /// For a brand-new log: write the entries that make `members` the voters of a new
+    /// cluster (config-file bootstrap, RAFT.CLUSTER INIT). Otherwise a brand-new log waits
+    /// for a leader to add this node (RAFT.CLUSTER JOIN).
+    pub bootstrap: bool,
+    /// The cluster id for a brand-new log; a log that names its cluster keeps its own.
     pub cluster_id: String,
     pub bus_listen: SocketAddr,
     pub election_timeout_ms: u64,
@@ -81,6 +87,22 @@ pub enum ApplyItem {
     ReadFailed { rounds: Vec<u64> },
     /// How a leadership transfer ended (Err: RedisRaft's error text).
     TransferDone(Result<(), String>),
+    /// A membership change was refused before entering the log (RedisRaft's error text).
+    Refused { tag: ProposalTag, error: String },
+    /// This node applied its own removal from the cluster and stopped.
+    Removed,
+}
+
+/// A membership change an operator asked for (RAFT.NODE ADD / REMOVE).
+#[derive(Clone, Debug)]
+pub enum ChangeRequest {
+    /// Add a learner; id 0 lets the leader pick an unused id.
+    Add {
+        member: Member,
+    },
+    Remove {
+        id: u64,
+    },
 }
 
 /// One proposal: who is waiting for it, and the entry's payload.
@@ -92,6 +114,7 @@ enum Input {
     ReadIndex(u64),
     /// Hand leadership to this node (0: the most up-to-date follower).
     TransferLeader(u64),
+    ChangeMembership(ProposalTag, ChangeRequest),
     SetFsync(bool),
     Stop,
 }
@@ -109,6 +132,8 @@ pub struct Shared {
     apply_queue: Mutex<VecDeque<ApplyItem>>,
     status: Mutex<NodeStatus>,
     members: Mutex<HashMap<u64, Member>>,
+    cluster_id: Mutex<String>,
+    removed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,6 +171,16 @@ impl Shared {
 
     pub fn status(&self) -> NodeStatus {
         lock(&self.status).clone()
+    }
+
+    /// The cluster this node belongs to (RedisRaft's dbid).
+    pub fn cluster_id(&self) -> String {
+        lock(&self.cluster_id).clone()
+    }
+
+    /// True once this node was removed from the cluster (it no longer takes part).
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     pub fn member(&self, id: u64) -> Option<Member> {
@@ -189,6 +224,8 @@ pub enum NodeError {
     Raft(#[from] raft::Error),
     #[error("cannot start the raft thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Membership(String),
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -213,46 +250,33 @@ impl Node {
     /// Opens nothing itself: `store` is the already-opened log (so start-up errors about the
     /// log surface before any thread starts). Binds the bus and starts the raft thread.
     pub fn start(spec: NodeSpec, store: LogStore, waker: Waker) -> Result<Node, NodeError> {
-        let voters: Vec<u64> = spec.members.iter().map(|m| m.id).collect();
-        if store.is_empty() {
-            let cs = ConfState {
-                voters: voters.clone(),
-                ..Default::default()
-            };
-            store.initialize(cs)?;
-            store.sync()?;
-            info!(
-                "new raft log: bootstrapping a {}-node cluster from raft.cluster-nodes",
-                voters.len()
-            );
-        } else {
-            let cs = raft::Storage::initial_state(&store)?.conf_state;
-            let mut logged = cs.voters.clone();
-            logged.sort_unstable();
-            let mut configured = voters.clone();
-            configured.sort_unstable();
-            if logged != configured {
-                warn!(
-                    "raft.cluster-nodes lists voters {:?} but the log's committed membership is {:?}; following the log",
-                    configured, logged
-                );
-            }
-        }
+        let (book, book_index) = open_membership(&spec, &store)?;
+        let cluster_id = book.cluster_id.clone();
 
         let (in_tx, in_rx) = bounded(INBOUND_QUEUE_MAX);
         let transport = Arc::new(Transport::start(
             TransportConfig {
                 node_id: spec.id,
-                cluster_id: spec.cluster_id.clone(),
+                cluster_id: cluster_id.clone(),
                 listen: spec.bus_listen,
                 max_frame_bytes: 64 << 20,
                 password: spec.cluster_password.clone(),
             },
             in_tx,
         )?);
-        for m in &spec.members {
-            if m.id != spec.id {
+        // The log's members, and the configured ones it does not know (a joining node
+        // must answer its leader before its log names anyone).
+        let mut members: HashMap<u64, Member> =
+            spec.members.iter().map(|m| (m.id, m.clone())).collect();
+        members.extend(book.members.iter().map(|(id, m)| (*id, m.clone())));
+        for m in members.values() {
+            if m.id != spec.id && !book.was_removed(m.id) {
                 transport.set_peer(m.id, &m.bus_addr);
+            }
+        }
+        for id in &book.used_ids {
+            if book.was_removed(*id) {
+                transport.refuse_removed(*id);
             }
         }
 
@@ -280,8 +304,6 @@ impl Node {
         let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
         let raw = RawNode::new(&cfg, store.clone(), &logger)?;
 
-        let members: HashMap<u64, Member> =
-            spec.members.iter().map(|m| (m.id, m.clone())).collect();
         let shared = Arc::new(Shared {
             node_id: spec.id,
             is_leader: AtomicBool::new(false),
@@ -292,6 +314,8 @@ impl Node {
             apply_queue: Mutex::new(VecDeque::new()),
             status: Mutex::new(NodeStatus::default()),
             members: Mutex::new(members),
+            cluster_id: Mutex::new(cluster_id),
+            removed: AtomicBool::new(false),
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
@@ -309,6 +333,9 @@ impl Node {
             reads: HashMap::new(),
             read_timeout: Duration::from_millis(spec.election_timeout_ms),
             transfer: None,
+            book,
+            book_index,
+            leaving: None,
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -340,6 +367,20 @@ impl Node {
             Err(TrySendError::Full(Input::Propose(b))) => Err((ProposeError::Full, b)),
             Err(TrySendError::Disconnected(Input::Propose(b))) => Err((ProposeError::Stopped, b)),
             Err(_) => Err((ProposeError::Stopped, Vec::new())),
+        }
+    }
+
+    /// Asks the leader's raft thread for a membership change; a refusal comes back as
+    /// `Refused`, success as the committed entry (tagged with `tag`).
+    pub fn change_membership(
+        &self,
+        tag: ProposalTag,
+        req: ChangeRequest,
+    ) -> Result<(), ProposeError> {
+        match self.input.try_send(Input::ChangeMembership(tag, req)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Full),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
         }
     }
 
@@ -400,6 +441,155 @@ struct RaftThread {
     transfer: Option<(u64, Instant)>,
     /// Distinguishes this process's read rounds from a previous one's (see `read_ctx`).
     incarnation: u64,
+    /// The members as of `book_index` (the last configuration change applied).
+    book: MemberBook,
+    book_index: u64,
+    /// This node was removed: it stops at this instant (after handing over leadership).
+    leaving: Option<Instant>,
+}
+
+/// What a log says about membership, if it says anything (a log from before membership
+/// records, or a brand-new one, does not).
+pub fn stored_membership(store: &LogStore) -> Result<Option<StoredMembership>, NodeError> {
+    match store.membership() {
+        None => Ok(None),
+        Some((_, blob)) => decode(&blob).map(Some).map_err(|e| {
+            NodeError::Membership(format!(
+                "the membership record in {} cannot be decoded: {e}",
+                store.path().display()
+            ))
+        }),
+    }
+}
+
+/// Reads (or, for a brand-new bootstrapped log, writes) the membership a node starts with.
+fn open_membership(spec: &NodeSpec, store: &LogStore) -> Result<(MemberBook, u64), NodeError> {
+    let configured: Vec<u64> = {
+        let mut v: Vec<u64> = spec.members.iter().map(|m| m.id).collect();
+        v.sort_unstable();
+        v
+    };
+    if store.is_empty() {
+        if !spec.bootstrap {
+            info!("new raft log: waiting to be added to the cluster by its leader");
+            let stored = StoredMembership {
+                me: spec.id,
+                book: MemberBook {
+                    cluster_id: spec.cluster_id.clone(),
+                    ..Default::default()
+                },
+                hints: spec.members.clone(),
+            };
+            store.set_membership(0, &ConfState::default(), &encode(&stored))?;
+            store.sync()?;
+            return Ok((stored.book, 0));
+        }
+        let (entries, cs, book) = bootstrap_entries(&spec.cluster_id, &spec.members)?;
+        let n = entries.len() as u64;
+        let hs = raft::eraftpb::HardState {
+            term: 1,
+            vote: 0,
+            commit: n,
+        };
+        let stored = StoredMembership {
+            me: spec.id,
+            book,
+            hints: Vec::new(),
+        };
+        store.bootstrap(&entries, &hs, &cs, (n, &encode(&stored)))?;
+        store.sync()?;
+        info!(
+            "new raft log: bootstrapping cluster {:?} with {} voter(s)",
+            spec.cluster_id, n
+        );
+        return Ok((stored.book, n));
+    }
+    match store.membership() {
+        Some((index, blob)) => {
+            let stored: StoredMembership = decode(&blob).map_err(|e| {
+                NodeError::Membership(format!(
+                    "the membership record in {} cannot be decoded: {e}",
+                    store.path().display()
+                ))
+            })?;
+            let mut book = stored.book;
+            if book.members.is_empty() {
+                // Joined but not yet told anything: the hints are all we know.
+                book.cluster_id = if book.cluster_id.is_empty() {
+                    spec.cluster_id.clone()
+                } else {
+                    book.cluster_id
+                };
+            }
+            Ok((book, index))
+        }
+        None => {
+            // A log from before membership records: its members are the configured ones.
+            let cs = raft::Storage::initial_state(store)?.conf_state;
+            let mut logged = cs.voters.clone();
+            logged.sort_unstable();
+            if logged != configured {
+                warn!(
+                    "raft.cluster-nodes lists voters {:?} but the log's committed membership is {:?}; following the log",
+                    configured, logged
+                );
+            }
+            let mut book = MemberBook {
+                cluster_id: spec.cluster_id.clone(),
+                ..Default::default()
+            };
+            for m in &spec.members {
+                book.apply(&MemberChange::Bootstrap {
+                    cluster_id: spec.cluster_id.clone(),
+                    member: m.clone(),
+                });
+            }
+            Ok((book, 0))
+        }
+    }
+}
+
+/// The first entries of a new cluster: one committed configuration change per voter, in id
+/// order, identical on every node that bootstraps from the same member list. A node that
+/// joins later learns the founding members by applying them like any other entry.
+fn bootstrap_entries(
+    cluster_id: &str,
+    members: &[Member],
+) -> Result<(Vec<Entry>, ConfState, MemberBook), NodeError> {
+    let mut sorted = members.to_vec();
+    sorted.sort_by_key(|m| m.id);
+    let mut book = MemberBook::default();
+    let mut entries = Vec::with_capacity(sorted.len());
+    for (i, m) in sorted.iter().enumerate() {
+        let change = MemberChange::Bootstrap {
+            cluster_id: cluster_id.to_string(),
+            member: m.clone(),
+        };
+        book.apply(&change);
+        let cc = conf_change(ConfChangeType::AddNode, m.id, &change);
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChangeV2);
+        e.term = 1;
+        e.index = i as u64 + 1;
+        e.data = prost::Message::encode_to_vec(&cc);
+        entries.push(e);
+    }
+    let cs = ConfState {
+        voters: sorted.iter().map(|m| m.id).collect(),
+        ..Default::default()
+    };
+    Ok((entries, cs, book))
+}
+
+fn conf_change(ty: ConfChangeType, id: u64, change: &MemberChange) -> ConfChangeV2 {
+    let mut single = ConfChangeSingle::default();
+    single.set_change_type(ty);
+    single.node_id = id;
+    ConfChangeV2 {
+        changes: vec![single],
+        context: encode(change),
+        ..Default::default()
+    }
 }
 
 /// A read round is asked this many times before its clients get -TIMEOUT.
@@ -496,7 +686,42 @@ impl RaftThread {
             }
             self.track_leadership();
             self.track_transfer();
+            self.promote_learners();
             self.publish_status();
+            let told = self.leaving.is_none() && self.transport.told_removed();
+            if told {
+                warn!("a peer says this node was removed from the cluster; it stops taking part in it");
+            }
+            if told {
+                // Remember it across restarts, as if this node had applied its removal.
+                self.book.members.remove(&self.shared.node_id);
+                self.book.used_ids.insert(self.shared.node_id);
+                let stored = StoredMembership {
+                    me: self.shared.node_id,
+                    book: self.book.clone(),
+                    hints: Vec::new(),
+                };
+                let cs = self.node.raft.prs().conf().to_conf_state();
+                let saved = self
+                    .store
+                    .set_membership(self.book_index, &cs, &encode(&stored))
+                    .and_then(|()| self.store.sync());
+                if let Err(e) = saved {
+                    error!("could not record this node's removal in the raft log: {e}");
+                }
+            }
+            if told || self.leaving.is_some_and(|at| Instant::now() >= at) {
+                self.shared.removed.store(true, Ordering::Release);
+                self.shared.is_leader.store(false, Ordering::Release);
+                {
+                    let mut st = lock(&self.shared.status);
+                    st.failure = Some("this node was removed from the cluster".into());
+                    st.role = Role::Stopped;
+                }
+                self.shared.push(ApplyItem::Removed, &self.waker);
+                self.transport.shutdown();
+                return;
+            }
         }
     }
 
@@ -523,12 +748,202 @@ impl RaftThread {
                 self.start_transfer(target);
                 false
             }
+            Input::ChangeMembership(tag, req) => {
+                if let Err(error) = self.change_membership(tag, req) {
+                    self.shared
+                        .push(ApplyItem::Refused { tag, error }, &self.waker);
+                }
+                false
+            }
             Input::SetFsync(on) => {
                 self.store.set_fsync(on);
                 false
             }
             Input::Stop => true,
         }
+    }
+
+    /// Proposes an operator's membership change, or says why not (RedisRaft's errors).
+    fn change_membership(&mut self, tag: ProposalTag, req: ChangeRequest) -> Result<(), String> {
+        if self.node.raft.state != StateRole::Leader {
+            return Err(match self.shared.member(self.node.raft.leader_id) {
+                Some(l) if self.node.raft.leader_id != self.shared.node_id => {
+                    format!("MOVED 0 {}", l.redis_addr)
+                }
+                _ => "CLUSTERDOWN No raft leader".into(),
+            });
+        }
+        if self.node.raft.has_pending_conf() {
+            return Err(
+                "ERR one voting change only: a membership change is in progress; retry once it is committed"
+                    .into(),
+            );
+        }
+        let (ty, id, change) = match req {
+            ChangeRequest::Add { mut member } => {
+                if member.id == 0 {
+                    member.id = self.unused_id();
+                }
+                if self.book.used_ids.contains(&member.id) {
+                    return Err("ERR node id has already been used in this cluster".into());
+                }
+                if member.name.is_empty() {
+                    member.name = member.id.to_string();
+                }
+                if let Some(m) = self.book.members.values().find(|m| m.name == member.name) {
+                    return Err(format!(
+                        "ERR node name '{}' is already taken by node {}",
+                        member.name, m.id
+                    ));
+                }
+                (
+                    ConfChangeType::AddLearnerNode,
+                    member.id,
+                    MemberChange::Add { member },
+                )
+            }
+            ChangeRequest::Remove { id } => {
+                if !self.book.members.contains_key(&id) {
+                    return Err("ERR node id does not exist".into());
+                }
+                let voters = self.node.raft.prs().conf().voters().ids();
+                if voters.contains(id) && voters.len() == 1 {
+                    return Err("ERR cannot remove the last voting node".into());
+                }
+                (ConfChangeType::RemoveNode, id, MemberChange::Remove { id })
+            }
+        };
+        info!("proposing membership change: {change:?}");
+        self.node
+            .propose_conf_change(tag.encode(), conf_change(ty, id, &change))
+            .map_err(|e| format!("ERR {e}"))
+    }
+
+    /// A random 31-bit id no member ever had (RedisRaft's id 0: "pick one for me").
+    fn unused_id(&self) -> u64 {
+        let mut x = self.incarnation ^ self.node.raft.raft_log.last_index().rotate_left(17);
+        loop {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = x & 0x7fff_ffff;
+            if id != 0 && !self.book.used_ids.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// The leader promotes one caught-up learner at a time to voter.
+    fn promote_learners(&mut self) {
+        let r = &self.node.raft;
+        if r.state != StateRole::Leader || r.has_pending_conf() || self.leaving.is_some() {
+            return;
+        }
+        let committed = r.raft_log.committed;
+        let ready = r.prs().conf().learners().iter().copied().find(|id| {
+            r.prs()
+                .get(*id)
+                .is_some_and(|p| p.matched + PROMOTE_SLACK_ENTRIES >= committed && p.matched > 0)
+        });
+        let Some(id) = ready else { return };
+        let change = MemberChange::Promote { id };
+        info!("node {id} caught up (learner); proposing it as a voter");
+        let tag = ProposalTag {
+            node_id: self.shared.node_id,
+            incarnation: 0,
+            request: 0,
+        };
+        if let Err(e) = self.node.propose_conf_change(
+            tag.encode(),
+            conf_change(ConfChangeType::AddNode, id, &change),
+        ) {
+            warn!("could not propose node {id} as a voter: {e}");
+        }
+    }
+
+    /// Applies a committed membership change: raft-rs's configuration, the member book, the
+    /// transport's peers. Entries up to `book_index` are already in both (a restart).
+    fn apply_membership(&mut self, e: &Entry) -> Result<(), NodeError> {
+        if e.index <= self.book_index {
+            return Ok(());
+        }
+        let cc: ConfChangeV2 = prost::Message::decode(e.data.as_ref())
+            .map_err(|err| raft::Error::ConfChangeError(err.to_string()))?;
+        let cs = match self.node.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(err) => {
+                // Every node holds the same entry and refuses it the same way.
+                error!(
+                    "membership change at index {} refused by raft, skipped: {err}",
+                    e.index
+                );
+                return Ok(());
+            }
+        };
+        let change: Option<MemberChange> = match decode(&cc.context) {
+            Ok(c) => Some(c),
+            Err(err) => {
+                error!(
+                    "membership change at index {} has no readable member data: {err}",
+                    e.index
+                );
+                None
+            }
+        };
+        if let Some(change) = &change {
+            if self.book.members.is_empty() {
+                // The first change a joining node applies: its hints were only hints.
+                self.book.cluster_id.clear();
+            }
+            self.book.apply(change);
+            info!("membership change applied at index {}: {change:?}", e.index);
+        }
+        self.book_index = e.index;
+        let stored = StoredMembership {
+            me: self.shared.node_id,
+            book: self.book.clone(),
+            hints: Vec::new(),
+        };
+        self.store.set_membership(e.index, &cs, &encode(&stored))?;
+        match change {
+            Some(MemberChange::Bootstrap { member, .. }) | Some(MemberChange::Add { member }) => {
+                if member.id != self.shared.node_id {
+                    self.transport.set_peer(member.id, &member.bus_addr);
+                }
+                lock(&self.shared.members).insert(member.id, member);
+            }
+            Some(MemberChange::Remove { id }) => {
+                lock(&self.shared.members).remove(&id);
+                if id == self.shared.node_id {
+                    self.leave();
+                } else {
+                    self.transport.refuse_removed(id);
+                }
+            }
+            Some(MemberChange::Promote { .. }) | None => {}
+        }
+        Ok(())
+    }
+
+    /// This node was removed: hand leadership to the most up-to-date voter, let the commit
+    /// reach the others for a moment, then stop.
+    fn leave(&mut self) {
+        warn!("this node was removed from the cluster; it stops taking part in it");
+        if self.node.raft.state == StateRole::Leader {
+            let best = self
+                .node
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != self.shared.node_id)
+                .filter(|(id, _)| self.node.raft.prs().conf().voters().contains(**id))
+                .max_by_key(|(_, p)| p.matched)
+                .map(|(id, _)| *id);
+            if let Some(id) = best {
+                self.node.transfer_leader(id);
+            }
+        }
+        self.leaving = Some(Instant::now() + self.read_timeout);
     }
 
     fn start_transfer(&mut self, target: u64) {
@@ -694,21 +1109,16 @@ impl RaftThread {
             return Ok(());
         }
         for e in &entries {
-            let cs = match e.get_entry_type() {
+            match e.get_entry_type() {
                 EntryType::EntryConfChange => {
+                    // Never written by redis-raft; applied as raft-rs defines it.
                     let cc: ConfChange = prost::Message::decode(e.data.as_ref())
                         .map_err(|err| raft::Error::ConfChangeError(err.to_string()))?;
-                    Some(self.node.apply_conf_change(&cc)?)
+                    let cs = self.node.apply_conf_change(&cc)?;
+                    self.store.set_conf_state(&cs)?;
                 }
-                EntryType::EntryConfChangeV2 => {
-                    let cc: ConfChangeV2 = prost::Message::decode(e.data.as_ref())
-                        .map_err(|err| raft::Error::ConfChangeError(err.to_string()))?;
-                    Some(self.node.apply_conf_change(&cc)?)
-                }
-                EntryType::EntryNormal => None,
-            };
-            if let Some(cs) = cs {
-                self.store.set_conf_state(&cs)?;
+                EntryType::EntryConfChangeV2 => self.apply_membership(e)?,
+                EntryType::EntryNormal => {}
             }
         }
         self.shared.push(ApplyItem::Entries(entries), &self.waker);

@@ -68,6 +68,7 @@ impl TestCluster {
         let spec = NodeSpec {
             id: i as u64 + 1,
             members: self.members.clone(),
+            bootstrap: true,
             cluster_id: "test".into(),
             bus_listen: SocketAddr::from(([127, 0, 0, 1], self.ports[i])),
             election_timeout_ms: 300,
@@ -109,7 +110,9 @@ impl TestCluster {
                     ApplyItem::LeadershipLost
                     | ApplyItem::Stopped(_)
                     | ApplyItem::ReadFailed { .. }
-                    | ApplyItem::TransferDone(_) => {}
+                    | ApplyItem::TransferDone(_)
+                    | ApplyItem::Refused { .. }
+                    | ApplyItem::Removed => {}
                 }
             }
         }

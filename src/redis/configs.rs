@@ -58,6 +58,7 @@ fn key(name: &str) -> &'static str {
         "election-timeout" => "election-timeout",
         "heartbeat-interval" => "heartbeat-interval",
         "bus-port" => "bus-port",
+        "join-timeout" => "join-timeout",
         "log-fsync" => "log-fsync",
         "loglevel" => "loglevel",
         "read-mode" => "read-mode",
@@ -130,6 +131,7 @@ extern "C" fn get_numeric(name: *const c_char, _p: *mut c_void) -> c_longlong {
         "election-timeout" => o.election_timeout_ms as c_longlong,
         "heartbeat-interval" => o.heartbeat_interval_ms as c_longlong,
         "bus-port" => o.bus_port as c_longlong,
+        "join-timeout" => o.join_timeout_ms as c_longlong,
         _ => 0,
     })
 }
@@ -148,6 +150,7 @@ extern "C" fn set_numeric(
         "election-timeout" => o.election_timeout_ms = v,
         "heartbeat-interval" => o.heartbeat_interval_ms = v,
         "bus-port" => o.bus_port = v,
+        "join-timeout" => o.join_timeout_ms = v,
         _ => {}
     });
     api::OK
@@ -280,7 +283,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     }
     // Changing timing at runtime would need the raft thread to re-derive its ticks: refused
     // (immutable) until that is built.
-    let numerics: [(&CStr, u64, u32, i64, i64); 3] = [
+    let numerics: [(&CStr, u64, u32, i64, i64); 4] = [
         (
             c"election-timeout",
             d.election_timeout_ms,
@@ -296,6 +299,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
             3_600_000,
         ),
         (c"bus-port", 0, IMMUTABLE, 0, 65535),
+        (c"join-timeout", d.join_timeout_ms, DEFAULT, 1, 86_400_000),
     ];
     for (name, default, flags, min, max) in numerics {
         let r = unsafe {

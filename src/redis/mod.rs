@@ -82,6 +82,10 @@ enum Reply {
     NullArray,
     /// A status reply such as OK.
     Status(&'static str),
+    /// RAFT.NODE ADD's reply: the node id and the cluster id.
+    NodeAdded(u64, String),
+    /// A status reply built at run time (RAFT.CLUSTER INIT's `OK <cluster id>`).
+    Text(String),
     Error(String),
 }
 
@@ -102,10 +106,12 @@ impl Part {
 
 /// The module's process-wide state, set once at load.
 pub struct Module {
-    pub node: Option<Node>,
+    /// Set at load when the node belongs to a cluster, or later by RAFT.CLUSTER INIT/JOIN.
+    node: OnceLock<Node>,
+    /// This node's log says it was removed from its cluster: it serves no cluster commands.
+    removed_at_start: bool,
     /// `raft.read-mode`, fixed at start.
     pub read_mode: ReadMode,
-    pub bootstrap: Option<Bootstrap>,
     table: MainThread<CommandTable>,
     /// Context the apply path executes commands on (a detached thread-safe context, used
     /// only on the main thread).
@@ -183,68 +189,115 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ (u64::from(std::process::id()) << 32);
-    let node = match &bootstrap {
-        None => {
-            warn!("raft.cluster-nodes is empty: this node is not part of a cluster; writes are refused with NOCLUSTER");
-            None
-        }
-        Some(b) => {
+    let log_path = std::path::Path::new(&opts.log_filename);
+    let has_log = std::fs::metadata(log_path).is_ok_and(|md| md.len() > 0);
+    let mut removed_at_start = false;
+    let node = if bootstrap.is_some() || has_log {
+        let (store, recovery) =
+            LogStore::open(log_path, opts.log_fsync).map_err(|e| e.to_string())?;
+        info!("raft log {}: {:?}", opts.log_filename, recovery);
+        let stored = crate::node::stored_membership(&store).map_err(|e| e.to_string())?;
+        let configured = bootstrap.as_ref().map(|b| {
             let me = b.me();
-            let (store, recovery) =
-                LogStore::open(std::path::Path::new(&opts.log_filename), opts.log_fsync)
-                    .map_err(|e| e.to_string())?;
-            info!("raft log {}: {:?}", opts.log_filename, recovery);
-            let bus_port = if opts.bus_port != 0 {
-                opts.bus_port as u16
-            } else {
-                me.bus_port
-            };
-            let members = b
-                .nodes
-                .iter()
-                .map(|n| Member {
-                    id: n.raft_id(),
-                    name: n.name.clone(),
-                    redis_addr: if n.name == me.name && !opts.addr.is_empty() {
-                        opts.addr.clone()
-                    } else {
-                        n.redis_addr()
-                    },
-                    bus_addr: n.bus_addr(),
-                })
-                .collect();
             let mut names: Vec<&str> = b.nodes.iter().map(|n| n.name.as_str()).collect();
             names.sort_unstable();
-            let spec = NodeSpec {
+            StartSpec {
                 id: me.raft_id(),
-                members,
+                members: configured_members(b, &opts),
+                bootstrap: true,
                 cluster_id: format!("static:{}", names.join(",")),
-                bus_listen: bus_listen_addr(&me.host, bus_port),
-                election_timeout_ms: opts.election_timeout_ms,
-                heartbeat_interval_ms: opts.heartbeat_interval_ms,
-                advertise_addr: (!opts.addr.is_empty()).then(|| opts.addr.clone()),
-                lease_reads: opts.effective_read_mode() == ReadMode::Lease,
-                cluster_password: opts.cluster_password.clone(),
-            };
-            info!(
-                "starting raft node '{}' (id {}), bus on port {}, {} nodes",
-                me.name,
-                me.raft_id(),
-                bus_port,
-                b.nodes.len()
-            );
-            Some(Node::start(spec, store, waker()).map_err(|e| e.to_string())?)
+                bus_listen: bus_listen_addr(&me.host, bus_port_or(&opts, me.bus_port)),
+            }
+        });
+        match (configured, stored) {
+            (_, Some(st)) if st.book.was_removed(st.me) => {
+                warn!("this node (id {}) was removed from its raft cluster; it serves no cluster commands. To use it again, move {} aside and join with a new raft.node-id", st.me, opts.log_filename);
+                removed_at_start = true;
+                None
+            }
+            (configured, Some(st)) if st.me != 0 => {
+                // The log says who this node is and which cluster it belongs to.
+                if let Some(c) = configured.as_ref().filter(|c| c.id != st.me) {
+                    warn!("raft.node-id names node {} but the raft log belongs to node {}; following the log", c.id, st.me);
+                }
+                if let Some(c) = &configured {
+                    let mut listed: Vec<u64> = c.members.iter().map(|m| m.id).collect();
+                    listed.sort_unstable();
+                    let logged: Vec<u64> = st.book.members.keys().copied().collect();
+                    if listed != logged {
+                        let names = |ids: &[u64]| {
+                            ids.iter()
+                                .map(|id| {
+                                    st.book.members.get(id).map_or_else(
+                                        || {
+                                            c.members
+                                                .iter()
+                                                .find(|m| m.id == *id)
+                                                .map_or(id.to_string(), |m| m.name.clone())
+                                        },
+                                        |m| m.name.clone(),
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        };
+                        warn!(
+                            "raft.cluster-nodes lists [{}] but the log's committed membership is [{}]; following the log",
+                            names(&listed),
+                            names(&logged)
+                        );
+                    }
+                }
+                let me = st
+                    .book
+                    .members
+                    .get(&st.me)
+                    .or_else(|| st.hints.iter().find(|m| m.id == st.me))
+                    .cloned();
+                let (host, port) = me
+                    .as_ref()
+                    .and_then(|m| crate::config::parse_host_port(&m.bus_addr).ok())
+                    .unwrap_or_else(|| ("127.0.0.1".into(), 0));
+                let bus_listen = match &configured {
+                    Some(c) if c.id == st.me => c.bus_listen,
+                    _ => bus_listen_addr(&host, bus_port_or(&opts, port)),
+                };
+                let mut members = configured.map(|c| c.members).unwrap_or_default();
+                members.extend(st.hints.iter().cloned());
+                Some(start_node(
+                    &opts,
+                    store,
+                    StartSpec {
+                        id: st.me,
+                        members,
+                        bootstrap: false,
+                        cluster_id: st.book.cluster_id.clone(),
+                        bus_listen,
+                    },
+                )?)
+            }
+            (Some(c), _) => Some(start_node(&opts, store, c)?),
+            (None, _) => {
+                warn!("the raft log {} names no cluster and raft.cluster-nodes is empty: waiting for RAFT.CLUSTER INIT or JOIN", opts.log_filename);
+                None
+            }
         }
+    } else {
+        warn!("raft.cluster-nodes is empty and there is no raft log: this node is not part of a cluster until RAFT.CLUSTER INIT or RAFT.CLUSTER JOIN; data commands get NOCLUSTER");
+        None
     };
     let apply_ctx = unsafe { rm!(RedisModule_GetDetachedThreadSafeContext)(ctx) } as usize;
     let m = Module {
-        node,
+        node: OnceLock::new(),
+        removed_at_start,
         read_mode: opts.effective_read_mode(),
-        bootstrap,
         table: MainThread::new_lazy(),
         apply_ctx,
         incarnation,
     };
+    if let Some(n) = node {
+        let _ = m.node.set(n);
+    }
     *m.table.get_mut() = table;
     if MODULE.set(m).is_err() {
         return Err("module state already initialised".into());
@@ -256,9 +309,82 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
     Ok(())
 }
 
+/// `raft.bus-port` when set, else `default`.
+fn bus_port_or(opts: &crate::config::Options, default: u16) -> u16 {
+    if opts.bus_port != 0 {
+        opts.bus_port as u16
+    } else {
+        default
+    }
+}
+
+/// The members `raft.cluster-nodes` lists (this node with its `raft.addr`, if set).
+fn configured_members(b: &Bootstrap, opts: &crate::config::Options) -> Vec<Member> {
+    let me = b.me();
+    b.nodes
+        .iter()
+        .map(|n| Member {
+            id: n.raft_id(),
+            name: n.name.clone(),
+            redis_addr: if n.name == me.name && !opts.addr.is_empty() {
+                opts.addr.clone()
+            } else {
+                n.redis_addr()
+            },
+            bus_addr: n.bus_addr(),
+        })
+        .collect()
+}
+
+/// What differs between the ways a node starts (config file, restart, INIT, JOIN).
+pub struct StartSpec {
+    pub id: u64,
+    pub members: Vec<Member>,
+    pub bootstrap: bool,
+    pub cluster_id: String,
+    pub bus_listen: std::net::SocketAddr,
+}
+
+/// Starts the raft node over an opened log.
+pub fn start_node(
+    opts: &crate::config::Options,
+    store: LogStore,
+    s: StartSpec,
+) -> Result<Node, String> {
+    let spec = NodeSpec {
+        id: s.id,
+        members: s.members,
+        bootstrap: s.bootstrap,
+        cluster_id: s.cluster_id,
+        bus_listen: s.bus_listen,
+        election_timeout_ms: opts.election_timeout_ms,
+        heartbeat_interval_ms: opts.heartbeat_interval_ms,
+        advertise_addr: (!opts.addr.is_empty()).then(|| opts.addr.clone()),
+        lease_reads: opts.effective_read_mode() == ReadMode::Lease,
+        cluster_password: opts.cluster_password.clone(),
+    };
+    info!(
+        "starting raft node {} (cluster {:?}), bus on {}, {} known member(s)",
+        spec.id,
+        spec.cluster_id,
+        spec.bus_listen,
+        spec.members.len()
+    );
+    Node::start(spec, store, waker()).map_err(|e| e.to_string())
+}
+
+/// RAFT.CLUSTER INIT / JOIN: the node now belongs to a cluster (main thread).
+pub fn set_node(node: Node) -> Result<(), String> {
+    let m = module().ok_or("module not initialised")?;
+    m.node.set(node).map_err(|n| {
+        n.stop();
+        "ERR Already cluster member".to_string()
+    })
+}
+
 /// A node whose entry is a loopback address keeps its bus on loopback; any other listens on
 /// all interfaces (its entry may name a host name, or an address that NAT maps to it).
-fn bus_listen_addr(host: &str, port: u16) -> std::net::SocketAddr {
+pub fn bus_listen_addr(host: &str, port: u16) -> std::net::SocketAddr {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     match host.parse::<IpAddr>() {
         Ok(ip) if ip.is_loopback() => SocketAddr::new(ip, port),
@@ -268,6 +394,20 @@ fn bus_listen_addr(host: &str, port: u16) -> std::net::SocketAddr {
 }
 
 impl Module {
+    /// The raft node, once this node belongs to a cluster.
+    pub fn node(&self) -> Option<&Node> {
+        self.node.get()
+    }
+
+    /// True when this node was removed from its cluster (at start or since).
+    pub fn is_removed(&self) -> bool {
+        self.removed_at_start || self.node().is_some_and(|n| n.shared().is_removed())
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     /// Redis's command table as classified at load (main thread only).
     pub fn table(&self) -> &CommandTable {
         self.table.get_mut()
@@ -321,14 +461,17 @@ extern "C" fn module_change(
 }
 
 pub fn on_fsync_changed(on: bool) {
-    if let Some(n) = module().and_then(|m| m.node.as_ref()) {
+    if let Some(n) = module().and_then(|m| m.node()) {
         n.set_fsync(on);
     }
 }
 
 /// The error a client gets when this node cannot serve it: the leader's address, or no leader.
 pub fn redirect_error(m: &Module) -> String {
-    let Some(node) = &m.node else {
+    if m.is_removed() {
+        return REMOVED_ERROR.into();
+    }
+    let Some(node) = m.node() else {
         return "NOCLUSTER No Raft Cluster".into();
     };
     let leader = node.shared().leader_id();
@@ -339,6 +482,9 @@ pub fn redirect_error(m: &Module) -> String {
     }
     "CLUSTERDOWN No raft leader".into()
 }
+
+/// What a removed node answers to cluster commands.
+pub const REMOVED_ERROR: &str = "NOCLUSTER this node was removed from the raft cluster; to use it again, move its raft log aside and RAFT.CLUSTER JOIN with a new raft.node-id";
 
 /// The checks Redis would make before running `argv` itself, which it cannot make for
 /// commands routed to RAFT: the client's ACL permissions (command, keys, channels), and
@@ -649,7 +795,7 @@ extern "C" fn before_sleep(
 }
 
 fn flush_proposals() {
-    let Some(node) = module().and_then(|m| m.node.as_ref()) else {
+    let Some(node) = module().and_then(|m| m.node()) else {
         return;
     };
     blocking::release_gone();
@@ -781,6 +927,12 @@ extern "C" fn reply_blocked(
                 }
                 Reply::NullArray => unsafe { rm!(RedisModule_ReplyWithNullArray)(ctx) },
                 Reply::Status(s) => api::reply_simple(ctx, s),
+                Reply::Text(s) => api::reply_simple(ctx, s),
+                Reply::NodeAdded(id, cluster_id) => {
+                    unsafe { rm!(RedisModule_ReplyWithArray)(ctx, 2) };
+                    unsafe { rm!(RedisModule_ReplyWithLongLong)(ctx, *id as i64) };
+                    api::reply_simple(ctx, cluster_id)
+                }
                 Reply::Error(e) => api::reply_error(ctx, e),
             }
         },
@@ -795,14 +947,18 @@ extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
     match *r {
         Reply::Call(c) => api::free_call_reply(c),
         Reply::Multi(parts, _) => parts.into_iter().for_each(Part::free),
-        Reply::Error(_) | Reply::NullArray | Reply::Status(_) => {}
+        Reply::Error(_)
+        | Reply::NullArray
+        | Reply::Status(_)
+        | Reply::NodeAdded(..)
+        | Reply::Text(_) => {}
     }
 }
 
 /// Drains the apply queue: executes committed entries in order and answers waiting clients.
 fn apply_committed() {
     let Some(m) = module() else { return };
-    let Some(node) = &m.node else { return };
+    let Some(node) = m.node() else { return };
     let ctx = m.apply_ctx as *mut RedisModuleCtx;
     let first = {
         let st = MAIN.get_mut();
@@ -816,7 +972,7 @@ fn apply_committed() {
         match item {
             ApplyItem::Entries(entries) => {
                 for e in entries {
-                    apply_entry(ctx, m, me, &e);
+                    apply_entry(ctx, m, node, me, &e);
                     node.shared().set_applied(e.index);
                 }
             }
@@ -850,6 +1006,18 @@ fn apply_committed() {
                 if let Some(waiters) = st.read_rounds.remove(&round) {
                     st.reads_ready.entry(index).or_default().extend(waiters);
                 }
+            }
+            ApplyItem::Refused { tag, error } => {
+                if tag.incarnation == m.incarnation {
+                    if let Some(p) = MAIN.get_mut().pending.remove(&tag.request) {
+                        unblock(p.bc, Reply::Error(error));
+                    }
+                }
+            }
+            ApplyItem::Removed => {
+                blocking::leadership_lost(REMOVED_ERROR);
+                fail_all_pending(REMOVED_ERROR);
+                fail_all_reads(REMOVED_ERROR);
             }
             ApplyItem::TransferDone(result) => {
                 if let Some(bc) = MAIN.get_mut().transfer.take() {
@@ -971,6 +1139,80 @@ fn apply_call(
     r
 }
 
+/// A committed membership change (the raft thread already applied it): answer the
+/// RAFT.NODE client waiting here, as RedisRaft does.
+fn answer_membership_change(m: &Module, node: &Node, me: u64, e: &Entry) {
+    let Some(p) = ProposalTag::decode(&e.context)
+        .filter(|t| t.node_id == me && t.incarnation == m.incarnation)
+        .and_then(|t| MAIN.get_mut().pending.remove(&t.request))
+    else {
+        return;
+    };
+    let change = <raft::eraftpb::ConfChangeV2 as prost::Message>::decode(e.data.as_ref())
+        .ok()
+        .and_then(|cc| crate::codec::decode::<crate::codec::MemberChange>(&cc.context).ok());
+    let reply = match change {
+        Some(crate::codec::MemberChange::Add { member }) => {
+            Reply::NodeAdded(member.id, node.shared().cluster_id())
+        }
+        Some(_) => Reply::Status("OK"),
+        None => Reply::Error("ERR the membership change could not be read back".into()),
+    };
+    unblock(p.bc, reply);
+}
+
+/// Blocks a client until `finish` (which any thread may call).
+pub fn block(ctx: *mut RedisModuleCtx) -> *mut RedisModuleBlockedClient {
+    unsafe { rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0) }
+}
+
+/// Answers a client blocked by `block`: a status reply, or an error.
+pub fn finish(bc: *mut RedisModuleBlockedClient, r: Result<String, String>) {
+    unblock(
+        bc,
+        match r {
+            Ok(s) => Reply::Text(s),
+            Err(e) => Reply::Error(e),
+        },
+    );
+}
+
+/// RAFT.NODE ADD / REMOVE on the leader: blocks the client until the change is committed.
+pub fn change_membership(
+    ctx: *mut RedisModuleCtx,
+    m: &Module,
+    node: &Node,
+    req: crate::node::ChangeRequest,
+) -> c_int {
+    let st = MAIN.get_mut();
+    st.next_request += 1;
+    let tag = ProposalTag {
+        node_id: node.shared().node_id,
+        incarnation: m.incarnation,
+        request: st.next_request,
+    };
+    let bc = unsafe {
+        rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
+    };
+    if bc.is_null() {
+        return api::reply_error(ctx, "ERR could not block the client");
+    }
+    if let Err(e) = node.change_membership(tag, req) {
+        unblock(bc, Reply::Error(e.to_string()));
+        return api::OK;
+    }
+    st.pending.insert(
+        tag.request,
+        Pending {
+            bc,
+            resp3: false,
+            select_after: None,
+            waiter: None,
+        },
+    );
+    api::OK
+}
+
 /// The Raft log is the source of truth: whatever Redis loaded from its own RDB/AOF at start
 /// is dropped before the log is replayed.
 fn take_over_dataset(ctx: *mut RedisModuleCtx) {
@@ -988,7 +1230,10 @@ fn take_over_dataset(ctx: *mut RedisModuleCtx) {
     }
 }
 
-fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
+fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &Entry) {
+    if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+        return answer_membership_change(m, node, me, e);
+    }
     if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
         return;
     }
@@ -1036,11 +1281,7 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
                     blocking::Outcome::Drop(undo) => {
                         api::free_call_reply(r);
                         if let Some(u) = undo {
-                            enqueue_blocking(
-                                m,
-                                m.node.as_ref().expect("applying implies a node"),
-                                u,
-                            );
+                            enqueue_blocking(m, node, u);
                         }
                     }
                 },
@@ -1070,10 +1311,6 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, me: u64, e: &Entry) {
                 None => replies.into_iter().for_each(Part::free),
             }
         }
-        LogCommand::NodeAddr { id, addr } => {
-            if let Some(n) = &m.node {
-                n.shared().set_member_addr(id, &addr);
-            }
-        }
+        LogCommand::NodeAddr { id, addr } => node.shared().set_member_addr(id, &addr),
     }
 }

@@ -149,6 +149,8 @@ struct Core {
     entries: Vec<Entry>,
     hard_state: HardState,
     conf_state: ConfState,
+    /// The member book (codec-encoded) and the applied index it reflects.
+    membership: Option<(u64, Vec<u8>)>,
     /// Records replayed plus records buffered since open; zero means a brand-new log.
     records: u64,
 }
@@ -172,6 +174,7 @@ impl Core {
             entries: Vec::new(),
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
+            membership: None,
             records: 0,
         }
     }
@@ -237,6 +240,7 @@ impl Core {
                 self.hard_state = hs;
             }
             record::Record::ConfState(cs) => self.conf_state = cs,
+            record::Record::Membership { index, blob } => self.membership = Some((index, blob)),
             record::Record::Commit(commit) => {
                 self.check_commit(commit)?;
                 self.hard_state.commit = commit;
@@ -421,6 +425,80 @@ impl LogStore {
             core.records += 1;
             Ok(())
         })
+    }
+
+    /// Starts a brand-new log with entries that are committed by construction (the same
+    /// bytes on every node that bootstraps this cluster), and the membership they produce.
+    /// Only valid when `is_empty()`.
+    pub fn bootstrap(
+        &self,
+        entries: &[Entry],
+        hs: &HardState,
+        cs: &ConfState,
+        membership: (u64, &[u8]),
+    ) -> Result<(), StorageError> {
+        self.write_path(|core, buf| {
+            if core.records != 0 {
+                return Err(self.invalid(format!(
+                    "bootstrap on a non-empty log (it holds {} records)",
+                    core.records
+                )));
+            }
+            if entries.first().map(|e| e.index) != Some(1)
+                || entries.windows(2).any(|w| w[0].index + 1 != w[1].index)
+                || hs.commit > entries.len() as u64
+            {
+                return Err(
+                    self.invalid("bootstrap entries must be 1..n and cover the commit".into())
+                );
+            }
+            let mark = buf.len();
+            let encoded = (|| {
+                for e in entries {
+                    record::encode_entry(buf, e)?;
+                }
+                record::encode_hard_state(buf, hs)?;
+                record::encode_conf_state(buf, cs)?;
+                record::encode_membership(buf, membership.0, membership.1)
+            })();
+            if let Err(e) = encoded {
+                buf.truncate(mark);
+                return Err(self.encode_err(e));
+            }
+            core.entries.extend_from_slice(entries);
+            core.hard_state = hs.clone();
+            core.conf_state = cs.clone();
+            core.membership = Some((membership.0, membership.1.to_vec()));
+            core.records += entries.len() as u64 + 3;
+            Ok(())
+        })
+    }
+
+    /// Buffers the membership produced by applying the configuration change at `index`.
+    pub fn set_membership(
+        &self,
+        index: u64,
+        cs: &ConfState,
+        blob: &[u8],
+    ) -> Result<(), StorageError> {
+        self.write_path(|core, buf| {
+            let mark = buf.len();
+            let encoded = record::encode_conf_state(buf, cs)
+                .and_then(|()| record::encode_membership(buf, index, blob));
+            if let Err(e) = encoded {
+                buf.truncate(mark);
+                return Err(self.encode_err(e));
+            }
+            core.conf_state = cs.clone();
+            core.membership = Some((index, blob.to_vec()));
+            core.records += 2;
+            Ok(())
+        })
+    }
+
+    /// The member book last stored, with the applied index it reflects.
+    pub fn membership(&self) -> Option<(u64, Vec<u8>)> {
+        read_lock(&self.inner.core).membership.clone()
     }
 
     /// True when the log holds no records at all: no entries, hard state or conf state.

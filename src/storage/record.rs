@@ -9,6 +9,8 @@
 //!   kind 2 = HardState   body = prost-encoded eraftpb::HardState
 //!   kind 3 = ConfState   body = prost-encoded eraftpb::ConfState
 //!   kind 4 = Commit      body = commit index u64 LE (exactly 8 bytes)
+//!   kind 5 = Membership  body = index u64 LE, then an opaque blob (the cluster's member book
+//!                        as of that applied index, encoded by codec.rs)     (version 2)
 //! ```
 //!
 //! A change to any of this bumps `FORMAT_VERSION`; a reader refuses versions it does not know,
@@ -23,7 +25,9 @@ use prost::Message as _;
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState};
 
 pub(crate) const MAGIC: &[u8; 5] = b"RRLOG";
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// Oldest version this build still reads (version 1 lacks only the Membership record).
+pub(crate) const FORMAT_VERSION_MIN: u32 = 1;
 pub(crate) const HEADER_LEN: u64 = 9;
 pub(crate) const FRAME_HEADER_LEN: u64 = 8;
 /// No record may be larger than this; a larger length field is garbage, not data.
@@ -33,6 +37,7 @@ const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_CONF_STATE: u8 = 3;
 const KIND_COMMIT: u8 = 4;
+const KIND_MEMBERSHIP: u8 = 5;
 
 /// Zero-tail checks read in chunks so a huge zero-filled tail does not need one huge buffer.
 const ZERO_CHECK_CHUNK_BYTES: usize = 64 * 1024;
@@ -44,6 +49,11 @@ pub(crate) enum Record {
     HardState(HardState),
     ConfState(ConfState),
     Commit(u64),
+    /// The member book as of applied index `index` (opaque here; codec.rs owns its format).
+    Membership {
+        index: u64,
+        blob: Vec<u8>,
+    },
 }
 
 pub(crate) fn encode_header() -> [u8; HEADER_LEN as usize] {
@@ -88,7 +98,7 @@ pub(crate) fn check_header(bytes: &[u8]) -> HeaderCheck {
     let mut v = [0u8; 4];
     v.copy_from_slice(&bytes[MAGIC.len()..ours.len()]);
     let version = u32::from_le_bytes(v);
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         return HeaderCheck::Refused {
             offset: MAGIC.len() as u64,
             reason: format!(
@@ -173,6 +183,18 @@ pub(crate) fn encode_commit(out: &mut Vec<u8>, commit: u64) -> Result<(), Encode
     })
 }
 
+pub(crate) fn encode_membership(
+    out: &mut Vec<u8>,
+    index: u64,
+    blob: &[u8],
+) -> Result<(), EncodeError> {
+    push_frame(out, KIND_MEMBERSHIP, 8 + blob.len(), |out| {
+        out.extend_from_slice(&index.to_le_bytes());
+        out.extend_from_slice(blob);
+        Ok(())
+    })
+}
+
 /// Decodes a payload whose CRC already matched.
 pub(crate) fn decode_payload(payload: &[u8]) -> Result<Record, String> {
     let Some((&kind, body)) = payload.split_first() else {
@@ -205,6 +227,20 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<Record, String> {
                 )
             })?;
             Ok(Record::Commit(u64::from_le_bytes(bytes)))
+        }
+        KIND_MEMBERSHIP => {
+            let (index, blob) = body.split_at_checked(8).ok_or_else(|| {
+                format!(
+                    "membership record of {} bytes, at least 8 expected",
+                    body.len()
+                )
+            })?;
+            let mut a = [0u8; 8];
+            a.copy_from_slice(index);
+            Ok(Record::Membership {
+                index: u64::from_le_bytes(a),
+                blob: blob.to_vec(),
+            })
         }
         other => Err(format!("unknown record kind {other}")),
     }
@@ -377,7 +413,7 @@ fn find_valid_frame(bytes: &[u8]) -> Option<usize> {
         let Some(payload) = bytes.get(p + hdr..p + hdr + len) else {
             return false;
         };
-        (KIND_ENTRY..=KIND_COMMIT).contains(&payload[0])
+        (KIND_ENTRY..=KIND_MEMBERSHIP).contains(&payload[0])
             && crc32fast::hash(payload) == crc
             && decode_payload(payload).is_ok()
     })

@@ -111,7 +111,7 @@ fn new_log_is_empty_with_only_a_header() {
         }
     );
     assert!(store.is_empty());
-    assert_eq!(fs::read(&path).unwrap(), b"RRLOG\x01\x00\x00\x00");
+    assert_eq!(fs::read(&path).unwrap(), b"RRLOG\x02\x00\x00\x00");
     assert_eq!(store.first_index().unwrap(), 1);
     assert_eq!(store.last_index().unwrap(), 0);
     assert_eq!(store.term(0).unwrap(), 0);
@@ -128,7 +128,7 @@ fn record_layout_is_stable() {
     store.append(&[entry(1, 1, b"a")]).unwrap();
     store.set_commit(1).unwrap();
     store.sync().unwrap();
-    let mut want = b"RRLOG\x01\x00\x00\x00".to_vec();
+    let mut want = b"RRLOG\x02\x00\x00\x00".to_vec();
     // Entry: kind 1 + prost(term=1, index=1, data="a").
     let payload = [1u8, 0x10, 0x01, 0x18, 0x01, 0x22, 0x01, b'a'];
     want.extend_from_slice(&8u32.to_le_bytes());
@@ -550,7 +550,7 @@ fn foreign_file_is_refused() {
 fn newer_format_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = log_path(&dir);
-    fs::write(&path, b"RRLOG\x02\x00\x00\x00").unwrap();
+    fs::write(&path, b"RRLOG\x03\x00\x00\x00").unwrap();
 
     let err = open_err(&path);
     assert_eq!(
@@ -558,9 +558,51 @@ fn newer_format_version_is_refused() {
         corrupt_message(
             &path,
             5,
-            "unsupported log format version 2 (this build reads version 1)"
+            "unsupported log format version 3 (this build reads version 2)"
         )
     );
+}
+
+#[test]
+fn version_1_logs_are_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    fs::write(&path, b"RRLOG\x01\x00\x00\x00").unwrap();
+    let (store, rec) = open(&path);
+    assert!(!rec.created);
+    assert!(store.is_empty());
+}
+
+#[test]
+fn membership_records_survive_reopen_and_the_last_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    {
+        let (store, _) = open(&path);
+        let entries = vec![entry(1, 1, b"boot")];
+        let hs = HardState {
+            term: 1,
+            vote: 0,
+            commit: 1,
+        };
+        store
+            .bootstrap(&entries, &hs, &conf_state(&[1], &[]), (1, b"book-1"))
+            .unwrap();
+        store.append(&[entry(2, 2, b"x")]).unwrap();
+        store
+            .set_membership(2, &conf_state(&[1], &[2]), b"book-2")
+            .unwrap();
+        store.sync().unwrap();
+        assert!(store
+            .bootstrap(&entries, &hs, &conf_state(&[1], &[]), (1, b"again"))
+            .is_err());
+    }
+    let (store, _) = open(&path);
+    assert_eq!(store.membership(), Some((2, b"book-2".to_vec())));
+    let rs = store.initial_state().unwrap();
+    assert_eq!(rs.conf_state, conf_state(&[1], &[2]));
+    assert_eq!(rs.hard_state.commit, 1);
+    assert_eq!(store.last_index().unwrap(), 2);
 }
 
 #[test]
@@ -574,7 +616,7 @@ fn incomplete_header_from_a_crash_during_creation_is_rewritten() {
     assert_eq!(rec.torn_tail_bytes_dropped, 3);
     assert_eq!(rec.file_bytes, 9);
     assert!(store.is_empty());
-    assert_eq!(fs::read(&path).unwrap(), b"RRLOG\x01\x00\x00\x00");
+    assert_eq!(fs::read(&path).unwrap(), b"RRLOG\x02\x00\x00\x00");
 }
 
 #[test]

@@ -265,6 +265,8 @@ impl Reader {
                         tracing::warn!(peer = %addr, from = h.from, cluster_id = %h.cluster_id,
                             "raft bus: refusing connection from {addr} (claims node {} of cluster {:?}): {why}",
                             h.from, h.cluster_id);
+                        // Tell the peer why, so its log says it too (best effort).
+                        self.send(conn, |out| frame::encode_reject(&why, out));
                         return false;
                     }
                     let from = h.from;
@@ -334,6 +336,17 @@ impl Reader {
                     };
                     if !matches!(conn.auth, Auth::Open) {
                         self.refuse(conn, "raft message before the challenge was answered");
+                        return false;
+                    }
+                    if self
+                        .local
+                        .any_removed
+                        .load(std::sync::atomic::Ordering::Acquire)
+                        && super::read(&self.local.removed).contains(&h.from)
+                    {
+                        // It reconnects, and its Hello is refused with the reason.
+                        tracing::info!(peer = %addr, from = h.from,
+                            "raft bus: closing the connection of node {} (removed from the cluster)", h.from);
                         return false;
                     }
                     if msg.to != self.local.node_id || msg.from != h.from {
@@ -450,6 +463,9 @@ fn check_hello(hello: &Hello, local: &LocalIdentity) -> Result<(), String> {
     }
     if hello.from == 0 {
         return Err("node id 0 is not a valid sender".to_owned());
+    }
+    if super::read(&local.removed).contains(&hello.from) {
+        return Err(format!("node {} {}", hello.from, super::REMOVED_REASON));
     }
     if hello.from == local.node_id {
         return Err(format!(

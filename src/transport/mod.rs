@@ -133,7 +133,16 @@ pub(crate) struct LocalIdentity {
     pub(crate) max_frame_bytes: usize,
     /// Proves this node to peers, and is demanded of them when non-empty.
     pub(crate) password: String,
+    /// Nodes removed from the cluster: their connections are refused with `REMOVED_REASON`.
+    pub(crate) removed: RwLock<std::collections::HashSet<u64>>,
+    /// `removed` is not empty (spares readers the lock on every message).
+    pub(crate) any_removed: AtomicBool,
+    /// A peer refused us because this node was removed from the cluster.
+    pub(crate) told_removed: AtomicBool,
 }
+
+/// How a Reject says the connecting node was removed from the cluster (the connector stops).
+pub(crate) const REMOVED_REASON: &str = "was removed from this cluster";
 
 /// The bus endpoint of one node. `Send + Sync`; dropping it shuts it down.
 pub struct Transport {
@@ -189,6 +198,9 @@ impl Transport {
             cluster_id: cfg.cluster_id,
             max_frame_bytes: cfg.max_frame_bytes,
             password: cfg.password,
+            removed: RwLock::new(Default::default()),
+            any_removed: AtomicBool::new(false),
+            told_removed: AtomicBool::new(false),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let inbound_conns = Arc::new(Mutex::new(Vec::new()));
@@ -246,6 +258,18 @@ impl Transport {
                     "raft bus: cannot start the writer for node {id}: {e}; its messages will be dropped");
             }
         }
+    }
+
+    /// Refuses node `id` from now on (it was removed from the cluster); it is told why.
+    pub fn refuse_removed(&self, id: u64) {
+        write(&self.local.removed).insert(id);
+        self.local.any_removed.store(true, Ordering::Release);
+        self.remove_peer(id);
+    }
+
+    /// True once a peer refused this node because it was removed from the cluster.
+    pub fn told_removed(&self) -> bool {
+        self.local.told_removed.load(Ordering::Acquire)
     }
 
     /// Forgets a peer: its queued messages are dropped and its connection closed.

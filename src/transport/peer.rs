@@ -408,10 +408,15 @@ impl Writer {
                     writer.write_all(&self.buf)?;
                 }
                 Frame::Reject(reason) => {
+                    if reason.ends_with(super::REMOVED_REASON) {
+                        self.local
+                            .told_removed
+                            .store(true, std::sync::atomic::Ordering::Release);
+                    }
                     break Err(io::Error::new(
                         io::ErrorKind::PermissionDenied,
                         format!("refused us: {reason}"),
-                    ))
+                    ));
                 }
                 other => {
                     break Err(io::Error::new(

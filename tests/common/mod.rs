@@ -72,6 +72,8 @@ pub struct Node {
     pub def: NodeDef,
     pub child: Option<Child>,
     pub extra: Vec<String>,
+    /// Started without `raft.cluster-nodes` (joins with RAFT.CLUSTER INIT/JOIN).
+    pub dynamic: bool,
 }
 
 impl Node {
@@ -114,6 +116,7 @@ impl Cluster {
                 },
                 child: None,
                 extra: Vec::new(),
+                dynamic: false,
             });
         }
         let cluster_nodes = nodes
@@ -157,8 +160,6 @@ impl Cluster {
             &module_path().display().to_string(),
             "--raft.node-id",
             &d.name,
-            "--raft.cluster-nodes",
-            &self.cluster_nodes,
             "--raft.election-timeout",
             &ELECTION_MS.to_string(),
             "--raft.heartbeat-interval",
@@ -167,8 +168,40 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if self.nodes[i].dynamic {
+            // Its bus port is announced when it joins; a free one, not port + 10000.
+            v.push("--raft.bus-port".into());
+            v.push(d.bus_port.to_string());
+        } else {
+            v.push("--raft.cluster-nodes".into());
+            v.push(self.cluster_nodes.clone());
+        }
         v.extend(self.nodes[i].extra.iter().cloned());
         v
+    }
+
+    /// Defines one more node that starts without `raft.cluster-nodes` (not started).
+    pub fn add_dynamic_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let dir = self.tmp.path().join(format!("n{}", i + 1));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        self.nodes.push(Node {
+            def: NodeDef {
+                name: format!("n{}", i + 1),
+                port: free_port(),
+                bus_port: free_port(),
+                dir,
+            },
+            child: None,
+            extra: Vec::new(),
+            dynamic: true,
+        });
+        i
+    }
+
+    /// The address clients use for node `i`.
+    pub fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes[i].def.port)
     }
 
     pub fn spawn_node(&mut self, i: usize) {

@@ -1,0 +1,413 @@
+//! Changing the cluster's shape, with RedisRaft's commands: `RAFT.CLUSTER INIT|JOIN`,
+//! `RAFT.NODE ADD|REMOVE`, and `RAFT._MEMBERS` (what a joining node asks its new leader).
+
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tracing::{error, info};
+
+use crate::codec::Member;
+use crate::config::{node_id_for_name, parse_host_port, BUS_PORT_OFFSET};
+use crate::node::ChangeRequest;
+use crate::redis::api::{self, guard, rm, CallOpts, RedisModuleCtx, RedisModuleString, Value};
+use crate::redis::{self as r, configs, module, redirect_error};
+use crate::storage::LogStore;
+
+/// A JOIN is running (on its own thread): no INIT or second JOIN meanwhile.
+static JOINING: AtomicBool = AtomicBool::new(false);
+
+/// True while RAFT.CLUSTER JOIN is under way (INFO raft says `joining`).
+pub fn is_joining() -> bool {
+    JOINING.load(Ordering::Acquire)
+}
+
+pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc); 3] = [
+        (c"raft.cluster", Some(cluster_cmd)),
+        (c"raft.node", Some(node_cmd)),
+        (c"raft._members", Some(members_cmd)),
+    ];
+    for (name, f) in cmds {
+        let rc = unsafe {
+            rm!(RedisModule_CreateCommand)(ctx, name.as_ptr(), f, c"admin".as_ptr(), 0, 0, 0)
+        };
+        if rc != api::OK {
+            return Err(format!(
+                "could not register command {}",
+                name.to_string_lossy()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `RAFT.CLUSTER INIT [<cluster-id>]` | `RAFT.CLUSTER JOIN <host:port> [<host:port> ...]`.
+extern "C" fn cluster_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT.CLUSTER",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::owned_args(argv, argc) };
+            let Some(m) = module() else {
+                return api::reply_error(ctx, "ERR redis-raft is not initialised");
+            };
+            let sub = args.get(1).map(|s| s.to_ascii_uppercase());
+            let is_init = sub.as_deref() == Some(b"INIT");
+            let is_join = sub.as_deref() == Some(b"JOIN");
+            if !is_init && !is_join {
+                return api::reply_error(ctx, "ERR RAFT.CLUSTER supports INIT / JOIN only");
+            }
+            if m.node().is_some() || m.is_removed() {
+                return api::reply_error(ctx, "ERR Already cluster member");
+            }
+            if JOINING.load(Ordering::Acquire) {
+                return api::reply_error(ctx, "ERR a join is in progress");
+            }
+            let me = match my_identity(ctx) {
+                Ok(me) => me,
+                Err(e) => return api::reply_error(ctx, &e),
+            };
+            if is_init {
+                init(ctx, args.get(2), me)
+            } else {
+                join(ctx, &args[2..], me)
+            }
+        },
+    )
+}
+
+fn init(ctx: *mut RedisModuleCtx, id: Option<&Vec<u8>>, me: Member) -> c_int {
+    let cluster_id = match id {
+        Some(id) => {
+            let id = String::from_utf8_lossy(id).into_owned();
+            if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return api::reply_error(
+                    ctx,
+                    "ERR cluster id must be 32 characters (letters and digits)",
+                );
+            }
+            id
+        }
+        None => match random_hex(16) {
+            Ok(id) => id,
+            Err(e) => return api::reply_error(ctx, &format!("ERR no random cluster id: {e}")),
+        },
+    };
+    let store = match open_empty_log() {
+        Ok(s) => s,
+        Err(e) => return api::reply_error(ctx, &e),
+    };
+    let spec = r::StartSpec {
+        id: me.id,
+        bus_listen: match bus_listen(&me) {
+            Ok(a) => a,
+            Err(e) => return api::reply_error(ctx, &e),
+        },
+        members: vec![me.clone()],
+        bootstrap: true,
+        cluster_id: cluster_id.clone(),
+    };
+    let node = match r::start_node(&configs::options(), store, spec) {
+        Ok(n) => n,
+        Err(e) => return api::reply_error(ctx, &format!("ERR {e}")),
+    };
+    if let Err(e) = r::set_node(node) {
+        return api::reply_error(ctx, &e);
+    }
+    info!(
+        "RAFT.CLUSTER INIT: new cluster {cluster_id} with this node ('{}', id {}) as its only voter",
+        me.name, me.id
+    );
+    api::reply_simple(ctx, &format!("OK {cluster_id}"))
+}
+
+fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
+    if addrs.is_empty() {
+        return api::reply_error(
+            ctx,
+            "ERR wrong number of arguments for 'raft.cluster join' command",
+        );
+    }
+    let mut targets = Vec::new();
+    for a in addrs {
+        let a = String::from_utf8_lossy(a).into_owned();
+        if parse_host_port(&a).is_err() {
+            return api::reply_error(ctx, "ERR invalid node address");
+        }
+        targets.push(a);
+    }
+    if let Err(e) = open_empty_log() {
+        return api::reply_error(ctx, &e);
+    }
+    let timeout = Duration::from_millis(configs::options().join_timeout_ms);
+    let bc = r::block(ctx);
+    if bc.is_null() {
+        return api::reply_error(ctx, "ERR could not block the client");
+    }
+    JOINING.store(true, Ordering::Release);
+    let bc_addr = bc as usize;
+    let spawned = std::thread::Builder::new()
+        .name("raft-join".into())
+        .spawn(move || {
+            info!(
+                "RAFT.CLUSTER JOIN: asking {targets:?} to add this node ('{}', id {})",
+                me.name, me.id
+            );
+            let result = crate::join::join(&targets, &me, timeout);
+            let done = Box::new(JoinDone {
+                bc: bc_addr,
+                me,
+                result,
+            });
+            // Thread-safe by Redis's contract; the node starts on the main thread.
+            unsafe {
+                rm!(RedisModule_EventLoopAddOneShot)(
+                    Some(join_done),
+                    Box::into_raw(done) as *mut c_void,
+                )
+            };
+        });
+    if let Err(e) = spawned {
+        JOINING.store(false, Ordering::Release);
+        r::finish(bc, Err(format!("ERR cannot start the join thread: {e}")));
+    }
+    api::OK
+}
+
+struct JoinDone {
+    bc: usize,
+    me: Member,
+    result: Result<crate::join::Joined, String>,
+}
+
+extern "C" fn join_done(data: *mut c_void) {
+    if data.is_null() {
+        return;
+    }
+    let done = unsafe { Box::from_raw(data as *mut JoinDone) };
+    let bc = done.bc as *mut api::RedisModuleBlockedClient;
+    guard(
+        "RAFT.CLUSTER JOIN",
+        || r::finish(bc, Err("ERR internal error (see the server log)".into())),
+        || {
+            let outcome = done.result.and_then(|joined| {
+                let store = open_empty_log()?;
+                let spec = r::StartSpec {
+                    id: done.me.id,
+                    bus_listen: bus_listen(&done.me)?,
+                    members: joined.members,
+                    bootstrap: false,
+                    cluster_id: joined.cluster_id,
+                };
+                let node = r::start_node(&configs::options(), store, spec)
+                    .map_err(|e| format!("ERR {e}"))?;
+                r::set_node(node)
+            });
+            if let Err(e) = &outcome {
+                error!("RAFT.CLUSTER JOIN failed: {e}");
+            }
+            r::finish(bc, outcome.map(|()| "OK".to_string()));
+        },
+    );
+    JOINING.store(false, Ordering::Release);
+}
+
+/// `RAFT.NODE ADD <id> <host:port>[@<bus-port>] [<name>]` | `RAFT.NODE REMOVE <id>`.
+extern "C" fn node_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT.NODE",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::owned_args(argv, argc) };
+            let Some(m) = module() else {
+                return api::reply_error(ctx, "ERR redis-raft is not initialised");
+            };
+            let sub = args.get(1).map(|s| s.to_ascii_uppercase());
+            let req = match (sub.as_deref(), args.len()) {
+                (Some(b"ADD"), 4 | 5) => {
+                    let Some(id) = parse_id(&args[2]) else {
+                        return api::reply_error(ctx, "ERR invalid node id");
+                    };
+                    let addr = String::from_utf8_lossy(&args[3]).into_owned();
+                    let Some((redis_addr, bus_addr)) = split_addr(&addr) else {
+                        return api::reply_error(ctx, "ERR invalid node address");
+                    };
+                    let name = args
+                        .get(4)
+                        .map(|n| String::from_utf8_lossy(n).into_owned())
+                        .unwrap_or_default();
+                    if crate::config::check_string("node-id", &name).is_err() {
+                        return api::reply_error(ctx, "ERR invalid node name");
+                    }
+                    ChangeRequest::Add {
+                        member: Member {
+                            id,
+                            name,
+                            redis_addr,
+                            bus_addr,
+                        },
+                    }
+                }
+                (Some(b"REMOVE"), 3) => match parse_id(&args[2]) {
+                    Some(id) if id != 0 => ChangeRequest::Remove { id },
+                    _ => return api::reply_error(ctx, "ERR invalid node id"),
+                },
+                (Some(b"ADD") | Some(b"REMOVE"), _) => {
+                    return api::reply_error(
+                        ctx,
+                        "ERR wrong number of arguments for 'raft.node' command",
+                    )
+                }
+                _ => return api::reply_error(ctx, "ERR RAFT.NODE supports ADD / REMOVE only"),
+            };
+            let Some(node) = m.node().filter(|_| !m.is_removed()) else {
+                return api::reply_error(ctx, &redirect_error(m));
+            };
+            if !node.shared().is_leader() {
+                return api::reply_error(ctx, &redirect_error(m));
+            }
+            r::change_membership(ctx, m, node, req)
+        },
+    )
+}
+
+/// `RAFT._MEMBERS`: every member as [id, name, redis address, bus address].
+extern "C" fn members_cmd(
+    ctx: *mut RedisModuleCtx,
+    _argv: *mut *mut RedisModuleString,
+    _argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT._MEMBERS",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let Some(node) = module().and_then(|m| m.node()) else {
+                return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
+            };
+            let rows: Vec<Value> = node
+                .shared()
+                .members()
+                .into_iter()
+                .map(|mb| {
+                    Value::Array(vec![
+                        Value::Int(mb.id as i64),
+                        Value::Str(mb.name.into_bytes()),
+                        Value::Str(mb.redis_addr.into_bytes()),
+                        Value::Str(mb.bus_addr.into_bytes()),
+                    ])
+                })
+                .collect();
+            api::reply_value(ctx, &Value::Array(rows))
+        },
+    )
+}
+
+/// A node id as RedisRaft takes it: 0 (let the leader pick) or a positive 31-bit number.
+fn parse_id(b: &[u8]) -> Option<u64> {
+    std::str::from_utf8(b)
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .filter(|id| *id <= 0x7fff_ffff)
+}
+
+/// `host:port[@bus-port]` into the Redis and bus addresses (bus: port + 10000 by default).
+fn split_addr(s: &str) -> Option<(String, String)> {
+    let (redis, bus) = match s.split_once('@') {
+        Some((r, b)) => (r, Some(b.parse::<u16>().ok().filter(|p| *p != 0)?)),
+        None => (s, None),
+    };
+    let (host, port) = parse_host_port(redis).ok()?;
+    let bus = match bus {
+        Some(b) => b,
+        None => u16::try_from(u32::from(port) + BUS_PORT_OFFSET).ok()?,
+    };
+    let host_part = redis.rsplit_once(':')?.0;
+    let _ = host;
+    Some((redis.to_string(), format!("{host_part}:{bus}")))
+}
+
+/// This node as INIT or JOIN announce it: `raft.node-id` (or a random name), `raft.addr`
+/// (or 127.0.0.1 and Redis's port), `raft.bus-port` (or port + 10000).
+fn my_identity(ctx: *mut RedisModuleCtx) -> Result<Member, String> {
+    let opts = configs::options();
+    let name = if opts.node_id.is_empty() {
+        format!("node-{}", random_hex(4)?)
+    } else {
+        opts.node_id.clone()
+    };
+    let port = redis_port(ctx).ok_or("ERR cannot read this server's port (CONFIG GET port)")?;
+    let redis_addr = if opts.addr.is_empty() {
+        format!("127.0.0.1:{port}")
+    } else {
+        opts.addr.clone()
+    };
+    let (host, _) = parse_host_port(&redis_addr).map_err(|e| format!("ERR raft.addr: {e}"))?;
+    let bus_port = if opts.bus_port != 0 {
+        opts.bus_port as u16
+    } else {
+        u16::try_from(u32::from(port) + BUS_PORT_OFFSET)
+            .map_err(|_| "ERR port + 10000 is not a TCP port: set raft.bus-port")?
+    };
+    let host_part = redis_addr
+        .rsplit_once(':')
+        .map_or(host.as_str(), |(h, _)| h);
+    Ok(Member {
+        id: node_id_for_name(&name),
+        bus_addr: format!("{host_part}:{bus_port}"),
+        name,
+        redis_addr,
+    })
+}
+
+fn bus_listen(me: &Member) -> Result<std::net::SocketAddr, String> {
+    let (host, port) =
+        parse_host_port(&me.bus_addr).map_err(|e| format!("ERR bus address: {e}"))?;
+    Ok(r::bus_listen_addr(&host, port))
+}
+
+fn redis_port(ctx: *mut RedisModuleCtx) -> Option<u16> {
+    let reply = api::call(
+        ctx,
+        &[b"CONFIG".to_vec(), b"GET".to_vec(), b"port".to_vec()],
+        CallOpts::default(),
+    );
+    let v = api::call_reply_value(reply);
+    api::free_call_reply(reply);
+    match v {
+        Value::Array(items) => match items.get(1) {
+            Some(Value::Str(p)) => std::str::from_utf8(p).ok()?.parse().ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The log INIT or JOIN starts: it must not hold anything yet.
+fn open_empty_log() -> Result<LogStore, String> {
+    let opts = configs::options();
+    let (store, _) = LogStore::open(std::path::Path::new(&opts.log_filename), opts.log_fsync)
+        .map_err(|e| format!("ERR {e}"))?;
+    if !store.is_empty() {
+        return Err(format!(
+            "ERR the raft log {} is not empty; move it aside first",
+            opts.log_filename
+        ));
+    }
+    Ok(store)
+}
+
+fn random_hex(bytes: usize) -> Result<String, String> {
+    let mut b = vec![0u8; bytes];
+    getrandom::getrandom(&mut b).map_err(|e| e.to_string())?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}

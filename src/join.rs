@@ -1,0 +1,261 @@
+//! RAFT.CLUSTER JOIN's client side: asks a cluster's leader (over its ordinary Redis port,
+//! as RedisRaft does) to add this node, following -MOVED and retrying while the cluster has
+//! no leader, until `raft.join-timeout`. Runs on its own thread; never calls the Redis API.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::codec::Member;
+
+/// Bytes of one reply we accept from a peer: bounds what a confused or hostile peer can make
+/// us allocate.
+const REPLY_BYTES_MAX: usize = 1 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before asking again when the cluster cannot take the change yet.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// A RESP reply, as much of it as joining needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+/// What a successful join learned.
+#[derive(Debug)]
+pub struct Joined {
+    pub node_id: u64,
+    pub cluster_id: String,
+    /// The cluster's members with their addresses (so this node can answer its leader).
+    pub members: Vec<Member>,
+}
+
+/// Asks the cluster at `addrs` to add `me` until it does or `timeout` passes.
+pub fn join(addrs: &[String], me: &Member, timeout: Duration) -> Result<Joined, String> {
+    let deadline = Instant::now() + timeout;
+    let mut targets: Vec<String> = addrs.to_vec();
+    let mut i = 0usize;
+    let mut last_error = String::from("no address answered");
+    let bus_port = me
+        .bus_addr
+        .rsplit_once(':')
+        .map(|(_, p)| p.to_string())
+        .unwrap_or_default();
+    let add = [
+        "RAFT.NODE".to_string(),
+        "ADD".into(),
+        me.id.to_string(),
+        format!("{}@{}", me.redis_addr, bus_port),
+        me.name.clone(),
+    ];
+    while Instant::now() < deadline {
+        let target = targets[i % targets.len()].clone();
+        match ask(&target, &add) {
+            Ok((Resp::Array(Some(items)), mut conn)) if items.len() == 2 => {
+                let (Resp::Int(id), Resp::Simple(cluster_id)) = (&items[0], &items[1]) else {
+                    return Err(format!("unexpected reply from {target}: {items:?}"));
+                };
+                let members = match request(&mut conn, &["RAFT._MEMBERS".to_string()]) {
+                    Ok(Resp::Array(Some(rows))) => rows.iter().filter_map(member_row).collect(),
+                    other => {
+                        warn!("joined, but {target} did not list its members ({other:?}); waiting for the log to name them");
+                        Vec::new()
+                    }
+                };
+                info!("joined cluster {cluster_id} as node {id} through {target}");
+                return Ok(Joined {
+                    node_id: *id as u64,
+                    cluster_id: cluster_id.clone(),
+                    members,
+                });
+            }
+            Ok((Resp::Error(e), _)) => {
+                if let Some(leader) = e.strip_prefix("MOVED ").and_then(|r| r.split(' ').nth(1)) {
+                    info!("join: {target} is not the leader, trying {leader}");
+                    targets.push(leader.to_string());
+                    i = targets.len() - 1;
+                    continue;
+                }
+                let transient = ["CLUSTERDOWN", "TRYAGAIN", "LOADING", "TIMEOUT"]
+                    .iter()
+                    .any(|p| e.starts_with(p))
+                    || e.starts_with("ERR one voting change only");
+                if !transient {
+                    let why = e.strip_prefix("ERR ").unwrap_or(&e);
+                    return Err(format!("ERR {target} refused the join: {why}"));
+                }
+                last_error = format!("{target}: {e}");
+            }
+            Ok((other, _)) => return Err(format!("ERR unexpected reply from {target}: {other:?}")),
+            Err(e) => last_error = format!("{target}: {e}"),
+        }
+        i += 1;
+        std::thread::sleep(RETRY_PAUSE);
+    }
+    Err(format!(
+        "ERR failed to join the cluster within raft.join-timeout ({} ms); last error: {last_error}",
+        timeout.as_millis()
+    ))
+}
+
+fn member_row(r: &Resp) -> Option<Member> {
+    let Resp::Array(Some(f)) = r else { return None };
+    let text = |i: usize| match f.get(i)? {
+        Resp::Bulk(Some(b)) => String::from_utf8(b.clone()).ok(),
+        Resp::Simple(s) => Some(s.clone()),
+        _ => None,
+    };
+    let id = match f.first()? {
+        Resp::Int(i) => u64::try_from(*i).ok()?,
+        _ => return None,
+    };
+    Some(Member {
+        id,
+        name: text(1)?,
+        redis_addr: text(2)?,
+        bus_addr: text(3)?,
+    })
+}
+
+fn ask(target: &str, args: &[String]) -> Result<(Resp, BufReader<TcpStream>), String> {
+    let addr = target
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve: {e}"))?
+        .next()
+        .ok_or("cannot resolve")?;
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let mut conn = BufReader::new(stream);
+    let r = request(&mut conn, args)?;
+    Ok((r, conn))
+}
+
+fn request(conn: &mut BufReader<TcpStream>, args: &[String]) -> Result<Resp, String> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    conn.get_mut().write_all(&out).map_err(|e| e.to_string())?;
+    let mut budget = REPLY_BYTES_MAX;
+    read_reply(conn, &mut budget, 0)
+}
+
+/// Reads one reply; `budget` bounds the bytes, `depth` the nesting.
+pub fn read_reply<R: BufRead>(r: &mut R, budget: &mut usize, depth: u32) -> Result<Resp, String> {
+    if depth > 8 {
+        return Err("reply nested too deep".into());
+    }
+    let mut line = Vec::new();
+    r.take(*budget as u64 + 2)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| e.to_string())?;
+    if !line.ends_with(b"\r\n") {
+        return Err("connection closed or reply too large".into());
+    }
+    *budget = budget.saturating_sub(line.len());
+    line.truncate(line.len() - 2);
+    let (&kind, rest) = line.split_first().ok_or("empty reply line")?;
+    let text = String::from_utf8_lossy(rest).into_owned();
+    let num = || {
+        text.parse::<i64>()
+            .map_err(|_| format!("bad number {text:?}"))
+    };
+    match kind {
+        b'+' => Ok(Resp::Simple(text)),
+        b'-' => Ok(Resp::Error(text)),
+        b':' => Ok(Resp::Int(num()?)),
+        b'$' => {
+            let n = num()?;
+            if n < 0 {
+                return Ok(Resp::Bulk(None));
+            }
+            let n = n as usize;
+            if n + 2 > *budget {
+                return Err("reply too large".into());
+            }
+            let mut buf = vec![0u8; n + 2];
+            r.read_exact(&mut buf).map_err(|e| e.to_string())?;
+            *budget -= n + 2;
+            buf.truncate(n);
+            Ok(Resp::Bulk(Some(buf)))
+        }
+        b'*' => {
+            let n = num()?;
+            if n < 0 {
+                return Ok(Resp::Array(None));
+            }
+            if n as usize > *budget {
+                return Err("reply too large".into());
+            }
+            let mut items = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                items.push(read_reply(r, budget, depth + 1)?);
+            }
+            Ok(Resp::Array(Some(items)))
+        }
+        other => Err(format!("unexpected reply type byte {other:#x}")),
+    }
+}
+
+use std::io::Read as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> Result<Resp, String> {
+        let mut budget = 1 << 20;
+        read_reply(&mut std::io::Cursor::new(bytes), &mut budget, 0)
+    }
+
+    #[test]
+    fn replies_parse() {
+        assert_eq!(
+            parse(b"*2\r\n:7\r\n+abc\r\n").unwrap(),
+            Resp::Array(Some(vec![Resp::Int(7), Resp::Simple("abc".into())]))
+        );
+        assert_eq!(
+            parse(b"-MOVED 0 h:1\r\n").unwrap(),
+            Resp::Error("MOVED 0 h:1".into())
+        );
+        assert_eq!(
+            parse(b"$3\r\nabc\r\n").unwrap(),
+            Resp::Bulk(Some(b"abc".to_vec()))
+        );
+        assert_eq!(parse(b"$-1\r\n").unwrap(), Resp::Bulk(None));
+    }
+
+    #[test]
+    fn bad_replies_are_errors() {
+        assert!(parse(b"$10\r\nabc").is_err());
+        assert!(parse(b"*99999999\r\n").is_err());
+        assert!(parse(b"?x\r\n").is_err());
+        assert!(parse(b":x\r\n").is_err());
+        let mut budget = 4;
+        assert!(read_reply(&mut std::io::Cursor::new(b"$100\r\n"), &mut budget, 0).is_err());
+    }
+
+    #[test]
+    fn member_rows_need_every_field() {
+        let row = Resp::Array(Some(vec![
+            Resp::Int(5),
+            Resp::Bulk(Some(b"n5".to_vec())),
+            Resp::Bulk(Some(b"h:1".to_vec())),
+            Resp::Bulk(Some(b"h:2".to_vec())),
+        ]));
+        assert_eq!(member_row(&row).unwrap().name, "n5");
+        assert!(member_row(&Resp::Array(Some(vec![Resp::Int(5)]))).is_none());
+    }
+}

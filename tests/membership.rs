@@ -444,3 +444,24 @@ fn a_node_of_another_cluster_is_refused_on_the_bus_with_a_clear_error_on_both_si
     });
     assert_ne!(info(&c, x, "raft_role"), "leader");
 }
+
+#[test]
+fn join_gives_up_after_the_join_timeout_with_the_last_error() {
+    let mut c = Cluster::define(0);
+    let j = c.add_dynamic_node();
+    c.nodes[j].extra = vec!["--raft.join-timeout".into(), "1000".into()];
+    c.start_node(j);
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let started = Instant::now();
+    let e = status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &nobody]));
+    assert!(
+        e.starts_with(
+            "ERR failed to join the cluster within raft.join-timeout (1000 ms); last error: "
+        ) && e.contains(&nobody),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(info(&c, j, "raft_state"), "uninitialized");
+    // It can still found a cluster of its own afterwards.
+    assert!(status(cmd(&c, j, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+}

@@ -112,6 +112,14 @@ pub struct Recovery {
     pub file_bytes: u64,
 }
 
+/// Where a snapshot ends: its last index and term, and the configuration as of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotMeta {
+    pub index: u64,
+    pub term: u64,
+    pub conf_state: ConfState,
+}
+
 /// Counters for `INFO raft` and friends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogStats {
@@ -121,6 +129,9 @@ pub struct LogStats {
     pub bytes: u64,
     pub first_index: u64,
     pub last_index: u64,
+    /// The snapshot the log starts after (0: none).
+    pub snapshot_index: u64,
+    pub snapshot_term: u64,
     pub fsync_count: u64,
     pub fsync_max_us: u64,
     pub fsync_avg_us: u64,
@@ -151,6 +162,8 @@ struct Core {
     conf_state: ConfState,
     /// The member book (codec-encoded) and the applied index it reflects.
     membership: Option<(u64, Vec<u8>)>,
+    /// The snapshot the log starts after (index 0: none, the log starts at 1).
+    snapshot: SnapshotMeta,
     /// Records replayed plus records buffered since open; zero means a brand-new log.
     records: u64,
 }
@@ -175,6 +188,7 @@ impl Core {
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
             membership: None,
+            snapshot: SnapshotMeta::default(),
             records: 0,
         }
     }
@@ -209,6 +223,24 @@ impl Core {
         Ok(())
     }
 
+    /// The log now starts after `snap`: entries it covers are dropped (all of them if the
+    /// log disagrees with it), and the commit index covers it.
+    fn restore(&mut self, snap: SnapshotMeta) {
+        let keeps_suffix = self
+            .entries
+            .iter()
+            .any(|e| e.index == snap.index && e.term == snap.term);
+        if keeps_suffix {
+            self.entries.retain(|e| e.index > snap.index);
+        } else {
+            self.entries.clear();
+        }
+        self.first_index = snap.index + 1;
+        self.hard_state.commit = self.hard_state.commit.max(snap.index);
+        self.hard_state.term = self.hard_state.term.max(snap.term);
+        self.snapshot = snap;
+    }
+
     /// Drops entries from `index` on (a conflicting suffix). `index` passed `check_append_at`.
     fn truncate_from(&mut self, index: u64) {
         let keep = index.saturating_sub(self.first_index);
@@ -241,6 +273,15 @@ impl Core {
             }
             record::Record::ConfState(cs) => self.conf_state = cs,
             record::Record::Membership { index, blob } => self.membership = Some((index, blob)),
+            record::Record::Snapshot {
+                index,
+                term,
+                conf_state,
+            } => self.restore(SnapshotMeta {
+                index,
+                term,
+                conf_state,
+            }),
             record::Record::Commit(commit) => {
                 self.check_commit(commit)?;
                 self.hard_state.commit = commit;
@@ -283,6 +324,8 @@ impl LogStore {
             reason,
         };
 
+        // A rewrite interrupted by a crash left its temporary file; the log itself is whole.
+        let _ = std::fs::remove_file(path.with_extension("rewrite.tmp"));
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -572,6 +615,138 @@ impl LogStore {
         })
     }
 
+    /// The snapshot the log starts after (index 0: none).
+    pub fn snapshot_meta(&self) -> SnapshotMeta {
+        read_lock(&self.inner.core).snapshot.clone()
+    }
+
+    /// After a snapshot of the state machine up to `index` was made durable: drops the
+    /// entries it covers, in memory and on disk (the file is rewritten). `cs` and
+    /// `membership` are the configuration and member book as of `index`.
+    pub fn compact(
+        &self,
+        index: u64,
+        cs: &ConfState,
+        membership: (u64, &[u8]),
+    ) -> Result<(), StorageError> {
+        let term = raft::Storage::term(self, index)
+            .map_err(|e| self.invalid(format!("cannot compact up to index {index}: {e}")))?;
+        {
+            let core = read_lock(&self.inner.core);
+            if index > core.hard_state.commit || index <= core.snapshot.index {
+                return Err(self.invalid(format!(
+                    "cannot compact up to index {index}: commit index {}, snapshot at {}",
+                    core.hard_state.commit, core.snapshot.index
+                )));
+            }
+        }
+        self.rewrite(|core| {
+            core.restore(SnapshotMeta {
+                index,
+                term,
+                conf_state: cs.clone(),
+            });
+            core.membership = Some((membership.0, membership.1.to_vec()));
+        })
+    }
+
+    /// A snapshot received from the leader replaces the log: it starts after `snap`, with
+    /// `membership` as the member book. The file is rewritten.
+    pub fn apply_snapshot(
+        &self,
+        snap: SnapshotMeta,
+        membership: (u64, &[u8]),
+    ) -> Result<(), StorageError> {
+        self.rewrite(|core| {
+            core.conf_state = snap.conf_state.clone();
+            core.restore(snap);
+            core.membership = Some((membership.0, membership.1.to_vec()));
+        })
+    }
+
+    /// Applies `change` to the in-memory log and writes a new file holding exactly that state
+    /// (snapshot record, hard state, configuration, membership, entries): written beside the
+    /// log, fsynced, renamed over it, directory fsynced. A crash leaves the old or the new
+    /// file, never a mix. Records still buffered are written to the old file first.
+    fn rewrite(&self, change: impl FnOnce(&mut Core)) -> Result<(), StorageError> {
+        self.sync()?;
+        let mut core = write_lock(&self.inner.core);
+        let mut w = mutex_lock(&self.inner.writer);
+        if let Some(cause) = &w.failed {
+            return Err(StorageError::Failed {
+                path: self.inner.path.clone(),
+                cause: cause.clone(),
+            });
+        }
+        let mut next = Core {
+            first_index: core.first_index,
+            entries: core.entries.clone(),
+            hard_state: core.hard_state.clone(),
+            conf_state: core.conf_state.clone(),
+            membership: core.membership.clone(),
+            snapshot: core.snapshot.clone(),
+            records: core.records,
+        };
+        change(&mut next);
+        let mut bytes = record::encode_header().to_vec();
+        let encoded = (|| {
+            if next.snapshot.index > 0 {
+                record::encode_snapshot(
+                    &mut bytes,
+                    next.snapshot.index,
+                    next.snapshot.term,
+                    &next.snapshot.conf_state,
+                )?;
+            }
+            record::encode_conf_state(&mut bytes, &next.conf_state)?;
+            if let Some((index, blob)) = &next.membership {
+                record::encode_membership(&mut bytes, *index, blob)?;
+            }
+            for e in &next.entries {
+                record::encode_entry(&mut bytes, e)?;
+            }
+            // After the entries: replay checks that a commit index covers stored entries.
+            record::encode_hard_state(&mut bytes, &next.hard_state)
+        })();
+        encoded.map_err(|e| self.encode_err(e))?;
+        let path = &self.inner.path;
+        let tmp = path.with_extension("rewrite.tmp");
+        let io_err = |what: &'static str| {
+            move |source: io::Error| StorageError::Io {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let written = (|| -> Result<File, StorageError> {
+            let mut f = File::create(&tmp).map_err(io_err("create the rewritten log"))?;
+            f.write_all(&bytes)
+                .map_err(io_err("write the rewritten log"))?;
+            f.sync_all().map_err(io_err("fsync the rewritten log"))?;
+            std::fs::rename(&tmp, path).map_err(io_err("rename the rewritten log"))?;
+            sync_parent_dir(path).map_err(io_err("fsync parent directory"))?;
+            OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(io_err("reopen the rewritten log"))
+        })();
+        let file = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                // The old file is intact (rename is atomic) unless the rename happened and
+                // only what follows failed: either way later writes must not go on.
+                w.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        next.records = 1 + next.entries.len() as u64;
+        w.file = file;
+        w.file_bytes = bytes.len() as u64;
+        *core = next;
+        Ok(())
+    }
+
     /// Writes every buffered record with one `write_all` and, if fsync is on, one
     /// `fdatasync`. Only after this returns Ok may the records be treated as persisted.
     pub fn sync(&self) -> Result<(), StorageError> {
@@ -630,6 +805,8 @@ impl LogStore {
             bytes: w.file_bytes,
             first_index: core.first_index,
             last_index: core.last_index(),
+            snapshot_index: core.snapshot.index,
+            snapshot_term: core.snapshot.term,
             fsync_count: w.fsync_count,
             fsync_max_us: w.fsync_max_us,
             fsync_avg_us: w.fsync_total_us.checked_div(w.fsync_count).unwrap_or(0),
@@ -694,6 +871,9 @@ impl raft::Storage for LogStore {
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
         let core = read_lock(&self.inner.core);
+        if idx == core.snapshot.index {
+            return Ok(core.snapshot.term);
+        }
         // The entry before the first is where a snapshot would end; with no snapshot it is
         // index 0, term 0.
         if core.first_index.checked_sub(1) == Some(idx) {
@@ -720,11 +900,21 @@ impl raft::Storage for LogStore {
         Ok(read_lock(&self.inner.core).last_index())
     }
 
-    /// Snapshots are not implemented yet; with no compaction a follower never needs one.
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(store_err(
-            raft::StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// The metadata of the snapshot the log starts after; its data (the dataset) is not
+    /// here: the transport streams the snapshot file next to the message.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let core = read_lock(&self.inner.core);
+        if core.snapshot.index == 0 || core.snapshot.index < request_index {
+            return Err(store_err(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut s = Snapshot::default();
+        let md = s.mut_metadata();
+        md.index = core.snapshot.index;
+        md.term = core.snapshot.term;
+        md.conf_state = Some(core.snapshot.conf_state.clone());
+        Ok(s)
     }
 }
 

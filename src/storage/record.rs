@@ -11,6 +11,8 @@
 //!   kind 4 = Commit      body = commit index u64 LE (exactly 8 bytes)
 //!   kind 5 = Membership  body = index u64 LE, then an opaque blob (the cluster's member book
 //!                        as of that applied index, encoded by codec.rs)     (version 2)
+//!   kind 6 = Snapshot    body = index u64 LE, term u64 LE, prost-encoded ConfState: the
+//!                        log starts after this snapshot (written first in a compacted file)
 //! ```
 //!
 //! A change to any of this bumps `FORMAT_VERSION`; a reader refuses versions it does not know,
@@ -38,6 +40,7 @@ const KIND_HARD_STATE: u8 = 2;
 const KIND_CONF_STATE: u8 = 3;
 const KIND_COMMIT: u8 = 4;
 const KIND_MEMBERSHIP: u8 = 5;
+const KIND_SNAPSHOT: u8 = 6;
 
 /// Zero-tail checks read in chunks so a huge zero-filled tail does not need one huge buffer.
 const ZERO_CHECK_CHUNK_BYTES: usize = 64 * 1024;
@@ -53,6 +56,12 @@ pub(crate) enum Record {
     Membership {
         index: u64,
         blob: Vec<u8>,
+    },
+    /// Everything up to `index` (of `term`) is in the snapshot, with this configuration.
+    Snapshot {
+        index: u64,
+        term: u64,
+        conf_state: ConfState,
     },
 }
 
@@ -195,6 +204,19 @@ pub(crate) fn encode_membership(
     })
 }
 
+pub(crate) fn encode_snapshot(
+    out: &mut Vec<u8>,
+    index: u64,
+    term: u64,
+    cs: &ConfState,
+) -> Result<(), EncodeError> {
+    push_frame(out, KIND_SNAPSHOT, 16 + cs.encoded_len(), |out| {
+        out.extend_from_slice(&index.to_le_bytes());
+        out.extend_from_slice(&term.to_le_bytes());
+        cs.encode(out).map_err(EncodeError::Prost)
+    })
+}
+
 /// Decodes a payload whose CRC already matched.
 pub(crate) fn decode_payload(payload: &[u8]) -> Result<Record, String> {
     let Some((&kind, body)) = payload.split_first() else {
@@ -240,6 +262,26 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<Record, String> {
             Ok(Record::Membership {
                 index: u64::from_le_bytes(a),
                 blob: blob.to_vec(),
+            })
+        }
+        KIND_SNAPSHOT => {
+            if body.len() < 16 {
+                return Err(format!(
+                    "snapshot record of {} bytes, at least 16 expected",
+                    body.len()
+                ));
+            }
+            let word = |i: usize| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&body[i..i + 8]);
+                u64::from_le_bytes(a)
+            };
+            let conf_state = ConfState::decode(&body[16..])
+                .map_err(|err| format!("undecodable snapshot record: {err}"))?;
+            Ok(Record::Snapshot {
+                index: word(0),
+                term: word(8),
+                conf_state,
             })
         }
         other => Err(format!("unknown record kind {other}")),
@@ -413,7 +455,7 @@ fn find_valid_frame(bytes: &[u8]) -> Option<usize> {
         let Some(payload) = bytes.get(p + hdr..p + hdr + len) else {
             return false;
         };
-        (KIND_ENTRY..=KIND_MEMBERSHIP).contains(&payload[0])
+        (KIND_ENTRY..=KIND_SNAPSHOT).contains(&payload[0])
             && crc32fast::hash(payload) == crc
             && decode_payload(payload).is_ok()
     })

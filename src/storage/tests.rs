@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use raft::eraftpb::{ConfState, Entry, HardState};
 use raft::{GetEntriesContext, Storage};
 
-use super::{LogStats, LogStore, Recovery, StorageError};
+use super::{LogStats, LogStore, Recovery, SnapshotMeta, StorageError};
 
 fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
     Entry {
@@ -777,6 +777,8 @@ fn one_fsync_per_sync_batch_and_stats() {
             bytes: fs::metadata(&path).unwrap().len(),
             first_index: 1,
             last_index: 6,
+            snapshot_index: 0,
+            snapshot_term: 0,
             fsync_count: 3,
             fsync_max_us: stats.fsync_max_us,
             fsync_avg_us: stats.fsync_avg_us,
@@ -904,4 +906,115 @@ fn after_a_failed_write_the_store_refuses_further_writes() {
     );
     assert_eq!(store.set_commit(1).unwrap_err().to_string(), want);
     assert_eq!(store.stats().bytes, 9);
+}
+
+fn committed_log(path: &Path, n: u64) -> LogStore {
+    let (store, _) = open(path);
+    let entries: Vec<Entry> = (1..=n).map(|i| entry(i, 1 + i / 4, b"set k v")).collect();
+    store.append(&entries).unwrap();
+    store
+        .set_hard_state(&HardState {
+            term: 1 + n / 4,
+            vote: 1,
+            commit: n,
+        })
+        .unwrap();
+    store.set_conf_state(&conf_state(&[1, 2, 3], &[])).unwrap();
+    store.sync().unwrap();
+    store
+}
+
+#[test]
+fn compaction_drops_covered_entries_in_memory_and_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let store = committed_log(&path, 20);
+    let before = fs::metadata(&path).unwrap().len();
+    let term_12 = store.term(12).unwrap();
+    store
+        .compact(12, &conf_state(&[1, 2, 3], &[4]), (12, b"book"))
+        .unwrap();
+    assert_eq!(store.first_index().unwrap(), 13);
+    assert_eq!(store.last_index().unwrap(), 20);
+    assert_eq!(store.term(12).unwrap(), term_12);
+    assert!(matches!(
+        store.entries(5, 13, None, GetEntriesContext::empty(false)),
+        Err(raft::Error::Store(raft::StorageError::Compacted))
+    ));
+    let snap = store.snapshot(0, 2).unwrap();
+    assert_eq!(snap.get_metadata().index, 12);
+    assert_eq!(snap.get_metadata().term, term_12);
+    assert_eq!(
+        snap.get_metadata().get_conf_state(),
+        &conf_state(&[1, 2, 3], &[4])
+    );
+    assert!(fs::metadata(&path).unwrap().len() < before);
+    // Appends go on in the new file, and everything survives a reopen.
+    store.append(&[entry(21, 6, b"after")]).unwrap();
+    store.set_commit(21).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let (store, rec) = open(&path);
+    assert_eq!(rec.first_index, 13);
+    assert_eq!(rec.last_index, 21);
+    assert_eq!(store.term(12).unwrap(), term_12);
+    assert_eq!(store.initial_state().unwrap().hard_state.commit, 21);
+    assert_eq!(store.membership(), Some((12, b"book".to_vec())));
+    assert_eq!(
+        store.snapshot_meta(),
+        SnapshotMeta {
+            index: 12,
+            term: term_12,
+            conf_state: conf_state(&[1, 2, 3], &[4])
+        }
+    );
+    // Compacting behind the snapshot or past the commit index is refused.
+    assert!(store
+        .compact(10, &conf_state(&[1], &[]), (10, b"x"))
+        .is_err());
+    assert!(store
+        .compact(30, &conf_state(&[1], &[]), (30, b"x"))
+        .is_err());
+}
+
+#[test]
+fn an_installed_snapshot_replaces_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let store = committed_log(&path, 5);
+    store
+        .apply_snapshot(
+            SnapshotMeta {
+                index: 100,
+                term: 7,
+                conf_state: conf_state(&[1, 2], &[]),
+            },
+            (100, b"book-100"),
+        )
+        .unwrap();
+    assert_eq!(store.first_index().unwrap(), 101);
+    assert_eq!(store.last_index().unwrap(), 100);
+    assert_eq!(store.term(100).unwrap(), 7);
+    store.append(&[entry(101, 7, b"next")]).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let (store, rec) = open(&path);
+    assert_eq!((rec.first_index, rec.last_index), (101, 101));
+    let rs = store.initial_state().unwrap();
+    assert_eq!(rs.conf_state, conf_state(&[1, 2], &[]));
+    assert_eq!(rs.hard_state.commit, 100);
+    assert_eq!(rs.hard_state.term, 7);
+    assert!(!path.with_extension("rewrite.tmp").exists());
+}
+
+#[test]
+fn without_a_snapshot_none_is_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = committed_log(&log_path(&dir), 3);
+    assert!(matches!(
+        store.snapshot(0, 2),
+        Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable
+        ))
+    ));
 }

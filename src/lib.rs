@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod node;
 pub mod redis;
+pub mod snapshot;
 pub mod storage;
 pub mod transport;
 

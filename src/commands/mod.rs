@@ -7,6 +7,7 @@
 mod cluster;
 mod info;
 pub mod multi;
+mod snapshot;
 
 use std::ffi::{c_int, CStr};
 
@@ -267,6 +268,7 @@ extern "C" fn sort_cmd(
 }
 
 /// `RAFT.DEBUG EXEC <command> [args...]`: runs a command locally, outside Raft.
+/// `RAFT.DEBUG SNAPSHOT SAVE|LOAD <path>`: saves or loads this node's dataset (snapshot.rs).
 extern "C" fn raft_debug_cmd(
     ctx: *mut RedisModuleCtx,
     argv: *mut *mut RedisModuleString,
@@ -286,7 +288,8 @@ extern "C" fn raft_debug_cmd(
                 Some(b"EXEC") => {
                     api::reply_error(ctx, "ERR wrong number of arguments for 'raft.debug exec'")
                 }
-                _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC only"),
+                Some(b"SNAPSHOT") => snapshot::debug(ctx, &args[2..]),
+                _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC and SNAPSHOT"),
             }
         },
     )

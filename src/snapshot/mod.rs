@@ -6,3 +6,5 @@
 //! a term and an opaque metadata blob in the file's header.
 
 pub mod format;
+pub mod load;
+pub mod save;

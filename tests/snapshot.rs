@@ -342,6 +342,13 @@ fn every_data_type_survives_save_and_load_key_by_key() {
         Value::BulkString(b"inside the box".to_vec())
     );
     let log = b.nodes[0].log();
+    // The module type was checked in a child before the flush (src/snapshot/load.rs).
+    assert!(
+        log.contains(
+            "checking that this server can restore its module types (rraft-box) in a child process"
+        ),
+        "{log}"
+    );
     assert!(
         log.contains(&format!(
             "snapshot loaded from {}: {keys} keys, index {applied}",
@@ -580,6 +587,33 @@ fn a_save_that_cannot_write_its_file_fails_and_says_why() {
         r.cmd(&["RAFT.DEBUG", "SNAPSHOT", "DROP", "x"]),
         "-ERR RAFT.DEBUG SNAPSHOT supports SAVE and LOAD\r\n"
     );
+}
+
+/// Redis 7.0 terminates the server when RESTORE (outside a client's command) meets a module
+/// type it lacks: such a snapshot is refused before the flush, and the node keeps running.
+#[test]
+fn a_snapshot_with_a_module_type_this_server_lacks_is_refused_before_the_flush() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let so = build_test_module(tmp.path(), "box");
+    let a = single(&["--loadmodule", &path_str(&so)]);
+    let b = single(&[]);
+    let mut w = conn_db(&a, 0, 0);
+    assert_eq!(write_db(&mut w, &["SET", "plain", "v"]), Value::Okay);
+    assert_eq!(write_db(&mut w, &["BOX.SET", "boxed", "v"]), Value::Okay);
+    let mut wb = conn_db(&b, 0, 0);
+    assert_eq!(write_db(&mut wb, &["SET", "mine", "b"]), Value::Okay);
+    let before = fingerprint(&b);
+    let path = tmp.path().join("snap");
+    let r = save(&a, 0, &path);
+    let len = std::fs::metadata(&path).expect("saved").len();
+    assert_eq!(r, save_reply(2, len));
+    assert_eq!(
+        load(&b, 0, &path),
+        "-ERR the snapshot holds keys of module data type rraft-box that this server cannot restore (is the module loaded, in a version that reads them?); the dataset was not changed\r\n"
+    );
+    let mut r = RawConn::open(b.nodes[0].def.port);
+    assert_eq!(r.cmd(&["PING"]), "+PONG\r\n");
+    assert_eq!(fingerprint(&b), before);
 }
 
 /// 1M keys with 100-byte values: save time and size, the longest PING during the save, load

@@ -535,8 +535,19 @@ pub fn verify(path: &Path) -> Result<SnapshotSummary, SnapshotError> {
 
 /// As `verify`, on an open file, which it hands back (for loading the same file afterwards).
 pub fn verify_file(file: File, path: &Path) -> Result<(SnapshotSummary, File), SnapshotError> {
+    verify_file_with(file, path, |_| {})
+}
+
+/// As `verify_file`, showing every key to `on_key` on the way.
+pub fn verify_file_with(
+    file: File,
+    path: &Path,
+    mut on_key: impl FnMut(&KeyRecord),
+) -> Result<(SnapshotSummary, File), SnapshotError> {
     let mut r = SnapshotReader::from_file(file, path)?;
-    while r.next_key()?.is_some() {}
+    while let Some(k) = r.next_key()? {
+        on_key(&k);
+    }
     let summary = SnapshotSummary {
         header: r.header.clone(),
         keys: r.keys,

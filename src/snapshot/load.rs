@@ -3,6 +3,12 @@
 //! 1. Check: a background thread reads the whole file and checks every record, the key count
 //!    and the whole-file CRC. A bad file ends the load here with `LoadError::Invalid`, and
 //!    the dataset is untouched.
+//!    Keys of module data types get one more check first: Redis 7.0 terminates the whole
+//!    server when RESTORE meets a module type it does not have (outside a client's command,
+//!    as here), so one key of each module type in the file is restored first in a forked
+//!    child (`RedisModule_Fork`), where that would only end the child. If that fails, the load
+//!    ends with `LoadError::ModuleTypes`, the dataset untouched; it also fails that way when
+//!    another child process (a snapshot save, a BGSAVE) is running at that moment.
 //! 2. Flush: all databases are emptied (`RedisModule_ResetDataset`, freeing in the background).
 //! 3. Restore in slices: a 0 ms timer restores up to `LoadOptions::keys_per_slice` keys or
 //!    for `LoadOptions::slice_time_max`, whichever ends first (at least one key), with
@@ -86,6 +92,10 @@ pub enum LoadError {
     Restore { reason: String, keys_loaded: u64 },
     #[error("the snapshot load was aborted after {keys_loaded} keys")]
     Aborted { keys_loaded: u64 },
+    /// Keys of module data types this server cannot restore, or could not be checked; the
+    /// dataset was not touched.
+    #[error("{0}; the dataset was not changed")]
+    ModuleTypes(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -107,6 +117,14 @@ pub type LoadDone = Box<dyn FnOnce(Result<LoadOutcome, LoadError>)>;
 
 enum Phase {
     Checking,
+    /// A forked child is restoring one key of each module type (see the module doc).
+    Probing {
+        reader: Box<SnapshotReader>,
+        summary: format::SnapshotSummary,
+        check_duration: Duration,
+        types: Vec<String>,
+        child_pid: i32,
+    },
     Restoring {
         reader: Box<SnapshotReader>,
         keys_total: u64,
@@ -142,6 +160,64 @@ struct Checked {
     generation: u64,
     result: Result<(format::SnapshotSummary, File), SnapshotError>,
     duration: Duration,
+    /// One key of each module data type in the file.
+    module_samples: Vec<ModuleSample>,
+    /// Why the file's module values cannot be loaded, found while checking.
+    module_problem: Option<String>,
+}
+
+/// A key of a module data type, kept from the check to probe its type.
+struct ModuleSample {
+    type_name: String,
+    db: i32,
+    payload: Vec<u8>,
+}
+
+/// Distinct module types probed at most; more than that in one file is refused.
+const MODULE_TYPES_MAX: usize = 256;
+
+/// RDB object types of module values (`RDB_TYPE_MODULE_PRE_GA`, `RDB_TYPE_MODULE_2`).
+const RDB_TYPE_MODULE_PRE_GA: u8 = 6;
+const RDB_TYPE_MODULE_2: u8 = 7;
+
+/// For a DUMP payload of a module value, its module type id (name and encoding version);
+/// `None` for Redis's own types. A DUMP payload starts with the RDB object type, and a
+/// module value's with its type id in RDB length encoding.
+pub(crate) fn dump_module_type_id(payload: &[u8]) -> Option<Result<u64, ()>> {
+    let (&ty, rest) = payload.split_first()?;
+    if ty != RDB_TYPE_MODULE_2 && ty != RDB_TYPE_MODULE_PRE_GA {
+        return None;
+    }
+    let first = match rest.first() {
+        Some(&b) => b,
+        None => return Some(Err(())),
+    };
+    let be = |n: usize| -> Result<u64, ()> {
+        let b = rest.get(1..1 + n).ok_or(())?;
+        Ok(b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
+    };
+    Some(match first >> 6 {
+        0 => Ok(u64::from(first & 0x3f)),
+        1 => rest
+            .get(1)
+            .map(|&b| (u64::from(first & 0x3f) << 8) | u64::from(b))
+            .ok_or(()),
+        2 if first == 0x80 => be(4),
+        2 if first == 0x81 => be(8),
+        _ => Err(()),
+    })
+}
+
+/// A module type's 9-character name from its id (as Redis's `moduleTypeNameByID`).
+pub(crate) fn module_type_name(id: u64) -> String {
+    const CHARSET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut id = id >> 10;
+    let mut name = [0u8; 9];
+    for c in name.iter_mut().rev() {
+        *c = CHARSET[(id & 63) as usize];
+        id >>= 6;
+    }
+    String::from_utf8_lossy(&name).into_owned()
 }
 
 /// Whether a load is running.
@@ -186,11 +262,42 @@ pub fn start_load(
         .name("snapshot-check".into())
         .spawn(move || {
             let t = Instant::now();
-            let result = format::verify_file(file, &thread_path);
+            let mut samples: Vec<(u64, ModuleSample)> = Vec::new();
+            let mut bad_module_key = None;
+            let result =
+                format::verify_file_with(file, &thread_path, |k| {
+                    match dump_module_type_id(&k.payload) {
+                        None => {}
+                        Some(Ok(id)) if !samples.iter().any(|(i, _)| *i == id) => {
+                            samples.push((
+                                id,
+                                ModuleSample {
+                                    type_name: module_type_name(id),
+                                    db: k.db,
+                                    payload: k.payload.clone(),
+                                },
+                            ));
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(())) => bad_module_key = Some((k.db, k.key.clone())),
+                    }
+                });
+            let module_problem = match bad_module_key {
+                Some((db, key)) => Some(format!(
+                    "key '{}' in database {db} holds a module value without a readable type id",
+                    String::from_utf8_lossy(&key)
+                )),
+                None if samples.len() > MODULE_TYPES_MAX => Some(format!(
+                    "the snapshot holds more than {MODULE_TYPES_MAX} module data types"
+                )),
+                None => None,
+            };
             let checked = Box::new(Checked {
                 generation,
                 result,
                 duration: t.elapsed(),
+                module_samples: samples.into_iter().map(|(_, s)| s).collect(),
+                module_problem,
             });
             // Thread-safe by Redis's contract; the callback owns the box.
             unsafe {
@@ -233,6 +340,11 @@ pub fn abort_load() -> bool {
     };
     let keys_loaded = match &l.phase {
         Phase::Checking => 0,
+        Phase::Probing { child_pid, .. } => {
+            // Waits for the child; Redis then does not call the done handler.
+            unsafe { rm!(RedisModule_KillForkChild)(*child_pid) };
+            0
+        }
         Phase::Restoring { reader, .. } => reader.keys_read(),
     };
     log_raw(
@@ -264,16 +376,12 @@ extern "C" fn on_checked(data: *mut c_void) {
 }
 
 fn after_check(checked: Checked) {
-    let st = LOAD.get_mut();
-    let current = st
+    let Some(mut l) = LOAD
+        .get_mut()
         .current
-        .as_ref()
-        .is_some_and(|l| l.generation == checked.generation && matches!(l.phase, Phase::Checking));
-    if !current {
+        .take_if(|l| l.generation == checked.generation && matches!(l.phase, Phase::Checking))
+    else {
         return; // Aborted meanwhile.
-    }
-    let Some(mut l) = st.current.take() else {
-        return;
     };
     let (summary, file) = match checked.result {
         Ok(v) => v,
@@ -297,6 +405,173 @@ fn after_check(checked: Checked) {
             return;
         }
     };
+    if let Some(why) = checked.module_problem {
+        log_raw(
+            "warning",
+            &format!("snapshot load refused: {why}; the dataset was not changed"),
+        );
+        end(l, Err(LoadError::ModuleTypes(why)));
+        return;
+    }
+    if checked.module_samples.is_empty() {
+        start_restoring(l, reader, summary, checked.duration);
+        return;
+    }
+    let types: Vec<String> = checked
+        .module_samples
+        .iter()
+        .map(|s| s.type_name.clone())
+        .collect();
+    log_raw(
+        "notice",
+        &format!(
+            "snapshot load from {}: file checked in {} ms; checking that this server can restore its module types ({}) in a child process",
+            l.path.display(),
+            checked.duration.as_millis(),
+            types.join(", ")
+        ),
+    );
+    let lctx = l.ctx as *mut RedisModuleCtx;
+    let pid =
+        unsafe { rm!(RedisModule_Fork)(Some(probe_done), l.generation as usize as *mut c_void) };
+    if pid == 0 {
+        probe_child(lctx, &checked.module_samples);
+    }
+    if pid < 0 {
+        let why = format!(
+            "cannot check the snapshot's module types ({}): cannot fork: {}",
+            types.join(", "),
+            std::io::Error::last_os_error()
+        );
+        log_raw(
+            "warning",
+            &format!("snapshot load refused: {why}; the dataset was not changed"),
+        );
+        end(l, Err(LoadError::ModuleTypes(why)));
+        return;
+    }
+    l.phase = Phase::Probing {
+        reader: Box::new(reader),
+        summary,
+        check_duration: checked.duration,
+        types,
+        child_pid: pid,
+    };
+    LOAD.get_mut().current = Some(l);
+}
+
+/// The probe child: restores one key of each module type into a scratch key (in the child's
+/// copy of the dataset only). A type Redis cannot load terminates this child, not the server.
+fn probe_child(ctx: *mut RedisModuleCtx, samples: &[ModuleSample]) -> ! {
+    let code = guard(
+        "snapshot module type check",
+        || 1,
+        || {
+            for s in samples {
+                if unsafe { rm!(RedisModule_SelectDb)(ctx, s.db) } != api::OK {
+                    log_raw(
+                        "warning",
+                        &format!(
+                            "snapshot module type check: database {} does not exist here",
+                            s.db
+                        ),
+                    );
+                    return 1;
+                }
+                let argv = [
+                    b"RESTORE".to_vec(),
+                    b"__redis_raft_snapshot_probe__".to_vec(),
+                    b"0".to_vec(),
+                    s.payload.clone(),
+                    b"REPLACE".to_vec(),
+                ];
+                let r = api::call(ctx, &argv, CallOpts::default());
+                let t = if r.is_null() {
+                    api::raw::REDISMODULE_REPLY_ERROR
+                } else {
+                    (unsafe { rm!(RedisModule_CallReplyType)(r) }) as isize
+                };
+                let v = api::call_reply_value(r);
+                api::free_call_reply(r);
+                if t == api::raw::REDISMODULE_REPLY_ERROR {
+                    let msg = match v {
+                        api::Value::Str(e) => String::from_utf8_lossy(&e).into_owned(),
+                        _ => "could not be executed".into(),
+                    };
+                    log_raw(
+                        "warning",
+                        &format!(
+                            "snapshot module type check: a value of type {} cannot be restored: {msg}",
+                            s.type_name
+                        ),
+                    );
+                    return 1;
+                }
+            }
+            0
+        },
+    );
+    unsafe {
+        rm!(RedisModule_ExitFromChild)(code);
+        // Not reached: ExitFromChild exits. Never fall back into Redis's code in a child.
+        libc::_exit(code)
+    }
+}
+
+/// Redis reaped the probe child (main thread).
+extern "C" fn probe_done(exitcode: i32, bysignal: i32, data: *mut c_void) {
+    guard(
+        "snapshot module type check",
+        || (),
+        || after_probe(data as usize as u64, exitcode, bysignal),
+    );
+}
+
+fn after_probe(generation: u64, exitcode: i32, bysignal: i32) {
+    let Some(l) = LOAD
+        .get_mut()
+        .current
+        .take_if(|l| l.generation == generation && matches!(l.phase, Phase::Probing { .. }))
+    else {
+        return;
+    };
+    let Loading { phase, .. } = &l;
+    let Phase::Probing { types, .. } = phase else {
+        return;
+    };
+    if exitcode != 0 || bysignal != 0 {
+        let why = format!(
+            "the snapshot holds keys of module data type{} {} that this server cannot restore (is the module loaded, in a version that reads them?)",
+            if types.len() == 1 { "" } else { "s" },
+            types.join(", ")
+        );
+        log_raw(
+            "warning",
+            &format!("snapshot load refused: {why}; the dataset was not changed"),
+        );
+        end(l, Err(LoadError::ModuleTypes(why)));
+        return;
+    }
+    let mut l = l;
+    let Phase::Probing {
+        reader,
+        summary,
+        check_duration,
+        ..
+    } = std::mem::replace(&mut l.phase, Phase::Checking)
+    else {
+        return;
+    };
+    start_restoring(l, *reader, summary, check_duration);
+}
+
+/// The file is good: flush the dataset and restore it slice by slice.
+fn start_restoring(
+    mut l: Loading,
+    reader: SnapshotReader,
+    summary: format::SnapshotSummary,
+    check_duration: Duration,
+) {
     log_raw(
         "notice",
         &format!(
@@ -306,7 +581,7 @@ fn after_check(checked: Checked) {
             summary.bytes,
             summary.header.index,
             summary.header.term,
-            checked.duration.as_millis()
+            check_duration.as_millis()
         ),
     );
     // Async: the old dataset is freed by Redis's lazyfree thread; it is gone from view now.
@@ -315,11 +590,11 @@ fn after_check(checked: Checked) {
         reader: Box::new(reader),
         keys_total: summary.keys,
         bytes: summary.bytes,
-        check_duration: checked.duration,
+        check_duration,
     };
     let generation = l.generation;
     let ctx = l.ctx as *mut RedisModuleCtx;
-    st.current = Some(l);
+    LOAD.get_mut().current = Some(l);
     arm(ctx, generation);
 }
 
@@ -496,4 +771,42 @@ fn restore(ctx: *mut RedisModuleCtx, rec: KeyRecord) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis's `moduleTypeEncodeId` for a 9-character name and an encoding version.
+    fn encode_id(name: &str, encver: u64) -> u64 {
+        const CHARSET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut id = 0u64;
+        for c in name.bytes() {
+            let pos = CHARSET.iter().position(|&x| x == c).unwrap() as u64;
+            id = (id << 6) | pos;
+        }
+        (id << 10) | encver
+    }
+
+    #[test]
+    fn module_type_ids_are_read_from_dump_payloads() {
+        let id = encode_id("rraft-box", 0);
+        assert_eq!(module_type_name(id), "rraft-box");
+        assert_eq!(module_type_name(encode_id("ReJSON-RL", 3)), "ReJSON-RL");
+        // RDB_TYPE_MODULE_2, 64-bit length encoding (big-endian), then the value.
+        let mut p = vec![7u8, 0x81];
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(b"rest");
+        assert_eq!(dump_module_type_id(&p), Some(Ok(id)));
+        // Shorter length encodings.
+        assert_eq!(dump_module_type_id(&[7, 0x05]), Some(Ok(5)));
+        assert_eq!(dump_module_type_id(&[7, 0x41, 0x02]), Some(Ok(0x102)));
+        assert_eq!(dump_module_type_id(&[6, 0x80, 0, 0, 1, 0]), Some(Ok(256)));
+        // Redis's own types, and damaged module payloads.
+        assert_eq!(dump_module_type_id(&[0, 3, b'a', b'b', b'c']), None);
+        assert_eq!(dump_module_type_id(&[]), None);
+        assert_eq!(dump_module_type_id(&[7]), Some(Err(())));
+        assert_eq!(dump_module_type_id(&[7, 0x81, 1, 2]), Some(Err(())));
+        assert_eq!(dump_module_type_id(&[7, 0xc0]), Some(Err(())));
+    }
 }

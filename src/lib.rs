@@ -9,6 +9,7 @@ pub mod config;
 pub mod join;
 pub mod node;
 pub mod redis;
+pub mod snapshot;
 pub mod storage;
 pub mod transport;
 

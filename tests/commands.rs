@@ -608,48 +608,6 @@ fn stream_ids_generated_with_star_are_the_same_on_every_node() {
     }
 }
 
-/// Builds tests/modules/counter.c (a module with a write and a read command) with the
-/// redismodule.h that the redis-module crate ships, into `dir`.
-fn build_counter_module(dir: &std::path::Path) -> std::path::PathBuf {
-    let cargo_home = std::env::var("CARGO_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
-        });
-    let mut include = None;
-    for reg in std::fs::read_dir(cargo_home.join("registry/src"))
-        .expect("cargo registry")
-        .flatten()
-    {
-        for krate in std::fs::read_dir(reg.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = krate.file_name().to_string_lossy().into_owned();
-            let h = krate.path().join("src/include");
-            if name.starts_with("redis-module-") && h.join("redismodule.h").exists() {
-                include = Some(h);
-            }
-        }
-    }
-    let include = include.expect("redismodule.h from the redis-module crate");
-    let out = dir.join("counter.so");
-    let st = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-I"])
-        .arg(&include)
-        .arg("-o")
-        .arg(&out)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/modules/counter.c"
-        ))
-        .status()
-        .expect("cc");
-    assert!(st.success(), "building the test module failed");
-    out
-}
-
 #[test]
 fn commands_of_a_module_loaded_later_are_classified() {
     let mut c = Cluster::define(3);
@@ -660,7 +618,7 @@ fn commands_of_a_module_loaded_later_are_classified() {
         c.start_node(i);
     }
     let l = c.wait_leader(Duration::from_secs(10));
-    let so = build_counter_module(c.tmp.path());
+    let so = common::build_test_module(c.tmp.path(), "counter");
     let so = so.to_string_lossy().into_owned();
     for i in 0..3 {
         let mut r = RawConn::open(c.nodes[i].def.port);

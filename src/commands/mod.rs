@@ -8,6 +8,7 @@ mod cluster;
 mod info;
 mod membership;
 pub mod multi;
+mod snapshot;
 
 use std::ffi::{c_int, CStr};
 
@@ -268,6 +269,7 @@ extern "C" fn sort_cmd(
 }
 
 /// `RAFT.DEBUG EXEC <command> [args...]`: runs a command locally, outside Raft.
+/// `RAFT.DEBUG SNAPSHOT SAVE|LOAD <path>`: saves or loads this node's dataset (snapshot.rs).
 extern "C" fn raft_debug_cmd(
     ctx: *mut RedisModuleCtx,
     argv: *mut *mut RedisModuleString,
@@ -287,7 +289,8 @@ extern "C" fn raft_debug_cmd(
                 Some(b"EXEC") => {
                     api::reply_error(ctx, "ERR wrong number of arguments for 'raft.debug exec'")
                 }
-                _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC only"),
+                Some(b"SNAPSHOT") => snapshot::debug(ctx, &args[2..]),
+                _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC and SNAPSHOT"),
             }
         },
     )

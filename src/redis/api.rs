@@ -94,7 +94,17 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_GetBlockedClientHandle,
         RedisModule_InfoAddFieldLongLong,
         RedisModule_ReplyWithNull,
-        RedisModule_SetDisconnectCallback
+        RedisModule_SetDisconnectCallback,
+        // Snapshots (src/snapshot/).
+        RedisModule_Fork,
+        RedisModule_ExitFromChild,
+        RedisModule_KillForkChild,
+        RedisModule_Scan,
+        RedisModule_ScanCursorCreate,
+        RedisModule_ScanCursorDestroy,
+        RedisModule_GetAbsExpire,
+        RedisModule_CreateTimer,
+        RedisModule_FreeThreadSafeContext
     );
     v
 }

@@ -42,7 +42,7 @@
 //! after a failed fsync the kernel may have dropped the dirty pages, so retrying could report
 //! success for data that never reached the disk.
 
-mod record;
+pub(crate) mod record;
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -822,8 +822,9 @@ impl fmt::Debug for LogStore {
     }
 }
 
-/// Makes a newly created file's directory entry durable.
-fn sync_parent_dir(path: &Path) -> io::Result<()> {
+/// Makes a newly created (or renamed) file's directory entry durable. Also used by
+/// `snapshot/format.rs`.
+pub(crate) fn sync_parent_dir(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

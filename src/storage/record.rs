@@ -121,9 +121,10 @@ pub(crate) fn check_header(bytes: &[u8]) -> HeaderCheck {
 /// Why a record could not be encoded. The output buffer is left as it was.
 #[derive(Debug)]
 pub(crate) enum EncodeError {
-    /// The record would exceed `RECORD_PAYLOAD_MAX_BYTES`.
+    /// The record would exceed its format's maximum payload size.
     TooLarge {
         payload_bytes: u64,
+        max_bytes: u64,
     },
     Prost(prost::EncodeError),
 }
@@ -131,9 +132,12 @@ pub(crate) enum EncodeError {
 impl std::fmt::Display for EncodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            EncodeError::TooLarge { payload_bytes } => write!(
+            EncodeError::TooLarge {
+                payload_bytes,
+                max_bytes,
+            } => write!(
                 f,
-                "record of {payload_bytes} bytes exceeds the maximum of {RECORD_PAYLOAD_MAX_BYTES} bytes"
+                "record of {payload_bytes} bytes exceeds the maximum of {max_bytes} bytes"
             ),
             EncodeError::Prost(e) => write!(f, "cannot encode record: {e}"),
         }
@@ -146,9 +150,26 @@ fn push_frame(
     body_len: usize,
     write_body: impl FnOnce(&mut Vec<u8>) -> Result<(), EncodeError>,
 ) -> Result<(), EncodeError> {
+    push_frame_max(out, kind, body_len, RECORD_PAYLOAD_MAX_BYTES, write_body)
+}
+
+/// Appends one record `len crc kind body` to `out`, `write_body` writing exactly `body_len`
+/// bytes. The framing is shared with the snapshot file (`snapshot/format.rs`), which has
+/// its own kinds and its own `max_payload_bytes` (below 4 GiB, the u32 length field).
+pub(crate) fn push_frame_max(
+    out: &mut Vec<u8>,
+    kind: u8,
+    body_len: usize,
+    max_payload_bytes: u64,
+    write_body: impl FnOnce(&mut Vec<u8>) -> Result<(), EncodeError>,
+) -> Result<(), EncodeError> {
+    debug_assert!(max_payload_bytes <= u64::from(u32::MAX));
     let payload_bytes = body_len as u64 + 1;
-    if payload_bytes > RECORD_PAYLOAD_MAX_BYTES {
-        return Err(EncodeError::TooLarge { payload_bytes });
+    if payload_bytes > max_payload_bytes {
+        return Err(EncodeError::TooLarge {
+            payload_bytes,
+            max_bytes: max_payload_bytes,
+        });
     }
     let start = out.len();
     out.reserve(FRAME_HEADER_LEN as usize + payload_bytes as usize);
@@ -161,7 +182,7 @@ fn push_frame(
     let payload_start = start + FRAME_HEADER_LEN as usize;
     debug_assert_eq!(out.len() - payload_start, payload_bytes as usize);
     let crc = crc32fast::hash(&out[payload_start..]);
-    // Lossless: payload_bytes <= RECORD_PAYLOAD_MAX_BYTES < u32::MAX.
+    // Lossless: payload_bytes <= max_payload_bytes <= u32::MAX.
     out[start..start + 4].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     Ok(())
@@ -215,6 +236,13 @@ pub(crate) fn encode_snapshot(
         out.extend_from_slice(&term.to_le_bytes());
         cs.encode(out).map_err(EncodeError::Prost)
     })
+}
+
+/// A record header's payload length and CRC.
+pub(crate) fn parse_frame_header(frame: &[u8; FRAME_HEADER_LEN as usize]) -> (u64, u32) {
+    let len = u64::from(u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]));
+    let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    (len, crc)
 }
 
 /// Decodes a payload whose CRC already matched.
@@ -349,8 +377,7 @@ pub(crate) fn scan<R: Read>(
         }
         let mut frame = [0u8; FRAME_HEADER_LEN as usize];
         reader.read_exact(&mut frame)?;
-        let len = u64::from(u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]));
-        let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        let (len, crc) = parse_frame_header(&frame);
         let after_header = remaining - FRAME_HEADER_LEN;
 
         if len == 0 {

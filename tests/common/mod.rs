@@ -501,3 +501,46 @@ impl RawConn {
         }
     }
 }
+
+/// Builds tests/modules/<name>.c (small third-party modules: `counter` has a write and a read
+/// command, `box` its own data type) with the redismodule.h that the redis-module crate
+/// ships, into `dir`; returns the .so path.
+pub fn build_test_module(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
+    let mut include = None;
+    for reg in std::fs::read_dir(cargo_home.join("registry/src"))
+        .expect("cargo registry")
+        .flatten()
+    {
+        for krate in std::fs::read_dir(reg.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let krate_name = krate.file_name().to_string_lossy().into_owned();
+            let h = krate.path().join("src/include");
+            if krate_name.starts_with("redis-module-") && h.join("redismodule.h").exists() {
+                include = Some(h);
+            }
+        }
+    }
+    let include = include.expect("redismodule.h from the redis-module crate");
+    let out = dir.join(format!("{name}.so"));
+    let st = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-I"])
+        .arg(&include)
+        .arg("-o")
+        .arg(&out)
+        .arg(format!(
+            "{}/tests/modules/{name}.c",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .status()
+        .expect("cc");
+    assert!(st.success(), "building the test module failed");
+    out
+}

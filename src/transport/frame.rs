@@ -18,6 +18,10 @@
 //!   `from`/`to` as in the Hello. The password itself never goes on the wire.
 //! - 5 `Welcome` (acceptor to connector): empty body; "send your Raft messages".
 //! - 6 `Reject` (acceptor to connector): a UTF-8 reason, sent just before closing.
+//! - 7 `SnapshotChunk` (connector to acceptor, before the Raft frame of a MsgSnapshot):
+//!   `index u64 | offset u64 | total u64 | bytes`: part of the snapshot file for the message's
+//!   snapshot index; the receiver writes it at `offset` and hands the message on only once
+//!   all `total` bytes arrived.
 //!
 //! Handshake: the connector sends Hello and waits. The acceptor answers a valid Hello with
 //! Welcome (no password configured) or Challenge (password configured); a Challenge is answered
@@ -37,7 +41,8 @@ use sha2::Sha256;
 pub const MAGIC: u16 = 0x5252;
 /// Version carried in the Hello; bump it when anything in this file changes meaning.
 // 2: the acceptor answers the Hello (Welcome/Challenge), so version 1 peers cannot interoperate.
-pub const PROTOCOL_VERSION: u16 = 2;
+// 3: snapshot chunks (kind 7).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// magic (2) + kind (1) + len (4) + crc (4).
 pub const HEADER_BYTES: usize = 11;
 /// Upper bound on the cluster id carried in a Hello.
@@ -59,6 +64,7 @@ pub enum FrameKind {
     Response = 4,
     Welcome = 5,
     Reject = 6,
+    SnapshotChunk = 7,
 }
 
 impl FrameKind {
@@ -70,6 +76,7 @@ impl FrameKind {
             4 => Some(FrameKind::Response),
             5 => Some(FrameKind::Welcome),
             6 => Some(FrameKind::Reject),
+            7 => Some(FrameKind::SnapshotChunk),
             _ => None,
         }
     }
@@ -95,6 +102,18 @@ pub enum Frame {
     Response([u8; AUTH_BYTES]),
     Welcome,
     Reject(String),
+    SnapshotChunk(SnapshotChunk),
+}
+
+/// Part of a snapshot file on its way to a follower.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotChunk {
+    /// The snapshot index of the MsgSnapshot this file goes with.
+    pub index: u64,
+    pub offset: u64,
+    /// The whole file's size.
+    pub total: u64,
+    pub data: Vec<u8>,
 }
 
 /// Why bytes could not be encoded or decoded as a frame.
@@ -163,6 +182,22 @@ pub fn encode_message(
         });
     }
     finish_frame(out, start, max_body_bytes)
+}
+
+/// Appends a SnapshotChunk frame to `out`. The caller keeps `data` well under the frame limit.
+pub fn encode_snapshot_chunk(
+    index: u64,
+    offset: u64,
+    total: u64,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let start = begin_frame(FrameKind::SnapshotChunk, out);
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&total.to_le_bytes());
+    out.extend_from_slice(data);
+    finish_frame(out, start, usize::MAX)
 }
 
 /// Appends a Challenge frame carrying `nonce` to `out`.
@@ -351,6 +386,25 @@ impl FrameDecoder {
                 })
             }
             FrameKind::Reject => Frame::Reject(decode_reason(body)?),
+            FrameKind::SnapshotChunk => {
+                let mut rest = body;
+                let index = u64::from_le_bytes(take::<8>(&mut rest)?);
+                let offset = u64::from_le_bytes(take::<8>(&mut rest)?);
+                let total = u64::from_le_bytes(take::<8>(&mut rest)?);
+                let end = offset.checked_add(rest.len() as u64);
+                if end.is_none_or(|end| end > total) {
+                    return Err(FrameError::BadBody {
+                        kind,
+                        why: "chunk ends past the file's size",
+                    });
+                }
+                Frame::SnapshotChunk(SnapshotChunk {
+                    index,
+                    offset,
+                    total,
+                    data: rest.to_vec(),
+                })
+            }
         };
         self.start += total;
         if self.start == self.buf.len() {

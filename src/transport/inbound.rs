@@ -169,6 +169,83 @@ struct ConnState {
     auth: Auth,
     /// Messages dropped because their from/to does not match the Hello.
     misrouted: u64,
+    /// A snapshot file arriving in chunks, ahead of its MsgSnapshot.
+    snapshot: Option<SnapshotRecv>,
+}
+
+struct SnapshotRecv {
+    index: u64,
+    total: u64,
+    received: u64,
+    file: std::fs::File,
+}
+
+/// Where a snapshot file is written while it arrives, next to where it goes once complete.
+pub(crate) fn snapshot_recv_tmp(recv: &std::path::Path) -> std::path::PathBuf {
+    let mut p = recv.as_os_str().to_owned();
+    p.push(".tmp");
+    p.into()
+}
+
+impl ConnState {
+    /// Writes one chunk of an arriving snapshot file. Err: why the connection must close.
+    fn receive_chunk(
+        &mut self,
+        local: &LocalIdentity,
+        c: frame::SnapshotChunk,
+    ) -> Result<(), String> {
+        let Some(recv) = &local.snapshot_recv else {
+            return Err("this node does not take snapshots over the bus".into());
+        };
+        let tmp = snapshot_recv_tmp(recv);
+        if c.offset == 0 {
+            let file = std::fs::File::create(&tmp)
+                .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+            self.snapshot = Some(SnapshotRecv {
+                index: c.index,
+                total: c.total,
+                received: 0,
+                file,
+            });
+        }
+        let Some(s) = self.snapshot.as_mut() else {
+            return Err("snapshot chunk without the start of its file".into());
+        };
+        if s.index != c.index || s.total != c.total || s.received != c.offset {
+            return Err(format!(
+                "snapshot chunk out of order (index {} offset {}, expected index {} offset {})",
+                c.index, c.offset, s.index, s.received
+            ));
+        }
+        s.file
+            .write_all(&c.data)
+            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        s.received += c.data.len() as u64;
+        Ok(())
+    }
+
+    /// The file for a MsgSnapshot at `index` is complete: make it durable under its final
+    /// name. Err: the message must be dropped (the leader sends the snapshot again).
+    fn finish_snapshot(&mut self, local: &LocalIdentity, index: u64) -> Result<(), String> {
+        let Some(recv) = &local.snapshot_recv else {
+            return Err("this node does not take snapshots over the bus".into());
+        };
+        let s = self
+            .snapshot
+            .take()
+            .ok_or("no snapshot file came before the message")?;
+        if s.index != index || s.received != s.total {
+            return Err(format!(
+                "the snapshot file is incomplete or for another index ({} of {} bytes, index {} for message index {index})",
+                s.received, s.total, s.index
+            ));
+        }
+        let tmp = snapshot_recv_tmp(recv);
+        s.file
+            .sync_all()
+            .and_then(|()| std::fs::rename(&tmp, recv))
+            .map_err(|e| format!("cannot keep the snapshot file {}: {e}", recv.display()))
+    }
 }
 
 impl Drop for Reader {
@@ -187,6 +264,7 @@ impl Reader {
             hello: None,
             auth: Auth::AwaitHello,
             misrouted: 0,
+            snapshot: None,
         };
         let accepted_at = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
@@ -323,6 +401,18 @@ impl Reader {
                     tracing::info!(peer = %addr, from,
                         "raft bus: accepted connection from node {from} at {addr} (cluster password verified)");
                 }
+                Frame::SnapshotChunk(c) => {
+                    if conn.hello.is_none() || !matches!(conn.auth, Auth::Open) {
+                        self.refuse(conn, "snapshot data before the handshake");
+                        return false;
+                    }
+                    if let Err(why) = conn.receive_chunk(&self.local, c) {
+                        tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: {why}",
+                            describe(&conn.hello));
+                        conn.snapshot = None;
+                        return false;
+                    }
+                }
                 Frame::Challenge(_) | Frame::Welcome | Frame::Reject(_) => {
                     tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: unexpected handshake frame",
                         describe(&conn.hello));
@@ -348,6 +438,16 @@ impl Reader {
                         tracing::info!(peer = %addr, from = h.from,
                             "raft bus: closing the connection of node {} (removed from the cluster)", h.from);
                         return false;
+                    }
+                    if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                        let index = msg.get_snapshot().get_metadata().index;
+                        if let Err(why) = conn.finish_snapshot(&self.local, index) {
+                            tracing::warn!(peer = %addr, from = h.from,
+                                "raft bus: dropping a snapshot message from node {} (index {index}): {why}", h.from);
+                            continue;
+                        }
+                        tracing::info!(peer = %addr, from = h.from,
+                            "raft bus: received snapshot file for index {index} from node {}", h.from);
                     }
                     if msg.to != self.local.node_id || msg.from != h.from {
                         conn.misrouted += 1;

@@ -30,6 +30,7 @@ mod peer;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
@@ -79,6 +80,10 @@ pub struct TransportConfig {
     pub max_frame_bytes: usize,
     /// Shared cluster password; empty means inbound connections are not challenged.
     pub password: String,
+    /// This node's snapshot file (sent to followers that need it); None: never sent.
+    pub snapshot_send: Option<PathBuf>,
+    /// Where a snapshot from the leader is kept once complete; None: refused.
+    pub snapshot_recv: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for TransportConfig {
@@ -109,6 +114,8 @@ impl TransportConfig {
             listen,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             password: String::new(),
+            snapshot_send: None,
+            snapshot_recv: None,
         }
     }
 }
@@ -139,6 +146,13 @@ pub(crate) struct LocalIdentity {
     pub(crate) any_removed: AtomicBool,
     /// A peer refused us because this node was removed from the cluster.
     pub(crate) told_removed: AtomicBool,
+    /// This node's snapshot file, streamed to a follower ahead of a MsgSnapshot.
+    pub(crate) snapshot_send: Option<PathBuf>,
+    /// Where a snapshot file from the leader is kept once complete (`.tmp` while arriving).
+    pub(crate) snapshot_recv: Option<PathBuf>,
+    /// Where the writers report how sending a snapshot went (as MsgSnapStatus, which the
+    /// raft thread turns into `report_snapshot`).
+    pub(crate) reports: crossbeam_channel::Sender<Vec<Message>>,
 }
 
 /// How a Reject says the connecting node was removed from the cluster (the connector stops).
@@ -200,6 +214,9 @@ impl Transport {
             password: cfg.password,
             removed: RwLock::new(Default::default()),
             any_removed: AtomicBool::new(false),
+            snapshot_send: cfg.snapshot_send,
+            snapshot_recv: cfg.snapshot_recv,
+            reports: inbound.clone(),
             told_removed: AtomicBool::new(false),
         });
         let stop = Arc::new(AtomicBool::new(false));

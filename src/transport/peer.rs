@@ -41,6 +41,8 @@ const BATCH_MSGS_MAX: usize = 4096;
 /// With nothing to send for this long, check whether the peer closed the connection, so
 /// `PeerStatus` does not report a dead link as connected.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// Snapshot files travel in chunks of this size (well under any frame limit).
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Shrink the batch buffer back after an unusually large batch.
 const BUF_KEEP_BYTES: usize = 4 * BATCH_BYTES_MAX;
 
@@ -478,6 +480,7 @@ impl Writer {
         self.buf.clear();
         let mut batched: u64 = 0;
         let mut taken: usize = 0;
+        let mut snapshot = None;
         while taken < BATCH_MSGS_MAX && self.buf.len() < BATCH_BYTES_MAX {
             let Some(msg) = self.pending.next() else {
                 match self.queue.try_recv() {
@@ -489,6 +492,11 @@ impl Writer {
                 }
             };
             taken += 1;
+            if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                // What came before goes first; then the file, then the message.
+                snapshot = Some(msg);
+                break;
+            }
             match frame::encode_message(&msg, self.local.max_frame_bytes, &mut self.buf) {
                 Ok(()) => batched += 1,
                 Err(e) => {
@@ -514,7 +522,78 @@ impl Writer {
         if self.buf.capacity() > BUF_KEEP_BYTES {
             self.buf = Vec::new();
         }
-        result
+        match (result, snapshot) {
+            (Ok(()), Some(msg)) => {
+                let sent = self.send_snapshot(stream, &msg);
+                self.report_snapshot(&msg, sent.is_ok());
+                sent
+            }
+            (result, Some(msg)) => {
+                self.report_snapshot(&msg, false);
+                result
+            }
+            (result, None) => result,
+        }
+    }
+
+    /// Streams this node's snapshot file in chunks, then the MsgSnapshot itself. The file
+    /// must be the one the message describes (a newer one replaced it: Err, and raft-rs asks
+    /// again with the new one).
+    fn send_snapshot(&mut self, stream: &mut TcpStream, msg: &Message) -> io::Result<()> {
+        let index = msg.get_snapshot().get_metadata().index;
+        let path = self
+            .local
+            .snapshot_send
+            .clone()
+            .ok_or_else(|| io::Error::other("this node has no snapshot file to send"))?;
+        let summary = crate::snapshot::format::inspect(&path)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        if summary.header.index != index {
+            return Err(io::Error::other(format!(
+                "the snapshot file is at index {}, the message at {index}",
+                summary.header.index
+            )));
+        }
+        let mut file = std::fs::File::open(&path)?;
+        let total = file.metadata()?.len();
+        tracing::info!(peer_id = self.shared.id, index, bytes = total,
+            "raft bus: sending snapshot at index {index} ({total} bytes) to node {}", self.shared.id);
+        let started = Instant::now();
+        let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+        let mut offset = 0u64;
+        while offset < total {
+            if self.shared.stopping() {
+                return Err(io::Error::other("stopping"));
+            }
+            let want = (total - offset).min(SNAPSHOT_CHUNK_BYTES as u64) as usize;
+            file.read_exact(&mut data[..want])?;
+            self.buf.clear();
+            frame::encode_snapshot_chunk(index, offset, total, &data[..want], &mut self.buf)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            stream.write_all(&self.buf)?;
+            offset += want as u64;
+        }
+        self.buf.clear();
+        frame::encode_message(msg, self.local.max_frame_bytes, &mut self.buf)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        stream.write_all(&self.buf)?;
+        tracing::info!(peer_id = self.shared.id, index,
+            "raft bus: snapshot at index {index} sent to node {} in {:?}", self.shared.id, started.elapsed());
+        Ok(())
+    }
+
+    /// Tells the raft thread how sending a snapshot went (MsgSnapStatus from the peer).
+    fn report_snapshot(&self, msg: &Message, ok: bool) {
+        let mut m = Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgSnapStatus);
+        m.from = msg.to;
+        m.to = msg.from;
+        m.reject = !ok;
+        if !ok {
+            tracing::warn!(peer_id = self.shared.id,
+                "raft bus: sending the snapshot to node {} failed; raft will try again", self.shared.id);
+        }
+        let _ = self.local.reports.try_send(vec![m]);
     }
 }
 
@@ -526,6 +605,7 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Response(_) => "response",
         Frame::Welcome => "welcome",
         Frame::Reject(_) => "reject",
+        Frame::SnapshotChunk(_) => "snapshot chunk",
     }
 }
 

@@ -88,6 +88,15 @@ impl MemberBook {
     }
 }
 
+/// The membership a snapshot stands for (in the snapshot file's header): the voters and
+/// learners as of its index, and the member book.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMembership {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub book: MemberBook,
+}
+
 /// What a node's log stores about membership: the book, and which member the node is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMembership {

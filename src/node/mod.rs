@@ -65,6 +65,15 @@ pub struct NodeSpec {
     pub lease_reads: bool,
     /// `raft.cluster-password`: peers must prove they know it; empty disables the check.
     pub cluster_password: String,
+    /// This node's snapshot file (`<raft.log-filename>.snapshot`).
+    pub snapshot_path: std::path::PathBuf,
+}
+
+/// Where a snapshot received from the leader waits for the raft thread to take it.
+pub fn recv_path(snapshot: &std::path::Path) -> std::path::PathBuf {
+    let mut p = snapshot.as_os_str().to_owned();
+    p.push(".recv");
+    p.into()
 }
 
 /// Wakes the main thread (the Redis side passes `RedisModule_EventLoopAddOneShot`).
@@ -261,6 +270,8 @@ impl Node {
                 listen: spec.bus_listen,
                 max_frame_bytes: 64 << 20,
                 password: spec.cluster_password.clone(),
+                snapshot_send: Some(spec.snapshot_path.clone()),
+                snapshot_recv: Some(recv_path(&spec.snapshot_path)),
             },
             in_tx,
         )?);

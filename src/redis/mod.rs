@@ -362,6 +362,7 @@ pub fn start_node(
         advertise_addr: (!opts.addr.is_empty()).then(|| opts.addr.clone()),
         lease_reads: opts.effective_read_mode() == ReadMode::Lease,
         cluster_password: opts.cluster_password.clone(),
+        snapshot_path: snapshot_path(opts),
     };
     info!(
         "starting raft node {} (cluster {:?}), bus on {}, {} known member(s)",
@@ -371,6 +372,11 @@ pub fn start_node(
         spec.members.len()
     );
     Node::start(spec, store, waker()).map_err(|e| e.to_string())
+}
+
+/// This node's snapshot file: `<raft.log-filename>.snapshot`, in Redis's `dir`.
+pub fn snapshot_path(opts: &crate::config::Options) -> std::path::PathBuf {
+    format!("{}.snapshot", opts.log_filename).into()
 }
 
 /// RAFT.CLUSTER INIT / JOIN: the node now belongs to a cluster (main thread).

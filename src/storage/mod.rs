@@ -621,14 +621,9 @@ impl LogStore {
     }
 
     /// After a snapshot of the state machine up to `index` was made durable: drops the
-    /// entries it covers, in memory and on disk (the file is rewritten). `cs` and
-    /// `membership` are the configuration and member book as of `index`.
-    pub fn compact(
-        &self,
-        index: u64,
-        cs: &ConfState,
-        membership: (u64, &[u8]),
-    ) -> Result<(), StorageError> {
+    /// entries it covers, in memory and on disk (the file is rewritten). `cs` is the
+    /// configuration as of `index`.
+    pub fn compact(&self, index: u64, cs: &ConfState) -> Result<(), StorageError> {
         let term = raft::Storage::term(self, index)
             .map_err(|e| self.invalid(format!("cannot compact up to index {index}: {e}")))?;
         {
@@ -641,12 +636,13 @@ impl LogStore {
             }
         }
         self.rewrite(|core| {
+            // The membership record stays: it is the latest one, which entries after `index`
+            // may have changed since.
             core.restore(SnapshotMeta {
                 index,
                 term,
                 conf_state: cs.clone(),
             });
-            core.membership = Some((membership.0, membership.1.to_vec()));
         })
     }
 

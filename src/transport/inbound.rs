@@ -223,15 +223,20 @@ impl ConnState {
         s.received += c.data.len() as u64;
         Ok(())
     }
+}
 
-    /// The file for a MsgSnapshot at `index` is complete: make it durable under its final
-    /// name. Err: the message must be dropped (the leader sends the snapshot again).
-    fn finish_snapshot(&mut self, local: &LocalIdentity, index: u64) -> Result<(), String> {
+/// The file for a MsgSnapshot at `index` is complete: make it durable under its final name.
+/// Err: the message must be dropped (the leader sends the snapshot again).
+fn finish_snapshot(
+    arriving: &mut Option<SnapshotRecv>,
+    local: &LocalIdentity,
+    index: u64,
+) -> Result<(), String> {
+    {
         let Some(recv) = &local.snapshot_recv else {
             return Err("this node does not take snapshots over the bus".into());
         };
-        let s = self
-            .snapshot
+        let s = arriving
             .take()
             .ok_or("no snapshot file came before the message")?;
         if s.index != index || s.received != s.total {
@@ -441,7 +446,7 @@ impl Reader {
                     }
                     if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
                         let index = msg.get_snapshot().get_metadata().index;
-                        if let Err(why) = conn.finish_snapshot(&self.local, index) {
+                        if let Err(why) = finish_snapshot(&mut conn.snapshot, &self.local, index) {
                             tracing::warn!(peer = %addr, from = h.from,
                                 "raft bus: dropping a snapshot message from node {} (index {index}): {why}", h.from);
                             continue;

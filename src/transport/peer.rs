@@ -546,8 +546,8 @@ impl Writer {
             .snapshot_send
             .clone()
             .ok_or_else(|| io::Error::other("this node has no snapshot file to send"))?;
-        let summary = crate::snapshot::format::inspect(&path)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let summary =
+            crate::snapshot::format::inspect(&path).map_err(|e| io::Error::other(e.to_string()))?;
         if summary.header.index != index {
             return Err(io::Error::other(format!(
                 "the snapshot file is at index {}, the message at {index}",
@@ -556,8 +556,13 @@ impl Writer {
         }
         let mut file = std::fs::File::open(&path)?;
         let total = file.metadata()?.len();
-        tracing::info!(peer_id = self.shared.id, index, bytes = total,
-            "raft bus: sending snapshot at index {index} ({total} bytes) to node {}", self.shared.id);
+        tracing::info!(
+            peer_id = self.shared.id,
+            index,
+            bytes = total,
+            "raft bus: sending snapshot at index {index} ({total} bytes) to node {}",
+            self.shared.id
+        );
         let started = Instant::now();
         let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
         let mut offset = 0u64;
@@ -577,8 +582,13 @@ impl Writer {
         frame::encode_message(msg, self.local.max_frame_bytes, &mut self.buf)
             .map_err(|e| io::Error::other(e.to_string()))?;
         stream.write_all(&self.buf)?;
-        tracing::info!(peer_id = self.shared.id, index,
-            "raft bus: snapshot at index {index} sent to node {} in {:?}", self.shared.id, started.elapsed());
+        tracing::info!(
+            peer_id = self.shared.id,
+            index,
+            "raft bus: snapshot at index {index} sent to node {} in {:?}",
+            self.shared.id,
+            started.elapsed()
+        );
         Ok(())
     }
 
@@ -590,8 +600,11 @@ impl Writer {
         m.to = msg.from;
         m.reject = !ok;
         if !ok {
-            tracing::warn!(peer_id = self.shared.id,
-                "raft bus: sending the snapshot to node {} failed; raft will try again", self.shared.id);
+            tracing::warn!(
+                peer_id = self.shared.id,
+                "raft bus: sending the snapshot to node {} failed; raft will try again",
+                self.shared.id
+            );
         }
         let _ = self.local.reports.try_send(vec![m]);
     }

@@ -30,6 +30,12 @@ pub struct Options {
     pub cluster_password: String,
     /// RAFT.CLUSTER JOIN gives up after this long (`raft.join-timeout`, RedisRaft's option).
     pub join_timeout_ms: u64,
+    /// Take a snapshot and compact the log once its file passes this many bytes (0: never;
+    /// `raft.log-max-file-size`, RedisRaft's option and default).
+    pub log_max_file_bytes: u64,
+    /// `raft.log-max-cache-size` (RedisRaft's): accepted; the in-memory entries are bounded
+    /// by compaction (see README).
+    pub log_max_cache_bytes: u64,
 }
 
 impl Default for Options {
@@ -50,6 +56,8 @@ impl Default for Options {
             ignored_commands: String::new(),
             cluster_password: String::new(),
             join_timeout_ms: 120_000,
+            log_max_file_bytes: 128_000_000,
+            log_max_cache_bytes: 64_000_000,
         }
     }
 }

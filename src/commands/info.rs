@@ -77,6 +77,8 @@ fn fill(i: &Info) {
         "state",
         if sh.is_removed() {
             "removed"
+        } else if crate::redis::snapshots::loading() {
+            "loading"
         } else if st.failure.is_some() {
             "stopped"
         } else {
@@ -165,4 +167,65 @@ fn fill(i: &Info) {
     i.num("fsync_max_microseconds", st.log.fsync_max_us);
     i.num("fsync_avg_microseconds", st.log.fsync_avg_us);
     i.str("log_fsync", if opts.log_fsync { "yes" } else { "no" });
+
+    // RedisRaft's names; sizes in bytes, times in seconds.
+    let snap = crate::redis::snapshots::state();
+    i.section("snapshot");
+    i.str(
+        "snapshot_filename",
+        &node.snapshot_path.display().to_string(),
+    );
+    i.num("snapshot_last_idx", st.log.snapshot_index);
+    i.num("snapshot_last_term", st.log.snapshot_term);
+    i.num(
+        "snapshot_size",
+        std::fs::metadata(&node.snapshot_path).map_or(0, |m| m.len()),
+    );
+    i.int(
+        "snapshot_time_secs",
+        snap.last_duration.map_or(-1, |d| d.as_secs() as i64),
+    );
+    i.num(
+        "snapshot_time_ms",
+        snap.last_duration.map_or(0, |d| d.as_millis() as u64),
+    );
+    i.num(
+        "snapshot_fork_ms",
+        snap.last_fork.map_or(0, |d| d.as_millis() as u64),
+    );
+    i.num("snapshots_created", snap.created);
+    i.num("snapshots_received", snap.received);
+    i.str(
+        "snapshot_in_progress",
+        if snap.in_progress.is_some() {
+            "yes"
+        } else {
+            "no"
+        },
+    );
+    i.num(
+        "snapshot_in_progress_last_idx",
+        snap.in_progress.map_or(0, |p| p.0),
+    );
+    i.num(
+        "snapshot_in_progress_last_term",
+        snap.in_progress.map_or(0, |p| p.1),
+    );
+    i.str(
+        "snapshot_last_error",
+        snap.last_error.as_deref().unwrap_or(""),
+    );
+    i.str(
+        "loading",
+        if crate::redis::snapshots::loading() {
+            "yes"
+        } else {
+            "no"
+        },
+    );
+    if let Some((_, done, total)) = snap.loading {
+        i.num("loading_keys_done", done);
+        i.num("loading_keys_total", total);
+    }
+    i.num("log_max_file_size", opts.log_max_file_bytes);
 }

@@ -85,6 +85,9 @@ extern "C" fn raft_cmd(
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));
             }
+            if matches!(class, Class::Write | Class::Read) && crate::redis::snapshots::loading() {
+                return api::reply_error(ctx, &crate::redis::snapshots::loading_error());
+            }
             let Some(node) = m.node() else {
                 return api::reply_error(ctx, &redirect_error(m));
             };
@@ -290,7 +293,12 @@ extern "C" fn raft_debug_cmd(
                     api::reply_error(ctx, "ERR wrong number of arguments for 'raft.debug exec'")
                 }
                 Some(b"SNAPSHOT") => snapshot::debug(ctx, &args[2..]),
-                _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC and SNAPSHOT"),
+                // RedisRaft's: take a snapshot now and compact the log (+OK when done).
+                Some(b"COMPACT") => match module().and_then(|m| m.node()) {
+                    Some(node) => crate::redis::snapshots::compact_now(ctx, node),
+                    None => api::reply_error(ctx, "NOCLUSTER No Raft Cluster"),
+                },
+                _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC, COMPACT and SNAPSHOT"),
             }
         },
     )

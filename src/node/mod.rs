@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::codec::{
     decode, encode, encode_command, LogCommand, MemberBook, MemberChange, ProposalTag,
-    StoredMembership,
+    SnapshotMembership, StoredMembership,
 };
 use crate::storage::LogStore;
 use crate::transport::{PeerStatus, Transport, TransportConfig};
@@ -100,6 +100,12 @@ pub enum ApplyItem {
     Refused { tag: ProposalTag, error: String },
     /// This node applied its own removal from the cluster and stopped.
     Removed,
+    /// The leader's snapshot (file at `path`, up to `index`) replaces the dataset; later
+    /// entries follow it.
+    InstallSnapshot {
+        index: u64,
+        path: std::path::PathBuf,
+    },
 }
 
 /// A membership change an operator asked for (RAFT.NODE ADD / REMOVE).
@@ -124,6 +130,8 @@ enum Input {
     /// Hand leadership to this node (0: the most up-to-date follower).
     TransferLeader(u64),
     ChangeMembership(ProposalTag, ChangeRequest),
+    /// A snapshot file up to this index is durable: drop the entries it covers.
+    Compact(u64),
     SetFsync(bool),
     Stop,
 }
@@ -143,6 +151,8 @@ pub struct Shared {
     members: Mutex<HashMap<u64, Member>>,
     cluster_id: Mutex<String>,
     removed: AtomicBool,
+    /// The membership as of an applied index: what a snapshot taken there must carry.
+    membership: Mutex<(u64, SnapshotMembership)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -185,6 +195,12 @@ impl Shared {
     /// The cluster this node belongs to (RedisRaft's dbid).
     pub fn cluster_id(&self) -> String {
         lock(&self.cluster_id).clone()
+    }
+
+    /// The membership and the index of the last change in it (a snapshot at an index at or
+    /// after that one carries exactly this).
+    pub fn membership(&self) -> (u64, SnapshotMembership) {
+        lock(&self.membership).clone()
     }
 
     /// True once this node was removed from the cluster (it no longer takes part).
@@ -235,6 +251,8 @@ pub enum NodeError {
     Thread(std::io::Error),
     #[error("{0}")]
     Membership(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -250,6 +268,11 @@ pub enum ProposeError {
 /// The main thread's handle on the raft thread.
 pub struct Node {
     shared: Arc<Shared>,
+    store: LogStore,
+    /// The snapshot the log started after when this process started (index 0: none): the
+    /// main thread loads it before applying anything.
+    pub snapshot_at_start: crate::storage::SnapshotMeta,
+    pub snapshot_path: std::path::PathBuf,
     input: Sender<Input>,
     transport: Arc<Transport>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -299,8 +322,9 @@ impl Node {
             heartbeat_tick,
             pre_vote: true,
             check_quorum: true,
-            // Each process starts from an empty dataset and replays the whole log.
-            applied: 0,
+            // Each process starts from an empty dataset, loads the snapshot the log starts
+            // after (if any), and replays the rest of the log.
+            applied: store.snapshot_meta().index,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_committed_size_per_ready: 16 << 20,
@@ -313,6 +337,9 @@ impl Node {
         };
         cfg.validate()?;
         let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
+        let store_handle = store.clone();
+        let snapshot_at_start = store.snapshot_meta();
+        let snapshot_path = spec.snapshot_path.clone();
         let raw = RawNode::new(&cfg, store.clone(), &logger)?;
 
         let shared = Arc::new(Shared {
@@ -327,6 +354,7 @@ impl Node {
             members: Mutex::new(members),
             cluster_id: Mutex::new(cluster_id),
             removed: AtomicBool::new(false),
+            membership: Mutex::new((0, SnapshotMembership::default())),
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
@@ -347,6 +375,7 @@ impl Node {
             book,
             book_index,
             leaving: None,
+            snapshot_path: spec.snapshot_path.clone(),
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -354,12 +383,16 @@ impl Node {
                 ^ u64::from(std::process::id()).rotate_left(32),
         };
         worker.publish_status();
+        worker.publish_membership(worker.book_index);
         let thread = std::thread::Builder::new()
             .name("raft".into())
             .spawn(move || worker.run())
             .map_err(NodeError::Thread)?;
         Ok(Node {
             shared,
+            store: store_handle,
+            snapshot_at_start,
+            snapshot_path,
             input: tx,
             transport,
             thread: Mutex::new(Some(thread)),
@@ -393,6 +426,25 @@ impl Node {
             Err(TrySendError::Full(_)) => Err(ProposeError::Full),
             Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
         }
+    }
+
+    /// A snapshot up to `index` is durable: the raft thread drops the entries it covers.
+    pub fn compact(&self, index: u64) -> Result<(), ProposeError> {
+        match self.input.try_send(Input::Compact(index)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Full),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
+        }
+    }
+
+    /// The term of the entry at `index` (a snapshot records it).
+    pub fn term(&self, index: u64) -> Option<u64> {
+        raft::Storage::term(&self.store, index).ok()
+    }
+
+    /// Log statistics (size, snapshot position) as of now.
+    pub fn log_stats(&self) -> crate::storage::LogStats {
+        self.store.stats()
     }
 
     /// Asks the raft thread to hand leadership over; the result comes back as `TransferDone`.
@@ -457,6 +509,7 @@ struct RaftThread {
     book_index: u64,
     /// This node was removed: it stops at this instant (after handing over leadership).
     leaving: Option<Instant>,
+    snapshot_path: std::path::PathBuf,
 }
 
 /// What a log says about membership, if it says anything (a log from before membership
@@ -766,6 +819,12 @@ impl RaftThread {
                 }
                 false
             }
+            Input::Compact(index) => {
+                if let Err(e) = self.compact(index) {
+                    warn!("log compaction up to index {index} failed (the snapshot is kept; the log stays as it was): {e}");
+                }
+                false
+            }
             Input::SetFsync(on) => {
                 self.store.set_fsync(on);
                 false
@@ -910,6 +969,7 @@ impl RaftThread {
             info!("membership change applied at index {}: {change:?}", e.index);
         }
         self.book_index = e.index;
+        self.publish_membership(e.index);
         let stored = StoredMembership {
             me: self.shared.node_id,
             book: self.book.clone(),
@@ -933,6 +993,120 @@ impl RaftThread {
             }
             Some(MemberChange::Promote { .. }) | None => {}
         }
+        Ok(())
+    }
+
+    /// Publishes the membership as of `index` for snapshots taken on the main thread.
+    fn publish_membership(&self, index: u64) {
+        let conf = self.node.raft.prs().conf();
+        let view = SnapshotMembership {
+            voters: conf.voters().ids().iter().collect(),
+            learners: conf.learners().iter().copied().collect(),
+            book: self.book.clone(),
+        };
+        *lock(&self.shared.membership) = (index, view);
+    }
+
+    /// A snapshot file up to `index` is durable: drop the log entries it covers. The
+    /// configuration as of `index` comes from the file's header.
+    fn compact(&mut self, index: u64) -> Result<(), String> {
+        if index <= self.store.snapshot_meta().index {
+            return Ok(());
+        }
+        let summary =
+            crate::snapshot::format::inspect(&self.snapshot_path).map_err(|e| e.to_string())?;
+        if summary.header.index != index {
+            return Err(format!(
+                "the snapshot file {} is at index {}, not {index}",
+                self.snapshot_path.display(),
+                summary.header.index
+            ));
+        }
+        let m: SnapshotMembership = decode(&summary.header.meta).map_err(|e| e.to_string())?;
+        let cs = ConfState {
+            voters: m.voters,
+            learners: m.learners,
+            ..Default::default()
+        };
+        let before = self.store.stats();
+        self.store.compact(index, &cs).map_err(|e| e.to_string())?;
+        let after = self.store.stats();
+        info!(
+            "raft log compacted up to index {index}: {} entries and {} bytes before, {} entries and {} bytes after",
+            before.entries, before.bytes, after.entries, after.bytes
+        );
+        Ok(())
+    }
+
+    /// raft-rs accepted the leader's snapshot: its file (checked and fsynced by the
+    /// transport) becomes this node's snapshot, the log restarts after it, the membership is
+    /// the snapshot's, and the main thread replaces the dataset with it.
+    fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<(), NodeError> {
+        let md = snap.get_metadata();
+        let recv = recv_path(&self.snapshot_path);
+        let summary = crate::snapshot::format::inspect(&recv)
+            .map_err(|e| NodeError::Snapshot(format!("the received snapshot is unusable: {e}")))?;
+        if summary.header.index != md.index || summary.header.term != md.term {
+            return Err(NodeError::Snapshot(format!(
+                "the received snapshot file is at index {} term {}, raft expects index {} term {}",
+                summary.header.index, summary.header.term, md.index, md.term
+            )));
+        }
+        let m: SnapshotMembership = decode(&summary.header.meta).map_err(|e| {
+            NodeError::Snapshot(format!(
+                "the received snapshot's membership is unreadable: {e}"
+            ))
+        })?;
+        std::fs::rename(&recv, &self.snapshot_path).map_err(|e| {
+            NodeError::Snapshot(format!(
+                "cannot move {} to {}: {e}",
+                recv.display(),
+                self.snapshot_path.display()
+            ))
+        })?;
+        self.book = m.book;
+        self.book_index = md.index;
+        let stored = StoredMembership {
+            me: self.shared.node_id,
+            book: self.book.clone(),
+            hints: Vec::new(),
+        };
+        self.store.apply_snapshot(
+            crate::storage::SnapshotMeta {
+                index: md.index,
+                term: md.term,
+                conf_state: md.get_conf_state().clone(),
+            },
+            (md.index, &encode(&stored)),
+        )?;
+        {
+            let mut members = lock(&self.shared.members);
+            members.clear();
+            for (id, mb) in &self.book.members {
+                members.insert(*id, mb.clone());
+                if *id != self.shared.node_id {
+                    self.transport.set_peer(*id, &mb.bus_addr);
+                }
+            }
+        }
+        for id in &self.book.used_ids {
+            if self.book.was_removed(*id) && *id != self.shared.node_id {
+                self.transport.refuse_removed(*id);
+            }
+        }
+        *lock(&self.shared.cluster_id) = self.book.cluster_id.clone();
+        self.publish_membership(md.index);
+        info!(
+            "installing the leader's snapshot at index {} (term {}, {} keys, {} bytes)",
+            md.index, md.term, summary.keys, summary.bytes
+        );
+        self.shared.push(
+            ApplyItem::InstallSnapshot {
+                index: md.index,
+                path: self.snapshot_path.clone(),
+            },
+            &self.waker,
+        );
         Ok(())
     }
 
@@ -1055,6 +1229,16 @@ impl RaftThread {
     }
 
     fn on_message(&mut self, m: Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapStatus {
+            // The transport's report on sending a snapshot to `m.from`.
+            let status = if m.reject {
+                raft::SnapshotStatus::Failure
+            } else {
+                raft::SnapshotStatus::Finish
+            };
+            self.node.report_snapshot(m.from, status);
+            return;
+        }
         if let Err(e) = self.node.step(m) {
             // Stale or unknown-peer messages are normal around restarts.
             tracing::debug!("raft message ignored: {e}");
@@ -1070,8 +1254,8 @@ impl RaftThread {
             self.transport.send(rd.take_messages());
         }
         if !rd.snapshot().is_empty() {
-            // We never compact yet (issue 5), so no peer can need one.
-            warn!("ignoring a raft snapshot: snapshots are not supported yet");
+            let snap = rd.snapshot().clone();
+            self.install_snapshot(&snap)?;
         }
         let committed = rd.take_committed_entries();
         self.deliver(committed)?;

@@ -113,7 +113,8 @@ impl TestCluster {
                     | ApplyItem::ReadFailed { .. }
                     | ApplyItem::TransferDone(_)
                     | ApplyItem::Refused { .. }
-                    | ApplyItem::Removed => {}
+                    | ApplyItem::Removed
+                    | ApplyItem::InstallSnapshot { .. } => {}
                 }
             }
         }

@@ -59,6 +59,8 @@ fn key(name: &str) -> &'static str {
         "heartbeat-interval" => "heartbeat-interval",
         "bus-port" => "bus-port",
         "join-timeout" => "join-timeout",
+        "log-max-file-size" => "log-max-file-size",
+        "log-max-cache-size" => "log-max-cache-size",
         "log-fsync" => "log-fsync",
         "loglevel" => "loglevel",
         "read-mode" => "read-mode",
@@ -132,6 +134,8 @@ extern "C" fn get_numeric(name: *const c_char, _p: *mut c_void) -> c_longlong {
         "heartbeat-interval" => o.heartbeat_interval_ms as c_longlong,
         "bus-port" => o.bus_port as c_longlong,
         "join-timeout" => o.join_timeout_ms as c_longlong,
+        "log-max-file-size" => o.log_max_file_bytes as c_longlong,
+        "log-max-cache-size" => o.log_max_cache_bytes as c_longlong,
         _ => 0,
     })
 }
@@ -151,6 +155,8 @@ extern "C" fn set_numeric(
         "heartbeat-interval" => o.heartbeat_interval_ms = v,
         "bus-port" => o.bus_port = v,
         "join-timeout" => o.join_timeout_ms = v,
+        "log-max-file-size" => o.log_max_file_bytes = v,
+        "log-max-cache-size" => o.log_max_cache_bytes = v,
         _ => {}
     });
     api::OK
@@ -251,6 +257,8 @@ const IMMUTABLE: u32 = raw::REDISMODULE_CONFIG_IMMUTABLE;
 const DEFAULT: u32 = raw::REDISMODULE_CONFIG_DEFAULT;
 /// Redis keeps the value out of its own logs and redacts it from SLOWLOG and MONITOR.
 const SENSITIVE: u32 = raw::REDISMODULE_CONFIG_SENSITIVE;
+/// Accepts size units (`64mb`, `1gb`) as Redis's own memory options do.
+const MEMORY: u32 = raw::REDISMODULE_CONFIG_MEMORY;
 
 /// Registers every option and loads the values from redis.conf / the command line.
 /// Returns Err with a message naming the option when one is refused.
@@ -283,7 +291,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     }
     // Changing timing at runtime would need the raft thread to re-derive its ticks: refused
     // (immutable) until that is built.
-    let numerics: [(&CStr, u64, u32, i64, i64); 4] = [
+    let numerics: [(&CStr, u64, u32, i64, i64); 6] = [
         (
             c"election-timeout",
             d.election_timeout_ms,
@@ -300,6 +308,20 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         ),
         (c"bus-port", 0, IMMUTABLE, 0, 65535),
         (c"join-timeout", d.join_timeout_ms, DEFAULT, 1, 86_400_000),
+        (
+            c"log-max-file-size",
+            d.log_max_file_bytes,
+            DEFAULT | MEMORY,
+            0,
+            i64::MAX,
+        ),
+        (
+            c"log-max-cache-size",
+            d.log_max_cache_bytes,
+            DEFAULT | MEMORY,
+            0,
+            i64::MAX,
+        ),
     ];
     for (name, default, flags, min, max) in numerics {
         let r = unsafe {

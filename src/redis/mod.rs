@@ -17,6 +17,7 @@ pub mod filter;
 pub mod logging;
 pub mod rewrite;
 pub mod scripts;
+pub mod snapshots;
 pub mod watch;
 
 use std::cell::UnsafeCell;
@@ -152,6 +153,8 @@ struct MainState {
     batch: Vec<Proposal>,
     next_request: u64,
     started_applying: bool,
+    /// Apply items that arrived while a snapshot was loading, in order.
+    held: std::collections::VecDeque<ApplyItem>,
 }
 
 static MAIN: MainThread<MainState> = MainThread::new_lazy();
@@ -422,7 +425,8 @@ impl Module {
     /// Whether this node may run a read on its local data right away (no round): stale mode
     /// on a leader whose data is current, or on any node with follower reads.
     pub fn serves_reads_locally(&self, node: &Node) -> bool {
-        self.read_mode == ReadMode::Stale
+        !snapshots::loading()
+            && self.read_mode == ReadMode::Stale
             && (node.shared().is_ready_leader() || configs::FOLLOWER_READS.load(Ordering::Relaxed))
     }
 
@@ -972,10 +976,26 @@ fn apply_committed() {
     };
     if first {
         take_over_dataset(ctx);
+        let snap = &node.snapshot_at_start;
+        if snap.index > 0 {
+            snapshots::start_loading(ctx, &node.snapshot_path, snap.index, false, resume_applying);
+        }
     }
     let me = node.shared().node_id;
-    for item in node.shared().take_apply_items() {
+    let mut items = std::mem::take(&mut MAIN.get_mut().held);
+    items.extend(node.shared().take_apply_items());
+    while let Some(item) = items.pop_front() {
+        if snapshots::loading() {
+            // Nothing is applied on top of a half-loaded snapshot: keep it all for later.
+            items.push_front(item);
+            MAIN.get_mut().held = items;
+            return;
+        }
         match item {
+            ApplyItem::InstallSnapshot { index, path } => {
+                fail_all_reads("TIMEOUT this node is installing a snapshot from the leader; retry");
+                snapshots::start_loading(ctx, &path, index, true, resume_applying);
+            }
             ApplyItem::Entries(entries) => {
                 for e in entries {
                     apply_entry(ctx, m, node, me, &e);
@@ -1052,6 +1072,7 @@ fn apply_committed() {
         }
     }
     serve_ready_reads(ctx, node.shared().applied());
+    snapshots::maybe_snapshot(ctx, node);
     for p in blocking::retries() {
         match p {
             blocking::Proposal::Reread {
@@ -1072,6 +1093,13 @@ fn apply_committed() {
             ),
             other => enqueue_blocking(m, node, other),
         }
+    }
+}
+
+/// A snapshot finished loading: go on with what was held meanwhile (from the event loop).
+fn resume_applying() {
+    if !WAKE_QUEUED.swap(true, Ordering::AcqRel) {
+        unsafe { rm!(RedisModule_EventLoopAddOneShot)(Some(on_wake), std::ptr::null_mut()) };
     }
 }
 

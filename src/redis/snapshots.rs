@@ -1,0 +1,237 @@
+//! Snapshots on the main thread: taking one when the log grows past
+//! `raft.log-max-file-size` (or on `RAFT.DEBUG COMPACT`) and then compacting the log, and
+//! loading one (at start when the log begins after a snapshot, or when the leader sent one)
+//! in slices while data commands get `-LOADING`.
+//!
+//! Invariant: a snapshot stands for exactly the dataset after applying entries up to its
+//! index: it is forked only between entries, with the membership published for that index.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+
+use super::api::{self, RedisModuleBlockedClient, RedisModuleCtx};
+use super::{configs, finish, module, MainThread};
+use crate::codec::encode;
+use crate::node::Node;
+use crate::snapshot::format::SnapshotHeader;
+use crate::snapshot::{load, save};
+
+/// What `INFO raft` shows about snapshots, and the state of the current load.
+#[derive(Default)]
+pub struct SnapshotState {
+    pub created: u64,
+    pub received: u64,
+    pub last_bytes: u64,
+    pub last_keys: u64,
+    pub last_duration: Option<Duration>,
+    pub last_fork: Option<Duration>,
+    pub last_error: Option<String>,
+    /// Index and term of the save running now.
+    pub in_progress: Option<(u64, u64)>,
+    /// A load is running (index it brings the dataset to; keys loaded / total).
+    pub loading: Option<(u64, u64, u64)>,
+    /// A load failed: the dataset is partial until the node restarts.
+    pub load_failed: Option<String>,
+    /// Clients waiting on RAFT.DEBUG COMPACT.
+    waiters: Vec<usize>,
+}
+
+static STATE: MainThread<SnapshotState> = MainThread::new_lazy();
+
+pub fn state() -> &'static mut SnapshotState {
+    STATE.get_mut()
+}
+
+/// True while the dataset is being replaced by a snapshot (data commands get -LOADING).
+pub fn loading() -> bool {
+    let st = STATE.get_mut();
+    st.loading.is_some() || st.load_failed.is_some()
+}
+
+/// The error data commands get while `loading()`.
+pub fn loading_error() -> String {
+    match &STATE.get_mut().load_failed {
+        Some(e) => format!(
+            "ERR this node could not load its raft snapshot ({e}); restart it to load it again"
+        ),
+        None => "LOADING Raft module is loading data".into(),
+    }
+}
+
+/// Called after entries were applied: takes a snapshot when the log file is too large.
+pub fn maybe_snapshot(ctx: *mut RedisModuleCtx, node: &Node) {
+    let max = configs::options().log_max_file_bytes;
+    if max == 0 || save::save_in_progress() || loading() {
+        return;
+    }
+    if node.log_stats().bytes <= max {
+        return;
+    }
+    if let Err(e) = start(ctx, node) {
+        // Retried after the next applied entries; say it once per cause.
+        let st = STATE.get_mut();
+        if st.last_error.as_deref() != Some(e.as_str()) {
+            warn!("raft log is over raft.log-max-file-size but no snapshot was started: {e}");
+            st.last_error = Some(e);
+        }
+    }
+}
+
+/// RAFT.DEBUG COMPACT: take a snapshot now and compact the log; the client gets +OK once
+/// the snapshot is durable and the log compacted.
+pub fn compact_now(ctx: *mut RedisModuleCtx, node: &Node) -> std::ffi::c_int {
+    if save::save_in_progress() {
+        return api::reply_error(ctx, "ERR snapshot is in progress");
+    }
+    if loading() {
+        return api::reply_error(ctx, &loading_error());
+    }
+    if node.shared().applied() <= node.log_stats().snapshot_index {
+        // Nothing new since the last snapshot.
+        return api::reply_simple(ctx, "OK");
+    }
+    let bc = super::block(ctx);
+    if bc.is_null() {
+        return api::reply_error(ctx, "ERR could not block the client");
+    }
+    match start(ctx, node) {
+        Ok(()) => STATE.get_mut().waiters.push(bc as usize),
+        Err(e) => finish(bc, Err(format!("ERR failed to begin compaction: {e}"))),
+    }
+    api::OK
+}
+
+/// Forks a save of the dataset as of the applied index, with the membership as of it.
+fn start(ctx: *mut RedisModuleCtx, node: &Node) -> Result<(), String> {
+    let index = node.shared().applied();
+    let (membership_index, membership) = node.shared().membership();
+    if membership_index > index {
+        return Err(format!(
+            "a membership change at index {membership_index} is not applied yet (applied {index})"
+        ));
+    }
+    let term = node
+        .term(index)
+        .ok_or_else(|| format!("the term of index {index} is not in the log"))?;
+    let header = SnapshotHeader {
+        index,
+        term,
+        meta: encode(&membership),
+    };
+    let started = Instant::now();
+    save::start_save(
+        ctx,
+        &node.snapshot_path,
+        header,
+        Box::new(move |r| saved(r, started)),
+    )
+    .map_err(|e| e.to_string())?;
+    STATE.get_mut().in_progress = Some((index, term));
+    Ok(())
+}
+
+fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
+    let st = STATE.get_mut();
+    st.in_progress = None;
+    let waiters = std::mem::take(&mut st.waiters);
+    let result = match r {
+        Ok(o) => {
+            st.created += 1;
+            st.last_bytes = o.bytes;
+            st.last_keys = o.keys;
+            st.last_duration = Some(o.duration);
+            st.last_fork = Some(o.fork_duration);
+            st.last_error = None;
+            info!(
+                "raft snapshot at index {} written: {} keys, {} bytes in {} ms (fork {} ms); compacting the log",
+                o.header.index,
+                o.keys,
+                o.bytes,
+                started.elapsed().as_millis(),
+                o.fork_duration.as_millis()
+            );
+            match module().and_then(|m| m.node()) {
+                Some(node) => node
+                    .compact(o.header.index)
+                    .map_err(|e| format!("ERR the log could not be compacted: {e}")),
+                None => Ok(()),
+            }
+        }
+        Err(e) => {
+            // The previous snapshot file, if any, is untouched; the log is kept whole.
+            warn!("raft snapshot failed, the log is kept as it is and the previous snapshot stays valid: {e}");
+            st.last_error = Some(e.to_string());
+            Err(format!("ERR {e}"))
+        }
+    };
+    for w in waiters {
+        finish(
+            w as *mut RedisModuleBlockedClient,
+            result.clone().map(|()| "OK".to_string()),
+        );
+    }
+}
+
+/// Replaces the dataset with the snapshot at `path` (up to `index`), in slices. `then` runs
+/// once it is loaded (on the main thread), to go on applying entries.
+pub fn start_loading(
+    ctx: *mut RedisModuleCtx,
+    path: &Path,
+    index: u64,
+    received: bool,
+    then: fn(),
+) {
+    let st = STATE.get_mut();
+    st.loading = Some((index, 0, 0));
+    if received {
+        st.received += 1;
+    }
+    info!(
+        "loading the raft snapshot {} (index {index}); data commands get -LOADING meanwhile",
+        path.display()
+    );
+    let started = Instant::now();
+    let path_buf: PathBuf = path.to_path_buf();
+    let r = load::start_load(
+        ctx,
+        path,
+        load::LoadOptions::default(),
+        Box::new(move |p| {
+            STATE.get_mut().loading = Some((index, p.keys_loaded, p.keys_total));
+        }),
+        Box::new(move |r| {
+            let st = STATE.get_mut();
+            st.loading = None;
+            match r {
+                Ok(o) => {
+                    info!(
+                        "raft snapshot {} loaded: {} keys in {} ms (longest slice {} ms)",
+                        path_buf.display(),
+                        o.keys,
+                        started.elapsed().as_millis(),
+                        o.longest_slice.as_millis()
+                    );
+                    if let Some(node) = module().and_then(|m| m.node()) {
+                        node.shared().set_applied(index);
+                    }
+                    then();
+                }
+                Err(e) => {
+                    error!("raft snapshot {} could not be loaded: {e}; this node serves no data until it is restarted", path_buf.display());
+                    st.load_failed = Some(e.to_string());
+                }
+            }
+        }),
+    );
+    if let Err(e) = r {
+        error!(
+            "raft snapshot {} could not be loaded: {e}; this node serves no data until it is restarted",
+            path.display()
+        );
+        let st = STATE.get_mut();
+        st.loading = None;
+        st.load_failed = Some(e.to_string());
+    }
+}

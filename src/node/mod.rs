@@ -106,6 +106,11 @@ pub enum ApplyItem {
         index: u64,
         path: std::path::PathBuf,
     },
+    /// How compacting the log after the snapshot at `index` went.
+    Compacted {
+        index: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// A membership change an operator asked for (RAFT.NODE ADD / REMOVE).
@@ -338,6 +343,7 @@ impl Node {
         cfg.validate()?;
         let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
         let store_handle = store.clone();
+        reconcile_snapshot(&store, &spec.snapshot_path)?;
         let snapshot_at_start = store.snapshot_meta();
         let snapshot_path = spec.snapshot_path.clone();
         let raw = RawNode::new(&cfg, store.clone(), &logger)?;
@@ -442,6 +448,11 @@ impl Node {
         raft::Storage::term(&self.store, index).ok()
     }
 
+    /// True (once) when the leader needs a newer snapshot to send to a follower.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.store.take_snapshot_wanted()
+    }
+
     /// Log statistics (size, snapshot position) as of now.
     pub fn log_stats(&self) -> crate::storage::LogStats {
         self.store.stats()
@@ -510,6 +521,72 @@ struct RaftThread {
     /// This node was removed: it stops at this instant (after handing over leadership).
     leaving: Option<Instant>,
     snapshot_path: std::path::PathBuf,
+}
+
+/// Makes the log and the snapshot file agree after a crash between writing one and the
+/// other: a snapshot that was written but whose compaction never reached the log is
+/// compacted now; one that was received but not yet moved into place is moved. Anything else
+/// that disagrees is refused: loading the wrong snapshot would apply entries twice.
+fn reconcile_snapshot(store: &LogStore, path: &std::path::Path) -> Result<(), NodeError> {
+    use crate::snapshot::format::inspect;
+    let meta = store.snapshot_meta();
+    if meta.index == 0 {
+        // The log holds every entry; a snapshot file (if any) is not needed at start.
+        return Ok(());
+    }
+    let file = inspect(path).ok().map(|s| s.header);
+    if file
+        .as_ref()
+        .is_some_and(|h| h.index == meta.index && h.term == meta.term)
+    {
+        return Ok(());
+    }
+    let recv = recv_path(path);
+    if inspect(&recv)
+        .ok()
+        .is_some_and(|s| s.header.index == meta.index && s.header.term == meta.term)
+    {
+        warn!(
+            "moving the snapshot received before a restart into place ({} -> {})",
+            recv.display(),
+            path.display()
+        );
+        return std::fs::rename(&recv, path)
+            .map_err(|e| NodeError::Snapshot(format!("cannot move {}: {e}", recv.display())));
+    }
+    if let Some(h) = file {
+        let term_ok = raft::Storage::term(store, h.index).ok() == Some(h.term);
+        if h.index > meta.index && term_ok {
+            // Only committed entries are applied, so the snapshot's index was committed even
+            // if the commit record did not reach the disk before the crash.
+            let commit = raft::Storage::initial_state(store)?.hard_state.commit;
+            if h.index > commit {
+                store.set_commit(h.index)?;
+                store.sync()?;
+            }
+            let m: SnapshotMembership = decode(&h.meta).map_err(|e| {
+                NodeError::Snapshot(format!("{}: unreadable membership: {e}", path.display()))
+            })?;
+            warn!(
+                "the snapshot {} (index {}) was written but the log was not compacted before a restart; compacting it now",
+                path.display(),
+                h.index
+            );
+            let cs = ConfState {
+                voters: m.voters,
+                learners: m.learners,
+                ..Default::default()
+            };
+            store.compact(h.index, &cs)?;
+            return Ok(());
+        }
+    }
+    Err(NodeError::Snapshot(format!(
+        "the raft log starts after a snapshot at index {} (term {}), but {} does not hold it; move the log and the snapshot aside to rebuild this node from its peers",
+        meta.index,
+        meta.term,
+        path.display()
+    )))
 }
 
 /// What a log says about membership, if it says anything (a log from before membership
@@ -820,9 +897,13 @@ impl RaftThread {
                 false
             }
             Input::Compact(index) => {
-                if let Err(e) = self.compact(index) {
+                let result = self.compact(index);
+                if let Err(e) = &result {
                     warn!("log compaction up to index {index} failed (the snapshot is kept; the log stays as it was): {e}");
                 }
+                self.publish_status();
+                self.shared
+                    .push(ApplyItem::Compacted { index, result }, &self.waker);
                 false
             }
             Input::SetFsync(on) => {
@@ -1057,13 +1138,6 @@ impl RaftThread {
                 "the received snapshot's membership is unreadable: {e}"
             ))
         })?;
-        std::fs::rename(&recv, &self.snapshot_path).map_err(|e| {
-            NodeError::Snapshot(format!(
-                "cannot move {} to {}: {e}",
-                recv.display(),
-                self.snapshot_path.display()
-            ))
-        })?;
         self.book = m.book;
         self.book_index = md.index;
         let stored = StoredMembership {
@@ -1079,6 +1153,15 @@ impl RaftThread {
             },
             (md.index, &encode(&stored)),
         )?;
+        // After the log: a crash in between leaves the received file, which a restart moves
+        // into place (reconcile_snapshot).
+        std::fs::rename(&recv, &self.snapshot_path).map_err(|e| {
+            NodeError::Snapshot(format!(
+                "cannot move {} to {}: {e}",
+                recv.display(),
+                self.snapshot_path.display()
+            ))
+        })?;
         {
             let mut members = lock(&self.shared.members);
             members.clear();

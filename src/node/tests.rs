@@ -114,7 +114,8 @@ impl TestCluster {
                     | ApplyItem::TransferDone(_)
                     | ApplyItem::Refused { .. }
                     | ApplyItem::Removed
-                    | ApplyItem::InstallSnapshot { .. } => {}
+                    | ApplyItem::InstallSnapshot { .. }
+                    | ApplyItem::Compacted { .. } => {}
                 }
             }
         }

@@ -809,6 +809,9 @@ fn flush_proposals() {
         return;
     };
     blocking::release_gone();
+    if let Some(m) = module() {
+        snapshots::maybe_snapshot(m.apply_ctx as *mut RedisModuleCtx, node, false);
+    }
     let st = MAIN.get_mut();
     if !st.read_batch.is_empty() {
         st.next_round += 1;
@@ -992,6 +995,7 @@ fn apply_committed() {
             return;
         }
         match item {
+            ApplyItem::Compacted { index, result } => snapshots::compacted(index, result),
             ApplyItem::InstallSnapshot { index, path } => {
                 fail_all_reads("TIMEOUT this node is installing a snapshot from the leader; retry");
                 snapshots::start_loading(ctx, &path, index, true, resume_applying);
@@ -1072,7 +1076,7 @@ fn apply_committed() {
         }
     }
     serve_ready_reads(ctx, node.shared().applied());
-    snapshots::maybe_snapshot(ctx, node);
+    snapshots::maybe_snapshot(ctx, node, true);
     for p in blocking::retries() {
         match p {
             blocking::Proposal::Reread {

@@ -34,8 +34,9 @@ pub struct SnapshotState {
     pub loading: Option<(u64, u64, u64)>,
     /// A load failed: the dataset is partial until the node restarts.
     pub load_failed: Option<String>,
-    /// Clients waiting on RAFT.DEBUG COMPACT.
+    /// Clients waiting on RAFT.DEBUG COMPACT: for the save, then for the compaction.
     waiters: Vec<usize>,
+    compact_waiters: Vec<usize>,
 }
 
 static STATE: MainThread<SnapshotState> = MainThread::new_lazy();
@@ -60,14 +61,20 @@ pub fn loading_error() -> String {
     }
 }
 
-/// Called after entries were applied: takes a snapshot when the log file is too large.
-pub fn maybe_snapshot(ctx: *mut RedisModuleCtx, node: &Node) {
+/// Called after entries were applied (`check_size`) and before Redis sleeps: takes a
+/// snapshot when the log file is too large, or when a follower needs a newer one.
+pub fn maybe_snapshot(ctx: *mut RedisModuleCtx, node: &Node, check_size: bool) {
     let max = configs::options().log_max_file_bytes;
-    if max == 0 || save::save_in_progress() || loading() {
+    if save::save_in_progress() || loading() {
         return;
     }
-    if node.log_stats().bytes <= max {
+    let max = if max == 0 { u64::MAX } else { max };
+    let wanted = node.take_snapshot_wanted();
+    if !wanted && (!check_size || node.log_stats().bytes <= max) {
         return;
+    }
+    if wanted {
+        info!("a follower needs a snapshot newer than this node's; taking one");
     }
     if let Err(e) = start(ctx, node) {
         // Retried after the next applied entries; say it once per cause.
@@ -153,9 +160,14 @@ fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
                 o.fork_duration.as_millis()
             );
             match module().and_then(|m| m.node()) {
-                Some(node) => node
-                    .compact(o.header.index)
-                    .map_err(|e| format!("ERR the log could not be compacted: {e}")),
+                Some(node) => match node.compact(o.header.index) {
+                    Ok(()) => {
+                        // Answered once the raft thread compacted (`compacted`).
+                        st.compact_waiters.extend(waiters);
+                        return;
+                    }
+                    Err(e) => Err(format!("ERR the log could not be compacted: {e}")),
+                },
                 None => Ok(()),
             }
         }
@@ -170,6 +182,23 @@ fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
         finish(
             w as *mut RedisModuleBlockedClient,
             result.clone().map(|()| "OK".to_string()),
+        );
+    }
+}
+
+/// The raft thread compacted the log after the snapshot at `index` (or could not).
+pub fn compacted(index: u64, result: Result<(), String>) {
+    let st = STATE.get_mut();
+    if let Err(e) = &result {
+        st.last_error = Some(format!("compaction up to index {index}: {e}"));
+    }
+    for w in std::mem::take(&mut st.compact_waiters) {
+        finish(
+            w as *mut RedisModuleBlockedClient,
+            result
+                .clone()
+                .map(|()| "OK".to_string())
+                .map_err(|e| format!("ERR the log could not be compacted: {e}")),
         );
     }
 }

@@ -145,6 +145,9 @@ pub struct LogStore {
 
 struct Inner {
     path: PathBuf,
+    /// raft-rs asked for a snapshot this store cannot give (none, too old, or without the
+    /// follower in its configuration): the main thread should take a new one.
+    snapshot_wanted: std::sync::atomic::AtomicBool,
     /// Lock order: `core` before `writer`, so records reach the buffer in the order their
     /// changes reach memory.
     core: RwLock<Core>,
@@ -406,6 +409,7 @@ impl LogStore {
         let store = LogStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
+                snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
                 core: RwLock::new(core),
                 writer: Mutex::new(Writer {
                     file,
@@ -615,6 +619,13 @@ impl LogStore {
         })
     }
 
+    /// True (once) when raft-rs wanted a snapshot newer than the one stored.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.inner
+            .snapshot_wanted
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
     /// The snapshot the log starts after (index 0: none).
     pub fn snapshot_meta(&self) -> SnapshotMeta {
         read_lock(&self.inner.core).snapshot.clone()
@@ -714,24 +725,31 @@ impl LogStore {
                 source,
             }
         };
-        let written = (|| -> Result<File, StorageError> {
+        // Until the rename, a failure (disk full...) leaves the old file in use and intact.
+        let prepared = (|| -> Result<(), StorageError> {
             let mut f = File::create(&tmp).map_err(io_err("create the rewritten log"))?;
             f.write_all(&bytes)
                 .map_err(io_err("write the rewritten log"))?;
             f.sync_all().map_err(io_err("fsync the rewritten log"))?;
-            std::fs::rename(&tmp, path).map_err(io_err("rename the rewritten log"))?;
-            sync_parent_dir(path).map_err(io_err("fsync parent directory"))?;
-            OpenOptions::new()
-                .append(true)
-                .open(path)
-                .map_err(io_err("reopen the rewritten log"))
+            std::fs::rename(&tmp, path).map_err(io_err("rename the rewritten log"))
         })();
-        let file = match written {
+        if let Err(e) = prepared {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // The new file is in place; the handle still points at the old one, so any failure
+        // from here on must stop further writes.
+        let reopened = sync_parent_dir(path)
+            .map_err(io_err("fsync parent directory"))
+            .and_then(|()| {
+                OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(io_err("reopen the rewritten log"))
+            });
+        let file = match reopened {
             Ok(f) => f,
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                // The old file is intact (rename is atomic) unless the rename happened and
-                // only what follows failed: either way later writes must not go on.
                 w.failed = Some(e.to_string());
                 return Err(e);
             }
@@ -899,9 +917,16 @@ impl raft::Storage for LogStore {
 
     /// The metadata of the snapshot the log starts after; its data (the dataset) is not
     /// here: the transport streams the snapshot file next to the message.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let core = read_lock(&self.inner.core);
-        if core.snapshot.index == 0 || core.snapshot.index < request_index {
+        let cs = &core.snapshot.conf_state;
+        // A follower refuses a snapshot whose configuration does not name it (one added
+        // after the snapshot): a newer one is needed, and raft-rs asks again later.
+        let names_it = cs.voters.contains(&to) || cs.learners.contains(&to);
+        if core.snapshot.index == 0 || core.snapshot.index < request_index || !names_it {
+            self.inner
+                .snapshot_wanted
+                .store(true, std::sync::atomic::Ordering::Release);
             return Err(store_err(
                 raft::StorageError::SnapshotTemporarilyUnavailable,
             ));

@@ -664,6 +664,21 @@ fn bench_snapshot_1m_keys() {
         println!("{sub}: {took:?}, {pings} pings, longest {max_ping:?}; reply {reply:?}");
         (took, max_ping, reply)
     };
+    // The same PING loop with nothing else going on, for comparison.
+    {
+        let mut p = RawConn::open(a.nodes[0].def.port);
+        let t = Instant::now();
+        let mut max = Duration::ZERO;
+        let mut n = 0u64;
+        while t.elapsed() < Duration::from_secs(2) {
+            let t = Instant::now();
+            assert_eq!(p.cmd(&["PING"]), "+PONG\r\n");
+            max = max.max(t.elapsed());
+            n += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        println!("idle: {n} pings in 2 s, longest {max:?}");
+    }
     let (_, _, reply) = run(&a, "SAVE");
     let size = std::fs::metadata(&path).expect("snapshot").len();
     assert_eq!(reply, save_reply(keys as i64, size));

@@ -581,11 +581,11 @@ fn a_save_that_cannot_write_its_file_fails_and_says_why() {
     let mut r = RawConn::open(a.nodes[0].def.port);
     assert_eq!(
         r.cmd(&["RAFT.DEBUG", "SNAPSHOT", "SAVE"]),
-        "-ERR wrong number of arguments for 'raft.debug snapshot': RAFT.DEBUG SNAPSHOT SAVE|LOAD <path>\r\n"
+        "-ERR wrong number of arguments for 'raft.debug snapshot': RAFT.DEBUG SNAPSHOT SAVE|LOAD <path> or ABORT\r\n"
     );
     assert_eq!(
         r.cmd(&["RAFT.DEBUG", "SNAPSHOT", "DROP", "x"]),
-        "-ERR RAFT.DEBUG SNAPSHOT supports SAVE and LOAD\r\n"
+        "-ERR RAFT.DEBUG SNAPSHOT supports SAVE, LOAD and ABORT\r\n"
     );
 }
 
@@ -614,6 +614,56 @@ fn a_snapshot_with_a_module_type_this_server_lacks_is_refused_before_the_flush()
     let mut r = RawConn::open(b.nodes[0].def.port);
     assert_eq!(r.cmd(&["PING"]), "+PONG\r\n");
     assert_eq!(fingerprint(&b), before);
+}
+
+#[test]
+fn a_running_save_or_load_can_be_aborted() {
+    let a = single(&["--enable-debug-command", "yes"]);
+    let b = single(&[]);
+    assert_eq!(
+        a.local(0, &["DEBUG", "POPULATE", "300000", "key", "100"]),
+        Value::Okay
+    );
+    let path = a.tmp.path().join("snap");
+    let reply = save(&a, 0, &path);
+    let first = std::fs::read(&path).expect("first snapshot");
+    assert_eq!(reply, save_reply(300_000, first.len() as u64));
+    let abort =
+        |c: &Cluster| RawConn::open(c.nodes[0].def.port).cmd(&["RAFT.DEBUG", "SNAPSHOT", "ABORT"]);
+    assert_eq!(abort(&a), ":0\r\n");
+
+    // A save: the client is told, the child is gone, the previous file is kept.
+    let mut c1 = RawConn::open(a.nodes[0].def.port);
+    c1.send(&["RAFT.DEBUG", "SNAPSHOT", "SAVE", &path_str(&path)]);
+    let child = wait_child(&a, 0, Duration::from_secs(10));
+    assert_eq!(abort(&a), ":1\r\n");
+    assert_eq!(c1.read(), "-ERR the snapshot save was aborted\r\n");
+    assert_eq!(
+        unsafe { libc::kill(child, 0) },
+        -1,
+        "child {child} still exists"
+    );
+    assert_eq!(std::fs::read(&path).expect("previous snapshot"), first);
+    assert!(!format_tmp(&path).exists());
+    let reply = save(&a, 0, &path);
+    assert_eq!(reply, save_reply(300_000, first.len() as u64));
+
+    // A load: aborted while checking or while restoring; either way the client is told.
+    let mut wb = conn_db(&b, 0, 0);
+    assert_eq!(write_db(&mut wb, &["SET", "mine", "b"]), Value::Okay);
+    let mut c1 = RawConn::open(b.nodes[0].def.port);
+    c1.send(&["RAFT.DEBUG", "SNAPSHOT", "LOAD", &path_str(&path)]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(abort(&b), ":1\r\n");
+    let reply = c1.read();
+    assert!(
+        reply.starts_with("-ERR the snapshot load was aborted after "),
+        "{reply}"
+    );
+    assert_eq!(abort(&b), ":0\r\n");
+    // A new load runs to the end.
+    assert_eq!(load(&b, 0, &path), load_reply(300_000));
+    assert_eq!(total_keys(&b, 0), 300_000);
 }
 
 /// 1M keys with 100-byte values: save time and size, the longest PING during the save, load

@@ -666,6 +666,70 @@ fn a_running_save_or_load_can_be_aborted() {
     assert_eq!(total_keys(&b, 0), 300_000);
 }
 
+#[test]
+fn a_save_while_redis_has_a_child_or_on_a_full_disk_fails_and_keeps_the_previous_file() {
+    let a = single(&["--enable-debug-command", "yes"]);
+    assert_eq!(
+        a.local(0, &["DEBUG", "POPULATE", "1000", "key", "100"]),
+        Value::Okay
+    );
+    let path = a.tmp.path().join("snap");
+    let reply = save(&a, 0, &path);
+    let first = std::fs::read(&path).expect("first snapshot");
+    assert_eq!(reply, save_reply(1000, first.len() as u64));
+
+    // Redis's own BGSAVE child (held stopped) leaves no room for ours.
+    assert_eq!(
+        a.local(0, &["BGSAVE"]),
+        Value::SimpleString("Background saving started".into())
+    );
+    let child = wait_child(&a, 0, Duration::from_secs(10));
+    unsafe { libc::kill(child, libc::SIGSTOP) };
+    assert_eq!(
+        save(&a, 0, &path),
+        "-ERR cannot fork for the snapshot: another child process is running (a BGSAVE, an AOF rewrite or another module's fork)\r\n"
+    );
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    assert_eq!(std::fs::read(&path).expect("previous snapshot"), first);
+    let log = a.nodes[0].log();
+    assert!(
+        log.contains(&format!(
+            "snapshot save to {} not started: another child process is running",
+            path.display()
+        )),
+        "{log}"
+    );
+    // Wait until Redis reaped its child.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.nodes[0]
+        .log()
+        .matches("Background saving terminated by signal 9")
+        .count()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "BGSAVE child not reaped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A full disk: the temporary file is /dev/full.
+    let tmp = format_tmp(&path);
+    std::os::unix::fs::symlink("/dev/full", &tmp).expect("symlink");
+    assert_eq!(
+        save(&a, 0, &path),
+        "-ERR the snapshot child exited with status 1 (see the server log for why)\r\n"
+    );
+    let log = a.nodes[0].log();
+    assert!(
+        log.contains(&format!(
+            "snapshot child failed: snapshot {}: write: No space left on device (os error 28)",
+            tmp.display()
+        )),
+        "{log}"
+    );
+    assert!(!tmp.exists() && std::fs::symlink_metadata(&tmp).is_err());
+    assert_eq!(std::fs::read(&path).expect("previous snapshot"), first);
+}
+
 /// 1M keys with 100-byte values: save time and size, the longest PING during the save, load
 /// time and the longest PING during the load. Prints, does not assert.
 /// `cargo test --release --test snapshot -- --ignored --nocapture bench`

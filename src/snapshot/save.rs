@@ -3,7 +3,8 @@
 //!
 //! Parent: `start_save` forks; the child writes `<path>.tmp`; when Redis reaps the child
 //! (serverCron, every 1000/hz ms), the done handler checks the file's header and end record,
-//! renames it over `<path>` (directory fsynced) and calls the caller's `on_done`. Any failure
+//! renames it over `<path>` (directory fsynced; on the main thread, so a directory fsync's
+//! worth of stall) and calls the caller's `on_done`. Any failure
 //! (fork refused, write error or full disk in the child, child killed, `abort_save`) removes
 //! the temporary file and leaves the previous `<path>` as it was, with a log line saying why.
 //!
@@ -14,7 +15,12 @@
 //! Redis, even on a panic. Keys already expired when the child reaches them are left out.
 //!
 //! Only one save runs at a time; Redis also refuses a fork while it has another child (its
-//! own BGSAVE or AOF rewrite).
+//! own BGSAVE or AOF rewrite, or a load's module-type check).
+//!
+//! Fork from a quiet point (not while an entry is half applied): the child sees the dataset
+//! and the module's main-thread state exactly as they are at `start_save`. Keys are walked
+//! with SCAN semantics: if a hash table was being shrunk at fork time, a key may be written
+//! twice (RESTORE ... REPLACE makes that harmless; the key count then counts it twice).
 //!
 //! Invariant: only `start_save`, `abort_save` and the done handler touch `SAVE`, all on the
 //! main thread.

@@ -341,6 +341,10 @@ fn every_data_type_survives_save_and_load_key_by_key() {
         local_db(&b, 0, 0, &[b"BOX.GET", b"boxed"]),
         Value::BulkString(b"inside the box".to_vec())
     );
+    for c in [&a, &b] {
+        let log = c.nodes[0].log();
+        assert!(!log.contains("internal error"), "{log}");
+    }
     let log = b.nodes[0].log();
     // The module type was checked in a child before the flush (src/snapshot/load.rs).
     assert!(
@@ -728,6 +732,39 @@ fn a_save_while_redis_has_a_child_or_on_a_full_disk_fails_and_keeps_the_previous
     );
     assert!(!tmp.exists() && std::fs::symlink_metadata(&tmp).is_err());
     assert_eq!(std::fs::read(&path).expect("previous snapshot"), first);
+}
+
+#[test]
+fn keys_whose_deadline_passed_before_the_load_are_not_restored() {
+    let a = single(&[]);
+    let b = single(&[]);
+    let mut w = conn_db(&a, 0, 0);
+    assert_eq!(
+        write_db(&mut w, &["SET", "short", "v", "PX", "1500"]),
+        Value::Okay
+    );
+    assert_eq!(
+        write_db(&mut w, &["SET", "long", "v", "EX", "3600"]),
+        Value::Okay
+    );
+    assert_eq!(write_db(&mut w, &["SET", "forever", "v"]), Value::Okay);
+    let path = a.tmp.path().join("snap");
+    let reply = save(&a, 0, &path);
+    let len = std::fs::metadata(&path).expect("saved").len();
+    assert_eq!(reply, save_reply(3, len));
+    std::thread::sleep(Duration::from_millis(1600));
+    // Three records in the file; the expired one is skipped by RESTORE ... ABSTTL.
+    assert_eq!(load(&b, 0, &path), load_reply(3));
+    assert_eq!(total_keys(&b, 0), 2);
+    assert_eq!(local_db(&b, 0, 0, &[b"EXISTS", b"short"]), Value::Int(0));
+    assert_eq!(
+        local_db(&b, 0, 0, &[b"PEXPIRETIME", b"long"]),
+        local_db(&a, 0, 0, &[b"PEXPIRETIME", b"long"])
+    );
+    assert_eq!(
+        local_db(&b, 0, 0, &[b"PEXPIRETIME", b"forever"]),
+        Value::Int(-1)
+    );
 }
 
 /// 1M keys with 100-byte values: save time and size, the longest PING during the save, load

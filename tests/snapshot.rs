@@ -611,6 +611,29 @@ fn a_snapshot_with_a_module_type_this_server_lacks_is_refused_before_the_flush()
     let r = save(&a, 0, &path);
     let len = std::fs::metadata(&path).expect("saved").len();
     assert_eq!(r, save_reply(2, len));
+
+    // The check needs a child process: not while Redis has one (a BGSAVE, held stopped).
+    assert_eq!(
+        local_db(&b, 0, 0, &[b"BGSAVE"]),
+        Value::SimpleString("Background saving started".into())
+    );
+    let child = wait_child(&b, 0, Duration::from_secs(10));
+    unsafe { libc::kill(child, libc::SIGSTOP) };
+    assert_eq!(
+        load(&b, 0, &path),
+        "-ERR cannot check the snapshot's module types (rraft-box): cannot fork: another child process is running (a snapshot save or load check, a BGSAVE or an AOF rewrite); try again once it has finished; the dataset was not changed\r\n"
+    );
+    assert_eq!(fingerprint(&b), before);
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.nodes[0]
+        .log()
+        .contains("Background saving terminated by signal 9")
+    {
+        assert!(Instant::now() < deadline, "BGSAVE child not reaped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     assert_eq!(
         load(&b, 0, &path),
         "-ERR the snapshot holds keys of module data type rraft-box that this server cannot restore (is the module loaded, in a version that reads them?); the dataset was not changed\r\n"
@@ -691,14 +714,14 @@ fn a_save_while_redis_has_a_child_or_on_a_full_disk_fails_and_keeps_the_previous
     unsafe { libc::kill(child, libc::SIGSTOP) };
     assert_eq!(
         save(&a, 0, &path),
-        "-ERR cannot fork for the snapshot: another child process is running (a BGSAVE, an AOF rewrite or another module's fork)\r\n"
+        "-ERR cannot fork for the snapshot: another child process is running (a snapshot save or load check, a BGSAVE or an AOF rewrite); try again once it has finished\r\n"
     );
     unsafe { libc::kill(child, libc::SIGKILL) };
     assert_eq!(std::fs::read(&path).expect("previous snapshot"), first);
     let log = a.nodes[0].log();
     assert!(
         log.contains(&format!(
-            "snapshot save to {} not started: another child process is running",
+            "snapshot save to {} not started: cannot fork: another child process is running",
             path.display()
         )),
         "{log}"

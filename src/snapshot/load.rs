@@ -446,10 +446,10 @@ fn after_check(checked: Checked) {
         probe_child(lctx, &checked.module_samples);
     }
     if pid < 0 {
+        let reason = super::save::fork_error();
         let why = format!(
-            "cannot check the snapshot's module types ({}): cannot fork: {}",
-            types.join(", "),
-            std::io::Error::last_os_error()
+            "cannot check the snapshot's module types ({}): cannot fork: {reason}",
+            types.join(", ")
         );
         log_raw(
             "warning",

@@ -117,16 +117,6 @@ pub fn start_save(
     if let Some(r) = state {
         return Err(SaveError::InProgress(r.dest.clone()));
     }
-    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    if flags & api::raw::REDISMODULE_CTX_FLAGS_ACTIVE_CHILD != 0 {
-        let why =
-            "another child process is running (a BGSAVE, an AOF rewrite or another module's fork)";
-        log_raw(
-            "warning",
-            &format!("snapshot save to {} not started: {why}", dest.display()),
-        );
-        return Err(SaveError::Fork(why.into()));
-    }
     let tmp = tmp_path(dest);
     let started = Instant::now();
     let pid = unsafe { rm!(RedisModule_Fork)(Some(save_done), std::ptr::null_mut()) };
@@ -135,7 +125,7 @@ pub fn start_save(
     }
     let fork_duration = started.elapsed();
     if pid < 0 {
-        let why = std::io::Error::last_os_error().to_string();
+        let why = fork_error();
         log_raw(
             "warning",
             &format!(
@@ -165,6 +155,17 @@ pub fn start_save(
         on_done,
     });
     Ok(())
+}
+
+/// Why `RedisModule_Fork` just failed. Redis allows one child process at a time and says
+/// so with EEXIST.
+pub(crate) fn fork_error() -> String {
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        "another child process is running (a snapshot save or load check, a BGSAVE or an AOF rewrite); try again once it has finished".into()
+    } else {
+        e.to_string()
+    }
 }
 
 /// Stops a running save: kills the child, removes the temporary file and calls its `on_done`

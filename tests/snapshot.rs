@@ -77,7 +77,7 @@ fn save_reply(keys: i64, bytes: u64) -> String {
 }
 
 fn load_reply(keys: i64) -> String {
-    format!("*2\r\n$4\r\nkeys\r\n:{keys}\r\n")
+    format!(":{keys}\r\n")
 }
 
 fn sorted(v: Value) -> Value {

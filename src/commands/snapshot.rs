@@ -14,6 +14,7 @@ use crate::snapshot::{load, save};
 enum DebugReply {
     /// A flat array of field names and integers.
     Fields(Vec<(&'static str, i64)>),
+    Int(i64),
     Error(String),
 }
 
@@ -88,7 +89,7 @@ fn load_cmd(ctx: *mut RedisModuleCtx, path: &Path) -> c_int {
     let bcu = bc as usize;
     let on_done: load::LoadDone = Box::new(move |r| {
         let reply = match r {
-            Ok(o) => DebugReply::Fields(vec![("keys", o.keys as i64)]),
+            Ok(o) => DebugReply::Int(o.keys as i64),
             Err(e) => DebugReply::Error(format!("ERR {e}")),
         };
         unblock(bcu as *mut RedisModuleBlockedClient, reply);
@@ -129,6 +130,7 @@ extern "C" fn reply_cb(
                     }
                     api::OK
                 }
+                DebugReply::Int(n) => api::reply_int(ctx, *n),
                 DebugReply::Error(e) => api::reply_error(ctx, e),
             }
         },

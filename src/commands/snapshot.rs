@@ -1,5 +1,6 @@
-//! `RAFT.DEBUG SNAPSHOT SAVE|LOAD <path>`: node-local snapshot save and load, for tests and
-//! diagnosis. Not replicated: they act on this node's dataset only.
+//! `RAFT.DEBUG SNAPSHOT SAVE|LOAD <path>` and `RAFT.DEBUG SNAPSHOT ABORT`: node-local
+//! snapshot save and load, for tests and diagnosis. Not replicated: they act on this node's
+//! dataset only.
 
 use std::ffi::{c_int, c_long, c_void};
 use std::path::Path;
@@ -13,17 +14,23 @@ use crate::snapshot::{load, save};
 enum DebugReply {
     /// A flat array of field names and integers.
     Fields(Vec<(&'static str, i64)>),
+    Int(i64),
     Error(String),
 }
 
 pub fn debug(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> c_int {
     let sub = args.first().map(|s| s.to_ascii_uppercase());
+    if sub.as_deref() == Some(b"ABORT") && args.len() == 1 {
+        // Stops a running save and a running load; replies how many were stopped.
+        let n = i64::from(save::abort_save()) + i64::from(load::abort_load());
+        return api::reply_int(ctx, n);
+    }
     let path = match args {
         [_, p] => Path::new(std::str::from_utf8(p).unwrap_or("")).to_path_buf(),
         _ => {
             return api::reply_error(
                 ctx,
-                "ERR wrong number of arguments for 'raft.debug snapshot': RAFT.DEBUG SNAPSHOT SAVE|LOAD <path>",
+                "ERR wrong number of arguments for 'raft.debug snapshot': RAFT.DEBUG SNAPSHOT SAVE|LOAD <path> or ABORT",
             )
         }
     };
@@ -33,7 +40,7 @@ pub fn debug(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> c_int {
     match sub.as_deref() {
         Some(b"SAVE") => save_cmd(ctx, &path),
         Some(b"LOAD") => load_cmd(ctx, &path),
-        _ => api::reply_error(ctx, "ERR RAFT.DEBUG SNAPSHOT supports SAVE and LOAD"),
+        _ => api::reply_error(ctx, "ERR RAFT.DEBUG SNAPSHOT supports SAVE, LOAD and ABORT"),
     }
 }
 
@@ -82,7 +89,7 @@ fn load_cmd(ctx: *mut RedisModuleCtx, path: &Path) -> c_int {
     let bcu = bc as usize;
     let on_done: load::LoadDone = Box::new(move |r| {
         let reply = match r {
-            Ok(o) => DebugReply::Fields(vec![("keys", o.keys as i64)]),
+            Ok(o) => DebugReply::Int(o.keys as i64),
             Err(e) => DebugReply::Error(format!("ERR {e}")),
         };
         unblock(bcu as *mut RedisModuleBlockedClient, reply);
@@ -123,6 +130,7 @@ extern "C" fn reply_cb(
                     }
                     api::OK
                 }
+                DebugReply::Int(n) => api::reply_int(ctx, *n),
                 DebugReply::Error(e) => api::reply_error(ctx, e),
             }
         },

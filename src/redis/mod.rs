@@ -1,9 +1,9 @@
 //! The Redis main thread's side: start-up, the command filter, blocking clients on their
 //! writes, and executing committed entries in log order.
 //!
-//! Invariant: only code under `src/redis/` and `src/commands/` calls the Redis module API,
-//! and (but for `RedisModule_EventLoopAddOneShot` in the waker, and logging) only on the
-//! main thread.
+//! Invariant: only code under `src/redis/`, `src/commands/` and `src/snapshot/` calls the
+//! Redis module API, and (but for `RedisModule_EventLoopAddOneShot` in the waker, and
+//! logging) only on the main thread (or in a snapshot's forked child).
 
 // Contexts and strings here come from Redis and are valid for the callback's duration;
 // marking every wrapper `unsafe` would only move the same promise to each caller.

@@ -90,8 +90,10 @@ pub enum LoadError {
     /// Restoring failed after the dataset was flushed: it now holds part of the snapshot.
     #[error("{reason}; the dataset holds {keys_loaded} of the snapshot's keys")]
     Restore { reason: String, keys_loaded: u64 },
+    /// `abort_load`; `flushed` says whether the dataset had been flushed (it then holds
+    /// `keys_loaded` of the snapshot's keys).
     #[error("the snapshot load was aborted after {keys_loaded} keys")]
-    Aborted { keys_loaded: u64 },
+    Aborted { keys_loaded: u64, flushed: bool },
     /// Keys of module data types this server cannot restore, or could not be checked; the
     /// dataset was not touched.
     #[error("{0}; the dataset was not changed")]
@@ -105,7 +107,7 @@ impl LoadError {
     pub fn dataset_changed(&self) -> bool {
         matches!(
             self,
-            LoadError::Restore { .. } | LoadError::Aborted { keys_loaded: _ }
+            LoadError::Restore { .. } | LoadError::Aborted { flushed: true, .. }
         )
     }
 }
@@ -338,14 +340,14 @@ pub fn abort_load() -> bool {
     let Some(l) = LOAD.get_mut().current.take() else {
         return false;
     };
-    let keys_loaded = match &l.phase {
-        Phase::Checking => 0,
+    let (keys_loaded, flushed) = match &l.phase {
+        Phase::Checking => (0, false),
         Phase::Probing { child_pid, .. } => {
             // Waits for the child; Redis then does not call the done handler.
             unsafe { rm!(RedisModule_KillForkChild)(*child_pid) };
-            0
+            (0, false)
         }
-        Phase::Restoring { reader, .. } => reader.keys_read(),
+        Phase::Restoring { reader, .. } => (reader.keys_read(), true),
     };
     log_raw(
         "warning",
@@ -354,7 +356,13 @@ pub fn abort_load() -> bool {
             l.path.display()
         ),
     );
-    end(l, Err(LoadError::Aborted { keys_loaded }));
+    end(
+        l,
+        Err(LoadError::Aborted {
+            keys_loaded,
+            flushed,
+        }),
+    );
     true
 }
 
@@ -438,10 +446,10 @@ fn after_check(checked: Checked) {
         probe_child(lctx, &checked.module_samples);
     }
     if pid < 0 {
+        let reason = super::save::fork_error();
         let why = format!(
-            "cannot check the snapshot's module types ({}): cannot fork: {}",
-            types.join(", "),
-            std::io::Error::last_os_error()
+            "cannot check the snapshot's module types ({}): cannot fork: {reason}",
+            types.join(", ")
         );
         log_raw(
             "warning",

@@ -3,7 +3,8 @@
 //!
 //! Parent: `start_save` forks; the child writes `<path>.tmp`; when Redis reaps the child
 //! (serverCron, every 1000/hz ms), the done handler checks the file's header and end record,
-//! renames it over `<path>` (directory fsynced) and calls the caller's `on_done`. Any failure
+//! renames it over `<path>` (directory fsynced; on the main thread, so a directory fsync's
+//! worth of stall) and calls the caller's `on_done`. Any failure
 //! (fork refused, write error or full disk in the child, child killed, `abort_save`) removes
 //! the temporary file and leaves the previous `<path>` as it was, with a log line saying why.
 //!
@@ -14,7 +15,12 @@
 //! Redis, even on a panic. Keys already expired when the child reaches them are left out.
 //!
 //! Only one save runs at a time; Redis also refuses a fork while it has another child (its
-//! own BGSAVE or AOF rewrite).
+//! own BGSAVE or AOF rewrite, or a load's module-type check).
+//!
+//! Fork from a quiet point (not while an entry is half applied): the child sees the dataset
+//! and the module's main-thread state exactly as they are at `start_save`. Keys are walked
+//! with SCAN semantics: if a hash table was being shrunk at fork time, a key may be written
+//! twice (RESTORE ... REPLACE makes that harmless; the key count then counts it twice).
 //!
 //! Invariant: only `start_save`, `abort_save` and the done handler touch `SAVE`, all on the
 //! main thread.
@@ -111,16 +117,6 @@ pub fn start_save(
     if let Some(r) = state {
         return Err(SaveError::InProgress(r.dest.clone()));
     }
-    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    if flags & api::raw::REDISMODULE_CTX_FLAGS_ACTIVE_CHILD != 0 {
-        let why =
-            "another child process is running (a BGSAVE, an AOF rewrite or another module's fork)";
-        log_raw(
-            "warning",
-            &format!("snapshot save to {} not started: {why}", dest.display()),
-        );
-        return Err(SaveError::Fork(why.into()));
-    }
     let tmp = tmp_path(dest);
     let started = Instant::now();
     let pid = unsafe { rm!(RedisModule_Fork)(Some(save_done), std::ptr::null_mut()) };
@@ -129,7 +125,7 @@ pub fn start_save(
     }
     let fork_duration = started.elapsed();
     if pid < 0 {
-        let why = std::io::Error::last_os_error().to_string();
+        let why = fork_error();
         log_raw(
             "warning",
             &format!(
@@ -159,6 +155,17 @@ pub fn start_save(
         on_done,
     });
     Ok(())
+}
+
+/// Why `RedisModule_Fork` just failed. Redis allows one child process at a time and says
+/// so with EEXIST.
+pub(crate) fn fork_error() -> String {
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        "another child process is running (a snapshot save or load check, a BGSAVE or an AOF rewrite); try again once it has finished".into()
+    } else {
+        e.to_string()
+    }
 }
 
 /// Stops a running save: kills the child, removes the temporary file and calls its `on_done`

@@ -98,6 +98,9 @@ pub enum ApplyItem {
     TransferDone(Result<(), String>),
     /// A membership change was refused before entering the log (RedisRaft's error text).
     Refused { tag: ProposalTag, error: String },
+    /// RAFT.NODE ADD of a node that is already a member with the same name and addresses
+    /// (a JOIN retried after its first attempt got committed): nothing to do.
+    AlreadyMember { tag: ProposalTag, id: u64 },
     /// This node applied its own removal from the cluster and stopped.
     Removed,
     /// The leader's snapshot (file at `path`, up to `index`) replaces the dataset; later
@@ -887,6 +890,14 @@ impl RaftThread {
             }
             Input::TransferLeader(target) => {
                 self.start_transfer(target);
+                false
+            }
+            Input::ChangeMembership(tag, ChangeRequest::Add { member })
+                if self.node.raft.state == StateRole::Leader
+                    && self.book.members.get(&member.id) == Some(&member) =>
+            {
+                self.shared
+                    .push(ApplyItem::AlreadyMember { tag, id: member.id }, &self.waker);
                 false
             }
             Input::ChangeMembership(tag, req) => {

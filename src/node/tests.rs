@@ -113,6 +113,7 @@ impl TestCluster {
                     | ApplyItem::ReadFailed { .. }
                     | ApplyItem::TransferDone(_)
                     | ApplyItem::Refused { .. }
+                    | ApplyItem::AlreadyMember { .. }
                     | ApplyItem::Removed
                     | ApplyItem::InstallSnapshot { .. }
                     | ApplyItem::Compacted { .. } => {}

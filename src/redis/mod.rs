@@ -1044,6 +1044,13 @@ fn apply_committed() {
                     }
                 }
             }
+            ApplyItem::AlreadyMember { tag, id } => {
+                if tag.incarnation == m.incarnation {
+                    if let Some(p) = MAIN.get_mut().pending.remove(&tag.request) {
+                        unblock(p.bc, Reply::NodeAdded(id, node.shared().cluster_id()));
+                    }
+                }
+            }
             ApplyItem::Removed => {
                 blocking::leadership_lost(REMOVED_ERROR);
                 fail_all_pending(REMOVED_ERROR);

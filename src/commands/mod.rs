@@ -21,7 +21,7 @@ use crate::redis::{
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 7] = [
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 8] = [
         // `RAFT <command> ...`: what the filter routes writes (and redirected reads) to.
         (c"raft", Some(raft_cmd), c"write"),
         (c"raft.debug", Some(raft_debug_cmd), c"admin"),
@@ -32,6 +32,8 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         // Inside scripts on the apply path (redis/scripts.rs).
         (c"raft._reject", Some(reject_cmd), c""),
         (c"raft._sort", Some(sort_cmd), c"readonly"),
+        // Consumer-group commands with the leader's clock, on the apply path (streams.rs).
+        (c"raft._stream", Some(stream_cmd), c"write"),
     ];
     for (name, f, flags) in cmds {
         let r = unsafe {
@@ -205,6 +207,23 @@ extern "C" fn info_cmd(
         || {
             let args = unsafe { api::owned_args(argv, argc) };
             cluster::info(ctx, args.get(1..).unwrap_or(&[]))
+        },
+    )
+}
+
+/// `RAFT._STREAM <leader-ms> <command ...>`: XREADGROUP / XCLAIM / XAUTOCLAIM as logged by
+/// the leader, run by the apply path (redis/streams.rs).
+extern "C" fn stream_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT._STREAM",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::owned_args(argv, argc) };
+            crate::redis::streams::run(ctx, args.get(1..).unwrap_or(&[]))
         },
     )
 }

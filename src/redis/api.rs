@@ -94,7 +94,8 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_GetBlockedClientHandle,
         RedisModule_InfoAddFieldLongLong,
         RedisModule_ReplyWithNull,
-        RedisModule_SetDisconnectCallback
+        RedisModule_SetDisconnectCallback,
+        RedisModule_CallReplyMapElement
     );
     v
 }

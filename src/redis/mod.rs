@@ -17,6 +17,7 @@ pub mod filter;
 pub mod logging;
 pub mod rewrite;
 pub mod scripts;
+pub mod streams;
 pub mod watch;
 
 use std::cell::UnsafeCell;
@@ -486,6 +487,23 @@ pub fn propose_then_select(
 /// Queues what the blocking-command machinery asks for: an attempt for a waiter (answered
 /// through the pending map like any write), or a command undoing a pop nobody received.
 fn enqueue_blocking(m: &Module, node: &Node, p: blocking::Proposal) {
+    // Each attempt is a new command: XREADGROUP's delivery time is this attempt's clock.
+    let p = match p {
+        blocking::Proposal::Attempt {
+            waiter,
+            bc,
+            db,
+            argv,
+            resp3,
+        } => blocking::Proposal::Attempt {
+            waiter,
+            bc,
+            db,
+            argv: leader_rewrite(argv),
+            resp3,
+        },
+        other => other,
+    };
     let st = MAIN.get_mut();
     match p {
         blocking::Proposal::Attempt {
@@ -966,7 +984,9 @@ fn apply_call(
         .any(|s| n.eq_ignore_ascii_case(s.as_bytes()))
     });
     scripts::set_applying(script);
+    streams::set_applying(true);
     let r = api::call(ctx, argv, opts);
+    streams::set_applying(false);
     scripts::set_applying(false);
     r
 }

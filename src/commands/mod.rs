@@ -82,6 +82,9 @@ extern "C" fn raft_cmd(
             if cmd[0].eq_ignore_ascii_case(b"select") {
                 return multi::select_now(ctx, &cmd);
             }
+            if class == Class::Local && cmd[0].eq_ignore_ascii_case(b"shutdown") {
+                return multi::shutdown_now(ctx, &cmd);
+            }
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));
             }

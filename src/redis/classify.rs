@@ -91,6 +91,8 @@ pub struct CommandTable {
     map: HashMap<Vec<u8>, (Class, i64)>,
     /// Commands (lower-case, `name|sub` for subcommands) Redis refuses when over maxmemory.
     denyoom: std::collections::HashSet<Vec<u8>>,
+    /// Commands Redis refuses inside MULTI (`no_multi`: SHUTDOWN, SAVE, SYNC, PSYNC ...).
+    no_multi: std::collections::HashSet<Vec<u8>>,
     /// Commands whose output Redis marks as random (`nondeterministic_output`).
     random_output: std::collections::HashSet<Vec<u8>>,
     /// Commands whose output order Redis marks as arbitrary (`nondeterministic_output_order`).
@@ -199,6 +201,9 @@ impl CommandTable {
         if flags.contains(&b"denyoom".as_slice()) {
             self.denyoom.insert(name.clone().into_bytes());
         }
+        if flags.contains(&b"no_multi".as_slice()) {
+            self.no_multi.insert(name.clone().into_bytes());
+        }
         let tips = fields.get(7).map(flags_of).unwrap_or_default();
         if tips.contains(&b"nondeterministic_output".as_slice()) {
             self.random_output.insert(name.clone().into_bytes());
@@ -276,6 +281,24 @@ impl CommandTable {
             key.push(b'|');
             key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
             return self.denyoom.contains(&key);
+        }
+        false
+    }
+
+    /// Whether Redis refuses this command line inside MULTI ("Command not allowed inside a
+    /// transaction").
+    pub fn no_multi(&self, argv: &[Vec<u8>]) -> bool {
+        let Some(name) = argv.first() else {
+            return false;
+        };
+        let mut key = name.to_ascii_lowercase();
+        if self.no_multi.contains(&key) {
+            return true;
+        }
+        if let Some(sub) = argv.get(1) {
+            key.push(b'|');
+            key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+            return self.no_multi.contains(&key);
         }
         false
     }
@@ -388,6 +411,7 @@ mod tests {
             cmd("raft.debug", &["admin"], vec![]),
             cmd("debug", &["admin"], vec![]),
             cmd("multi", &["fast"], vec![]),
+            cmd("shutdown", &["no_multi", "noscript"], vec![]),
         ]);
         let t = CommandTable::from_command_reply(&reply);
         assert_eq!(t.classify(b"SET", None), Class::Write);
@@ -418,6 +442,8 @@ mod tests {
         );
         assert_eq!(t.check_syntax(&argv(&["xgroup", "create"])), Ok(()));
         assert!(t.denies_oom(&argv(&["SET", "k", "v"])));
+        assert!(t.no_multi(&argv(&["SHUTDOWN", "NOSAVE"])));
+        assert!(!t.no_multi(&argv(&["SET", "k", "v"])));
         let t = CommandTable::build(&reply, &["set".to_string(), "xgroup".to_string()]);
         assert_eq!(t.classify(b"SET", None), Class::Local);
         assert_eq!(t.classify(b"xgroup", Some(b"create")), Class::Local);

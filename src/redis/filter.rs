@@ -16,6 +16,8 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 
 unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     let Some(m) = module() else { return };
+    // Before this command runs: which client in MULTI ran a connection command just now.
+    crate::commands::multi::check_connection_commands(m.apply_ctx as *mut api::RedisModuleCtx);
     let argc: c_int = rm!(RedisModule_CommandFilterArgsCount)(fctx);
     if argc < 1 {
         return;

@@ -667,6 +667,9 @@ extern "C" fn before_sleep(
 }
 
 fn flush_proposals() {
+    if let Some(m) = module() {
+        crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
+    }
     let Some(node) = module().and_then(|m| m.node.as_ref()) else {
         return;
     };

@@ -744,6 +744,31 @@ fn connection_and_misplaced_commands_inside_multi_reply_as_redis_does() {
             &["EXEC"],
         ],
         &[&["GET", "m6"]],
+        // Queued, and run at EXEC as Redis runs them.
+        &[
+            &["MULTI"],
+            &["CLIENT", "SETNAME", "n1"],
+            &["CLIENT", "GETNAME"],
+            &["CLIENT", "SETNAME", "bad name"],
+            &["ACL", "WHOAMI"],
+            &["WAIT", "0", "0"],
+            &["WAIT", "1", "0"],
+            &["WAIT", "1", "-1"],
+            &["READONLY"],
+            &["READWRITE"],
+            &["ASKING"],
+            &["EXEC"],
+            &["CLIENT", "GETNAME"],
+        ],
+        // Protected commands are refused at queue time (enable-debug-command and
+        // enable-module-command are "no" by default).
+        &[&["MULTI"], &["DEBUG", "SLEEP", "0"], &["EXEC"]],
+        &[
+            &["MULTI"],
+            &["MODULE", "LOAD", "/nonexistent.so"],
+            &["EXEC"],
+        ],
+        &[&["MULTI"], &["ACL", "WHOAMI", "x"], &["EXEC"]],
     ];
     for steps in same {
         assert_eq!(
@@ -752,20 +777,48 @@ fn connection_and_misplaced_commands_inside_multi_reply_as_redis_does() {
             "{steps:?}"
         );
     }
-    // Commands acting on the connection cannot be queued by redis-raft on Redis 7.0: they
-    // run at once, and EXEC then refuses the transaction (Redis queues them and runs them
-    // at EXEC).
+    // CLIENT ID inside MULTI is the client's own id.
     let mut r = RawConn::open(port);
+    let id = r.cmd(&["CLIENT", "ID"]);
+    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["CLIENT", "ID"]), "+QUEUED\r\n");
+    assert_eq!(r.cmd(&["EXEC"]), format!("*1\r\n{id}"));
+    // While a client is in MULTI, the same commands from other clients answer as Redis's.
+    let mut holder = RawConn::open(port);
+    assert_eq!(holder.cmd(&["MULTI"]), "+OK\r\n");
+    let outside: &[&[&str]] = &[
+        &["CLIENT", "SETNAME", "n2"],
+        &["CLIENT", "GETNAME"],
+        &["CLIENT", "SETNAME", "bad name"],
+        &["ACL", "WHOAMI"],
+        &["WAIT", "0", "0"],
+        &["WAIT", "1", "200"],
+        &["WAIT", "x", "0"],
+        &["READONLY"],
+        &["DEBUG", "SLEEP", "0"],
+        &["MODULE", "LOAD", "/nonexistent.so"],
+        &["CLIENT", "GETNAME", "x"],
+        &["PING"],
+    ];
+    let t0 = std::time::Instant::now();
+    assert_eq!(session(port, outside), session(plain.port, outside));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "WAIT 1 200 waited its timeout on both"
+    );
+    assert_eq!(holder.cmd(&["EXEC"]), "*0\r\n");
+    // Commands acting on the connection itself cannot be queued by redis-raft on Redis 7.0:
+    // they run at once, and EXEC then refuses the transaction (Redis queues them and runs
+    // them at EXEC).
     assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
     assert_eq!(r.cmd(&["SET", "m7", "1"]), "+QUEUED\r\n");
-    assert_eq!(r.cmd(&["CLIENT", "SETNAME", "n7"]), "+OK\r\n");
+    assert!(r.cmd(&["HELLO", "2"]).starts_with("*14\r\n"));
     assert_eq!(r.cmd(&["SET", "m7", "2"]), "+QUEUED\r\n");
     assert_eq!(
         r.cmd(&["EXEC"]),
-        "-EXECABORT Transaction discarded because CLIENT ran at once inside MULTI: redis-raft cannot queue commands that act on the connection (Redis 7.0 does not tell a module which client sent a command)\r\n"
+        "-EXECABORT Transaction discarded because HELLO ran at once inside MULTI: redis-raft cannot queue commands that act on the connection (Redis 7.0 does not tell a module which client sent a command)\r\n"
     );
     assert_eq!(r.cmd(&["GET", "m7"]), "$-1\r\n");
-    assert_eq!(r.cmd(&["CLIENT", "GETNAME"]), "$2\r\nn7\r\n");
     // Pipelined in one write, too.
     r.send(&["MULTI"]);
     r.send(&["AUTH", "nopass"]);
@@ -781,7 +834,7 @@ fn connection_and_misplaced_commands_inside_multi_reply_as_redis_does() {
     assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
     assert_eq!(r.cmd(&["SET", "m8", "1"]), "+QUEUED\r\n");
     let mut other = RawConn::open(port);
-    assert_eq!(other.cmd(&["CLIENT", "SETNAME", "other"]), "+OK\r\n");
+    assert_eq!(other.cmd(&["CLIENT", "NO-EVICT", "on"]), "+OK\r\n");
     assert_eq!(other.cmd(&["RESET"]), "+RESET\r\n");
     assert_eq!(r.cmd(&["EXEC"]), "*1\r\n+OK\r\n");
     // SHUTDOWN from a client not in MULTI still shuts the node down while one is.

@@ -5,6 +5,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 mod cluster;
+pub mod conn;
 mod info;
 pub mod multi;
 
@@ -82,8 +83,23 @@ extern "C" fn raft_cmd(
             if cmd[0].eq_ignore_ascii_case(b"select") {
                 return multi::select_now(ctx, &cmd);
             }
-            if class == Class::Local && cmd[0].eq_ignore_ascii_case(b"shutdown") {
-                return multi::shutdown_now(ctx, &cmd);
+            if matches!(class, Class::Local | Class::Container) {
+                // A node-local command routed here because some other client is in MULTI:
+                // Redis's checks (which an RM_Call skips), then as Redis runs it.
+                let checked = m
+                    .table()
+                    .check_syntax(&cmd)
+                    .and_then(|()| {
+                        conn::protected_refusal(ctx, m.table(), &cmd).map_or(Ok(()), Err)
+                    })
+                    .and_then(|()| admit(ctx, m, &cmd));
+                if let Err(e) = checked {
+                    return api::reply_error(ctx, &e);
+                }
+                if let Some(rc) = conn::run_now(ctx, &cmd) {
+                    return rc;
+                }
+                return call_and_reply(ctx, &cmd);
             }
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));

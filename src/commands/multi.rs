@@ -62,25 +62,22 @@ const CONN_STATE: &[&str] = &[
     "punsubscribe",
     "sunsubscribe",
     "monitor",
-    "readonly",
-    "readwrite",
-    "asking",
-    "acl",
-    "wait",
-    "module",
-    "debug",
 ];
 
 pub fn in_multi(client_id: u64) -> bool {
     IN_MULTI.get_mut().contains_key(&client_id)
 }
 
-/// Whether the filter must route node-local command `name` to RAFT: only while some client
-/// is in MULTI (it might be the sender), and never for connection-state commands.
-pub fn route_local(name: &[u8]) -> bool {
+/// Whether the filter must route node-local command `name [sub]` to RAFT: only while some
+/// client is in MULTI (it might be the sender), and never for connection-state commands
+/// (but those redis-raft can run for a client itself: conn.rs).
+pub fn route_local(name: &[u8], sub: Option<&[u8]>) -> bool {
     let ours = name.len() >= 4 && name[..4].eq_ignore_ascii_case(b"raft");
     if IN_MULTI.get_mut().is_empty() || ours {
         return false;
+    }
+    if super::conn::routable(name, sub) {
+        return true;
     }
     if is_connection(name) {
         *CHECK_PENDING.get_mut() = true;
@@ -138,19 +135,6 @@ pub fn check_connection_commands(ctx: *mut RedisModuleCtx) {
             }
         }
     }
-}
-
-/// SHUTDOWN from a client not in MULTI, routed here because some other client is: run it
-/// (NOW: an RM_Call cannot wait for replicas, and a redis-raft node has none).
-pub fn shutdown_now(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
-    let mut cmd = cmd.to_vec();
-    if !cmd[1..]
-        .iter()
-        .any(|a| a.eq_ignore_ascii_case(b"abort") || a.eq_ignore_ascii_case(b"now"))
-    {
-        cmd.push(b"NOW".to_vec());
-    }
-    super::call_and_reply(ctx, &cmd)
 }
 
 /// The client disconnected: forget its transaction.
@@ -225,18 +209,26 @@ pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Cl
         }
 
         _ => {
-            if let Err(e) = m
+            // Redis's checks, in its order.
+            let checked = m
                 .table()
                 .check_syntax(&cmd)
-                .and_then(|()| match m.table().no_multi(&cmd) {
-                    true => Err(NO_MULTI.to_string()),
-                    false => Ok(()),
+                .and_then(|()| {
+                    super::conn::protected_refusal(ctx, m.table(), &cmd).map_or(Ok(()), Err)
                 })
-                .and_then(|()| admit(ctx, m, &cmd))
-            {
+                .and_then(|()| {
+                    if m.table().no_multi(&cmd) {
+                        Err(NO_MULTI.to_string())
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| admit(ctx, m, &cmd));
+            if let Err(e) = checked {
                 fail(id);
                 return api::reply_error(ctx, &e);
             }
+            let cmd = super::conn::queued_form(ctx, cmd);
             let Some(q) = IN_MULTI.get_mut().get_mut(&id) else {
                 return api::reply_error(ctx, "ERR EXEC without MULTI");
             };

@@ -95,7 +95,10 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_InfoAddFieldLongLong,
         RedisModule_ReplyWithNull,
         RedisModule_SetDisconnectCallback,
-        RedisModule_CallReplyMapElement
+        RedisModule_CallReplyMapElement,
+        RedisModule_GetClientNameById,
+        RedisModule_SetClientNameById,
+        RedisModule_GetClientInfoById
     );
     v
 }

@@ -68,6 +68,9 @@ const REFUSED_SUB: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Redis 7.0's `PROTECTED` commands.
+const PROTECTED: &[&str] = &["debug", "module|load", "module|loadex", "module|unload"];
+
 /// Transaction commands: redis-raft queues transactions itself (commands/multi.rs).
 const TRANSACTION: &[&str] = &["multi", "exec", "discard", "watch", "unwatch"];
 
@@ -204,6 +207,7 @@ impl CommandTable {
         if flags.contains(&b"no_multi".as_slice()) {
             self.no_multi.insert(name.clone().into_bytes());
         }
+
         let tips = fields.get(7).map(flags_of).unwrap_or_default();
         if tips.contains(&b"nondeterministic_output".as_slice()) {
             self.random_output.insert(name.clone().into_bytes());
@@ -288,19 +292,16 @@ impl CommandTable {
     /// Whether Redis refuses this command line inside MULTI ("Command not allowed inside a
     /// transaction").
     pub fn no_multi(&self, argv: &[Vec<u8>]) -> bool {
-        let Some(name) = argv.first() else {
-            return false;
-        };
-        let mut key = name.to_ascii_lowercase();
-        if self.no_multi.contains(&key) {
-            return true;
-        }
-        if let Some(sub) = argv.get(1) {
-            key.push(b'|');
-            key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
-            return self.no_multi.contains(&key);
-        }
-        false
+        flagged(&self.no_multi, argv)
+    }
+
+    /// Whether this command line is behind `enable-debug-command` / `enable-module-command`
+    /// (Redis's `PROTECTED` flag, which COMMAND does not show).
+    pub fn protected(&self, argv: &[Vec<u8>]) -> bool {
+        flagged(
+            &PROTECTED.iter().map(|c| c.as_bytes().to_vec()).collect(),
+            argv,
+        )
     }
 
     /// Checks a command line against Redis's table as Redis would before running it:
@@ -359,6 +360,23 @@ impl CommandTable {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+}
+
+/// Whether the command, or its subcommand, is in `set`.
+fn flagged(set: &std::collections::HashSet<Vec<u8>>, argv: &[Vec<u8>]) -> bool {
+    let Some(name) = argv.first() else {
+        return false;
+    };
+    let mut key = name.to_ascii_lowercase();
+    if set.contains(&key) {
+        return true;
+    }
+    if let Some(sub) = argv.get(1) {
+        key.push(b'|');
+        key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+        return set.contains(&key);
+    }
+    false
 }
 
 #[cfg(test)]
@@ -444,6 +462,10 @@ mod tests {
         assert!(t.denies_oom(&argv(&["SET", "k", "v"])));
         assert!(t.no_multi(&argv(&["SHUTDOWN", "NOSAVE"])));
         assert!(!t.no_multi(&argv(&["SET", "k", "v"])));
+        assert!(t.protected(&argv(&["DEBUG", "SLEEP", "0"])));
+        assert!(!t.protected(&argv(&["SET", "k", "v"])));
+        assert!(t.protected(&argv(&["MODULE", "load", "x.so"])));
+        assert!(!t.protected(&argv(&["MODULE", "LIST"])));
         let t = CommandTable::build(&reply, &["set".to_string(), "xgroup".to_string()]);
         assert_eq!(t.classify(b"SET", None), Class::Local);
         assert_eq!(t.classify(b"xgroup", Some(b"create")), Class::Local);

@@ -38,7 +38,7 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         Class::Transaction => true,
         // Redis 7.0 does not tell a filter which client sent the command: while any client is
         // in MULTI, node-local commands go to RAFT, which queues them for that client.
-        Class::Local | Class::Container => crate::commands::multi::route_local(name),
+        Class::Local | Class::Container => crate::commands::multi::route_local(name, sub),
     };
     // CLUSTER and INFO are answered by redis-raft (commands/cluster.rs).
     let prefix: &[u8] = if name.eq_ignore_ascii_case(b"cluster") {

@@ -89,6 +89,8 @@ enum Reply {
 /// One element of EXEC's reply.
 enum Part {
     Call(*mut RedisModuleCallReply),
+    /// CLIENT ID / GETNAME / SETNAME: run on the client when EXEC's reply is sent.
+    Client(Vec<Vec<u8>>),
     Status(&'static str),
     Error(String),
 }
@@ -670,6 +672,7 @@ fn flush_proposals() {
     if let Some(m) = module() {
         crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
     }
+    crate::commands::conn::release_waits();
     let Some(node) = module().and_then(|m| m.node.as_ref()) else {
         return;
     };
@@ -792,6 +795,9 @@ extern "C" fn reply_blocked(
                             }
                             Part::Status(s) => {
                                 api::reply_simple(ctx, s);
+                            }
+                            Part::Client(argv) => {
+                                crate::commands::conn::run_client_op(ctx, argv);
                             }
                             Part::Error(e) => {
                                 api::reply_error(ctx, e);
@@ -950,6 +956,9 @@ fn apply_transaction(
 ) -> Vec<Part> {
     cmds.iter()
         .map(|(db, argv)| {
+            if proposer && crate::commands::conn::is_client_op(argv) {
+                return Part::Client(argv.clone());
+            }
             // Node-local commands (PING, CONFIG ...) run only where the client is.
             let sub = argv.get(1).map(|s| s.as_slice());
             if !proposer && m.table().classify(&argv[0], sub) == classify::Class::Local {

@@ -173,6 +173,28 @@ fn consumer_group_state_is_identical_on_a_node_that_applies_late() {
         r.cmd(&["XREADGROUP", "GROUP", "g", "bob", "STREAMS", "s", "0"]),
         "%1\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\nn\r\n$1\r\n1\r\n"
     );
+    // Inside a transaction too.
+    let mut m = RawConn::open(port);
+    assert_eq!(
+        m.cmd(&["XGROUP", "CREATE", "t", "g", "0", "MKSTREAM"]),
+        "+OK\r\n"
+    );
+    assert_eq!(m.cmd(&["XADD", "t", "1-1", "a", "1"]), "$3\r\n1-1\r\n");
+    assert_eq!(m.cmd(&["MULTI"]), "+OK\r\n");
+    for cmd in [
+        &["XREADGROUP", "GROUP", "g", "x", "STREAMS", "t", ">"][..],
+        &["XCLAIM", "t", "g", "y", "0", "1-1", "JUSTID"],
+        &["XAUTOCLAIM", "t", "g", "z", "0", "0", "JUSTID"],
+    ] {
+        assert_eq!(m.cmd(cmd), "+QUEUED\r\n");
+    }
+    assert_eq!(
+        m.cmd(&["EXEC"]),
+        "*3\r\n\
+         *1\r\n*2\r\n$1\r\nt\r\n*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\na\r\n$1\r\n1\r\n\
+         *1\r\n$3\r\n1-1\r\n\
+         *3\r\n$3\r\n0-0\r\n*1\r\n$3\r\n1-1\r\n*0\r\n"
+    );
     // The stopped follower applies it all now, long after the leader did.
     std::thread::sleep(Duration::from_millis(500));
     c.signal(f, libc::SIGCONT);
@@ -211,7 +233,22 @@ fn consumer_group_state_is_identical_on_a_node_that_applies_late() {
             ]),
         ]
     );
+    let full_t = without_seen_time(c.local(l, &["XINFO", "STREAM", "t", "FULL"]));
     for i in 0..3 {
+        assert_eq!(
+            pending_without_idle(&c, i, "t"),
+            vec![Value::Array(vec![
+                Value::BulkString(b"1-1".to_vec()),
+                Value::BulkString(b"z".to_vec()),
+                Value::Int(1)
+            ])],
+            "node {i}"
+        );
+        assert_eq!(
+            without_seen_time(c.local(i, &["XINFO", "STREAM", "t", "FULL"])),
+            full_t,
+            "node {i}: stream t"
+        );
         assert_eq!(pending_without_idle(&c, i, "s"), pending, "node {i}");
         assert_eq!(
             without_seen_time(c.local(i, &["XINFO", "STREAM", "s", "FULL"])),

@@ -959,9 +959,11 @@ fn apply_transaction(
             if proposer && crate::commands::conn::is_client_op(argv) {
                 return Part::Client(argv.clone());
             }
-            // Node-local commands (PING, CONFIG ...) run only where the client is.
+            // Node-local commands (PING, CONFIG ...) run only where the client is; the
+            // leader's consumer-group wrapper (a RAFT.* name) runs everywhere.
             let sub = argv.get(1).map(|s| s.as_slice());
-            if !proposer && m.table().classify(&argv[0], sub) == classify::Class::Local {
+            let stream = argv[0].eq_ignore_ascii_case(streams::COMMAND.as_bytes());
+            if !proposer && !stream && m.table().classify(&argv[0], sub) == classify::Class::Local {
                 return Part::Error(String::new());
             }
             if unsafe { rm!(RedisModule_SelectDb)(ctx, *db) } != api::OK {

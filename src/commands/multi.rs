@@ -10,9 +10,11 @@
 //! node-local. Commands Redis refuses inside MULTI (`no_multi`: SHUTDOWN, SAVE ...) are
 //! refused with Redis's error, and abort the transaction as in Redis.
 //!
-//! Commands that act on the connection itself (`CONN_STATE`: CLIENT, AUTH, HELLO, SUBSCRIBE
+//! Commands that act on the connection itself (`CONN_STATE`: AUTH, HELLO, SUBSCRIBE, CLIENT
 //! ...) cannot be routed here (an RM_Call would act on the module's own client, and the
-//! filter cannot tell whether their sender is in MULTI), so they run at once. Afterwards the
+//! filter cannot tell whether their sender is in MULTI), so they run at once; but those
+//! redis-raft can run for a client itself (conn.rs: CLIENT ID/GETNAME/SETNAME, ACL, WAIT,
+//! DEBUG, MODULE ...) are routed and queued as Redis queues them. Afterwards the
 //! client's last command (CLIENT LIST's `cmd=`, read before that client's next command gets
 //! to the filter) shows which client in MULTI ran one: RESET ends its transaction, as in
 //! Redis; an unknown subcommand (`cmd=NULL`) aborts it, as in Redis; any other makes EXEC

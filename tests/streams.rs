@@ -256,4 +256,26 @@ fn consumer_group_state_is_identical_on_a_node_that_applies_late() {
             "node {i}: delivery times and owners"
         );
     }
+    // Inside a script XREADGROUP would stamp each node's clock: refused, unless it records
+    // no delivery (NOACK of new entries). XCLAIM/XAUTOCLAIM are refused as random already.
+    let e = m.cmd(&[
+        "EVAL",
+        "return redis.call('XREADGROUP', 'GROUP', 'g', 'x', 'STREAMS', KEYS[1], '0')",
+        "1",
+        "t",
+    ]);
+    assert!(
+        e.starts_with("-ERR XREADGROUP records delivery times with each node's clock"),
+        "{e}"
+    );
+    assert_eq!(m.cmd(&["XADD", "t", "2-1", "a", "2"]), "$3\r\n2-1\r\n");
+    assert_eq!(
+        m.cmd(&[
+            "EVAL",
+            "return redis.call('XREADGROUP', 'GROUP', 'g', 'x', 'NOACK', 'STREAMS', KEYS[1], '>')",
+            "1",
+            "t",
+        ]),
+        "*1\r\n*2\r\n$1\r\nt\r\n*1\r\n*2\r\n$3\r\n2-1\r\n*2\r\n$1\r\na\r\n$1\r\n2\r\n"
+    );
 }

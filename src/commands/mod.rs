@@ -258,6 +258,12 @@ extern "C" fn reject_cmd(
         .get(1)
         .map(|n| String::from_utf8_lossy(n).to_uppercase())
         .unwrap_or_default();
+    if name == "XREADGROUP" {
+        return api::reply_error(
+            ctx,
+            "ERR XREADGROUP records delivery times with each node's clock and cannot run inside a script in redis-raft (but with NOACK reading new entries): call it outside the script",
+        );
+    }
     api::reply_error(
         ctx,
         &format!("ERR {name} has random results and cannot run inside a script in redis-raft: every node would compute a different result"),

@@ -89,7 +89,7 @@ pub fn xadd_id_pos(argv: &[Vec<u8>]) -> Option<usize> {
 }
 
 /// XREADGROUP with NOACK reading only new entries (`>`): it records no delivery.
-fn xreadgroup_touches_no_pel(argv: &[Vec<u8>]) -> bool {
+pub fn xreadgroup_touches_no_pel(argv: &[Vec<u8>]) -> bool {
     let Some(pos) = argv.iter().position(|a| eq(a, "streams")) else {
         return false;
     };

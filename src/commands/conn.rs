@@ -311,3 +311,40 @@ extern "C" fn wait_disconnect(_ctx: *mut RedisModuleCtx, bc: *mut api::RedisModu
         || WAIT_DONE.get_mut().push(bc as usize),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &[&str]) -> Vec<Vec<u8>> {
+        s.iter().map(|x| x.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn which_commands_redis_raft_runs_for_a_client() {
+        assert!(routable(b"CLIENT", Some(b"SetName")));
+        assert!(routable(b"client", Some(b"id")));
+        assert!(!routable(b"client", Some(b"reply")));
+        assert!(!routable(b"client", None));
+        assert!(routable(b"WAIT", None));
+        assert!(routable(b"acl", Some(b"whoami")));
+        assert!(!routable(b"hello", None));
+        assert!(!routable(b"subscribe", None));
+        assert!(is_client_op(&a(&["CLIENT", "GETNAME"])));
+        assert!(!is_client_op(&a(&["CLIENT", "LIST"])));
+        assert!(!is_client_op(&a(&["CLIENT"])));
+    }
+
+    #[test]
+    fn wait_arguments_as_redis_parses_them() {
+        assert_eq!(wait_args(&a(&["WAIT", "1", "200"])), Some((1, 200)));
+        assert_eq!(wait_args(&a(&["WAIT", "-1", "0"])), Some((-1, 0)));
+        assert_eq!(
+            wait_args(&a(&["WAIT", "1", "-1"])),
+            None,
+            "negative timeout"
+        );
+        assert_eq!(wait_args(&a(&["WAIT", "x", "0"])), None);
+        assert_eq!(wait_args(&a(&["WAIT", "1"])), None);
+    }
+}

@@ -111,17 +111,8 @@ pub fn check_connection_commands(ctx: *mut RedisModuleCtx) {
     let list = api::call_reply_value(r);
     api::free_call_reply(r);
     let api::Value::Str(list) = list else { return };
-    for line in String::from_utf8_lossy(&list).lines() {
-        let field = |k: &str| {
-            line.split(' ')
-                .find_map(|f| f.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-        };
-        let (Some(id), Some(cmd)) = (
-            field("id").and_then(|i| i.parse::<u64>().ok()),
-            field("cmd"),
-        ) else {
-            continue;
-        };
+    for (id, cmd) in last_commands(&String::from_utf8_lossy(&list)) {
+        let cmd = cmd.as_str();
         let base = cmd.split('|').next().unwrap_or(cmd);
         if cmd == "reset" {
             // RESET discards the transaction and unwatches, as in Redis.
@@ -247,6 +238,19 @@ pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Cl
     }
 }
 
+/// Each client's id and last command (`cmd=`) in CLIENT LIST's text.
+fn last_commands(list: &str) -> Vec<(u64, String)> {
+    list.lines()
+        .filter_map(|line| {
+            let field = |k: &str| {
+                line.split(' ')
+                    .find_map(|f| f.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+            };
+            Some((field("id")?.parse().ok()?, field("cmd")?.to_string()))
+        })
+        .collect()
+}
+
 /// Redis's reply to a `no_multi` command inside MULTI.
 const NO_MULTI: &str = "ERR Command not allowed inside a transaction";
 
@@ -320,4 +324,19 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
         },
         q.db,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_list_gives_each_clients_last_command() {
+        let list = "id=7 addr=127.0.0.1:5000 fd=8 name= age=3 idle=0 flags=N db=0 multi=-1 argv-mem=0 cmd=client|setname user=default resp=2\n\
+                    id=9 addr=127.0.0.1:5001 idle=4 cmd=raft user=default\n";
+        assert_eq!(
+            last_commands(list),
+            vec![(7, "client|setname".to_string()), (9, "raft".to_string())]
+        );
+    }
 }

@@ -117,7 +117,7 @@ fn consumer_group_state_is_identical_on_a_node_that_applies_late() {
     );
     // A history read delivers 5-1 and 6-1 again (new delivery time, count 2), and shows a
     // deleted entry as nil.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(r.cmd(&["XDEL", "s", "6-1"]), ":1\r\n");
     assert_eq!(
         r.cmd(&["XREADGROUP", "GROUP", "g", "alice", "STREAMS", "s", "0"]),
@@ -125,9 +125,10 @@ fn consumer_group_state_is_identical_on_a_node_that_applies_late() {
          *2\r\n$3\r\n5-1\r\n*2\r\n$1\r\nn\r\n$1\r\n5\r\n\
          *2\r\n$3\r\n6-1\r\n*-1\r\n"
     );
-    // dave's entries are about 300 ms idle; alice's 5-1 was just delivered again.
+    // dave's entries are over 1000 ms idle; alice's 5-1 was just delivered again (margins
+    // of 800 ms keep this true on a loaded machine).
     assert_eq!(
-        r.cmd(&["XCLAIM", "s", "g", "bob", "250", "1-1", "5-1", "JUSTID"]),
+        r.cmd(&["XCLAIM", "s", "g", "bob", "800", "1-1", "5-1", "JUSTID"]),
         "*1\r\n$3\r\n1-1\r\n"
     );
     assert_eq!(
@@ -139,10 +140,10 @@ fn consumer_group_state_is_identical_on_a_node_that_applies_late() {
         "*0\r\n"
     );
     std::thread::sleep(Duration::from_millis(100));
-    // From 0: 1-1 (bob's, 100 ms idle) is too recent for 250; 2-1 and 3-1 are taken;
+    // From 0: 1-1 (bob's, 100 ms idle) is too recent for 800; 2-1 and 3-1 are taken;
     // COUNT 2 is then used up and 4-1 is the cursor.
     assert_eq!(
-        r.cmd(&["XAUTOCLAIM", "s", "g", "carol", "250", "0", "COUNT", "2"]),
+        r.cmd(&["XAUTOCLAIM", "s", "g", "carol", "800", "0", "COUNT", "2"]),
         "*3\r\n$3\r\n4-1\r\n*2\r\n\
          *2\r\n$3\r\n2-1\r\n*2\r\n$1\r\nn\r\n$1\r\n2\r\n\
          *2\r\n$3\r\n3-1\r\n*2\r\n$1\r\nn\r\n$1\r\n3\r\n\
@@ -150,7 +151,7 @@ fn consumer_group_state_is_identical_on_a_node_that_applies_late() {
     );
     // From the cursor: 4-1 is taken; 6-1 no longer exists and leaves the PEL.
     assert_eq!(
-        r.cmd(&["XAUTOCLAIM", "s", "g", "carol", "250", "4-1", "JUSTID"]),
+        r.cmd(&["XAUTOCLAIM", "s", "g", "carol", "800", "4-1", "JUSTID"]),
         "*3\r\n$3\r\n0-0\r\n*1\r\n$3\r\n4-1\r\n*1\r\n$3\r\n6-1\r\n"
     );
     // RESP3 replies are Redis's too.

@@ -279,4 +279,11 @@ fn consumer_group_state_is_identical_on_a_node_that_applies_late() {
         ]),
         "*1\r\n*2\r\n$1\r\nt\r\n*1\r\n*2\r\n$3\r\n2-1\r\n*2\r\n$1\r\na\r\n$1\r\n2\r\n"
     );
+    let e = m.cmd(&[
+        "EVAL",
+        "return redis.call('XCLAIM', KEYS[1], 'g', 'x', '0', '1-1')",
+        "1",
+        "t",
+    ]);
+    assert!(e.contains("XCLAIM has random results"), "{e}");
 }

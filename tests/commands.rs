@@ -444,13 +444,13 @@ fn watch_aborts_exec_when_a_watched_key_changed_on_every_node_alike() {
     assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
     assert_eq!(a.cmd(&["SET", "after", "flush"]), "+QUEUED\r\n");
     assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n");
-    // WATCH inside MULTI is refused and aborts the transaction, as in Redis 7.
+    // WATCH inside MULTI is refused, and the transaction goes on, as in Redis 7.0.
     assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
     assert_eq!(
         a.cmd(&["WATCH", "k"]),
-        "-ERR Command not allowed inside a transaction\r\n"
+        "-ERR WATCH inside MULTI is not allowed\r\n"
     );
-    assert!(a.cmd(&["EXEC"]).starts_with("-EXECABORT"));
+    assert_eq!(a.cmd(&["EXEC"]), "*0\r\n");
     // WATCH on a follower redirects to where EXEC must go.
     let mut f = RawConn::open(c.nodes[(l + 1) % 3].def.port);
     assert_eq!(
@@ -652,4 +652,162 @@ fn random_reads_inside_multi_are_not_refused() {
     assert_eq!(r.cmd(&["SRANDMEMBER", "s"]), "+QUEUED\r\n");
     assert_eq!(r.cmd(&["SMEMBERS", "s"]), "+QUEUED\r\n");
     assert_eq!(r.cmd(&["EXEC"]), "*2\r\n$4\r\nonly\r\n*1\r\n$4\r\nonly\r\n");
+}
+
+/// Runs `steps` on a fresh connection to `port`; each reply as raw RESP, then "<closed>" if
+/// the server closed the connection after the last step.
+fn session(port: u16, steps: &[&[&str]]) -> Vec<String> {
+    let mut r = RawConn::open(port);
+    let mut out: Vec<String> = steps.iter().map(|s| r.cmd(s)).collect();
+    if steps
+        .last()
+        .is_some_and(|s| s[0].eq_ignore_ascii_case("quit"))
+        && r.closed()
+    {
+        out.push("<closed>".into());
+    }
+    out
+}
+
+#[test]
+fn connection_and_misplaced_commands_inside_multi_reply_as_redis_does() {
+    let plain = PlainRedis::start();
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let same: &[&[&[&str]]] = &[
+        // Not queued, and the transaction goes on.
+        &[&["MULTI"], &["MULTI"], &["SET", "m1", "1"], &["EXEC"]],
+        &[&["MULTI"], &["WATCH", "m2"], &["SET", "m2", "1"], &["EXEC"]],
+        // `no_multi` commands are refused and abort the transaction.
+        &[&["MULTI"], &["SHUTDOWN"], &["SET", "m3", "1"], &["EXEC"]],
+        &[&["MULTI"], &["SAVE"], &["EXEC"]],
+        &[&["MULTI"], &["SAVE", "x"], &["EXEC"]],
+        // RESET ends the transaction at once.
+        &[
+            &["MULTI"],
+            &["SET", "m4", "1"],
+            &["RESET"],
+            &["EXEC"],
+            &["GET", "m4"],
+        ],
+        // QUIT answers and closes; nothing runs.
+        &[&["MULTI"], &["SET", "m5", "1"], &["QUIT"]],
+        &[&["GET", "m5"]],
+        // An unknown subcommand is refused and aborts the transaction.
+        &[
+            &["MULTI"],
+            &["CLIENT", "NOPE"],
+            &["SET", "m6", "1"],
+            &["EXEC"],
+        ],
+        &[&["GET", "m6"]],
+        // Queued, and run at EXEC as Redis runs them.
+        &[
+            &["MULTI"],
+            &["CLIENT", "SETNAME", "n1"],
+            &["CLIENT", "GETNAME"],
+            &["CLIENT", "SETNAME", "bad name"],
+            &["ACL", "WHOAMI"],
+            &["WAIT", "0", "0"],
+            &["WAIT", "1", "0"],
+            &["WAIT", "1", "-1"],
+            &["READONLY"],
+            &["READWRITE"],
+            &["ASKING"],
+            &["EXEC"],
+            &["CLIENT", "GETNAME"],
+        ],
+        // Protected commands are refused at queue time (enable-debug-command and
+        // enable-module-command are "no" by default).
+        &[&["MULTI"], &["DEBUG", "SLEEP", "0"], &["EXEC"]],
+        &[
+            &["MULTI"],
+            &["MODULE", "LOAD", "/nonexistent.so"],
+            &["EXEC"],
+        ],
+        &[&["MULTI"], &["ACL", "WHOAMI", "x"], &["EXEC"]],
+    ];
+    for steps in same {
+        assert_eq!(
+            session(port, steps),
+            session(plain.port, steps),
+            "{steps:?}"
+        );
+    }
+    // CLIENT ID inside MULTI is the client's own id.
+    let mut r = RawConn::open(port);
+    let id = r.cmd(&["CLIENT", "ID"]);
+    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["CLIENT", "ID"]), "+QUEUED\r\n");
+    assert_eq!(r.cmd(&["EXEC"]), format!("*1\r\n{id}"));
+    // While a client is in MULTI, the same commands from other clients answer as Redis's.
+    let mut holder = RawConn::open(port);
+    assert_eq!(holder.cmd(&["MULTI"]), "+OK\r\n");
+    let outside: &[&[&str]] = &[
+        &["CLIENT", "SETNAME", "n2"],
+        &["CLIENT", "GETNAME"],
+        &["CLIENT", "SETNAME", "bad name"],
+        &["ACL", "WHOAMI"],
+        &["WAIT", "0", "0"],
+        &["WAIT", "1", "200"],
+        &["WAIT", "x", "0"],
+        &["READONLY"],
+        &["DEBUG", "SLEEP", "0"],
+        &["MODULE", "LOAD", "/nonexistent.so"],
+        &["CLIENT", "GETNAME", "x"],
+        &["PING"],
+    ];
+    let t0 = std::time::Instant::now();
+    assert_eq!(session(port, outside), session(plain.port, outside));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "WAIT 1 200 waited its timeout on both"
+    );
+    assert_eq!(holder.cmd(&["EXEC"]), "*0\r\n");
+    // Commands acting on the connection itself cannot be queued by redis-raft on Redis 7.0:
+    // they run at once, and EXEC then refuses the transaction (Redis queues them and runs
+    // them at EXEC).
+    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["SET", "m7", "1"]), "+QUEUED\r\n");
+    assert!(r.cmd(&["HELLO", "2"]).starts_with("*14\r\n"));
+    assert_eq!(r.cmd(&["SET", "m7", "2"]), "+QUEUED\r\n");
+    assert_eq!(
+        r.cmd(&["EXEC"]),
+        "-EXECABORT Transaction discarded because HELLO ran at once inside MULTI: redis-raft cannot queue commands that act on the connection (Redis 7.0 does not tell a module which client sent a command)\r\n"
+    );
+    assert_eq!(r.cmd(&["GET", "m7"]), "$-1\r\n");
+    // Pipelined in one write, too.
+    r.send(&["MULTI"]);
+    r.send(&["AUTH", "nopass"]);
+    r.send(&["EXEC"]);
+    assert_eq!(r.read(), "+OK\r\n");
+    assert!(r
+        .read()
+        .starts_with("-ERR AUTH <password> called without any password"));
+    assert!(r
+        .read()
+        .starts_with("-EXECABORT Transaction discarded because AUTH ran at once"));
+    // Another client's connection commands meanwhile leave this transaction alone.
+    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["SET", "m8", "1"]), "+QUEUED\r\n");
+    let mut other = RawConn::open(port);
+    assert_eq!(other.cmd(&["CLIENT", "NO-EVICT", "on"]), "+OK\r\n");
+    assert_eq!(other.cmd(&["RESET"]), "+RESET\r\n");
+    assert_eq!(r.cmd(&["EXEC"]), "*1\r\n+OK\r\n");
+    // SHUTDOWN from a client not in MULTI still shuts the node down while one is.
+    let f = (l + 1) % 3;
+    let mut t = RawConn::open(c.nodes[f].def.port);
+    assert_eq!(t.cmd(&["MULTI"]), "+OK\r\n");
+    let mut admin = RawConn::open(c.nodes[f].def.port);
+    admin.send(&["SHUTDOWN", "NOSAVE"]);
+    assert!(admin.closed());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.nodes[f].is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {f} still running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

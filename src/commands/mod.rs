@@ -5,6 +5,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 mod cluster;
+pub mod conn;
 mod info;
 mod membership;
 pub mod multi;
@@ -23,7 +24,7 @@ use crate::redis::{
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 7] = [
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 8] = [
         // `RAFT <command> ...`: what the filter routes writes (and redirected reads) to.
         (c"raft", Some(raft_cmd), c"write"),
         (c"raft.debug", Some(raft_debug_cmd), c"admin"),
@@ -34,6 +35,8 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         // Inside scripts on the apply path (redis/scripts.rs).
         (c"raft._reject", Some(reject_cmd), c""),
         (c"raft._sort", Some(sort_cmd), c"readonly"),
+        // Consumer-group commands with the leader's clock, on the apply path (streams.rs).
+        (c"raft._stream", Some(stream_cmd), c"write"),
     ];
     for (name, f, flags) in cmds {
         let r = unsafe {
@@ -81,6 +84,24 @@ extern "C" fn raft_cmd(
             }
             if cmd[0].eq_ignore_ascii_case(b"select") {
                 return multi::select_now(ctx, &cmd);
+            }
+            if matches!(class, Class::Local | Class::Container) {
+                // A node-local command routed here because some other client is in MULTI:
+                // Redis's checks (which an RM_Call skips), then as Redis runs it.
+                let checked = m
+                    .table()
+                    .check_syntax(&cmd)
+                    .and_then(|()| {
+                        conn::protected_refusal(ctx, m.table(), &cmd).map_or(Ok(()), Err)
+                    })
+                    .and_then(|()| admit(ctx, m, &cmd));
+                if let Err(e) = checked {
+                    return api::reply_error(ctx, &e);
+                }
+                if let Some(rc) = conn::run_now(ctx, &cmd) {
+                    return rc;
+                }
+                return call_and_reply(ctx, &cmd);
             }
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));
@@ -214,6 +235,23 @@ extern "C" fn info_cmd(
     )
 }
 
+/// `RAFT._STREAM <leader-ms> <command ...>`: XREADGROUP / XCLAIM / XAUTOCLAIM as logged by
+/// the leader, run by the apply path (redis/streams.rs).
+extern "C" fn stream_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT._STREAM",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::owned_args(argv, argc) };
+            crate::redis::streams::run(ctx, args.get(1..).unwrap_or(&[]))
+        },
+    )
+}
+
 /// A command with random results, called from a script on the apply path.
 extern "C" fn reject_cmd(
     ctx: *mut RedisModuleCtx,
@@ -225,6 +263,12 @@ extern "C" fn reject_cmd(
         .get(1)
         .map(|n| String::from_utf8_lossy(n).to_uppercase())
         .unwrap_or_default();
+    if name == "XREADGROUP" {
+        return api::reply_error(
+            ctx,
+            "ERR XREADGROUP records delivery times with each node's clock and cannot run inside a script in redis-raft (but with NOACK reading new entries): call it outside the script",
+        );
+    }
     api::reply_error(
         ctx,
         &format!("ERR {name} has random results and cannot run inside a script in redis-raft: every node would compute a different result"),

@@ -104,7 +104,11 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_ScanCursorDestroy,
         RedisModule_GetAbsExpire,
         RedisModule_CreateTimer,
-        RedisModule_FreeThreadSafeContext
+        RedisModule_FreeThreadSafeContext,
+        RedisModule_CallReplyMapElement,
+        RedisModule_GetClientNameById,
+        RedisModule_SetClientNameById,
+        RedisModule_GetClientInfoById
     );
     v
 }

@@ -68,6 +68,9 @@ const REFUSED_SUB: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Redis 7.0's `PROTECTED` commands.
+const PROTECTED: &[&str] = &["debug", "module|load", "module|loadex", "module|unload"];
+
 /// Transaction commands: redis-raft queues transactions itself (commands/multi.rs).
 const TRANSACTION: &[&str] = &["multi", "exec", "discard", "watch", "unwatch"];
 
@@ -91,6 +94,8 @@ pub struct CommandTable {
     map: HashMap<Vec<u8>, (Class, i64)>,
     /// Commands (lower-case, `name|sub` for subcommands) Redis refuses when over maxmemory.
     denyoom: std::collections::HashSet<Vec<u8>>,
+    /// Commands Redis refuses inside MULTI (`no_multi`: SHUTDOWN, SAVE, SYNC, PSYNC ...).
+    no_multi: std::collections::HashSet<Vec<u8>>,
     /// Commands whose output Redis marks as random (`nondeterministic_output`).
     random_output: std::collections::HashSet<Vec<u8>>,
     /// Commands whose output order Redis marks as arbitrary (`nondeterministic_output_order`).
@@ -199,6 +204,10 @@ impl CommandTable {
         if flags.contains(&b"denyoom".as_slice()) {
             self.denyoom.insert(name.clone().into_bytes());
         }
+        if flags.contains(&b"no_multi".as_slice()) {
+            self.no_multi.insert(name.clone().into_bytes());
+        }
+
         let tips = fields.get(7).map(flags_of).unwrap_or_default();
         if tips.contains(&b"nondeterministic_output".as_slice()) {
             self.random_output.insert(name.clone().into_bytes());
@@ -280,6 +289,21 @@ impl CommandTable {
         false
     }
 
+    /// Whether Redis refuses this command line inside MULTI ("Command not allowed inside a
+    /// transaction").
+    pub fn no_multi(&self, argv: &[Vec<u8>]) -> bool {
+        flagged(&self.no_multi, argv)
+    }
+
+    /// Whether this command line is behind `enable-debug-command` / `enable-module-command`
+    /// (Redis's `PROTECTED` flag, which COMMAND does not show).
+    pub fn protected(&self, argv: &[Vec<u8>]) -> bool {
+        flagged(
+            &PROTECTED.iter().map(|c| c.as_bytes().to_vec()).collect(),
+            argv,
+        )
+    }
+
     /// Checks a command line against Redis's table as Redis would before running it:
     /// `Err` carries Redis's own error text (unknown command, wrong arity).
     pub fn check_syntax(&self, argv: &[Vec<u8>]) -> Result<(), String> {
@@ -338,6 +362,23 @@ impl CommandTable {
     }
 }
 
+/// Whether the command, or its subcommand, is in `set`.
+fn flagged(set: &std::collections::HashSet<Vec<u8>>, argv: &[Vec<u8>]) -> bool {
+    let Some(name) = argv.first() else {
+        return false;
+    };
+    let mut key = name.to_ascii_lowercase();
+    if set.contains(&key) {
+        return true;
+    }
+    if let Some(sub) = argv.get(1) {
+        key.push(b'|');
+        key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
+        return set.contains(&key);
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +429,7 @@ mod tests {
             cmd("raft.debug", &["admin"], vec![]),
             cmd("debug", &["admin"], vec![]),
             cmd("multi", &["fast"], vec![]),
+            cmd("shutdown", &["no_multi", "noscript"], vec![]),
         ]);
         let t = CommandTable::from_command_reply(&reply);
         assert_eq!(t.classify(b"SET", None), Class::Write);
@@ -418,6 +460,12 @@ mod tests {
         );
         assert_eq!(t.check_syntax(&argv(&["xgroup", "create"])), Ok(()));
         assert!(t.denies_oom(&argv(&["SET", "k", "v"])));
+        assert!(t.no_multi(&argv(&["SHUTDOWN", "NOSAVE"])));
+        assert!(!t.no_multi(&argv(&["SET", "k", "v"])));
+        assert!(t.protected(&argv(&["DEBUG", "SLEEP", "0"])));
+        assert!(!t.protected(&argv(&["SET", "k", "v"])));
+        assert!(t.protected(&argv(&["MODULE", "load", "x.so"])));
+        assert!(!t.protected(&argv(&["MODULE", "LIST"])));
         let t = CommandTable::build(&reply, &["set".to_string(), "xgroup".to_string()]);
         assert_eq!(t.classify(b"SET", None), Class::Local);
         assert_eq!(t.classify(b"xgroup", Some(b"create")), Class::Local);

@@ -18,6 +18,7 @@ pub mod logging;
 pub mod rewrite;
 pub mod scripts;
 pub mod snapshots;
+pub mod streams;
 pub mod watch;
 
 use std::cell::UnsafeCell;
@@ -93,6 +94,8 @@ enum Reply {
 /// One element of EXEC's reply.
 enum Part {
     Call(*mut RedisModuleCallReply),
+    /// CLIENT ID / GETNAME / SETNAME: run on the client when EXEC's reply is sent.
+    Client(Vec<Vec<u8>>),
     Status(&'static str),
     Error(String),
 }
@@ -642,6 +645,23 @@ pub fn propose_then_select(
 /// Queues what the blocking-command machinery asks for: an attempt for a waiter (answered
 /// through the pending map like any write), or a command undoing a pop nobody received.
 fn enqueue_blocking(m: &Module, node: &Node, p: blocking::Proposal) {
+    // Each attempt is a new command: XREADGROUP's delivery time is this attempt's clock.
+    let p = match p {
+        blocking::Proposal::Attempt {
+            waiter,
+            bc,
+            db,
+            argv,
+            resp3,
+        } => blocking::Proposal::Attempt {
+            waiter,
+            bc,
+            db,
+            argv: leader_rewrite(argv),
+            resp3,
+        },
+        other => other,
+    };
     let st = MAIN.get_mut();
     match p {
         blocking::Proposal::Attempt {
@@ -805,6 +825,10 @@ extern "C" fn before_sleep(
 }
 
 fn flush_proposals() {
+    if let Some(m) = module() {
+        crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
+    }
+    crate::commands::conn::release_waits();
     let Some(node) = module().and_then(|m| m.node()) else {
         return;
     };
@@ -930,6 +954,9 @@ extern "C" fn reply_blocked(
                             }
                             Part::Status(s) => {
                                 api::reply_simple(ctx, s);
+                            }
+                            Part::Client(argv) => {
+                                crate::commands::conn::run_client_op(ctx, argv);
                             }
                             Part::Error(e) => {
                                 api::reply_error(ctx, e);
@@ -1142,9 +1169,14 @@ fn apply_transaction(
 ) -> Vec<Part> {
     cmds.iter()
         .map(|(db, argv)| {
-            // Node-local commands (PING, CONFIG ...) run only where the client is.
+            if proposer && crate::commands::conn::is_client_op(argv) {
+                return Part::Client(argv.clone());
+            }
+            // Node-local commands (PING, CONFIG ...) run only where the client is; the
+            // leader's consumer-group wrapper (a RAFT.* name) runs everywhere.
             let sub = argv.get(1).map(|s| s.as_slice());
-            if !proposer && m.table().classify(&argv[0], sub) == classify::Class::Local {
+            let stream = argv[0].eq_ignore_ascii_case(streams::COMMAND.as_bytes());
+            if !proposer && !stream && m.table().classify(&argv[0], sub) == classify::Class::Local {
                 return Part::Error(String::new());
             }
             if unsafe { rm!(RedisModule_SelectDb)(ctx, *db) } != api::OK {
@@ -1179,7 +1211,9 @@ fn apply_call(
         .any(|s| n.eq_ignore_ascii_case(s.as_bytes()))
     });
     scripts::set_applying(script);
+    streams::set_applying(true);
     let r = api::call(ctx, argv, opts);
+    streams::set_applying(false);
     scripts::set_applying(false);
     r
 }

@@ -3,7 +3,10 @@
 //! - relative expiry becomes an absolute deadline (EXPIRE → PEXPIREAT, SET EX → SET PXAT,
 //!   SETEX/PSETEX → SET ... PXAT, GETEX EX/PX → GETEX PXAT, RESTORE ttl → RESTORE ... ABSTTL);
 //! - SPOP, whose members Redis picks at random, becomes a script that picks them from the
-//!   sorted members with a seed chosen here, so every node removes the same ones.
+//!   sorted members with a seed chosen here, so every node removes the same ones;
+//! - XREADGROUP, XCLAIM and XAUTOCLAIM, which stamp delivery times and compare them with the
+//!   node's clock, become `RAFT._STREAM <now> <command ...>`: every node runs them with the
+//!   leader's `now` (streams.rs).
 //!
 //! Pure functions of the command line, the leader's clock and a seed: unit-tested below.
 //! Clock assumption: nodes' wall clocks agree to within the precision users need for TTLs
@@ -83,6 +86,21 @@ pub fn xadd_id_pos(argv: &[Vec<u8>]) -> Option<usize> {
             return Some(i);
         }
     }
+}
+
+/// XREADGROUP with NOACK reading only new entries (`>`): it records no delivery.
+pub fn xreadgroup_touches_no_pel(argv: &[Vec<u8>]) -> bool {
+    let Some(pos) = argv.iter().position(|a| eq(a, "streams")) else {
+        return false;
+    };
+    let rest = &argv[pos + 1..];
+    let noack = argv[..pos].iter().any(|a| eq(a, "noack"));
+    noack
+        && !rest.is_empty()
+        && rest.len().is_multiple_of(2)
+        && rest[rest.len() / 2..]
+            .iter()
+            .all(|id| id.as_slice() == b">")
 }
 
 /// Case-insensitive match of a command-line word.
@@ -202,6 +220,15 @@ pub fn rewrite(argv: &[Vec<u8>], now_ms: i64, seed: u32) -> Option<Vec<Vec<u8>>>
         v.extend(argv[1..].iter().cloned());
         return Some(v);
     }
+    if eq(name, "xreadgroup") || eq(name, "xclaim") || eq(name, "xautoclaim") {
+        // XREADGROUP ... NOACK of new entries only creates no pending entry: no clock.
+        if eq(name, "xreadgroup") && xreadgroup_touches_no_pel(argv) {
+            return None;
+        }
+        let mut v = vec![super::streams::COMMAND.as_bytes().to_vec(), num(now_ms)];
+        v.extend(argv.iter().cloned());
+        return Some(v);
+    }
     if eq(name, "spop") && (argv.len() == 2 || argv.len() == 3) {
         if let Some(c) = argv.get(2) {
             // Let Redis refuse a bad count itself, identically everywhere.
@@ -319,6 +346,77 @@ mod tests {
         assert_eq!(
             xadd_id_pos(&a(&["XADD", "s", "NOMKSTREAM", "MINID", "5", "*"])),
             Some(5)
+        );
+    }
+
+    #[test]
+    fn consumer_group_commands_carry_the_leaders_clock() {
+        assert_eq!(
+            r(&["XCLAIM", "s", "g", "c", "10", "1-1"]),
+            v(&[
+                "RAFT._STREAM",
+                "1000000",
+                "XCLAIM",
+                "s",
+                "g",
+                "c",
+                "10",
+                "1-1"
+            ])
+        );
+        assert_eq!(
+            r(&["xautoclaim", "s", "g", "c", "10", "0"]),
+            v(&[
+                "RAFT._STREAM",
+                "1000000",
+                "xautoclaim",
+                "s",
+                "g",
+                "c",
+                "10",
+                "0"
+            ])
+        );
+        assert_eq!(
+            r(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]),
+            v(&[
+                "RAFT._STREAM",
+                "1000000",
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "STREAMS",
+                "s",
+                ">"
+            ])
+        );
+        assert_eq!(
+            r(&[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "NOACK",
+                "STREAMS",
+                "s",
+                ">"
+            ]),
+            None
+        );
+        assert!(
+            r(&[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "NOACK",
+                "STREAMS",
+                "s",
+                "0"
+            ])
+            .is_some(),
+            "history reads stamp delivery times even with NOACK"
         );
     }
 

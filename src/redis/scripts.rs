@@ -1,7 +1,9 @@
 //! Scripts (EVAL, EVALSHA, FCALL) run again on every node when their entry is applied, so
 //! what they compute must not depend on the node: inside a script on the apply path,
 //! commands whose results Redis marks as random are refused, and commands whose output order
-//! is arbitrary (SMEMBERS, HGETALL, KEYS ...) get their reply sorted.
+//! is arbitrary (SMEMBERS, HGETALL, KEYS ...) get their reply sorted. XREADGROUP is refused
+//! too unless it records no delivery (NOACK of new entries only): it stamps delivery times
+//! with each node's clock, which only a command logged by the leader avoids (streams.rs).
 //!
 //! A second command filter, registered without `NOSELF` so it sees the commands a script
 //! runs, does this only while the apply path is executing an entry (`set_applying`); it
@@ -50,6 +52,11 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             let verdict = match m.table().in_script(name, sub) {
                 // XADD is random only with a generated ID; with an explicit one it is not.
                 InScript::Refuse if name.eq_ignore_ascii_case(b"xadd") => xadd_verdict(fctx, argc),
+                // XREADGROUP stamps delivery times with the node's clock (XCLAIM and
+                // XAUTOCLAIM, which Redis marks random, are refused already).
+                InScript::Run if name.eq_ignore_ascii_case(b"xreadgroup") => {
+                    xreadgroup_verdict(fctx, argc)
+                }
                 v => v,
             };
             let prefix: &[u8] = match verdict {
@@ -73,6 +80,20 @@ unsafe fn xadd_verdict(
     match super::rewrite::xadd_id_pos(&argv) {
         Some(p) if argv.get(p).is_some_and(|id| id.as_slice() != b"*") => InScript::Run,
         _ => InScript::Refuse,
+    }
+}
+
+unsafe fn xreadgroup_verdict(
+    fctx: *mut raw::RedisModuleCommandFilterCtx,
+    argc: std::ffi::c_int,
+) -> InScript {
+    let argv: Vec<Vec<u8>> = (0..argc)
+        .map(|i| api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, i)).to_vec())
+        .collect();
+    if super::rewrite::xreadgroup_touches_no_pel(&argv) {
+        InScript::Run
+    } else {
+        InScript::Refuse
     }
 }
 

@@ -468,6 +468,13 @@ impl RawConn {
         self.read()
     }
 
+    /// Whether the server closed the connection (nothing more to read).
+    pub fn closed(&mut self) -> bool {
+        use std::io::BufRead;
+        let mut line = String::new();
+        matches!(self.stream.read_line(&mut line), Ok(0) | Err(_))
+    }
+
     /// Reads one more reply or pushed message.
     pub fn read(&mut self) -> String {
         let mut reply = String::new();
@@ -543,4 +550,56 @@ pub fn build_test_module(dir: &std::path::Path, name: &str) -> std::path::PathBu
         .expect("cc");
     assert!(st.success(), "building the test module failed");
     out
+}
+
+/// A plain redis-server without the module, to compare replies with.
+pub struct PlainRedis {
+    pub port: u16,
+    child: Child,
+    _tmp: tempfile::TempDir,
+}
+
+impl PlainRedis {
+    pub fn start() -> PlainRedis {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                &tmp.path().display().to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "plain redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PlainRedis {
+            port,
+            child,
+            _tmp: tmp,
+        }
+    }
+}
+
+impl Drop for PlainRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

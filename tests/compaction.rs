@@ -368,8 +368,11 @@ fn kills_during_snapshots_compactions_and_installs_lose_nothing_acknowledged() {
     let snaps: u64 = (0..3)
         .map(|i| info_num(&c, i, "raft_snapshots_created"))
         .sum();
+    let installs: u64 = (0..3)
+        .map(|i| info_num(&c, i, "raft_snapshots_received"))
+        .sum();
     println!(
-        "{} writes acknowledged; snapshots created since the last restarts: {snaps}",
+        "{} writes acknowledged; since the last restarts: {snaps} snapshots created, {installs} received",
         acked.len()
     );
 }

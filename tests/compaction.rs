@@ -376,3 +376,38 @@ fn kills_during_snapshots_compactions_and_installs_lose_nothing_acknowledged() {
         acked.len()
     );
 }
+
+#[test]
+fn a_node_whose_log_was_moved_aside_rebuilds_from_the_leader() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(15));
+    write_every_type(&c, l, "a");
+    let f = (0..3).find(|&i| i != l).unwrap();
+    wait_applied(&mut c, &[0, 1, 2]);
+    // Once with the leader's log whole (entries are resent), once compacted (a snapshot).
+    for compact in [false, true] {
+        if compact {
+            assert_eq!(q(&c, l, &["RAFT.DEBUG", "COMPACT"]), Ok(Value::Okay));
+        }
+        c.kill(f);
+        let dir = c.nodes[f].def.dir.clone();
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("redisraft.db") {
+                std::fs::rename(e.path(), dir.join(format!("aside-{compact}-{name}"))).unwrap();
+            }
+        }
+        c.start_node(f);
+        write_every_type(&c, l, &format!("after-{compact}"));
+        wait_applied(&mut c, &[0, 1, 2]);
+        assert_same(&dataset(&c, f), &dataset(&c, l), f);
+        assert!(
+            c.nodes[f].log().contains("but its log ends at"),
+            "the rebuilt node says what happened"
+        );
+    }
+    assert_eq!(
+        c.info_field(f, "raft_snapshots_received").as_deref(),
+        Some("1")
+    );
+}

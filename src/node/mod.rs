@@ -385,6 +385,7 @@ impl Node {
             book_index,
             leaving: None,
             snapshot_path: spec.snapshot_path.clone(),
+            lost_log_warned: false,
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
@@ -393,9 +394,32 @@ impl Node {
         };
         worker.publish_status();
         worker.publish_membership(worker.book_index);
+        let on_panic = (shared.clone(), worker.waker.clone(), transport.clone());
         let thread = std::thread::Builder::new()
             .name("raft".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // raft-rs panics on states it deems impossible; this node then stops taking
+                // part, and says why, instead of vanishing silently.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                if let Err(p) = r {
+                    let why = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    let (shared, waker, transport) = on_panic;
+                    let msg = format!("the raft thread stopped on an internal error ({why}); this node no longer takes part in the cluster (its data is intact); restart it");
+                    error!("{msg}");
+                    shared.is_leader.store(false, Ordering::Release);
+                    {
+                        let mut st = lock(&shared.status);
+                        st.failure = Some(msg.clone());
+                        st.role = Role::Stopped;
+                    }
+                    shared.push(ApplyItem::Stopped(msg), &waker);
+                    transport.shutdown();
+                }
+            })
             .map_err(NodeError::Thread)?;
         Ok(Node {
             shared,
@@ -524,6 +548,7 @@ struct RaftThread {
     /// This node was removed: it stops at this instant (after handing over leadership).
     leaving: Option<Instant>,
     snapshot_path: std::path::PathBuf,
+    lost_log_warned: bool,
 }
 
 /// Makes the log and the snapshot file agree after a crash between writing one and the
@@ -1322,7 +1347,28 @@ impl RaftThread {
         }
     }
 
-    fn on_message(&mut self, m: Message) {
+    fn on_message(&mut self, mut m: Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgUnreachable {
+            // The transport lost its connection to `m.from`.
+            self.node.report_unreachable(m.from);
+            return;
+        }
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
+            && m.commit > self.node.raft.raft_log.last_index()
+        {
+            // The leader remembers this node holding more than its log has (the log was moved
+            // aside or lost). raft-rs would abort on such a commit index; keep ours and let
+            // the leader find out from our replies (it then sends entries or a snapshot).
+            if !self.lost_log_warned {
+                self.lost_log_warned = true;
+                warn!(
+                    "the leader believes this node holds entries up to {} but its log ends at {} (was the log moved aside?); catching up from the leader",
+                    m.commit,
+                    self.node.raft.raft_log.last_index()
+                );
+            }
+            m.commit = self.node.raft.raft_log.committed;
+        }
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapStatus {
             // The transport's report on sending a snapshot to `m.from`.
             let status = if m.reject {

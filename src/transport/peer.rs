@@ -268,6 +268,9 @@ impl Writer {
                         PumpEnd::Failed(e) => {
                             tracing::warn!(peer_id = shared.id, peer = %addr, error = %e,
                                 "raft bus: connection to node {} at {addr} lost: {e}; reconnecting", shared.id);
+                            // Raft then probes the peer again instead of assuming it still
+                            // holds what it acknowledged (it may have restarted).
+                            self.report(raft::eraftpb::MessageType::MsgUnreachable, false);
                         }
                     }
                 }
@@ -593,12 +596,7 @@ impl Writer {
     }
 
     /// Tells the raft thread how sending a snapshot went (MsgSnapStatus from the peer).
-    fn report_snapshot(&self, msg: &Message, ok: bool) {
-        let mut m = Message::default();
-        m.set_msg_type(raft::eraftpb::MessageType::MsgSnapStatus);
-        m.from = msg.to;
-        m.to = msg.from;
-        m.reject = !ok;
+    fn report_snapshot(&self, _msg: &Message, ok: bool) {
         if !ok {
             tracing::warn!(
                 peer_id = self.shared.id,
@@ -606,6 +604,17 @@ impl Writer {
                 self.shared.id
             );
         }
+        self.report(raft::eraftpb::MessageType::MsgSnapStatus, !ok);
+    }
+
+    /// A local report about this peer for the raft thread (which turns it into
+    /// `report_snapshot` / `report_unreachable`): `from` is the peer.
+    fn report(&self, kind: raft::eraftpb::MessageType, reject: bool) {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        m.from = self.shared.id;
+        m.to = self.local.node_id;
+        m.reject = reject;
         let _ = self.local.reports.try_send(vec![m]);
     }
 }

@@ -1147,6 +1147,10 @@ impl RaftThread {
         };
         let before = self.store.stats();
         self.store.compact(index, &cs).map_err(|e| e.to_string())?;
+        // The dropped entries were many small allocations: hand the pages back to the OS so
+        // the node's RSS follows its log (glibc keeps freed memory otherwise).
+        // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+        unsafe { libc::malloc_trim(0) };
         let after = self.store.stats();
         info!(
             "raft log compacted up to index {index}: {} entries and {} bytes before, {} entries and {} bytes after",
@@ -1356,6 +1360,7 @@ impl RaftThread {
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
             && m.commit > self.node.raft.raft_log.last_index()
         {
+            let claimed = m.commit;
             // The leader remembers this node holding more than its log has (the log was moved
             // aside or lost). raft-rs would abort on such a commit index; keep ours and let
             // the leader find out from our replies (it then sends entries or a snapshot).
@@ -1368,6 +1373,18 @@ impl RaftThread {
                 );
             }
             m.commit = self.node.raft.raft_log.committed;
+            // An idle leader would never find out (it only sends heartbeats to a follower it
+            // thinks is up to date): answer as if its last append was refused, which makes it
+            // probe back to our log's end and send entries or a snapshot from there.
+            let mut refused = Message::default();
+            refused.set_msg_type(raft::eraftpb::MessageType::MsgAppendResponse);
+            refused.from = self.shared.node_id;
+            refused.to = m.from;
+            refused.term = m.term;
+            refused.index = claimed;
+            refused.reject = true;
+            refused.reject_hint = self.node.raft.raft_log.last_index();
+            self.transport.send(vec![refused]);
         }
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapStatus {
             // The transport's report on sending a snapshot to `m.from`.

@@ -2,7 +2,7 @@
 //! as RedisRaft does) to add this node, following -MOVED and retrying while the cluster has
 //! no leader, until `raft.join-timeout`. Runs on its own thread; never calls the Redis API.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read as _, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -208,8 +208,6 @@ pub fn read_reply<R: BufRead>(r: &mut R, budget: &mut usize, depth: u32) -> Resu
         other => Err(format!("unexpected reply type byte {other:#x}")),
     }
 }
-
-use std::io::Read as _;
 
 #[cfg(test)]
 mod tests {

@@ -326,13 +326,13 @@ fn split_addr(s: &str) -> Option<(String, String)> {
         Some((r, b)) => (r, Some(b.parse::<u16>().ok().filter(|p| *p != 0)?)),
         None => (s, None),
     };
-    let (host, port) = parse_host_port(redis).ok()?;
+    let (_, port) = parse_host_port(redis).ok()?;
     let bus = match bus {
         Some(b) => b,
         None => u16::try_from(u32::from(port) + BUS_PORT_OFFSET).ok()?,
     };
+    // The host as written (IPv6 keeps its brackets).
     let host_part = redis.rsplit_once(':')?.0;
-    let _ = host;
     Some((redis.to_string(), format!("{host_part}:{bus}")))
 }
 

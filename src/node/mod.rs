@@ -311,16 +311,7 @@ impl Node {
         let mut members: HashMap<u64, Member> =
             spec.members.iter().map(|m| (m.id, m.clone())).collect();
         members.extend(book.members.iter().map(|(id, m)| (*id, m.clone())));
-        for m in members.values() {
-            if m.id != spec.id && !book.was_removed(m.id) {
-                transport.set_peer(m.id, &m.bus_addr);
-            }
-        }
-        for id in &book.used_ids {
-            if book.was_removed(*id) {
-                transport.refuse_removed(*id);
-            }
-        }
+        connect_members(&transport, spec.id, members.values(), &book);
 
         let heartbeat_tick = 1;
         let election_tick = (spec.election_timeout_ms / spec.heartbeat_interval_ms).max(2) as usize;
@@ -551,6 +542,26 @@ struct RaftThread {
     lost_log_warned: bool,
 }
 
+/// Points the transport at `members` (but this node) and refuses the ids `book` says were
+/// removed.
+fn connect_members<'a>(
+    transport: &Transport,
+    me: u64,
+    members: impl Iterator<Item = &'a Member>,
+    book: &MemberBook,
+) {
+    for m in members {
+        if m.id != me && !book.was_removed(m.id) {
+            transport.set_peer(m.id, &m.bus_addr);
+        }
+    }
+    for id in &book.used_ids {
+        if *id != me && book.was_removed(*id) {
+            transport.refuse_removed(*id);
+        }
+    }
+}
+
 /// Makes the log and the snapshot file agree after a crash between writing one and the
 /// other: a snapshot that was written but whose compaction never reached the log is
 /// compacted now; one that was received but not yet moved into place is moved. Anything else
@@ -682,13 +693,8 @@ fn open_membership(spec: &NodeSpec, store: &LogStore) -> Result<(MemberBook, u64
                 ))
             })?;
             let mut book = stored.book;
-            if book.members.is_empty() {
-                // Joined but not yet told anything: the hints are all we know.
-                book.cluster_id = if book.cluster_id.is_empty() {
-                    spec.cluster_id.clone()
-                } else {
-                    book.cluster_id
-                };
+            if book.cluster_id.is_empty() {
+                book.cluster_id = spec.cluster_id.clone();
             }
             Ok((book, index))
         }
@@ -1202,21 +1208,13 @@ impl RaftThread {
                 self.snapshot_path.display()
             ))
         })?;
-        {
-            let mut members = lock(&self.shared.members);
-            members.clear();
-            for (id, mb) in &self.book.members {
-                members.insert(*id, mb.clone());
-                if *id != self.shared.node_id {
-                    self.transport.set_peer(*id, &mb.bus_addr);
-                }
-            }
-        }
-        for id in &self.book.used_ids {
-            if self.book.was_removed(*id) && *id != self.shared.node_id {
-                self.transport.refuse_removed(*id);
-            }
-        }
+        *lock(&self.shared.members) = self.book.members.clone().into_iter().collect();
+        connect_members(
+            &self.transport,
+            self.shared.node_id,
+            self.book.members.values(),
+            &self.book,
+        );
         *lock(&self.shared.cluster_id) = self.book.cluster_id.clone();
         self.publish_membership(md.index);
         info!(

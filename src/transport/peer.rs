@@ -528,11 +528,11 @@ impl Writer {
         match (result, snapshot) {
             (Ok(()), Some(msg)) => {
                 let sent = self.send_snapshot(stream, &msg);
-                self.report_snapshot(&msg, sent.is_ok());
+                self.report_snapshot(sent.is_ok());
                 sent
             }
-            (result, Some(msg)) => {
-                self.report_snapshot(&msg, false);
+            (result, Some(_)) => {
+                self.report_snapshot(false);
                 result
             }
             (result, None) => result,
@@ -596,7 +596,7 @@ impl Writer {
     }
 
     /// Tells the raft thread how sending a snapshot went (MsgSnapStatus from the peer).
-    fn report_snapshot(&self, _msg: &Message, ok: bool) {
+    fn report_snapshot(&self, ok: bool) {
         if !ok {
             tracing::warn!(
                 peer_id = self.shared.id,

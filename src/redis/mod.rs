@@ -544,9 +544,7 @@ pub fn transfer_leader(ctx: *mut RedisModuleCtx, node: &Node, target: u64) -> c_
     if st.transfer.is_some() {
         return api::reply_error(ctx, "ERR leader transfer is in progress");
     }
-    let bc = unsafe {
-        rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
-    };
+    let bc = block(ctx);
     if bc.is_null() {
         return api::reply_error(ctx, "ERR could not block the client");
     }
@@ -613,15 +611,8 @@ pub fn propose_then_select(
         );
     }
     let st = MAIN.get_mut();
-    st.next_request += 1;
-    let tag = ProposalTag {
-        node_id: node.shared().node_id,
-        incarnation: m.incarnation,
-        request: st.next_request,
-    };
-    let bc = unsafe {
-        rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
-    };
+    let tag = next_tag(st, m, node);
+    let bc = block(ctx);
     if bc.is_null() {
         return api::reply_error(ctx, "ERR could not block the client for a replicated write");
     }
@@ -671,12 +662,7 @@ fn enqueue_blocking(m: &Module, node: &Node, p: blocking::Proposal) {
             argv,
             resp3,
         } => {
-            st.next_request += 1;
-            let tag = ProposalTag {
-                node_id: node.shared().node_id,
-                incarnation: m.incarnation,
-                request: st.next_request,
-            };
+            let tag = next_tag(st, m, node);
             st.pending.insert(
                 tag.request,
                 Pending {
@@ -1240,6 +1226,16 @@ fn answer_membership_change(m: &Module, node: &Node, me: u64, e: &Entry) {
     unblock(p.bc, reply);
 }
 
+/// The tag of this node's next proposal: its waiting client is found by it at apply time.
+fn next_tag(st: &mut MainState, m: &Module, node: &Node) -> ProposalTag {
+    st.next_request += 1;
+    ProposalTag {
+        node_id: node.shared().node_id,
+        incarnation: m.incarnation,
+        request: st.next_request,
+    }
+}
+
 /// Blocks a client until `finish` (which any thread may call).
 pub fn block(ctx: *mut RedisModuleCtx) -> *mut RedisModuleBlockedClient {
     unsafe { rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0) }
@@ -1264,15 +1260,8 @@ pub fn change_membership(
     req: crate::node::ChangeRequest,
 ) -> c_int {
     let st = MAIN.get_mut();
-    st.next_request += 1;
-    let tag = ProposalTag {
-        node_id: node.shared().node_id,
-        incarnation: m.incarnation,
-        request: st.next_request,
-    };
-    let bc = unsafe {
-        rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0)
-    };
+    let tag = next_tag(st, m, node);
+    let bc = block(ctx);
     if bc.is_null() {
         return api::reply_error(ctx, "ERR could not block the client");
     }

@@ -913,6 +913,15 @@ impl RaftThread {
                 }
                 false
             }
+            Input::ReadIndex(round) if self.leaving.is_some() => {
+                self.shared.push(
+                    ApplyItem::ReadFailed {
+                        rounds: vec![round],
+                    },
+                    &self.waker,
+                );
+                false
+            }
             Input::ReadIndex(round) => {
                 self.reads.insert(round, (Instant::now(), 1));
                 self.node
@@ -958,6 +967,9 @@ impl RaftThread {
 
     /// Proposes an operator's membership change, or says why not (RedisRaft's errors).
     fn change_membership(&mut self, tag: ProposalTag, req: ChangeRequest) -> Result<(), String> {
+        if self.leaving.is_some() {
+            return Err("ERR this node was removed from the cluster".into());
+        }
         if self.node.raft.state != StateRole::Leader {
             return Err(match self.shared.member(self.node.raft.leader_id) {
                 Some(l) if self.node.raft.leader_id != self.shared.node_id => {
@@ -1316,6 +1328,13 @@ impl RaftThread {
         if self.reads.is_empty() {
             return;
         }
+        if self.leaving.is_some() {
+            // Removed: nothing is asked of raft-rs any more.
+            let rounds: Vec<u64> = self.reads.drain().map(|(r, _)| r).collect();
+            self.shared
+                .push(ApplyItem::ReadFailed { rounds }, &self.waker);
+            return;
+        }
         let mut failed = Vec::new();
         let me = self.shared.node_id;
         for (round, (asked, tries)) in self.reads.iter_mut() {
@@ -1340,7 +1359,9 @@ impl RaftThread {
     }
 
     fn propose(&mut self, tag: ProposalTag, data: Vec<u8>, dropped: &mut Vec<ProposalTag>) {
-        if self.node.raft.state != StateRole::Leader {
+        // A leader that applied its own removal is no longer in its configuration: raft-rs
+        // cannot append for it (it would abort), and it is about to step down anyway.
+        if self.node.raft.state != StateRole::Leader || self.leaving.is_some() {
             dropped.push(tag);
             return;
         }

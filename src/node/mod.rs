@@ -290,6 +290,9 @@ impl Node {
     /// Opens nothing itself: `store` is the already-opened log (so start-up errors about the
     /// log surface before any thread starts). Binds the bus and starts the raft thread.
     pub fn start(spec: NodeSpec, store: LogStore, waker: Waker) -> Result<Node, NodeError> {
+        // First: everything below (raft-rs's applied index included) reads the log as
+        // reconciled with the snapshot file.
+        reconcile_snapshot(&store, &spec.snapshot_path)?;
         let (book, book_index) = open_membership(&spec, &store)?;
         let cluster_id = book.cluster_id.clone();
 
@@ -337,7 +340,6 @@ impl Node {
         cfg.validate()?;
         let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
         let store_handle = store.clone();
-        reconcile_snapshot(&store, &spec.snapshot_path)?;
         let snapshot_at_start = store.snapshot_meta();
         let snapshot_path = spec.snapshot_path.clone();
         let raw = RawNode::new(&cfg, store.clone(), &logger)?;

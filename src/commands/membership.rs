@@ -22,24 +22,13 @@ pub fn is_joining() -> bool {
     JOINING.load(Ordering::Acquire)
 }
 
-pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc); 3] = [
-        (c"raft.cluster", Some(cluster_cmd)),
-        (c"raft.node", Some(node_cmd)),
-        (c"raft._members", Some(members_cmd)),
-    ];
-    for (name, f) in cmds {
-        let rc = unsafe {
-            rm!(RedisModule_CreateCommand)(ctx, name.as_ptr(), f, c"admin".as_ptr(), 0, 0, 0)
-        };
-        if rc != api::OK {
-            return Err(format!(
-                "could not register command {}",
-                name.to_string_lossy()
-            ));
-        }
-    }
-    Ok(())
+/// The commands this file answers, for `commands::register`.
+pub fn commands() -> [(&'static CStr, api::raw::RedisModuleCmdFunc, &'static CStr); 3] {
+    [
+        (c"raft.cluster", Some(cluster_cmd), c"admin"),
+        (c"raft.node", Some(node_cmd), c"admin"),
+        (c"raft._members", Some(members_cmd), c"admin"),
+    ]
 }
 
 /// `RAFT.CLUSTER INIT [<cluster-id>]` | `RAFT.CLUSTER JOIN <host:port> [<host:port> ...]`.

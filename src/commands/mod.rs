@@ -38,7 +38,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         // Consumer-group commands with the leader's clock, on the apply path (streams.rs).
         (c"raft._stream", Some(stream_cmd), c"write"),
     ];
-    for (name, f, flags) in cmds {
+    for (name, f, flags) in cmds.into_iter().chain(membership::commands()) {
         let r = unsafe {
             rm!(RedisModule_CreateCommand)(ctx, name.as_ptr(), f, flags.as_ptr(), 0, 0, 0)
         };
@@ -49,7 +49,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
             ));
         }
     }
-    membership::register(ctx)
+    Ok(())
 }
 
 const CTX_MULTI: u32 = api::raw::REDISMODULE_CTX_FLAGS_MULTI;

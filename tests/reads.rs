@@ -159,3 +159,127 @@ fn reads_on_followers_redirect_and_pipelined_reads_share_rounds() {
         assert_eq!(chunk, [Some("1".to_string()), Some("2".to_string()), None]);
     }
 }
+
+/// A leader frozen (SIGSTOP) while another is elected and takes writes: reads that reached
+/// it while frozen must not be answered from its old data once it resumes. Each round
+/// writes a fresh value through the new leader, then sends GETs to the frozen one.
+#[test]
+fn a_resumed_old_leader_never_answers_a_read_from_before_its_pause() {
+    let rounds: usize = std::env::var("PAUSE_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let mut c = Cluster::start(3);
+    // Background load on every node: reads and writes in flight when the leader stops.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|t| {
+            let ports: Vec<u16> = c.nodes.iter().map(|n| n.def.port).collect();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let port = ports[(n as usize + t) % ports.len()];
+                    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                    else {
+                        continue;
+                    };
+                    let Ok(mut con) =
+                        client.get_connection_with_timeout(Duration::from_millis(200))
+                    else {
+                        continue;
+                    };
+                    let _ = con.set_read_timeout(Some(Duration::from_millis(300)));
+                    for _ in 0..20 {
+                        let key = format!("load{}", n % 3);
+                        let _ = redis::cmd(if n.is_multiple_of(2) { "GET" } else { "INCR" })
+                            .arg(&key)
+                            .query::<Value>(&mut con);
+                        n += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    let restart_first = std::env::var("PAUSE_AFTER_RESTART").is_ok();
+    if restart_first {
+        // A long log, so that a restarted node is still replaying it when it is paused.
+        for b in 0..100 {
+            let l = c.wait_leader(Duration::from_secs(10));
+            let Ok(mut con) = c.conn(l) else { continue };
+            let mut p = redis::pipe();
+            for i in 0..1000 {
+                p.cmd("SET").arg(format!("fill{b}:{i}")).arg("x").ignore();
+            }
+            let _ = p.query::<()>(&mut con);
+        }
+    }
+    let mut stale = Vec::new();
+    for round in 0..rounds {
+        let mut l = c.wait_leader(Duration::from_secs(10));
+        let key = format!("pause{round}");
+        set(&c, l, &key, "old");
+        if restart_first {
+            c.kill(l);
+            c.spawn_node(l);
+            // Pause it as soon as it leads again (it usually does: its log is complete).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut leads = false;
+            while !leads && Instant::now() < deadline {
+                leads = c.info_field(l, "raft_role").as_deref() == Some("leader");
+                if !leads {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            if !leads {
+                l = c.wait_leader(Duration::from_secs(10));
+            }
+        }
+        let mut probes: Vec<RawConn> = (0..4).map(|_| RawConn::open(c.nodes[l].def.port)).collect();
+        c.signal(l, libc::SIGSTOP);
+        let paused = Instant::now();
+        let others: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+        // The new leader: the one of the others that says so and takes a write.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut written = false;
+        while !written && Instant::now() < deadline {
+            for &o in &others {
+                if c.info_field(o, "raft_role").as_deref() == Some("leader") {
+                    if let Ok(mut con) = c.conn(o) {
+                        written = redis::cmd("SET")
+                            .arg(&key)
+                            .arg("new")
+                            .query::<()>(&mut con)
+                            .is_ok();
+                    }
+                }
+            }
+            if !written {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        assert!(written, "no new leader took the write within 10 s");
+        for p in &mut probes {
+            p.send(&["GET", &key]);
+        }
+        // Resume after 3..6 election timeouts, as the linearizability nemesis does.
+        let frozen = Duration::from_millis(ELECTION_MS * (3 + (round as u64 % 4)));
+        std::thread::sleep(frozen.saturating_sub(paused.elapsed()));
+        c.signal(l, libc::SIGCONT);
+        for p in &mut probes {
+            let reply = p.read();
+            if reply.contains("old") {
+                stale.push(format!("round {round}: {reply:?}"));
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in load {
+        let _ = t.join();
+    }
+    if !stale.is_empty() {
+        c.dump_logs();
+    }
+    assert!(stale.is_empty(), "stale reads: {stale:?}");
+}

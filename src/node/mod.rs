@@ -925,6 +925,12 @@ impl RaftThread {
                 false
             }
             Input::ReadIndex(round) => {
+                tracing::debug!(
+                    "read round {round}: asked as {:?} at term {}, commit {}",
+                    self.node.raft.state,
+                    self.node.raft.term,
+                    self.node.raft.raft_log.committed
+                );
                 self.reads.insert(round, (Instant::now(), 1));
                 self.node
                     .read_index(read_ctx(self.shared.node_id, self.incarnation, round));
@@ -1346,6 +1352,11 @@ impl RaftThread {
             if *tries >= READ_TRIES_MAX {
                 failed.push(*round);
             } else {
+                tracing::debug!(
+                    "read round {round}: asked again as {:?} at term {}",
+                    self.node.raft.state,
+                    self.node.raft.term
+                );
                 *asked = now;
                 *tries += 1;
                 self.node.read_index(read_ctx(me, self.incarnation, *round));
@@ -1443,6 +1454,12 @@ impl RaftThread {
                     && incarnation == self.incarnation
                     && self.reads.remove(&round).is_some()
                 {
+                    tracing::debug!(
+                        "read round {round}: confirmed at index {} as {:?} at term {}",
+                        rs.index,
+                        self.node.raft.state,
+                        self.node.raft.term
+                    );
                     self.shared.push(
                         ApplyItem::ReadReady {
                             round,

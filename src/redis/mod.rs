@@ -790,7 +790,12 @@ fn serve_ready_reads(ctx: *mut RedisModuleCtx, applied: u64) {
         if *entry.key() > applied {
             return;
         }
+        let index = *entry.key();
         let waiters = entry.remove();
+        tracing::debug!(
+            "serving {} read(s) confirmed at index {index} (applied {applied})",
+            waiters.len()
+        );
         for w in waiters {
             serve_read(ctx, w);
         }

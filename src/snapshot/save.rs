@@ -126,6 +126,7 @@ pub fn start_save(
     }
     let tmp = tmp_path(dest);
     let started = Instant::now();
+    let parent = unsafe { libc::getpid() };
     let delay = Duration::from_secs(CHILD_DELAY_SECS.load(Ordering::Relaxed));
     let simulated = FAIL_FORK.load(Ordering::Relaxed);
     let pid = if simulated {
@@ -136,7 +137,7 @@ pub fn start_save(
         unsafe { rm!(RedisModule_Fork)(Some(save_done), std::ptr::null_mut()) }
     };
     if pid == 0 {
-        child_main(ctx, &tmp, &header, delay);
+        child_main(ctx, &tmp, &header, parent, delay);
     }
     let fork_duration = started.elapsed();
     if pid < 0 {
@@ -284,7 +285,25 @@ fn remove_tmp(tmp: &Path) {
 }
 
 /// The forked child: writes the file and exits. Never returns.
-fn child_main(ctx: *mut RedisModuleCtx, tmp: &Path, header: &SnapshotHeader, delay: Duration) -> ! {
+fn child_main(
+    ctx: *mut RedisModuleCtx,
+    tmp: &Path,
+    header: &SnapshotHeader,
+    parent: libc::pid_t,
+    delay: Duration,
+) -> ! {
+    unsafe {
+        // A child whose server died (SIGKILL, crash) must not go on writing: the restarted
+        // server removes `<path>.tmp` and its own saves write there. Redis does not do this
+        // for its children. Checked once after setting it, in case the parent already died.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            libc::_exit(CHILD_FAILED);
+        }
+        // Past RLIMIT_FSIZE a write then fails with EFBIG, which the child reports, instead
+        // of SIGXFSZ killing it without a word.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let code = guard(
         "snapshot child",
         || CHILD_FAILED,

@@ -36,6 +36,12 @@ pub struct Options {
     /// `raft.log-max-cache-size` (RedisRaft's): accepted; the in-memory entries are bounded
     /// by compaction (see README).
     pub log_max_cache_bytes: u64,
+    /// `raft.snapshot-fail` (RedisRaft's hidden test option): snapshot forks fail as if
+    /// `fork` had.
+    pub snapshot_fail: bool,
+    /// `raft.snapshot-delay` (RedisRaft's hidden test option): the snapshot child waits this
+    /// many seconds before writing, so tests can kill a node mid-save.
+    pub snapshot_delay_secs: u64,
 }
 
 impl Default for Options {
@@ -58,6 +64,8 @@ impl Default for Options {
             join_timeout_ms: 120_000,
             log_max_file_bytes: 128_000_000,
             log_max_cache_bytes: 64_000_000,
+            snapshot_fail: false,
+            snapshot_delay_secs: 0,
         }
     }
 }

@@ -292,6 +292,7 @@ impl Node {
     pub fn start(spec: NodeSpec, store: LogStore, waker: Waker) -> Result<Node, NodeError> {
         // First: everything below (raft-rs's applied index included) reads the log as
         // reconciled with the snapshot file.
+        remove_unfinished_snapshots(&store, &spec.snapshot_path);
         reconcile_snapshot(&store, &spec.snapshot_path)?;
         let (book, book_index) = open_membership(&spec, &store)?;
         let cluster_id = book.cluster_id.clone();
@@ -560,6 +561,41 @@ fn connect_members<'a>(
     for id in &book.used_ids {
         if *id != me && book.was_removed(*id) {
             transport.refuse_removed(*id);
+        }
+    }
+}
+
+/// Removes what a save or a receive cut short by a crash left: `<snapshot>.tmp` (a save's
+/// child still writing; it dies with its server) and `<snapshot>.recv.tmp` (a snapshot
+/// still arriving from the leader, which sends it again if needed). Neither is ever read.
+fn remove_unfinished_snapshots(store: &LogStore, path: &std::path::Path) {
+    let index = store.snapshot_meta().index;
+    let kept = if index == 0 {
+        "the log holds every entry".to_string()
+    } else {
+        format!(
+            "the snapshot {} (index {index}) and the log are what this node starts from",
+            path.display()
+        )
+    };
+    let leftovers = [
+        (crate::snapshot::save::tmp_path(path), "a snapshot save"),
+        (
+            crate::transport::snapshot_recv_tmp(&recv_path(path)),
+            "a snapshot being received",
+        ),
+    ];
+    for (tmp, what) in leftovers {
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => warn!(
+                "removed {} left by {what} that did not finish before a restart; {kept}",
+                tmp.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(
+                "cannot remove {} left by {what} that did not finish: {e}; {kept}",
+                tmp.display()
+            ),
         }
     }
 }

@@ -68,6 +68,8 @@ fn key(name: &str) -> &'static str {
         "follower-reads" => "follower-reads",
         "ignored-commands" => "ignored-commands",
         "cluster-password" => "cluster-password",
+        "snapshot-fail" => "snapshot-fail",
+        "snapshot-delay" => "snapshot-delay",
         _ => "",
     }
 }
@@ -136,6 +138,7 @@ extern "C" fn get_numeric(name: *const c_char, _p: *mut c_void) -> c_longlong {
         "join-timeout" => o.join_timeout_ms as c_longlong,
         "log-max-file-size" => o.log_max_file_bytes as c_longlong,
         "log-max-cache-size" => o.log_max_cache_bytes as c_longlong,
+        "snapshot-delay" => o.snapshot_delay_secs as c_longlong,
         _ => 0,
     })
 }
@@ -157,6 +160,10 @@ extern "C" fn set_numeric(
         "join-timeout" => o.join_timeout_ms = v,
         "log-max-file-size" => o.log_max_file_bytes = v,
         "log-max-cache-size" => o.log_max_cache_bytes = v,
+        "snapshot-delay" => {
+            o.snapshot_delay_secs = v;
+            crate::snapshot::save::CHILD_DELAY_SECS.store(v, Ordering::Relaxed);
+        }
         _ => {}
     });
     api::OK
@@ -168,6 +175,7 @@ extern "C" fn get_bool(name: *const c_char, _p: *mut c_void) -> c_int {
         "log-fsync" => c_int::from(o.log_fsync),
         "quorum-reads" => c_int::from(o.effective_read_mode() != ReadMode::Stale),
         "follower-reads" => c_int::from(o.follower_reads),
+        "snapshot-fail" => c_int::from(o.snapshot_fail),
         _ => 0,
     })
 }
@@ -194,6 +202,10 @@ extern "C" fn set_bool(
                 "follower-reads" => {
                     with_options(|o| o.follower_reads = on);
                     FOLLOWER_READS.store(on, Ordering::Relaxed);
+                }
+                "snapshot-fail" => {
+                    with_options(|o| o.snapshot_fail = on);
+                    crate::snapshot::save::FAIL_FORK.store(on, Ordering::Relaxed);
                 }
                 _ => {}
             }
@@ -259,6 +271,8 @@ const DEFAULT: u32 = raw::REDISMODULE_CONFIG_DEFAULT;
 const SENSITIVE: u32 = raw::REDISMODULE_CONFIG_SENSITIVE;
 /// Accepts size units (`64mb`, `1gb`) as Redis's own memory options do.
 const MEMORY: u32 = raw::REDISMODULE_CONFIG_MEMORY;
+/// Left out of `CONFIG GET *` (RedisRaft's hidden test options).
+const HIDDEN: u32 = raw::REDISMODULE_CONFIG_HIDDEN;
 
 /// Registers every option and loads the values from redis.conf / the command line.
 /// Returns Err with a message naming the option when one is refused.
@@ -291,7 +305,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     }
     // Changing timing at runtime would need the raft thread to re-derive its ticks: refused
     // (immutable) until that is built.
-    let numerics: [(&CStr, u64, u32, i64, i64); 6] = [
+    let numerics: [(&CStr, u64, u32, i64, i64); 7] = [
         (
             c"election-timeout",
             d.election_timeout_ms,
@@ -322,6 +336,8 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
             0,
             i64::MAX,
         ),
+        // Test knob, seconds.
+        (c"snapshot-delay", 0, DEFAULT | HIDDEN, 0, 86_400),
     ];
     for (name, default, flags, min, max) in numerics {
         let r = unsafe {
@@ -341,10 +357,12 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         check(r, name)?;
     }
     // The read mode picks raft-rs's read-only option at start: fixed while running.
-    let bools: [(&CStr, bool, u32); 3] = [
+    let bools: [(&CStr, bool, u32); 4] = [
         (c"log-fsync", d.log_fsync, DEFAULT),
         (c"quorum-reads", d.read_mode != ReadMode::Stale, IMMUTABLE),
         (c"follower-reads", d.follower_reads, DEFAULT),
+        // Test knob.
+        (c"snapshot-fail", false, DEFAULT | HIDDEN),
     ];
     for (name, default, flags) in bools {
         let r = unsafe {

@@ -80,7 +80,10 @@ pub fn maybe_snapshot(ctx: *mut RedisModuleCtx, node: &Node, check_size: bool) {
         // Retried after the next applied entries; say it once per cause.
         let st = STATE.get_mut();
         if st.last_error.as_deref() != Some(e.as_str()) {
-            warn!("raft log is over raft.log-max-file-size but no snapshot was started: {e}");
+            warn!(
+                "raft snapshot failed to start: {e}; {}",
+                what_stays(Some(node))
+            );
             st.last_error = Some(e);
         }
     }
@@ -105,9 +108,25 @@ pub fn compact_now(ctx: *mut RedisModuleCtx, node: &Node) -> std::ffi::c_int {
     }
     match start(ctx, node) {
         Ok(()) => STATE.get_mut().waiters.push(bc as usize),
-        Err(e) => finish(bc, Err(format!("ERR failed to begin compaction: {e}"))),
+        Err(e) => {
+            warn!(
+                "raft snapshot failed to start: {e}; {}",
+                what_stays(Some(node))
+            );
+            STATE.get_mut().last_error = Some(e.clone());
+            finish(bc, Err(format!("ERR failed to begin compaction: {e}")));
+        }
     }
     api::OK
+}
+
+/// What a failed snapshot leaves for a restart or a follower to use, for its log line.
+fn what_stays(node: Option<&Node>) -> String {
+    match node.map(|n| n.log_stats().snapshot_index) {
+        Some(0) => "there is no previous snapshot; the log is kept whole".into(),
+        Some(i) => format!("the previous snapshot at index {i} stays valid and the log is kept"),
+        None => "the previous snapshot stays valid and the log is kept".into(),
+    }
 }
 
 /// Forks a save of the dataset as of the applied index, with the membership as of it.
@@ -173,7 +192,8 @@ fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
         }
         Err(e) => {
             // The previous snapshot file, if any, is untouched; the log is kept whole.
-            warn!("raft snapshot failed, the log is kept as it is and the previous snapshot stays valid: {e}");
+            let node = module().and_then(|m| m.node());
+            warn!("raft snapshot failed: {e}; {}", what_stays(node));
             st.last_error = Some(e.to_string());
             Err(format!("ERR {e}"))
         }

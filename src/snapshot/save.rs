@@ -29,6 +29,7 @@
 
 use std::ffi::{c_int, c_void};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::format::{self, SnapshotHeader, SnapshotWriter};
@@ -37,6 +38,12 @@ use crate::redis::MainThread;
 
 /// Exit status of a child that failed (255 means "killed on purpose" to Redis).
 const CHILD_FAILED: c_int = 1;
+
+/// Test knob (`raft.snapshot-fail`): `start_save` fails as if the fork had failed.
+pub static FAIL_FORK: AtomicBool = AtomicBool::new(false);
+
+/// Test knob (`raft.snapshot-delay`): the child waits this many seconds before writing.
+pub static CHILD_DELAY_SECS: AtomicU64 = AtomicU64::new(0);
 
 /// What a successful save produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,13 +126,25 @@ pub fn start_save(
     }
     let tmp = tmp_path(dest);
     let started = Instant::now();
-    let pid = unsafe { rm!(RedisModule_Fork)(Some(save_done), std::ptr::null_mut()) };
+    let parent = unsafe { libc::getpid() };
+    let delay = Duration::from_secs(CHILD_DELAY_SECS.load(Ordering::Relaxed));
+    let simulated = FAIL_FORK.load(Ordering::Relaxed);
+    let pid = if simulated {
+        // What fork(2) says when the server cannot be duplicated.
+        unsafe { *libc::__errno_location() = libc::ENOMEM };
+        -1
+    } else {
+        unsafe { rm!(RedisModule_Fork)(Some(save_done), std::ptr::null_mut()) }
+    };
     if pid == 0 {
-        child_main(ctx, &tmp, &header);
+        child_main(ctx, &tmp, &header, parent, delay);
     }
     let fork_duration = started.elapsed();
     if pid < 0 {
-        let why = fork_error();
+        let mut why = fork_error();
+        if simulated {
+            why.push_str(" (simulated: raft.snapshot-fail is yes)");
+        }
         log_raw(
             "warning",
             &format!(
@@ -266,11 +285,29 @@ fn remove_tmp(tmp: &Path) {
 }
 
 /// The forked child: writes the file and exits. Never returns.
-fn child_main(ctx: *mut RedisModuleCtx, tmp: &Path, header: &SnapshotHeader) -> ! {
+fn child_main(
+    ctx: *mut RedisModuleCtx,
+    tmp: &Path,
+    header: &SnapshotHeader,
+    parent: libc::pid_t,
+    delay: Duration,
+) -> ! {
+    unsafe {
+        // A child whose server died (SIGKILL, crash) must not go on writing: the restarted
+        // server removes `<path>.tmp` and its own saves write there. Redis does not do this
+        // for its children. Checked once after setting it, in case the parent already died.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            libc::_exit(CHILD_FAILED);
+        }
+        // Past RLIMIT_FSIZE a write then fails with EFBIG, which the child reports, instead
+        // of SIGXFSZ killing it without a word.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let code = guard(
         "snapshot child",
         || CHILD_FAILED,
-        || match write_snapshot(ctx, tmp, header) {
+        || match write_snapshot(ctx, tmp, header, delay) {
             Ok((keys, bytes)) => {
                 log_raw(
                     "notice",
@@ -298,6 +335,7 @@ fn write_snapshot(
     ctx: *mut RedisModuleCtx,
     tmp: &Path,
     header: &SnapshotHeader,
+    delay: Duration,
 ) -> Result<(u64, u64), String> {
     // A context of our own: the caller's may belong to a client; only its module is used.
     let cctx = unsafe { rm!(RedisModule_GetDetachedThreadSafeContext)(ctx) };
@@ -305,6 +343,17 @@ fn write_snapshot(
         return Err("cannot create a module context".into());
     }
     let mut w = SnapshotWriter::create(tmp, header).map_err(|e| e.to_string())?;
+    if !delay.is_zero() {
+        // With the file created: a test kills the server while its save is half written.
+        log_raw(
+            "notice",
+            &format!(
+                "snapshot child waits {} s before writing the keys (raft.snapshot-delay)",
+                delay.as_secs()
+            ),
+        );
+        std::thread::sleep(delay);
+    }
     // Bounded: SelectDb refuses numbers past the `databases` setting.
     for db in 0..i32::MAX {
         if unsafe { rm!(RedisModule_SelectDb)(cctx, db) } != api::OK {

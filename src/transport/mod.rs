@@ -28,6 +28,8 @@ mod frame;
 mod inbound;
 mod peer;
 
+pub(crate) use inbound::snapshot_recv_tmp;
+
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

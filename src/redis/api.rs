@@ -104,6 +104,7 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_ScanCursorDestroy,
         RedisModule_GetAbsExpire,
         RedisModule_CreateTimer,
+        RedisModule_StopTimer,
         RedisModule_FreeThreadSafeContext,
         RedisModule_CallReplyMapElement,
         RedisModule_GetClientNameById,

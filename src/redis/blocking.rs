@@ -9,8 +9,13 @@
 //! first waiter of that key that has none in flight. Attempts are ordinary entries, so a
 //! waiter may lose a race to a non-blocking pop; it then waits again.
 //!
-//! Timeouts, CLIENT UNBLOCK and disconnects are Redis's own (the client is blocked with a
-//! timeout callback). If a waiter goes away while its attempt is in flight and the attempt
+//! Timeouts are the module's own timers, not Redis's: Redis 7.0 drops a module's reply when
+//! the client's Redis timeout fires between RM_UnblockClient and the moment Redis sends
+//! that reply (the client then never gets an answer). A waiter whose timer fires with
+//! nothing in flight is answered with the command's null reply at once; with an attempt in
+//! flight, it is answered by that attempt (what it popped, or null). CLIENT UNBLOCK and
+//! disconnects are Redis's (the client is blocked with a timeout callback, which CLIENT
+//! UNBLOCK calls). If a waiter goes away while its attempt is in flight and the attempt
 //! then pops something, nobody can receive it: the leader proposes the inverse command
 //! (LPUSH/RPUSH/LMOVE/ZADD) so the elements go back where they were. XREADGROUP entries are
 //! not put back: they stay in the group's pending list, as after any delivery.
@@ -145,8 +150,12 @@ struct Waiter {
     resp3: bool,
     null: NullKind,
     in_flight: bool,
-    /// Timed out, unblocked or disconnected: Redis answered it already.
+    /// Unblocked or disconnected: Redis answered it already.
     gone: bool,
+    /// Its timeout passed while an attempt was in flight: that attempt's result answers it.
+    timed_out: bool,
+    /// The module timer of its timeout, if it has one.
+    timer: Option<u64>,
 }
 
 #[derive(Default)]
@@ -257,6 +266,12 @@ pub fn read_done(id: u64, found: bool) -> ReadOutcome {
         remove(st, id);
         return ReadOutcome::Reply(bc);
     }
+    if w.timed_out {
+        let null = w.null;
+        remove(st, id);
+        super::unblock(bc, null_reply(null));
+        return ReadOutcome::Wait;
+    }
     let (db, keys) = (w.db, w.keys.clone());
     for k in keys {
         let q = st.queues.entry((db, k)).or_default();
@@ -295,13 +310,14 @@ fn block(
     resp3: bool,
     read: bool,
 ) -> Option<(*mut RedisModuleBlockedClient, u64)> {
+    // No Redis timeout (see the module comment): the module's timer below.
     let bc = unsafe {
         rm!(RedisModule_BlockClient)(
             ctx,
             Some(super::reply_blocked),
             Some(on_timeout),
             Some(super::free_reply),
-            spec.timeout_ms,
+            0,
         )
     };
     if bc.is_null() {
@@ -311,6 +327,14 @@ fn block(
     let st = STATE.get_mut();
     st.next += 1;
     let id = st.next;
+    let timer = (spec.timeout_ms > 0).then(|| unsafe {
+        rm!(RedisModule_CreateTimer)(
+            ctx,
+            spec.timeout_ms,
+            Some(on_timer),
+            id as usize as *mut std::ffi::c_void,
+        )
+    });
     st.by_bc.insert(bc as usize, id);
     st.waiters.insert(
         id,
@@ -324,6 +348,8 @@ fn block(
             null: spec.null,
             in_flight: true,
             gone: false,
+            timed_out: false,
+            timer,
         },
     );
     Some((bc, id))
@@ -352,6 +378,10 @@ pub fn attempt_done(id: u64, r: *mut RedisModuleCallReply) -> Outcome {
     if is_null(r) {
         if w.gone {
             st.to_release.push(id);
+        } else if w.timed_out {
+            if let Some(w) = remove(st, id) {
+                super::unblock(w.bc, null_reply(w.null));
+            }
         } else {
             let (db, keys) = (w.db, w.keys.clone());
             for k in keys {
@@ -379,6 +409,17 @@ pub fn attempt_done(id: u64, r: *mut RedisModuleCallReply) -> Outcome {
 fn remove(st: &mut State, id: u64) -> Option<Waiter> {
     let w = st.waiters.remove(&id)?;
     st.by_bc.remove(&(w.bc as usize));
+    if let Some(timer) = w.timer {
+        if let Some(m) = super::module() {
+            unsafe {
+                rm!(RedisModule_StopTimer)(
+                    m.apply_ctx as *mut RedisModuleCtx,
+                    timer,
+                    std::ptr::null_mut(),
+                )
+            };
+        }
+    }
     for k in &w.keys {
         if let Some(q) = st.queues.get_mut(&(w.db, k.clone())) {
             q.retain(|x| *x != id);
@@ -492,6 +533,40 @@ extern "C" fn on_timeout(
             }
         },
     )
+}
+
+fn null_reply(null: NullKind) -> super::Reply {
+    match null {
+        NullKind::NullArray => super::Reply::NullArray,
+        NullKind::NullBulk => super::Reply::NullBulk,
+    }
+}
+
+/// The timeout of waiter `id` (a module timer's data) passed.
+extern "C" fn on_timer(_ctx: *mut RedisModuleCtx, data: *mut std::ffi::c_void) {
+    guard(
+        "blocking timeout timer",
+        || (),
+        || {
+            let id = data as usize as u64;
+            let st = STATE.get_mut();
+            let Some(w) = st.waiters.get_mut(&id) else {
+                return;
+            };
+            w.timer = None;
+            if w.gone {
+                return;
+            }
+            if w.in_flight {
+                // Its attempt (or read) answers it when it is applied.
+                w.timed_out = true;
+                return;
+            }
+            if let Some(w) = remove(st, id) {
+                super::unblock(w.bc, null_reply(w.null));
+            }
+        },
+    );
 }
 
 extern "C" fn on_disconnect(_ctx: *mut RedisModuleCtx, bc: *mut RedisModuleBlockedClient) {

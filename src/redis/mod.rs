@@ -80,8 +80,10 @@ enum Reply {
     /// EXEC's array: one reply per queued command; then select this database (SELECT was
     /// queued in the transaction).
     Multi(Vec<Part>, Option<i32>),
-    /// EXEC of a transaction whose watched keys changed.
+    /// EXEC of a transaction whose watched keys changed; a blocking command that timed out.
     NullArray,
+    /// A blocking command that timed out (BLMOVE, BRPOPLPUSH, BLMPOP, BZMPOP).
+    NullBulk,
     /// A status reply such as OK.
     Status(&'static str),
     /// RAFT.NODE ADD's reply: the node id and the cluster id.
@@ -957,6 +959,7 @@ extern "C" fn reply_blocked(
                     api::OK
                 }
                 Reply::NullArray => unsafe { rm!(RedisModule_ReplyWithNullArray)(ctx) },
+                Reply::NullBulk => unsafe { rm!(RedisModule_ReplyWithNull)(ctx) },
                 Reply::Status(s) => api::reply_simple(ctx, s),
                 Reply::Text(s) => api::reply_simple(ctx, s),
                 Reply::NodeAdded(id, cluster_id) => {
@@ -980,6 +983,7 @@ extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
         Reply::Multi(parts, _) => parts.into_iter().for_each(Part::free),
         Reply::Error(_)
         | Reply::NullArray
+        | Reply::NullBulk
         | Reply::Status(_)
         | Reply::NodeAdded(..)
         | Reply::Text(_) => {}

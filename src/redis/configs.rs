@@ -159,6 +159,9 @@ extern "C" fn set_numeric(
         "log-max-cache-size" => o.log_max_cache_bytes = v,
         _ => {}
     });
+    if k == "log-max-cache-size" {
+        super::on_log_cache_changed(v);
+    }
     api::OK
 }
 

@@ -291,14 +291,14 @@ impl Core {
             let Some(e) = self.cache.pop_front() else {
                 break;
             };
-            self.cache_bytes -= entry_bytes(&e);
+            self.cache_bytes = self.cache_bytes.saturating_sub(entry_bytes(&e));
         }
     }
 
     /// Drops cached payloads of entries at or below `index` (they left the log).
     fn uncache_through(&mut self, index: u64) {
         while let Some(e) = self.cache.front().filter(|e| e.index <= index) {
-            self.cache_bytes -= entry_bytes(e);
+            self.cache_bytes = self.cache_bytes.saturating_sub(entry_bytes(e));
             self.cache.pop_front();
         }
     }
@@ -353,7 +353,7 @@ impl Core {
             .truncate(usize::try_from(keep).unwrap_or(usize::MAX));
         // The cache is a suffix: it loses its newest entries (bounded by its length).
         while let Some(e) = self.cache.back().filter(|e| e.index >= index) {
-            self.cache_bytes -= entry_bytes(e);
+            self.cache_bytes = self.cache_bytes.saturating_sub(entry_bytes(e));
             self.cache.pop_back();
         }
     }

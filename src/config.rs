@@ -33,8 +33,9 @@ pub struct Options {
     /// Take a snapshot and compact the log once its file passes this many bytes (0: never;
     /// `raft.log-max-file-size`, RedisRaft's option and default).
     pub log_max_file_bytes: u64,
-    /// `raft.log-max-cache-size` (RedisRaft's): accepted; the in-memory entries are bounded
-    /// by compaction (see README).
+    /// `raft.log-max-cache-size` (RedisRaft's): bytes of entry payloads (encoded size) the log
+    /// keeps in memory, the newest ones; older entries are read back from the log file.
+    /// Runtime-settable (the store evicts down to a lower bound at once).
     pub log_max_cache_bytes: u64,
     /// `raft.snapshot-fail` (RedisRaft's hidden test option): snapshot forks fail as if
     /// `fork` had.

@@ -163,6 +163,8 @@ fn fill(i: &Info) {
     i.num("commit_index", st.commit_index);
     i.num("last_applied_index", sh.applied());
     i.num("file_size", st.log.bytes);
+    i.num("cache_memory_size", st.log.cache_bytes);
+    i.num("cache_entries", st.log.cache_entries);
     i.num("fsync_count", st.log.fsync_count);
     i.num("fsync_max_microseconds", st.log.fsync_max_us);
     i.num("fsync_avg_microseconds", st.log.fsync_avg_us);
@@ -228,4 +230,5 @@ fn fill(i: &Info) {
         i.num("loading_keys_total", total);
     }
     i.num("log_max_file_size", opts.log_max_file_bytes);
+    i.num("log_max_cache_size", opts.log_max_cache_bytes);
 }

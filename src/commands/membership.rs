@@ -384,8 +384,12 @@ fn redis_port(ctx: *mut RedisModuleCtx) -> Option<u16> {
 /// The log INIT or JOIN starts: it must not hold anything yet.
 fn open_empty_log() -> Result<LogStore, String> {
     let opts = configs::options();
-    let (store, _) = LogStore::open(std::path::Path::new(&opts.log_filename), opts.log_fsync)
-        .map_err(|e| format!("ERR {e}"))?;
+    let (store, _) = LogStore::open_with_cache(
+        std::path::Path::new(&opts.log_filename),
+        opts.log_fsync,
+        opts.log_max_cache_bytes,
+    )
+    .map_err(|e| format!("ERR {e}"))?;
     if !store.is_empty() {
         return Err(format!(
             "ERR the raft log {} is not empty; move it aside first",

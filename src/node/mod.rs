@@ -502,6 +502,12 @@ impl Node {
         let _ = self.input.try_send(Input::SetFsync(on));
     }
 
+    /// Bounds the log's entry cache (`raft.log-max-cache-size`). Directly on the shared
+    /// store, not through the raft thread's queue: the change is never dropped.
+    pub fn set_log_cache_max_bytes(&self, bytes: u64) {
+        self.store.set_cache_max_bytes(bytes);
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.transport.peers()
     }

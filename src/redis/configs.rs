@@ -166,6 +166,9 @@ extern "C" fn set_numeric(
         }
         _ => {}
     });
+    if k == "log-max-cache-size" {
+        super::on_log_cache_changed(v);
+    }
     api::OK
 }
 

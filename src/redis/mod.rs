@@ -202,7 +202,8 @@ pub fn start(ctx: *mut RedisModuleCtx, bootstrap: Option<Bootstrap>) -> Result<(
     let mut removed_at_start = false;
     let node = if bootstrap.is_some() || has_log {
         let (store, recovery) =
-            LogStore::open(log_path, opts.log_fsync).map_err(|e| e.to_string())?;
+            LogStore::open_with_cache(log_path, opts.log_fsync, opts.log_max_cache_bytes)
+                .map_err(|e| e.to_string())?;
         info!("raft log {}: {:?}", opts.log_filename, recovery);
         let stored = crate::node::stored_membership(&store).map_err(|e| e.to_string())?;
         let configured = bootstrap.as_ref().map(|b| {
@@ -478,6 +479,13 @@ extern "C" fn module_change(
 pub fn on_fsync_changed(on: bool) {
     if let Some(n) = module().and_then(|m| m.node()) {
         n.set_fsync(on);
+    }
+}
+
+/// `raft.log-max-cache-size` changed: the log evicts down to the new bound now.
+pub fn on_log_cache_changed(bytes: u64) {
+    if let Some(n) = module().and_then(|m| m.node()) {
+        n.set_log_cache_max_bytes(bytes);
     }
 }
 

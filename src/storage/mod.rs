@@ -8,6 +8,7 @@
 //!
 //! INTERFACE (fixed; the node layer is written against it):
 //!   LogStore::open(path: &Path, fsync: bool) -> Result<(LogStore, Recovery), StorageError>
+//!   LogStore::open_with_cache(path, fsync, cache_max_bytes: u64)       // same, cache bound given
 //!   LogStore: Clone (a shared handle: Arc inside), Send + Sync
 //!   fn initialize(&self, cs: ConfState) -> Result<(), StorageError>   // first boot only: when empty
 //!   fn is_empty(&self) -> bool                                       // no records at all
@@ -17,6 +18,7 @@
 //!   fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError>
 //!   fn sync(&self) -> Result<(), StorageError>                        // write buffered records + one fsync (if enabled)
 //!   fn set_fsync(&self, on: bool)
+//!   fn set_cache_max_bytes(&self, bytes: u64)                        // raft.log-max-cache-size
 //!   fn stats(&self) -> LogStats
 //!   impl raft::Storage for LogStore
 //!
@@ -41,18 +43,29 @@
 //! After a failed write or fsync the store refuses all further writes (`StorageError::Failed`):
 //! after a failed fsync the kernel may have dropped the dirty pages, so retrying could report
 //! success for data that never reached the disk.
+//!
+//! Entry cache (`raft.log-max-cache-size`): every entry has a slot in memory (term, and the
+//! offset and length of its record in the current file), so `term()` never reads the disk.
+//! Only the newest entries keep their payload in memory, as many as fit in the bound (counted
+//! as their encoded size); older ones are read back from the file, CRC-checked, when raft-rs
+//! asks for them (a follower catching up, entries to apply). An entry is evicted only once its
+//! record was written to the file, so entries not yet `sync`ed may exceed the bound until the
+//! next `sync`. Offsets stay valid because the file only grows (a truncated suffix leaves dead
+//! records behind, never moves live ones) until a rewrite, which sets every slot's new offset.
 
 pub(crate) mod record;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
+use prost::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
-use raft::util::limit_size;
 use raft::{GetEntriesContext, RaftState};
 
 use record::{HeaderCheck, ScanError};
@@ -61,6 +74,10 @@ use record::{HeaderCheck, ScanError};
 const REPLAY_READ_BUFFER_BYTES: usize = 1024 * 1024;
 /// After a large batch, the write buffer gives back memory above this size.
 const WRITE_BUFFER_KEEP_BYTES: usize = 4 * 1024 * 1024;
+/// `raft.log-max-cache-size`'s default, for `open`.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 64_000_000;
+/// Evicted entries are read back with one read per run of adjacent records, at most this long.
+const READ_RUN_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Errors from the raft log. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +97,17 @@ pub enum StorageError {
         .path.display()
     )]
     Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// An entry evicted from the cache could not be read back from the file (damaged since
+    /// it was written). raft-rs gets this as `StorageError::Other`.
+    #[error(
+        "raft log {}: cannot read back an evicted entry at byte offset {offset}: {reason}",
+        .path.display()
+    )]
+    Unreadable {
         path: PathBuf,
         offset: u64,
         reason: String,
@@ -135,6 +163,9 @@ pub struct LogStats {
     pub fsync_count: u64,
     pub fsync_max_us: u64,
     pub fsync_avg_us: u64,
+    /// Entries whose payload is held in memory, and their encoded size.
+    pub cache_entries: u64,
+    pub cache_bytes: u64,
 }
 
 /// The durable raft log. A cheap-to-clone shared handle.
@@ -154,13 +185,41 @@ struct Inner {
     writer: Mutex<Writer>,
 }
 
+/// Where an entry's record is in the current file: enough to read it back, and its term.
+#[derive(Debug, Clone, Copy)]
+struct EntrySlot {
+    term: u64,
+    /// Byte offset of the record (its frame header).
+    offset: u64,
+    /// The record's length, frame header included.
+    record_len: u32,
+}
+
+impl EntrySlot {
+    fn record_end(&self) -> u64 {
+        self.offset + u64::from(self.record_len)
+    }
+
+    /// The entry's encoded size (what `raft::util::limit_size` counts).
+    fn entry_bytes(&self) -> u64 {
+        u64::from(self.record_len).saturating_sub(record::FRAME_HEADER_LEN + 1)
+    }
+}
+
 /// The in-memory state raft-rs reads.
+#[derive(Clone)]
 struct Core {
-    /// Index of `entries[0]`. Always 1 until compaction exists.
+    /// Index of `slots[0]`: 1, or the entry after the snapshot.
     first_index: u64,
-    // TODO(issue 5): every entry is held in memory; keep a bounded cache and read older
-    // entries back from the file.
-    entries: Vec<Entry>,
+    /// One slot per entry in the log, from `first_index` on.
+    slots: VecDeque<EntrySlot>,
+    /// The newest entries, payloads included: a suffix of the log (the last `cache.len()`
+    /// slots). Invariant: `cache.len() <= slots.len()`, `cache_bytes` is their encoded size.
+    cache: VecDeque<Entry>,
+    cache_bytes: u64,
+    cache_max_bytes: u64,
+    /// Read handle on the file the slots point into (replaced by a rewrite).
+    file: Arc<File>,
     hard_state: HardState,
     conf_state: ConfState,
     /// The member book (codec-encoded) and the applied index it reflects.
@@ -184,10 +243,14 @@ struct Writer {
 }
 
 impl Core {
-    fn new() -> Core {
+    fn new(file: Arc<File>, cache_max_bytes: u64) -> Core {
         Core {
             first_index: 1,
-            entries: Vec::new(),
+            slots: VecDeque::new(),
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+            cache_max_bytes,
+            file,
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
             membership: None,
@@ -197,9 +260,46 @@ impl Core {
     }
 
     fn last_index(&self) -> u64 {
-        match self.entries.last() {
-            Some(e) => e.index,
-            None => self.first_index - 1,
+        self.first_index + self.slots.len() as u64 - 1
+    }
+
+    /// The first index whose payload is in memory (`last_index() + 1` when none is).
+    fn first_cached_index(&self) -> u64 {
+        self.last_index() + 1 - self.cache.len() as u64
+    }
+
+    fn slot(&self, index: u64) -> Option<&EntrySlot> {
+        let i = usize::try_from(index.checked_sub(self.first_index)?).ok()?;
+        self.slots.get(i)
+    }
+
+    fn push(&mut self, e: Entry, slot: EntrySlot) {
+        self.cache_bytes += entry_bytes(&e);
+        self.slots.push_back(slot);
+        self.cache.push_back(e);
+    }
+
+    /// Drops payloads from the oldest cached entry on until the cache fits its bound, but
+    /// only of entries whose record ends at or before `written_end` (readable from the file).
+    fn evict(&mut self, written_end: u64) {
+        // Bounded: each iteration pops one cached entry or stops.
+        while self.cache_bytes > self.cache_max_bytes {
+            match self.slot(self.first_cached_index()) {
+                Some(slot) if slot.record_end() <= written_end => {}
+                _ => break,
+            }
+            let Some(e) = self.cache.pop_front() else {
+                break;
+            };
+            self.cache_bytes = self.cache_bytes.saturating_sub(entry_bytes(&e));
+        }
+    }
+
+    /// Drops cached payloads of entries at or below `index` (they left the log).
+    fn uncache_through(&mut self, index: u64) {
+        while let Some(e) = self.cache.front().filter(|e| e.index <= index) {
+            self.cache_bytes = self.cache_bytes.saturating_sub(entry_bytes(e));
+            self.cache.pop_front();
         }
     }
 
@@ -229,14 +329,16 @@ impl Core {
     /// The log now starts after `snap`: entries it covers are dropped (all of them if the
     /// log disagrees with it), and the commit index covers it.
     fn restore(&mut self, snap: SnapshotMeta) {
-        let keeps_suffix = self
-            .entries
-            .iter()
-            .any(|e| e.index == snap.index && e.term == snap.term);
+        let keeps_suffix = self.slot(snap.index).map(|s| s.term) == Some(snap.term);
         if keeps_suffix {
-            self.entries.retain(|e| e.index > snap.index);
+            let covered = snap.index + 1 - self.first_index;
+            self.slots
+                .drain(..usize::try_from(covered).unwrap_or(usize::MAX));
+            self.uncache_through(snap.index);
         } else {
-            self.entries.clear();
+            self.slots.clear();
+            self.cache.clear();
+            self.cache_bytes = 0;
         }
         self.first_index = snap.index + 1;
         self.hard_state.commit = self.hard_state.commit.max(snap.index);
@@ -247,8 +349,13 @@ impl Core {
     /// Drops entries from `index` on (a conflicting suffix). `index` passed `check_append_at`.
     fn truncate_from(&mut self, index: u64) {
         let keep = index.saturating_sub(self.first_index);
-        self.entries
+        self.slots
             .truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+        // The cache is a suffix: it loses its newest entries (bounded by its length).
+        while let Some(e) = self.cache.back().filter(|e| e.index >= index) {
+            self.cache_bytes = self.cache_bytes.saturating_sub(entry_bytes(e));
+            self.cache.pop_back();
+        }
     }
 
     fn check_commit(&self, commit: u64) -> Result<(), String> {
@@ -262,13 +369,23 @@ impl Core {
         Ok(())
     }
 
-    /// Applies one record read back from the file, with the same checks as the write path.
-    fn replay(&mut self, rec: record::Record) -> Result<(), String> {
+    /// Applies one record read back from the file (at `offset`, `record_len` bytes long),
+    /// with the same checks as the write path.
+    fn replay(&mut self, offset: u64, record_len: u64, rec: record::Record) -> Result<(), String> {
         match rec {
             record::Record::Entry(e) => {
                 self.check_append_at(e.index)?;
                 self.truncate_from(e.index);
-                self.entries.push(e);
+                let record_len = u32::try_from(record_len)
+                    .map_err(|_| format!("entry record of {record_len} bytes"))?;
+                let slot = EntrySlot {
+                    term: e.term,
+                    offset,
+                    record_len,
+                };
+                self.push(e, slot);
+                // Everything replayed is in the file: keep only what fits the bound.
+                self.evict(u64::MAX);
             }
             record::Record::HardState(hs) => {
                 self.check_commit(hs.commit)?;
@@ -295,6 +412,104 @@ impl Core {
     }
 }
 
+/// An entry's encoded size: what the cache bound counts.
+fn entry_bytes(e: &Entry) -> u64 {
+    e.encoded_len() as u64
+}
+
+/// Encodes `entries` into `buf`, whose first byte will land at file offset `base`, and says
+/// where each record will be. On error the buffer is left as it was.
+fn encode_entries(
+    buf: &mut Vec<u8>,
+    base: u64,
+    entries: &[Entry],
+) -> Result<Vec<EntrySlot>, (u64, record::EncodeError)> {
+    let mark = buf.len();
+    let mut slots = Vec::with_capacity(entries.len());
+    for e in entries {
+        let start = buf.len();
+        if let Err(err) = record::encode_entry(buf, e) {
+            buf.truncate(mark);
+            return Err((e.index, err));
+        }
+        slots.push(EntrySlot {
+            term: e.term,
+            offset: base + start as u64,
+            // Lossless: a record is at most RECORD_PAYLOAD_MAX_BYTES plus its header.
+            record_len: u32::try_from(buf.len() - start).unwrap_or(u32::MAX),
+        });
+    }
+    Ok(slots)
+}
+
+/// Entries `[low, end)` (all in the log): cached ones cloned, older ones read from the file.
+fn collect(core: &Core, low: u64, end: u64) -> Result<Vec<Entry>, ScanError> {
+    let first_cached = core.first_cached_index();
+    let mut out = if low < first_cached {
+        read_evicted(core, low, end.min(first_cached))?
+    } else {
+        Vec::new()
+    };
+    let from = low.max(first_cached);
+    let skip = usize::try_from(from - first_cached).unwrap_or(usize::MAX);
+    let take = usize::try_from(end.saturating_sub(from)).unwrap_or(0);
+    out.extend(core.cache.iter().skip(skip).take(take).cloned());
+    Ok(out)
+}
+
+/// Reads entries `[low, end)`, all below the cache, back from the file: one read per run of
+/// adjacent records, each record CRC-checked and checked to be the entry its slot names.
+fn read_evicted(core: &Core, low: u64, end: u64) -> Result<Vec<Entry>, ScanError> {
+    let missing = |index: u64| ScanError::Corrupt {
+        offset: 0,
+        reason: format!("no slot for entry {index}"),
+    };
+    let mut out = Vec::with_capacity(usize::try_from(end - low).unwrap_or(0));
+    let mut buf = Vec::new();
+    let mut index = low;
+    // Bounded: each iteration reads at least one entry.
+    while index < end {
+        let first = *core.slot(index).ok_or_else(|| missing(index))?;
+        let mut run_end = first.record_end();
+        let mut next = index + 1;
+        while let Some(s) = core.slot(next).filter(|_| next < end) {
+            if s.offset != run_end || s.record_end() - first.offset > READ_RUN_MAX_BYTES {
+                break;
+            }
+            run_end = s.record_end();
+            next += 1;
+        }
+        buf.resize(
+            usize::try_from(run_end - first.offset).unwrap_or(usize::MAX),
+            0,
+        );
+        core.file.read_exact_at(&mut buf, first.offset)?;
+        let mut at = 0usize;
+        for i in index..next {
+            let slot = *core.slot(i).ok_or_else(|| missing(i))?;
+            let len = slot.record_len as usize;
+            let corrupt = |reason: String| ScanError::Corrupt {
+                offset: slot.offset,
+                reason: format!("reading back entry {i}: {reason}"),
+            };
+            let frame = buf
+                .get(at..at + len)
+                .ok_or_else(|| corrupt("short read".into()))?;
+            let e = record::decode_entry_frame(frame).map_err(corrupt)?;
+            if e.index != i || e.term != slot.term {
+                return Err(corrupt(format!(
+                    "found entry {} of term {}, expected term {}",
+                    e.index, e.term, slot.term
+                )));
+            }
+            out.push(e);
+            at += len;
+        }
+        index = next;
+    }
+    Ok(out)
+}
+
 // A panic while a lock is held leaves no half-applied change behind: every mutation below
 // checks first and then changes state without anything that can fail. So a poisoned lock's
 // data is still consistent, and taking it is better than panicking in raft-rs's callbacks.
@@ -314,6 +529,16 @@ impl LogStore {
     /// Opens the log at `path`, creating it if missing, and replays it into memory.
     /// A torn tail from a crash is cut off (and reported); any other damage is an error.
     pub fn open(path: &Path, fsync: bool) -> Result<(LogStore, Recovery), StorageError> {
+        Self::open_with_cache(path, fsync, DEFAULT_CACHE_MAX_BYTES)
+    }
+
+    /// `open`, with the entry cache bounded by `cache_max_bytes` from the start: replay keeps
+    /// only the newest entries that fit, so a long log is never all in memory at once.
+    pub fn open_with_cache(
+        path: &Path,
+        fsync: bool,
+        cache_max_bytes: u64,
+    ) -> Result<(LogStore, Recovery), StorageError> {
         let io_err = |what: &'static str| {
             move |source: io::Error| StorageError::Io {
                 path: path.to_path_buf(),
@@ -340,7 +565,8 @@ impl LogStore {
         let mut head = vec![0u8; file_len.min(record::HEADER_LEN) as usize];
         file.read_exact(&mut head).map_err(io_err("read header"))?;
 
-        let mut core = Core::new();
+        let reader = file.try_clone().map_err(io_err("open a read handle"))?;
+        let mut core = Core::new(Arc::new(reader), cache_max_bytes);
         let mut recovery = Recovery::default();
         let file_bytes = match record::check_header(&head) {
             HeaderCheck::Refused { offset, reason } => return Err(corrupt(offset, reason)),
@@ -368,12 +594,13 @@ impl LogStore {
             }
             HeaderCheck::Valid => {
                 let reader = BufReader::with_capacity(REPLAY_READ_BUFFER_BYTES, &file);
-                let end = record::scan(reader, file_len, |_offset, rec| core.replay(rec)).map_err(
-                    |e| match e {
-                        ScanError::Io(source) => io_err("read")(source),
-                        ScanError::Corrupt { offset, reason } => corrupt(offset, reason),
-                    },
-                )?;
+                let end = record::scan(reader, file_len, |offset, len, rec| {
+                    core.replay(offset, len, rec)
+                })
+                .map_err(|e| match e {
+                    ScanError::Io(source) => io_err("read")(source),
+                    ScanError::Corrupt { offset, reason } => corrupt(offset, reason),
+                })?;
                 if let Some(torn) = end.torn {
                     tracing::warn!(
                         path = %path.display(),
@@ -393,13 +620,14 @@ impl LogStore {
         };
 
         recovery.records = core.records;
-        recovery.entries = core.entries.len() as u64;
+        recovery.entries = core.slots.len() as u64;
         recovery.first_index = core.first_index;
         recovery.last_index = core.last_index();
         recovery.file_bytes = file_bytes;
         tracing::info!(
             path = %path.display(),
             entries = recovery.entries,
+            cached_entries = core.cache.len(),
             last_index = recovery.last_index,
             commit = core.hard_state.commit,
             file_bytes,
@@ -443,15 +671,24 @@ impl LogStore {
         &self,
         f: impl FnOnce(&mut Core, &mut Vec<u8>) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
+        self.write_path_at(|core, buf, _| f(core, buf))
+    }
+
+    /// `write_path`, also passing the file's size: the buffer's first byte lands there.
+    fn write_path_at<T>(
+        &self,
+        f: impl FnOnce(&mut Core, &mut Vec<u8>, u64) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
         let mut core = write_lock(&self.inner.core);
-        let mut writer = mutex_lock(&self.inner.writer);
+        let mut guard = mutex_lock(&self.inner.writer);
+        let writer = &mut *guard;
         if let Some(cause) = &writer.failed {
             return Err(StorageError::Failed {
                 path: self.inner.path.clone(),
                 cause: cause.clone(),
             });
         }
-        f(&mut core, &mut writer.buf)
+        f(&mut core, &mut writer.buf, writer.file_bytes)
     }
 
     fn encode_err(&self, e: record::EncodeError) -> StorageError {
@@ -484,7 +721,7 @@ impl LogStore {
         cs: &ConfState,
         membership: (u64, &[u8]),
     ) -> Result<(), StorageError> {
-        self.write_path(|core, buf| {
+        self.write_path_at(|core, buf, base| {
             if core.records != 0 {
                 return Err(self.invalid(format!(
                     "bootstrap on a non-empty log (it holds {} records)",
@@ -500,19 +737,18 @@ impl LogStore {
                 );
             }
             let mark = buf.len();
-            let encoded = (|| {
-                for e in entries {
-                    record::encode_entry(buf, e)?;
-                }
-                record::encode_hard_state(buf, hs)?;
-                record::encode_conf_state(buf, cs)?;
-                record::encode_membership(buf, membership.0, membership.1)
-            })();
+            let slots = encode_entries(buf, base + mark as u64, entries)
+                .map_err(|(index, e)| self.invalid(format!("entry {index}: {e}")))?;
+            let encoded = record::encode_hard_state(buf, hs)
+                .and_then(|()| record::encode_conf_state(buf, cs))
+                .and_then(|()| record::encode_membership(buf, membership.0, membership.1));
             if let Err(e) = encoded {
                 buf.truncate(mark);
                 return Err(self.encode_err(e));
             }
-            core.entries.extend_from_slice(entries);
+            for (e, slot) in entries.iter().zip(slots) {
+                core.push(e.clone(), slot);
+            }
             core.hard_state = hs.clone();
             core.conf_state = cs.clone();
             core.membership = Some((membership.0, membership.1.to_vec()));
@@ -568,19 +804,18 @@ impl LogStore {
                 w[1].index, w[0].index
             )));
         }
-        self.write_path(|core, buf| {
+        self.write_path_at(|core, buf, base| {
             core.check_append_at(first.index)
                 .map_err(|reason| self.invalid(reason))?;
-            let mark = buf.len();
-            for e in entries {
-                if let Err(err) = record::encode_entry(buf, e) {
-                    buf.truncate(mark);
-                    return Err(self.invalid(format!("entry {}: {err}", e.index)));
-                }
-            }
+            let slots = encode_entries(buf, base + buf.len() as u64, entries)
+                .map_err(|(index, e)| self.invalid(format!("entry {index}: {e}")))?;
             core.truncate_from(first.index);
-            core.entries.extend_from_slice(entries);
+            for (e, slot) in entries.iter().zip(slots) {
+                core.push(e.clone(), slot);
+            }
             core.records += entries.len() as u64;
+            // Older entries already written may make room for these (written at next sync).
+            core.evict(base);
             Ok(())
         })
     }
@@ -685,15 +920,7 @@ impl LogStore {
                 cause: cause.clone(),
             });
         }
-        let mut next = Core {
-            first_index: core.first_index,
-            entries: core.entries.clone(),
-            hard_state: core.hard_state.clone(),
-            conf_state: core.conf_state.clone(),
-            membership: core.membership.clone(),
-            snapshot: core.snapshot.clone(),
-            records: core.records,
-        };
+        let mut next = core.clone();
         change(&mut next);
         let mut bytes = record::encode_header().to_vec();
         let encoded = (|| {
@@ -707,15 +934,15 @@ impl LogStore {
             }
             record::encode_conf_state(&mut bytes, &next.conf_state)?;
             if let Some((index, blob)) = &next.membership {
-                record::encode_membership(&mut bytes, *index, blob)?;
+                record::encode_membership(&mut bytes, *index, blob)
+            } else {
+                Ok(())
             }
-            for e in &next.entries {
-                record::encode_entry(&mut bytes, e)?;
-            }
-            // After the entries: replay checks that a commit index covers stored entries.
-            record::encode_hard_state(&mut bytes, &next.hard_state)
         })();
         encoded.map_err(|e| self.encode_err(e))?;
+        self.rewrite_entries(&mut next, &mut bytes)?;
+        // After the entries: replay checks that a commit index covers stored entries.
+        record::encode_hard_state(&mut bytes, &next.hard_state).map_err(|e| self.encode_err(e))?;
         let path = &self.inner.path;
         let tmp = path.with_extension("rewrite.tmp");
         let io_err = |what: &'static str| {
@@ -743,27 +970,86 @@ impl LogStore {
             .map_err(io_err("fsync parent directory"))
             .and_then(|()| {
                 OpenOptions::new()
+                    .read(true)
                     .append(true)
                     .open(path)
                     .map_err(io_err("reopen the rewritten log"))
+            })
+            .and_then(|f| {
+                let reader = f.try_clone().map_err(io_err("open a read handle"))?;
+                Ok((f, reader))
             });
-        let file = match reopened {
+        let (file, reader) = match reopened {
             Ok(f) => f,
             Err(e) => {
                 w.failed = Some(e.to_string());
                 return Err(e);
             }
         };
-        next.records = 1 + next.entries.len() as u64;
+        next.records = 1 + next.slots.len() as u64;
+        next.file = Arc::new(reader);
         w.file = file;
         w.file_bytes = bytes.len() as u64;
+        next.evict(w.file_bytes);
         *core = next;
         Ok(())
+    }
+
+    /// Encodes every entry of `next` into `bytes` (the new file so far), reading evicted
+    /// ones back from the old file a chunk at a time, and points the slots at the new file.
+    fn rewrite_entries(&self, next: &mut Core, bytes: &mut Vec<u8>) -> Result<(), StorageError> {
+        const CHUNK_ENTRIES: u64 = 1024;
+        let end = next.last_index() + 1;
+        let mut low = next.first_index;
+        // Bounded: each iteration encodes at least one entry.
+        while low < end {
+            let high = end.min(low + CHUNK_ENTRIES);
+            let chunk = collect(next, low, high).map_err(|e| self.read_err(e))?;
+            // `bytes` is the new file from its first byte: buffer position = file offset.
+            let slots = encode_entries(bytes, 0, &chunk)
+                .map_err(|(index, e)| self.invalid(format!("entry {index}: {e}")))?;
+            for (i, slot) in (low..high).zip(slots) {
+                let offset = usize::try_from(i - next.first_index).unwrap_or(usize::MAX);
+                if let Some(s) = next.slots.get_mut(offset) {
+                    *s = slot;
+                }
+            }
+            low = high;
+        }
+        Ok(())
+    }
+
+    /// A failed read of evicted entries, logged where operators look.
+    fn read_err(&self, e: ScanError) -> StorageError {
+        let err = match e {
+            ScanError::Io(source) => StorageError::Io {
+                path: self.inner.path.clone(),
+                what: "read back evicted entries",
+                source,
+            },
+            ScanError::Corrupt { offset, reason } => StorageError::Unreadable {
+                path: self.inner.path.clone(),
+                offset,
+                reason,
+            },
+        };
+        tracing::error!("cannot read entries back from the raft log: {err}");
+        err
     }
 
     /// Writes every buffered record with one `write_all` and, if fsync is on, one
     /// `fdatasync`. Only after this returns Ok may the records be treated as persisted.
     pub fn sync(&self) -> Result<(), StorageError> {
+        if let Some(written_end) = self.write_buffered()? {
+            // After the writer lock is released (lock order: core first). The records just
+            // written can be read back now, so their payloads may leave the cache.
+            write_lock(&self.inner.core).evict(written_end);
+        }
+        Ok(())
+    }
+
+    /// `sync`'s I/O: the file's size after it, or None when nothing was buffered.
+    fn write_buffered(&self) -> Result<Option<u64>, StorageError> {
         let mut guard = mutex_lock(&self.inner.writer);
         let w = &mut *guard;
         if let Some(cause) = &w.failed {
@@ -773,7 +1059,7 @@ impl LogStore {
             });
         }
         if w.buf.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         if let Err(source) = w.file.write_all(&w.buf) {
             w.failed = Some(format!("write failed: {source}"));
@@ -803,7 +1089,7 @@ impl LogStore {
             w.fsync_total_us = w.fsync_total_us.saturating_add(took_us);
             w.fsync_max_us = w.fsync_max_us.max(took_us);
         }
-        Ok(())
+        Ok(Some(w.file_bytes))
     }
 
     /// Turns the fsync in `sync()` on or off (`raft.log-fsync`).
@@ -811,11 +1097,19 @@ impl LogStore {
         mutex_lock(&self.inner.writer).fsync = on;
     }
 
+    /// Bounds the entry cache (`raft.log-max-cache-size`), evicting down to it now.
+    pub fn set_cache_max_bytes(&self, bytes: u64) {
+        let mut core = write_lock(&self.inner.core);
+        let written_end = mutex_lock(&self.inner.writer).file_bytes;
+        core.cache_max_bytes = bytes;
+        core.evict(written_end);
+    }
+
     pub fn stats(&self) -> LogStats {
         let core = read_lock(&self.inner.core);
         let w = mutex_lock(&self.inner.writer);
         LogStats {
-            entries: core.entries.len() as u64,
+            entries: core.slots.len() as u64,
             bytes: w.file_bytes,
             first_index: core.first_index,
             last_index: core.last_index(),
@@ -824,6 +1118,8 @@ impl LogStore {
             fsync_count: w.fsync_count,
             fsync_max_us: w.fsync_max_us,
             fsync_avg_us: w.fsync_total_us.checked_div(w.fsync_count).unwrap_or(0),
+            cache_entries: core.cache.len() as u64,
+            cache_bytes: core.cache_bytes,
         }
     }
 }
@@ -850,6 +1146,27 @@ fn store_err(e: raft::StorageError) -> raft::Error {
     raft::Error::Store(e)
 }
 
+/// Where `[low, high)` ends when cut to `max_size` bytes, always keeping one entry: the rule
+/// of `raft::util::limit_size`, computed from the slots so evicted entries are not read for it.
+fn limit_end(core: &Core, low: u64, high: u64, max_size: Option<u64>) -> u64 {
+    let max = match max_size {
+        None | Some(raft::NO_LIMIT) => return high,
+        Some(max) => max,
+    };
+    let mut size = 0u64;
+    let mut end = low;
+    // Bounded by high - low.
+    while end < high {
+        let bytes = core.slot(end).map_or(0, EntrySlot::entry_bytes);
+        size = size.saturating_add(bytes);
+        if end > low && size > max {
+            break;
+        }
+        end += 1;
+    }
+    end
+}
+
 impl raft::Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let core = read_lock(&self.inner.core);
@@ -859,7 +1176,9 @@ impl raft::Storage for LogStore {
         ))
     }
 
-    /// Entries in `[low, high)`, at most `max_size` bytes but always at least one entry.
+    /// Entries in `[low, high)`, at most `max_size` bytes but always at least one entry
+    /// (`raft::util::limit_size`'s rule). Entries evicted from the cache are read back from
+    /// the file; a failed read is logged and returned as `StorageError::Other`.
     fn entries(
         &self,
         low: u64,
@@ -875,13 +1194,9 @@ impl raft::Storage for LogStore {
         if high > core.last_index() + 1 || low > high {
             return Err(store_err(raft::StorageError::Unavailable));
         }
-        let lo = usize::try_from(low - core.first_index)
-            .map_err(|_| store_err(raft::StorageError::Unavailable))?;
-        let hi = usize::try_from(high - core.first_index)
-            .map_err(|_| store_err(raft::StorageError::Unavailable))?;
-        let mut ents = core.entries[lo..hi].to_vec();
-        limit_size(&mut ents, max_size.into());
-        Ok(ents)
+        let end = limit_end(&core, low, high, max_size.into());
+        collect(&core, low, end)
+            .map_err(|e| store_err(raft::StorageError::Other(Box::new(self.read_err(e)))))
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
@@ -900,10 +1215,8 @@ impl raft::Storage for LogStore {
         if idx > core.last_index() {
             return Err(store_err(raft::StorageError::Unavailable));
         }
-        usize::try_from(idx - core.first_index)
-            .ok()
-            .and_then(|i| core.entries.get(i))
-            .map(|e| e.term)
+        core.slot(idx)
+            .map(|s| s.term)
             .ok_or_else(|| store_err(raft::StorageError::Unavailable))
     }
 

@@ -316,6 +316,33 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<Record, String> {
     }
 }
 
+/// Decodes one whole entry record (`len crc payload`, exactly `frame.len()` bytes) read back
+/// from the file: the length must match, the CRC must hold and the record must be an entry.
+pub(crate) fn decode_entry_frame(frame: &[u8]) -> Result<Entry, String> {
+    let Some((head, payload)) = frame.split_at_checked(FRAME_HEADER_LEN as usize) else {
+        return Err(format!(
+            "record of {} bytes is shorter than its header",
+            frame.len()
+        ));
+    };
+    let mut h = [0u8; FRAME_HEADER_LEN as usize];
+    h.copy_from_slice(head);
+    let (len, crc) = parse_frame_header(&h);
+    if len != payload.len() as u64 {
+        return Err(format!(
+            "record length {len} where an entry record of {} bytes was expected",
+            payload.len()
+        ));
+    }
+    if crc32fast::hash(payload) != crc {
+        return Err("crc mismatch".to_string());
+    }
+    match decode_payload(payload)? {
+        Record::Entry(e) => Ok(e),
+        _ => Err("expected an entry record, found a record of another kind".to_string()),
+    }
+}
+
 /// How a successful scan ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct ScanEnd {
@@ -346,11 +373,12 @@ impl From<io::Error> for ScanError {
 
 /// Reads the records that follow the header. `reader` must be positioned just after the
 /// header and `file_len` is the whole file's length. `on_record` gets each good record with
-/// its offset; an `Err(reason)` from it makes that record corrupt.
+/// its offset and its length in the file (header included); an `Err(reason)` from it makes
+/// that record corrupt.
 pub(crate) fn scan<R: Read>(
     mut reader: R,
     file_len: u64,
-    mut on_record: impl FnMut(u64, Record) -> Result<(), String>,
+    mut on_record: impl FnMut(u64, u64, Record) -> Result<(), String>,
 ) -> Result<ScanEnd, ScanError> {
     let mut offset = HEADER_LEN;
     let mut payload = Vec::new();
@@ -447,7 +475,8 @@ pub(crate) fn scan<R: Read>(
         }
         let record =
             decode_payload(&payload).map_err(|reason| ScanError::Corrupt { offset, reason })?;
-        on_record(offset, record).map_err(|reason| ScanError::Corrupt { offset, reason })?;
+        on_record(offset, end - offset, record)
+            .map_err(|reason| ScanError::Corrupt { offset, reason })?;
         offset = end;
     }
 }

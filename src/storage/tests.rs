@@ -782,8 +782,11 @@ fn one_fsync_per_sync_batch_and_stats() {
             fsync_count: 3,
             fsync_max_us: stats.fsync_max_us,
             fsync_avg_us: stats.fsync_avg_us,
+            cache_entries: 6,
+            cache_bytes: stats.cache_bytes,
         }
     );
+    assert!(stats.cache_bytes > 0);
 
     store.set_fsync(false);
     store.append(&[entry(7, 1, b"z")]).unwrap();
@@ -1010,4 +1013,232 @@ fn without_a_snapshot_none_is_offered() {
             raft::StorageError::SnapshotTemporarilyUnavailable
         ))
     ));
+}
+
+// ---- Entry cache (`raft.log-max-cache-size`) ----
+
+/// Entries whose encoded size is about 110 bytes each; `entry_size` is the exact size.
+fn sized_entries(from: u64, to: u64, term: u64, tag: &str) -> Vec<Entry> {
+    (from..=to)
+        .map(|i| {
+            entry(
+                i,
+                term,
+                format!("{tag}-{i:06}-{}", "v".repeat(96)).as_bytes(),
+            )
+        })
+        .collect()
+}
+
+fn entry_size(e: &Entry) -> u64 {
+    use prost::Message as _;
+    e.encoded_len() as u64
+}
+
+fn open_cached(path: &Path, cache_max_bytes: u64) -> (LogStore, Recovery) {
+    match LogStore::open_with_cache(path, false, cache_max_bytes) {
+        Ok(r) => r,
+        Err(e) => panic!("open {}: {e}", path.display()),
+    }
+}
+
+/// Appends `entries` in batches of `batch`, syncing after each, committing as it goes.
+fn append_synced(store: &LogStore, entries: &[Entry], batch: usize) {
+    for chunk in entries.chunks(batch) {
+        store.append(chunk).unwrap();
+        let last = chunk.last().unwrap();
+        store
+            .set_hard_state(&hard_state(last.term, 1, last.index))
+            .unwrap();
+        store.sync().unwrap();
+    }
+}
+
+const CACHE_BYTES: u64 = 2_000;
+
+#[test]
+fn the_cache_bound_holds_after_every_synced_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_cached(&log_path(&dir), CACHE_BYTES);
+    let ents = sized_entries(1, 300, 1, "a");
+    for chunk in ents.chunks(7) {
+        store.append(chunk).unwrap();
+        store.sync().unwrap();
+        let st = store.stats();
+        assert!(st.cache_bytes <= CACHE_BYTES, "{st:?}");
+        // Only the oldest entries leave: what stays is the newest that fit.
+        let kept: u64 = ents[..chunk.last().unwrap().index as usize]
+            .iter()
+            .rev()
+            .take(st.cache_entries as usize + 1)
+            .map(entry_size)
+            .sum();
+        assert!(
+            kept > CACHE_BYTES || st.cache_entries == st.entries,
+            "{st:?}"
+        );
+    }
+    assert_eq!(store.stats().entries, 300);
+    assert!(store.stats().cache_entries < 30);
+}
+
+#[test]
+fn evicted_entries_are_read_back_identical_and_size_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_cached(&log_path(&dir), CACHE_BYTES);
+    let ents = sized_entries(1, 200, 3, "b");
+    append_synced(&store, &ents, 10);
+    assert_eq!(all_entries(&store), ents);
+    // A range across the eviction boundary, and one wholly on disk.
+    let first_cached = 201 - store.stats().cache_entries;
+    let ctx = || GetEntriesContext::empty(false);
+    let across = store.entries(first_cached - 5, 201, None, ctx()).unwrap();
+    assert_eq!(across, ents[(first_cached - 6) as usize..]);
+    assert_eq!(store.entries(17, 18, None, ctx()).unwrap(), ents[16..17]);
+    // max_size as raft-rs's limit_size: at least one entry, then while the sum fits.
+    let one = entry_size(&ents[0]);
+    assert_eq!(store.entries(1, 100, 0, ctx()).unwrap(), ents[..1]);
+    assert_eq!(store.entries(1, 100, one * 3, ctx()).unwrap(), ents[..3]);
+    assert_eq!(
+        store.entries(1, 100, one * 3 - 1, ctx()).unwrap(),
+        ents[..2]
+    );
+    assert_eq!(store.term(1).unwrap(), 3);
+}
+
+#[test]
+fn a_damaged_evicted_record_is_a_storage_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open_cached(&path, CACHE_BYTES);
+    let sizes = append_one_per_sync(&store, &sized_entries(1, 50, 1, "c"));
+    // Entry 3's record starts where the file ended after entry 2.
+    flip_byte(&path, sizes[1] + 20);
+    let got = store.entries(2, 5, None, GetEntriesContext::empty(false));
+    match got {
+        Err(raft::Error::Store(raft::StorageError::Other(e))) => {
+            let msg = e.to_string();
+            assert!(msg.contains("reading back entry 3"), "{msg}");
+            assert!(msg.contains(&format!("byte offset {}", sizes[1])), "{msg}");
+        }
+        other => panic!("expected a storage error, got {other:?}"),
+    }
+    // The entries still cached are unaffected.
+    assert!(store
+        .entries(50, 51, None, GetEntriesContext::empty(false))
+        .is_ok());
+}
+
+#[test]
+fn truncating_an_evicted_range_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open_cached(&path, CACHE_BYTES);
+    let ents = sized_entries(1, 100, 1, "d");
+    append_synced(&store, &ents[..40], 40);
+    store.append(&ents[40..]).unwrap();
+    store.sync().unwrap();
+    // Entries 41.. are uncommitted and mostly evicted; a new leader replaces them from 50.
+    assert!(store.stats().cache_entries < 40);
+    let newer = sized_entries(50, 80, 2, "e");
+    store.append(&newer).unwrap();
+    store.sync().unwrap();
+    let mut want = ents[..49].to_vec();
+    want.extend(newer.iter().cloned());
+    assert_eq!(all_entries(&store), want);
+    assert!(store.stats().cache_bytes <= CACHE_BYTES);
+    assert_eq!(store.term(49).unwrap(), 1);
+    assert_eq!(store.term(50).unwrap(), 2);
+    assert!(store.term(81).is_err());
+    // The dead records of the old suffix stay in the file; a reopen skips them too.
+    drop(store);
+    let (store, rec) = open_cached(&path, CACHE_BYTES);
+    assert_eq!((rec.entries, rec.last_index), (80, 80));
+    assert_eq!(all_entries(&store), want);
+}
+
+#[test]
+fn a_restart_keeps_only_what_fits_and_reads_the_rest_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let ents = sized_entries(1, 500, 1, "f");
+    {
+        let (store, _) = open(&path);
+        append_synced(&store, &ents, 100);
+        assert_eq!(store.stats().cache_entries, 500);
+    }
+    let (store, rec) = open_cached(&path, CACHE_BYTES);
+    assert_eq!(rec.entries, 500);
+    let st = store.stats();
+    assert!(
+        st.cache_bytes <= CACHE_BYTES && st.cache_entries > 0,
+        "{st:?}"
+    );
+    assert_eq!(all_entries(&store), ents);
+    // Appends after the restart land at the right offsets too.
+    let more = sized_entries(501, 520, 1, "g");
+    append_synced(&store, &more, 5);
+    let mut want = ents.clone();
+    want.extend(more);
+    assert_eq!(all_entries(&store), want);
+}
+
+#[test]
+fn the_bound_changes_at_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_cached(&log_path(&dir), u64::MAX);
+    let ents = sized_entries(1, 100, 1, "h");
+    append_synced(&store, &ents, 25);
+    assert_eq!(store.stats().cache_entries, 100);
+    store.set_cache_max_bytes(CACHE_BYTES);
+    assert!(store.stats().cache_bytes <= CACHE_BYTES);
+    store.set_cache_max_bytes(0);
+    assert_eq!(store.stats().cache_entries, 0);
+    assert_eq!(store.stats().cache_bytes, 0);
+    assert_eq!(all_entries(&store), ents);
+}
+
+#[test]
+fn compaction_and_snapshot_install_keep_offsets_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open_cached(&path, CACHE_BYTES);
+    let ents = sized_entries(1, 300, 1, "i");
+    append_synced(&store, &ents, 30);
+    store.compact(120, &conf_state(&[1, 2, 3], &[])).unwrap();
+    assert!(store.stats().cache_bytes <= CACHE_BYTES);
+    assert_eq!(all_entries_from(&store, 121), ents[120..]);
+    // Appends after the rewrite, then a reopen.
+    let more = sized_entries(301, 340, 1, "j");
+    append_synced(&store, &more, 8);
+    let mut want = ents[120..].to_vec();
+    want.extend(more);
+    assert_eq!(all_entries_from(&store, 121), want);
+    drop(store);
+    let (store, rec) = open_cached(&path, CACHE_BYTES);
+    assert_eq!((rec.first_index, rec.last_index), (121, 340));
+    assert_eq!(all_entries_from(&store, 121), want);
+    // An installed snapshot that the log agrees with keeps the suffix after it.
+    let term = store.term(200).unwrap();
+    store
+        .apply_snapshot(
+            SnapshotMeta {
+                index: 200,
+                term,
+                conf_state: conf_state(&[1, 2], &[]),
+            },
+            (200, b"book-200"),
+        )
+        .unwrap();
+    assert_eq!(all_entries_from(&store, 201), want[80..]);
+    drop(store);
+    let (store, _) = open_cached(&path, CACHE_BYTES);
+    assert_eq!(all_entries_from(&store, 201), want[80..]);
+}
+
+fn all_entries_from(store: &LogStore, low: u64) -> Vec<Entry> {
+    let last = store.last_index().expect("last_index");
+    store
+        .entries(low, last + 1, None, GetEntriesContext::empty(false))
+        .expect("entries")
 }

@@ -159,6 +159,8 @@ pub struct Shared {
     members: Mutex<HashMap<u64, Member>>,
     cluster_id: Mutex<String>,
     removed: AtomicBool,
+    /// This node applied its own removal and is handing over (set once, by the raft thread).
+    leaving: AtomicBool,
     /// The membership as of an applied index: what a snapshot taken there must carry.
     membership: Mutex<(u64, SnapshotMembership)>,
 }
@@ -357,6 +359,7 @@ impl Node {
             members: Mutex::new(members),
             cluster_id: Mutex::new(cluster_id),
             removed: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             membership: Mutex::new((0, SnapshotMembership::default())),
         });
 
@@ -394,6 +397,7 @@ impl Node {
             .spawn(move || {
                 // raft-rs panics on states it deems impossible; this node then stops taking
                 // part, and says why, instead of vanishing silently.
+                record_panic_locations();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
                 if let Err(p) = r {
                     let why = p
@@ -401,8 +405,25 @@ impl Node {
                         .cloned()
                         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_else(|| "unknown panic".into());
+                    let at = PANIC_AT.with(|a| a.borrow_mut().take()).unwrap_or_default();
                     let (shared, waker, transport) = on_panic;
-                    let msg = format!("the raft thread stopped on an internal error ({why}); this node no longer takes part in the cluster (its data is intact); restart it");
+                    if shared.leaving.load(Ordering::Acquire) {
+                        // raft-rs keeps a few code paths that assume this node is in the
+                        // configuration; after its own removal that no longer holds. The
+                        // node was leaving anyway: finish leaving.
+                        warn!("after this node's removal the raft thread stopped ({why} at {at}); the node has left the cluster");
+                        shared.removed.store(true, Ordering::Release);
+                        shared.is_leader.store(false, Ordering::Release);
+                        {
+                            let mut st = lock(&shared.status);
+                            st.failure = Some("this node was removed from the cluster".into());
+                            st.role = Role::Stopped;
+                        }
+                        shared.push(ApplyItem::Removed, &waker);
+                        transport.shutdown();
+                        return;
+                    }
+                    let msg = format!("the raft thread stopped on an internal error ({why} at {at}); this node no longer takes part in the cluster (its data is intact); restart it");
                     error!("{msg}");
                     shared.is_leader.store(false, Ordering::Release);
                     {
@@ -809,6 +830,27 @@ fn conf_change(ty: ConfChangeType, id: u64, change: &MemberChange) -> ConfChange
         context: encode(change),
         ..Default::default()
     }
+}
+
+thread_local! {
+    /// Where the last panic on this thread happened (file:line), for the raft thread's log line.
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Chains a panic hook (once per process) that records each panic's location for the
+/// thread it happened on, then runs the previous hook.
+fn record_panic_locations() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(l) = info.location() {
+                let at = format!("{}:{}", l.file(), l.line());
+                PANIC_AT.with(|a| *a.borrow_mut() = Some(at));
+            }
+            prev(info);
+        }));
+    });
 }
 
 /// A read round is asked this many times before its clients get -TIMEOUT.
@@ -1312,6 +1354,7 @@ impl RaftThread {
             }
         }
         self.leaving = Some(Instant::now() + self.read_timeout);
+        self.shared.leaving.store(true, Ordering::Release);
     }
 
     fn start_transfer(&mut self, target: u64) {

@@ -1258,7 +1258,9 @@ impl RaftThread {
         let before = self.store.stats();
         self.store.compact(index, &cs).map_err(|e| e.to_string())?;
         // The dropped entries were many small allocations: hand the pages back to the OS so
-        // the node's RSS follows its log (glibc keeps freed memory otherwise).
+        // the node's RSS follows its log. This matters with glibc's malloc (Redis built with
+        // MALLOC=libc); Debian's redis-server links jemalloc, which every allocation of this
+        // module then also uses, and which returns freed pages by itself within ~10 s.
         // SAFETY: malloc_trim only releases free memory; it has no preconditions.
         unsafe { libc::malloc_trim(0) };
         let after = self.store.stats();

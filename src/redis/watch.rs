@@ -8,6 +8,11 @@
 //! The record is bounded: the oldest keys are forgotten first, and a forgotten key counts as
 //! modified at the newest index forgotten (`floor`), which only ever aborts more, never less,
 //! and identically everywhere since it depends only on the applied entries.
+//!
+//! Keys are recorded by a 64-bit fingerprint (FNV-1a of the database and the key), not by
+//! their bytes: about 40 bytes per tracked key instead of two copies of it. Two keys with
+//! the same fingerprint count as one, which again only aborts more, and the same way on
+//! every node (the fingerprint depends on nothing but the key).
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int};
@@ -20,12 +25,23 @@ const TRACKED_KEYS_MAX: usize = 200_000;
 
 pub type WatchedKey = (i32, Vec<u8>, u64);
 
+/// The fingerprint of `key` in `db` (FNV-1a, 64 bits): stable across processes and builds.
+fn fingerprint(db: i32, key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in db.to_le_bytes().iter().chain(key) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 #[derive(Default)]
 struct Tracker {
-    last: HashMap<(i32, Vec<u8>), u64>,
+    /// Key fingerprint → index of the entry that last modified it.
+    last: HashMap<u64, u64>,
     /// Every touch in index order; an entry is stale once `last` holds a newer index for
     /// its key. Stale entries are skipped when forgetting and dropped when compacting.
-    log: VecDeque<(u64, (i32, Vec<u8>))>,
+    log: VecDeque<(u64, u64)>,
     /// Every key not in `last` counts as modified at this index.
     floor: u64,
     /// The entry being applied, while one is.
@@ -34,8 +50,8 @@ struct Tracker {
 
 impl Tracker {
     fn touch(&mut self, db: i32, key: &[u8], index: u64) {
-        let k = (db, key.to_vec());
-        if self.last.insert(k.clone(), index) == Some(index) {
+        let k = fingerprint(db, key);
+        if self.last.insert(k, index) == Some(index) {
             return;
         }
         self.log.push_back((index, k));
@@ -65,7 +81,7 @@ impl Tracker {
     fn modified_after(&self, db: i32, key: &[u8], since: u64) -> bool {
         let at = self
             .last
-            .get(&(db, key.to_vec()))
+            .get(&fingerprint(db, key))
             .copied()
             .unwrap_or(self.floor);
         at > since

@@ -340,6 +340,9 @@ impl Core {
             self.cache.clear();
             self.cache_bytes = 0;
         }
+        // Compaction usually drops most of the log: give back the queues' spare room too.
+        self.slots.shrink_to_fit();
+        self.cache.shrink_to_fit();
         self.first_index = snap.index + 1;
         self.hard_state.commit = self.hard_state.commit.max(snap.index);
         self.hard_state.term = self.hard_state.term.max(snap.term);

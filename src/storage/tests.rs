@@ -1071,7 +1071,7 @@ fn the_cache_bound_holds_after_every_synced_append() {
             .iter()
             .rev()
             .take(st.cache_entries as usize + 1)
-            .map(entry_size)
+            .map(super::entry_bytes)
             .sum();
         assert!(
             kept > CACHE_BYTES || st.cache_entries == st.entries,

@@ -6,30 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{err_text, Cluster, Value};
-
-fn info_num(c: &Cluster, i: usize, field: &str) -> u64 {
-    c.info_field(i, field)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn q(c: &Cluster, i: usize, args: &[&str]) -> Result<Value, String> {
-    let mut conn = c.conn(i).map_err(|e| err_text(&e))?;
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query(&mut conn).map_err(|e| err_text(&e))
-}
+use common::{err_text, info_num, q, wait_for, Cluster, Value};
 
 /// Writes one key of every data type (in databases 0 and 3, some with TTLs) on the leader.
 fn write_every_type(c: &Cluster, l: usize, tag: &str) {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{err_text, Cluster, RawConn, Value};
+use common::{err_text, wait_for, Cluster, RawConn, Value};
 
 fn cmd(c: &Cluster, i: usize, args: &[&str]) -> Result<Value, String> {
     let mut conn = c.conn(i).map_err(|e| err_text(&e))?;
@@ -66,14 +66,6 @@ fn leader_among(c: &Cluster, among: &[usize], timeout: Duration) -> usize {
             c.dump_logs();
             panic!("no agreed leader among {among:?} within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }

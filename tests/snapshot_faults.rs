@@ -8,32 +8,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{err_text, Cluster, RawConn, Value};
-
-fn info_num(c: &Cluster, i: usize, field: &str) -> u64 {
-    c.info_field(i, field)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn q(c: &Cluster, i: usize, args: &[&str]) -> Result<Value, String> {
-    let mut conn = c.conn(i).map_err(|e| err_text(&e))?;
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query(&mut conn).map_err(|e| err_text(&e))
-}
+use common::{info_num, q, wait_for, Cluster, RawConn, Value};
 
 fn config_set(c: &Cluster, i: usize, name: &str, value: &str) {
     assert_eq!(q(c, i, &["CONFIG", "SET", name, value]), Ok(Value::Okay));

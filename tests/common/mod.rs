@@ -603,3 +603,29 @@ impl Drop for PlainRedis {
         let _ = self.child.wait();
     }
 }
+
+/// An `INFO raft` field of node `i` as a number (0 when missing).
+pub fn info_num(c: &Cluster, i: usize, field: &str) -> u64 {
+    c.info_field(i, field)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls `f` every 20 ms until it holds; fails the test naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs one command on node `i`; errors as text.
+pub fn q(c: &Cluster, i: usize, args: &[&str]) -> Result<Value, String> {
+    let mut conn = c.conn(i).map_err(|e| err_text(&e))?;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut conn).map_err(|e| err_text(&e))
+}

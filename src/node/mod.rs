@@ -247,6 +247,30 @@ impl Shared {
             waker();
         }
     }
+
+    /// This node stops taking part in the cluster: removed from it (`failure` None) or
+    /// stopped by a failure. Not leader, role stopped with the reason, the main thread told,
+    /// the bus closed.
+    fn stop(&self, failure: Option<String>, waker: &Waker, transport: &Transport) {
+        let removed = failure.is_none();
+        let reason = failure
+            .clone()
+            .unwrap_or_else(|| "this node was removed from the cluster".into());
+        if removed {
+            self.removed.store(true, Ordering::Release);
+        }
+        self.is_leader.store(false, Ordering::Release);
+        {
+            let mut st = lock(&self.status);
+            st.failure = Some(reason);
+            st.role = Role::Stopped;
+        }
+        self.push(
+            failure.map_or(ApplyItem::Removed, ApplyItem::Stopped),
+            waker,
+        );
+        transport.shutdown();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -412,27 +436,12 @@ impl Node {
                         // configuration; after its own removal that no longer holds. The
                         // node was leaving anyway: finish leaving.
                         warn!("after this node's removal the raft thread stopped ({why} at {at}); the node has left the cluster");
-                        shared.removed.store(true, Ordering::Release);
-                        shared.is_leader.store(false, Ordering::Release);
-                        {
-                            let mut st = lock(&shared.status);
-                            st.failure = Some("this node was removed from the cluster".into());
-                            st.role = Role::Stopped;
-                        }
-                        shared.push(ApplyItem::Removed, &waker);
-                        transport.shutdown();
+                        shared.stop(None, &waker, &transport);
                         return;
                     }
                     let msg = format!("the raft thread stopped on an internal error ({why} at {at}); this node no longer takes part in the cluster (its data is intact); restart it");
                     error!("{msg}");
-                    shared.is_leader.store(false, Ordering::Release);
-                    {
-                        let mut st = lock(&shared.status);
-                        st.failure = Some(msg.clone());
-                        st.role = Role::Stopped;
-                    }
-                    shared.push(ApplyItem::Stopped(msg), &waker);
-                    transport.shutdown();
+                    shared.stop(Some(msg), &waker, &transport);
                 }
             })
             .map_err(NodeError::Thread)?;
@@ -935,14 +944,7 @@ impl RaftThread {
             if let Err(e) = self.on_ready() {
                 let msg = format!("raft log write failed, this node stopped taking part in the cluster (its data is intact; fix the cause and restart it): {e}");
                 error!("{msg}");
-                self.shared.is_leader.store(false, Ordering::Release);
-                {
-                    let mut st = lock(&self.shared.status);
-                    st.failure = Some(msg.clone());
-                    st.role = Role::Stopped;
-                }
-                self.shared.push(ApplyItem::Stopped(msg), &self.waker);
-                self.transport.shutdown();
+                self.shared.stop(Some(msg), &self.waker, &self.transport);
                 return;
             }
             self.track_leadership();
@@ -972,15 +974,7 @@ impl RaftThread {
                 }
             }
             if told || self.leaving.is_some_and(|at| Instant::now() >= at) {
-                self.shared.removed.store(true, Ordering::Release);
-                self.shared.is_leader.store(false, Ordering::Release);
-                {
-                    let mut st = lock(&self.shared.status);
-                    st.failure = Some("this node was removed from the cluster".into());
-                    st.role = Role::Stopped;
-                }
-                self.shared.push(ApplyItem::Removed, &self.waker);
-                self.transport.shutdown();
+                self.shared.stop(None, &self.waker, &self.transport);
                 return;
             }
         }

@@ -24,6 +24,15 @@ pub enum LogCommand {
         cmds: Vec<(i32, Vec<Vec<u8>>)>,
         watch: Vec<(i32, Vec<u8>, u64)>,
     },
+    /// A transaction as `Multi` (which logs written before it still hold), whose watched
+    /// keys also carry their expiry as of WATCH (absolute unix ms, -1: none), with the
+    /// leader's clock at EXEC: it also aborts if a watched key that existed at WATCH had
+    /// expired by then, as on Redis 7.0, and the same way on every node.
+    Transaction {
+        cmds: Vec<(i32, Vec<Vec<u8>>)>,
+        watch: Vec<(i32, Vec<u8>, u64, i64)>,
+        now_ms: i64,
+    },
 }
 
 /// One member of the cluster: its raft id, name, and where clients and peers reach it.

@@ -215,24 +215,43 @@ fn xread_block_waits_for_new_entries_on_leader_and_followers() {
 /// The race the undo exists for: waiters time out while pushes are being committed, so
 /// some pops are applied for a client that no longer waits. Every pushed element must end
 /// up either in exactly one reply a client received or still in the list, on every node,
-/// and every waiter gets an answer. (CLIENT UNBLOCK at the instant a client is being served
-/// can leave that client without a reply on Redis 7.0, see README; it is not raced here.)
+/// and every waiter gets an answer.
 #[test]
 fn pops_for_waiters_that_left_are_undone_and_nothing_is_lost_or_duplicated() {
+    race_waiters_against_pushes(false);
+}
+
+/// The same race with CLIENT UNBLOCK sent at the waiters in a tight loop: an UNBLOCK that
+/// arrives while a waiter's pop is being answered must not take that answer from it.
+#[test]
+fn client_unblock_in_a_tight_loop_neither_loses_a_pop_nor_a_reply() {
+    race_waiters_against_pushes(true);
+}
+
+fn race_waiters_against_pushes(unblock: bool) {
     let mut c = Cluster::start(3);
     let l = c.wait_leader(Duration::from_secs(10));
     let port = c.nodes[l].def.port;
     const PUSHES: usize = 300;
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let unblocked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let waiters: Vec<_> = (0..6)
         .map(|t| {
             let received = received.clone();
+            let ids = ids.clone();
             std::thread::spawn(move || {
                 let mut w = RawConn::open(port);
+                let id = w.cmd(&["CLIENT", "ID"]);
+                ids.lock()
+                    .unwrap()
+                    .push(id.trim_start_matches(':').trim().to_string());
                 for i in 0..60 {
                     // Timeouts from 10 to 70 ms: many expire while a pop is in flight.
                     let timeout = format!("0.0{}", 1 + (i + t) % 7);
                     w.send(&["BLPOP", "race", &timeout]);
+                    // Every BLPOP gets a reply (a lost one fails the read after 10 s).
                     let reply = w.read();
                     if let Some(v) = reply.lines().nth(4) {
                         received.lock().unwrap().push(v.to_string());
@@ -241,6 +260,20 @@ fn pops_for_waiters_that_left_are_undone_and_nothing_is_lost_or_duplicated() {
             })
         })
         .collect();
+    let unblocker = unblock.then(|| {
+        let (ids, done, unblocked) = (ids.clone(), done.clone(), unblocked.clone());
+        std::thread::spawn(move || {
+            let mut admin = RawConn::open(port);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let targets = ids.lock().unwrap().clone();
+                for id in targets {
+                    if admin.cmd(&["CLIENT", "UNBLOCK", &id]) == ":1\r\n" {
+                        unblocked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    });
     let mut p = RawConn::open(port);
     for i in 0..PUSHES {
         assert!(p.cmd(&["RPUSH", "race", &format!("e{i}")]).starts_with(':'));
@@ -250,6 +283,13 @@ fn pops_for_waiters_that_left_are_undone_and_nothing_is_lost_or_duplicated() {
     }
     for w in waiters {
         w.join().unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(u) = unblocker {
+        u.join().unwrap();
+        let n = unblocked.load(std::sync::atomic::Ordering::Relaxed);
+        println!("CLIENT UNBLOCK unblocked a waiter {n} times");
+        assert!(n > 0, "CLIENT UNBLOCK never found a waiter to unblock");
     }
     // Let late undos land, then compare.
     std::thread::sleep(Duration::from_millis(500));

@@ -465,6 +465,51 @@ fn watch_aborts_exec_when_a_watched_key_changed_on_every_node_alike() {
     }
 }
 
+/// Redis 7.0: a watched key that existed at WATCH and expired by itself before EXEC aborts
+/// the transaction; the entry carries the leader's clock, so every node decides alike.
+#[test]
+fn watch_aborts_exec_when_a_watched_key_expired_by_itself() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut a = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(a.cmd(&["SET", "short", "v", "PX", "300"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "long", "v", "EX", "100"]), "+OK\r\n");
+    // Expires between WATCH and EXEC: aborted, the queued write never runs.
+    assert_eq!(a.cmd(&["WATCH", "short", "long"]), "+OK\r\n");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "expired-side", "1"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n");
+    // A TTL that has not passed does not abort.
+    assert_eq!(a.cmd(&["WATCH", "long"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "kept-side", "1"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["EXEC"]), "*1\r\n+OK\r\n");
+    // A key already gone at WATCH is watched as missing, as in Redis: no abort.
+    assert_eq!(a.cmd(&["WATCH", "short"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "missing-side", "1"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["EXEC"]), "*1\r\n+OK\r\n");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["EXISTS", "expired-side"]),
+            Value::Int(0),
+            "node {i}"
+        );
+        assert_eq!(
+            c.local(i, &["EXISTS", "kept-side"]),
+            Value::Int(1),
+            "node {i}"
+        );
+        assert_eq!(
+            c.local(i, &["EXISTS", "missing-side"]),
+            Value::Int(1),
+            "node {i}"
+        );
+    }
+}
+
 #[test]
 fn publish_through_the_leader_reaches_subscribers_on_every_node() {
     let mut c = Cluster::start(3);

@@ -163,39 +163,88 @@ fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot_with_every_typ
     assert!(c.nodes[f].log().contains("loading the raft snapshot"));
 }
 
+/// The raft files in a node's directory (the log, its snapshot and any file being written
+/// next to them: a new snapshot, a rewritten log) with their sizes.
+fn raft_files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("redisraft.db") {
+            files.push((name, e.metadata().map_or(0, |m| m.len())));
+        }
+    }
+    files
+}
+
+const BOUNDED_LOG_BYTES: u64 = 1024 * 1024;
+
 #[test]
-fn the_log_stays_bounded_and_restart_uses_snapshot_plus_log_tail() {
+fn disk_use_stays_below_the_threshold_plus_one_snapshot_and_restart_uses_snapshot_plus_log_tail() {
     let mut c = Cluster::define(3);
     for i in 0..3 {
-        c.nodes[i].extra = vec!["--raft.log-max-file-size".into(), "200kb".into()];
+        c.nodes[i].extra = vec!["--raft.log-max-file-size".into(), "1mb".into()];
         c.start_node(i);
     }
     let l = c.wait_leader(Duration::from_secs(15));
+    // Every node's raft files, sampled every 2 ms while the writes run: the largest total
+    // and the largest snapshot.
+    let dirs: Vec<_> = c.nodes.iter().map(|n| n.def.dir.clone()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Per node: the largest total (with the files then) and the largest snapshot.
+            let mut peaks = vec![(0u64, Vec::new(), 0u64); dirs.len()];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (d, p) in dirs.iter().zip(peaks.iter_mut()) {
+                    let files = raft_files(d);
+                    let all = files.iter().map(|f| f.1).sum::<u64>();
+                    let snap = files
+                        .iter()
+                        .find(|f| f.0 == "redisraft.db.snapshot")
+                        .map_or(0, |f| f.1);
+                    if all > p.0 {
+                        (p.0, p.1) = (all, files);
+                    }
+                    p.2 = p.2.max(snap);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peaks
+        })
+    };
     let mut conn = c.conn(l).unwrap();
     let mut largest = 0u64;
-    for round in 0..40 {
+    for round in 0..200 {
         let mut pipe = redis::pipe();
         for i in 0..100 {
             pipe.cmd("SET")
-                .arg(format!("k{}", (round * 100 + i) % 1500))
+                .arg(format!("k{}", (round * 100 + i) % 300))
                 .arg("v".repeat(100));
         }
         pipe.query::<()>(&mut conn).unwrap();
         largest = largest.max(info_num(&c, l, "raft_file_size"));
     }
     wait_applied(&mut c, &[0, 1, 2]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peaks = sampler.join().unwrap();
     println!(
-        "log file: largest {largest} bytes seen with raft.log-max-file-size 200kb; snapshots created {}",
+        "log file: largest {largest} bytes seen with raft.log-max-file-size 1mb; snapshots created {}; raft files per node, largest (total, files then, largest snapshot): {peaks:?}",
         info_num(&c, l, "raft_snapshots_created")
     );
-    for i in 0..3 {
+    for (i, (all, files, snapshot)) in peaks.iter().enumerate() {
         assert!(info_num(&c, i, "raft_snapshots_created") >= 2, "node {i}");
         assert!(
-            info_num(&c, i, "raft_file_size") < 3 * 200 * 1024,
+            info_num(&c, i, "raft_file_size") < BOUNDED_LOG_BYTES,
             "node {i}"
         );
+        assert!(*snapshot > 0, "node {i}: no snapshot file seen");
+        assert!(
+            *all < BOUNDED_LOG_BYTES + snapshot,
+            "node {i}: raft files reached {all} bytes ({files:?}), over raft.log-max-file-size {BOUNDED_LOG_BYTES} + one snapshot {snapshot}"
+        );
     }
-    assert!(largest < 3 * 200 * 1024, "largest log file {largest}");
+    assert!(largest < BOUNDED_LOG_BYTES, "largest log file {largest}");
     q(&c, l, &["SET", "tail", "1"]).unwrap();
     wait_applied(&mut c, &[0, 1, 2]);
     let want = dataset(&c, l);

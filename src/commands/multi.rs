@@ -139,6 +139,22 @@ fn client_id(ctx: *mut RedisModuleCtx) -> u64 {
     unsafe { rm!(RedisModule_GetClientId)(ctx) }
 }
 
+/// The key's expiry (absolute unix ms) in the client's database; -1 when it has none or
+/// does not exist (an expired key does not exist).
+fn expire_time(ctx: *mut RedisModuleCtx, key: &[u8]) -> i64 {
+    let r = api::call(
+        ctx,
+        &[b"PEXPIRETIME".to_vec(), key.to_vec()],
+        api::CallOpts::default(),
+    );
+    let v = api::call_reply_value(r);
+    api::free_call_reply(r);
+    match v {
+        api::Value::Int(t) if t >= 0 => t,
+        _ => -1,
+    }
+}
+
 /// MULTI, EXEC, DISCARD, WATCH or UNWATCH outside a transaction.
 pub fn begin_or_misplaced(ctx: *mut RedisModuleCtx, m: &Module, cmd: &[Vec<u8>]) -> c_int {
     match cmd[0].to_ascii_lowercase().as_slice() {
@@ -155,7 +171,10 @@ pub fn begin_or_misplaced(ctx: *mut RedisModuleCtx, m: &Module, cmd: &[Vec<u8>])
                 return api::reply_error(ctx, &redirect_error(m));
             };
             let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
-            let keys: Vec<&[u8]> = cmd[1..].iter().map(|k| k.as_slice()).collect();
+            let keys: Vec<(&[u8], i64)> = cmd[1..]
+                .iter()
+                .map(|k| (k.as_slice(), expire_time(ctx, k)))
+                .collect();
             watch::watch(client_id(ctx), db, &keys, node.shared().applied());
             api::reply_simple(ctx, "OK")
         }
@@ -318,9 +337,10 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
         ctx,
         m,
         node,
-        LogCommand::Multi {
+        LogCommand::Transaction {
             cmds,
             watch: watched,
+            now_ms: crate::redis::streams::now_ms(),
         },
         q.db,
     )

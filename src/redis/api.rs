@@ -50,6 +50,7 @@ pub fn missing_apis() -> Vec<&'static str> {
         RedisModule_CommandFilterArgsCount,
         RedisModule_CommandFilterArgGet,
         RedisModule_CommandFilterArgInsert,
+        RedisModule_CommandFilterArgReplace,
         RedisModule_RegisterStringConfig,
         RedisModule_RegisterNumericConfig,
         RedisModule_RegisterBoolConfig,

@@ -15,7 +15,8 @@
 //! nothing in flight is answered with the command's null reply at once; with an attempt in
 //! flight, it is answered by that attempt (what it popped, or null). CLIENT UNBLOCK and
 //! disconnects are Redis's (the client is blocked with a timeout callback, which CLIENT
-//! UNBLOCK calls). If a waiter goes away while its attempt is in flight and the attempt
+//! UNBLOCK calls), except that a CLIENT UNBLOCK for a waiter whose answer is already on its
+//! way is turned into one for no client (`being_answered`, in the filter). If a waiter goes away while its attempt is in flight and the attempt
 //! then pops something, nobody can receive it: the leader proposes the inverse command
 //! (LPUSH/RPUSH/LMOVE/ZADD) so the elements go back where they were. XREADGROUP entries are
 //! not put back: they stay in the group's pending list, as after any delivery.
@@ -169,6 +170,8 @@ struct State {
     touched: Vec<(i32, Vec<u8>)>,
     /// Gone waiters with nothing in flight: their handles are released before Redis sleeps.
     to_release: Vec<u64>,
+    /// The client id of every waiter's handle not yet unblocked (`take_client`).
+    clients: HashMap<usize, u64>,
 }
 
 static STATE: MainThread<State> = MainThread::new_lazy();
@@ -336,6 +339,8 @@ fn block(
         )
     });
     st.by_bc.insert(bc as usize, id);
+    st.clients
+        .insert(bc as usize, unsafe { rm!(RedisModule_GetClientId)(ctx) });
     st.waiters.insert(
         id,
         Waiter {
@@ -398,12 +403,19 @@ pub fn attempt_done(id: u64, r: *mut RedisModuleCallReply) -> Outcome {
     };
     if w.gone {
         // Release the handle, and put back what nobody received.
+        st.clients.remove(&(w.bc as usize));
         unsafe { rm!(RedisModule_UnblockClient)(w.bc, std::ptr::null_mut()) };
         let undo = undo_command(&w.argv, &api::call_reply_value(r))
             .map(|argv| Proposal::Undo { db: w.db, argv });
         return Outcome::Drop(undo);
     }
     Outcome::Reply(w.bc)
+}
+
+/// The client id of a waiter's handle, forgotten as the handle is unblocked (None: not a
+/// waiter's).
+pub fn take_client(bc: *mut RedisModuleBlockedClient) -> Option<u64> {
+    STATE.get_mut().clients.remove(&(bc as usize))
 }
 
 fn remove(st: &mut State, id: u64) -> Option<Waiter> {
@@ -491,6 +503,7 @@ pub fn release_gone() {
     let st = STATE.get_mut();
     for id in std::mem::take(&mut st.to_release) {
         if let Some(w) = remove(st, id) {
+            st.clients.remove(&(w.bc as usize));
             unsafe { rm!(RedisModule_UnblockClient)(w.bc, std::ptr::null_mut()) };
         }
     }

@@ -30,6 +30,21 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     } else {
         None
     };
+    if name.eq_ignore_ascii_case(b"client")
+        && sub.is_some_and(|s| s.eq_ignore_ascii_case(b"unblock"))
+        && argc > 2
+    {
+        let target = api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 2));
+        let answered = std::str::from_utf8(target)
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+            .is_some_and(super::being_answered);
+        if answered {
+            // Its reply is on its way: no client to unblock (see `being_answered`).
+            let none = api::create_string(std::ptr::null_mut(), b"0");
+            rm!(RedisModule_CommandFilterArgReplace)(fctx, 2, none);
+        }
+    }
     let reroute = match m.table().classify(name, sub) {
         Class::Write | Class::Refused(_) => true,
         // Run natively only when no check is needed (stale mode); otherwise RAFT confirms

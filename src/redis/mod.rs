@@ -916,7 +916,22 @@ extern "C" fn client_change(
 
 fn unblock(bc: *mut RedisModuleBlockedClient, reply: Reply) {
     let p = Box::into_raw(Box::new(reply));
+    if let Some(client) = blocking::take_client(bc) {
+        ANSWERING.get_mut().insert(p as usize, client);
+    }
     unsafe { rm!(RedisModule_UnblockClient)(bc, p as *mut c_void) };
+}
+
+/// Waiters (blocking commands) answered with RM_UnblockClient whose reply Redis has not sent
+/// yet: reply → client id. Redis sends it before it sleeps; until then the client still
+/// counts as blocked, and a CLIENT UNBLOCK for it would make Redis answer it itself and drop
+/// ours (what it popped would be lost). The filter turns such a CLIENT UNBLOCK into one for
+/// no client (`:0`, as Redis answers for a client that is not blocked).
+static ANSWERING: MainThread<HashMap<usize, u64>> = MainThread::new_lazy();
+
+/// Whether client `id`'s reply from this module is on its way (see `ANSWERING`).
+pub fn being_answered(id: u64) -> bool {
+    ANSWERING.get_mut().values().any(|c| *c == id)
 }
 
 extern "C" fn reply_blocked(
@@ -985,6 +1000,7 @@ extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
     if p.is_null() {
         return;
     }
+    ANSWERING.get_mut().remove(&(p as usize));
     let r = unsafe { Box::from_raw(p as *mut Reply) };
     match *r {
         Reply::Call(c) => api::free_call_reply(c),
@@ -1315,6 +1331,37 @@ fn take_over_dataset(ctx: *mut RedisModuleCtx) {
     }
 }
 
+/// Applies a transaction at `index`: aborted (null reply) on every node alike if a watched
+/// key tripped (`watch::tripped` with the leader's clock at EXEC), else its commands run
+/// back to back.
+fn apply_multi(
+    ctx: *mut RedisModuleCtx,
+    m: &Module,
+    index: u64,
+    pending: Option<Pending>,
+    cmds: &[(i32, Vec<Vec<u8>>)],
+    watched: &[watch::WatchedKey],
+    now_ms: i64,
+) {
+    if watch::tripped(watched, now_ms) {
+        if let Some(p) = pending {
+            unblock(p.bc, Reply::NullArray);
+        }
+        return;
+    }
+    let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
+    watch::set_applying(Some(index));
+    let replies = apply_transaction(ctx, m, cmds, resp3, pending.is_some());
+    watch::set_applying(None);
+    for (_, argv) in cmds {
+        watch::note_command(argv, index);
+    }
+    match pending {
+        Some(p) => unblock(p.bc, Reply::Multi(replies, p.select_after)),
+        None => replies.into_iter().for_each(Part::free),
+    }
+}
+
 fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &Entry) {
     if e.get_entry_type() == EntryType::EntryConfChangeV2 {
         return answer_membership_change(m, node, me, e);
@@ -1374,28 +1421,16 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
                 None => api::free_call_reply(r),
             }
         }
-        LogCommand::Multi {
-            cmds,
-            watch: watched,
-        } => {
-            if watch::tripped(&watched) {
-                if let Some(p) = pending {
-                    unblock(p.bc, Reply::NullArray);
-                }
-                return;
-            }
-            let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
-            watch::set_applying(Some(e.index));
-            let replies = apply_transaction(ctx, m, &cmds, resp3, pending.is_some());
-            watch::set_applying(None);
-            for (_, argv) in &cmds {
-                watch::note_command(argv, e.index);
-            }
-            match pending {
-                Some(p) => unblock(p.bc, Reply::Multi(replies, p.select_after)),
-                None => replies.into_iter().for_each(Part::free),
-            }
+        LogCommand::Multi { cmds, watch } => {
+            // Written before transactions carried expiries and a clock.
+            let watched: Vec<_> = watch.into_iter().map(|(d, k, i)| (d, k, i, -1)).collect();
+            apply_multi(ctx, m, e.index, pending, &cmds, &watched, 0);
         }
+        LogCommand::Transaction {
+            cmds,
+            watch,
+            now_ms,
+        } => apply_multi(ctx, m, e.index, pending, &cmds, &watch, now_ms),
         LogCommand::NodeAddr { id, addr } => node.shared().set_member_addr(id, &addr),
     }
 }

@@ -34,6 +34,19 @@ pub struct SnapshotState {
     pub loading: Option<(u64, u64, u64)>,
     /// A load failed: the dataset is partial until the node restarts.
     pub load_failed: Option<String>,
+    /// Size of the snapshot file on disk (None: not looked at since it last changed).
+    disk_bytes: Option<u64>,
+    /// The last trigger computed; the log size it is measured from when the running save
+    /// started (the trigger, or the log's size if it was smaller: a forced save); how far
+    /// the log grew past that during the last completed one (None: none completed yet).
+    trigger: Option<u64>,
+    log_at_start: u64,
+    last_growth: Option<u64>,
+    /// A saved snapshot's compaction is running on the raft thread: the log is not yet
+    /// smaller, and is no reason for another snapshot.
+    compacting: bool,
+    /// The threshold cannot also bound the snapshots: said once.
+    budget_warned: bool,
     /// Clients waiting on RAFT.DEBUG COMPACT: for the save, then for the compaction.
     waiters: Vec<usize>,
     compact_waiters: Vec<usize>,
@@ -61,6 +74,29 @@ pub fn loading_error() -> String {
     }
 }
 
+/// The log size at which compaction starts, so that the node's disk use stays below `max`
+/// plus one snapshot. The log leaves room for the snapshot already on disk (the last good
+/// one stays until the new one is complete) and twice what the log grew past the trigger
+/// during the last save: the log grows while the new snapshot is written, and compaction
+/// then writes the remaining tail to a new file before the old one goes. The growth is at
+/// least a 32nd of `max` (a quick save says little about the next: the end of a save is
+/// noticed on Redis's cron, up to 1000/hz ms later), and a quarter of `max` before any save
+/// was timed. When that room is more than half of `max`, compacting that
+/// early would snapshot too often: the trigger stays `max` and the second value says the
+/// bound cannot hold.
+pub fn compaction_trigger(max: u64, snapshot_bytes: u64, last_growth: Option<u64>) -> (u64, bool) {
+    let growth = match last_growth {
+        Some(g) => g.max(max / 32).saturating_mul(2),
+        None => max / 4,
+    };
+    let room = snapshot_bytes.saturating_add(growth);
+    if room <= max / 2 {
+        (max - room, true)
+    } else {
+        (max, false)
+    }
+}
+
 /// Called after entries were applied (`check_size`) and before Redis sleeps: takes a
 /// snapshot when the log file is too large, or when a follower needs a newer one.
 pub fn maybe_snapshot(ctx: *mut RedisModuleCtx, node: &Node, check_size: bool) {
@@ -68,13 +104,20 @@ pub fn maybe_snapshot(ctx: *mut RedisModuleCtx, node: &Node, check_size: bool) {
     if save::save_in_progress() || loading() {
         return;
     }
-    let max = if max == 0 { u64::MAX } else { max };
     let wanted = node.take_snapshot_wanted();
-    if !wanted && (!check_size || node.log_stats().bytes <= max) {
-        return;
-    }
     if wanted {
         info!("a follower needs a snapshot newer than this node's; taking one");
+    } else {
+        if !check_size || max == 0 || STATE.get_mut().compacting {
+            return;
+        }
+        let (log, at) = (node.log_stats().bytes, trigger(node, max));
+        if log <= at {
+            return;
+        }
+        info!(
+            "raft log at {log} bytes, past {at} (raft.log-max-file-size {max} less room for the snapshot on disk and the log's growth while the next one is written); taking a snapshot"
+        );
     }
     if let Err(e) = start(ctx, node) {
         // Retried after the next applied entries; say it once per cause.
@@ -87,6 +130,26 @@ pub fn maybe_snapshot(ctx: *mut RedisModuleCtx, node: &Node, check_size: bool) {
             st.last_error = Some(e);
         }
     }
+}
+
+/// `compaction_trigger` for this node's snapshot file; warns once when the bound cannot hold.
+fn trigger(node: &Node, max: u64) -> u64 {
+    let st = STATE.get_mut();
+    let snapshot_bytes = *st
+        .disk_bytes
+        .get_or_insert_with(|| std::fs::metadata(&node.snapshot_path).map_or(0, |m| m.len()));
+    let (at, bounded) = compaction_trigger(max, snapshot_bytes, st.last_growth);
+    st.trigger = Some(at);
+    if !bounded && st.last_growth.is_some() && !st.budget_warned {
+        st.budget_warned = true;
+        warn!(
+            "raft.log-max-file-size ({max} bytes) is less than twice the snapshot ({snapshot_bytes} bytes) plus the log's growth while one is written: compaction starts at {max} bytes of log, and while a snapshot is written this node's disk holds the log and two snapshots; raise raft.log-max-file-size above {} bytes to keep disk use below it plus one snapshot",
+            2 * (snapshot_bytes + 2 * st.last_growth.unwrap_or(0))
+        );
+    } else if bounded {
+        st.budget_warned = false;
+    }
+    at
 }
 
 /// RAFT.DEBUG COMPACT: take a snapshot now and compact the log; the client gets +OK once
@@ -154,7 +217,9 @@ fn start(ctx: *mut RedisModuleCtx, node: &Node) -> Result<(), String> {
         Box::new(move |r| saved(r, started)),
     )
     .map_err(|e| e.to_string())?;
-    STATE.get_mut().in_progress = Some((index, term));
+    let st = STATE.get_mut();
+    st.in_progress = Some((index, term));
+    st.log_at_start = node.log_stats().bytes.min(st.trigger.unwrap_or(u64::MAX));
     Ok(())
 }
 
@@ -170,6 +235,13 @@ fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
             st.last_duration = Some(o.duration);
             st.last_fork = Some(o.fork_duration);
             st.last_error = None;
+            st.disk_bytes = Some(o.bytes);
+            if let Some(node) = module().and_then(|m| m.node()) {
+                // The largest recent growth: one quick save says little about the next.
+                let grew = node.log_stats().bytes.saturating_sub(st.log_at_start);
+                let before = st.last_growth.map_or(0, |g| g - g / 8);
+                st.last_growth = Some(grew.max(before));
+            }
             info!(
                 "raft snapshot at index {} written: {} keys, {} bytes in {} ms (fork {} ms); compacting the log",
                 o.header.index,
@@ -181,6 +253,7 @@ fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
             match module().and_then(|m| m.node()) {
                 Some(node) => match node.compact(o.header.index) {
                     Ok(()) => {
+                        st.compacting = true;
                         // Answered once the raft thread compacted (`compacted`).
                         st.compact_waiters.extend(waiters);
                         return;
@@ -209,6 +282,7 @@ fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
 /// The raft thread compacted the log after the snapshot at `index` (or could not).
 pub fn compacted(index: u64, result: Result<(), String>) {
     let st = STATE.get_mut();
+    st.compacting = false;
     if let Err(e) = &result {
         st.last_error = Some(format!("compaction up to index {index}: {e}"));
     }
@@ -236,6 +310,7 @@ pub fn start_loading(
     st.loading = Some((index, 0, 0));
     if received {
         st.received += 1;
+        st.disk_bytes = None;
     }
     info!(
         "loading the raft snapshot {} (index {index}); data commands get -LOADING meanwhile",
@@ -282,5 +357,39 @@ pub fn start_loading(
         let st = STATE.get_mut();
         st.loading = None;
         st.load_failed = Some(e.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compaction_trigger;
+
+    #[test]
+    fn the_trigger_leaves_room_for_the_snapshot_and_the_growth_while_writing() {
+        // 100 MB threshold, 20 MB snapshot, the log grew 4 MB during the last save: room
+        // for the snapshot and twice the growth.
+        assert_eq!(
+            compaction_trigger(100_000_000, 20_000_000, Some(4_000_000)),
+            (72_000_000, true)
+        );
+        // Nothing timed yet: a quarter of the threshold for the growth.
+        assert_eq!(compaction_trigger(80_000_000, 0, None), (60_000_000, true));
+        // Exactly half is still bounded; more is not, and the trigger stays the threshold.
+        // Growth is at least a 32nd of the threshold.
+        assert_eq!(
+            compaction_trigger(64_000_000, 0, Some(1_000)),
+            (60_000_000, true)
+        );
+        assert_eq!(compaction_trigger(3200, 1400, Some(0)), (1600, true));
+        assert_eq!(compaction_trigger(3200, 1401, Some(0)), (3200, false));
+        assert_eq!(
+            compaction_trigger(64_000_000, 150_000_000, Some(10_000_000)),
+            (64_000_000, false)
+        );
+        // No overflow at the extremes.
+        assert_eq!(
+            compaction_trigger(u64::MAX, u64::MAX, Some(u64::MAX)),
+            (u64::MAX, false)
+        );
     }
 }

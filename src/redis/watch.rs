@@ -5,6 +5,9 @@
 //! evictions, which each node does by itself, are not counted). A client's WATCH remembers the
 //! leader's applied index; its EXEC entry carries the watched keys with those indexes, and
 //! every node aborts the transaction if one of the keys was modified by an entry after it.
+//! A key that expires by itself fires no counted event; instead WATCH notes the key's expiry
+//! (absolute ms) and the EXEC entry carries the leader's clock, so a key that existed at
+//! WATCH and has expired by EXEC aborts the transaction (Redis 7.0 does the same).
 //! The record is bounded: the oldest keys are forgotten first, and a forgotten key counts as
 //! modified at the newest index forgotten (`floor`), which only ever aborts more, never less,
 //! and identically everywhere since it depends only on the applied entries.
@@ -23,7 +26,9 @@ use super::MainThread;
 /// Keys remembered with their last modification; past this the oldest are forgotten.
 const TRACKED_KEYS_MAX: usize = 200_000;
 
-pub type WatchedKey = (i32, Vec<u8>, u64);
+/// A watched key: database, key, the applied index at WATCH, and its expiry then (absolute
+/// unix ms; -1: none, or the key did not exist).
+pub type WatchedKey = (i32, Vec<u8>, u64, i64);
 
 /// The fingerprint of `key` in `db` (FNV-1a, 64 bits): stable across processes and builds.
 fn fingerprint(db: i32, key: &[u8]) -> u64 {
@@ -151,18 +156,22 @@ pub fn note_command(argv: &[Vec<u8>], index: u64) {
     }
 }
 
-/// Whether a transaction watching `keys` must abort.
-pub fn tripped(keys: &[WatchedKey]) -> bool {
+/// Whether a transaction watching `keys` must abort: one was modified by an entry after its
+/// WATCH, or it existed at WATCH and its expiry had passed by `now_ms` (the leader's clock at
+/// EXEC, carried in the entry).
+pub fn tripped(keys: &[WatchedKey], now_ms: i64) -> bool {
     let t = TRACKER.get_mut();
-    keys.iter()
-        .any(|(db, k, since)| t.modified_after(*db, k, *since))
+    keys.iter().any(|(db, k, since, expires)| {
+        t.modified_after(*db, k, *since) || (*expires >= 0 && *expires <= now_ms)
+    })
 }
 
-pub fn watch(client: u64, db: i32, keys: &[&[u8]], applied: u64) {
+/// WATCH: `keys` with their expiry now (absolute unix ms, -1: none).
+pub fn watch(client: u64, db: i32, keys: &[(&[u8], i64)], applied: u64) {
     let w = WATCHES.get_mut().entry(client).or_default();
-    for k in keys {
-        if !w.iter().any(|(d, x, _)| *d == db && x.as_slice() == *k) {
-            w.push((db, k.to_vec(), applied));
+    for (k, expires) in keys {
+        if !w.iter().any(|(d, x, _, _)| *d == db && x.as_slice() == *k) {
+            w.push((db, k.to_vec(), applied, *expires));
         }
     }
 }

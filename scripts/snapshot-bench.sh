@@ -9,12 +9,16 @@
 #      snapshot is installed over the bus; install time from its log;
 #   4. RSS of every node against the plain server holding the same keys.
 #
-# Environment: KEYS (default 1000000), BASE_PORT (default 7101), SKIP_BUILD=1.
+# Environment: KEYS (default 1000000), MAX_FILE (raft.log-max-file-size, default 0: the
+# log is compacted only by the RAFT.DEBUG COMPACT of step 2; 128mb is the option's default,
+# with which nodes compact by themselves during the writes), BASE_PORT (default 7101),
+# SKIP_BUILD=1. With MAX_FILE set, RSS is also printed once the writes are applied.
 # Uses its own directory (target/snapshot-bench) and ports; leaves nothing running.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEYS="${KEYS:-1000000}"
+MAX_FILE="${MAX_FILE:-0}"
 BASE_PORT="${BASE_PORT:-7101}"
 DIR="$ROOT/target/snapshot-bench"
 MODULE="$ROOT/target/release/libredis_raft.so"
@@ -46,7 +50,7 @@ start_node() {
     redis-server --port "$p" --bind 127.0.0.1 --dir "$DIR/n$i" --save "" --appendonly no \
         --logfile redis.log --daemonize yes --loadmodule "$MODULE" \
         --raft.node-id "n$i" --raft.cluster-nodes "$nodes" \
-        --raft.log-max-file-size 0
+        --raft.log-max-file-size "$MAX_FILE"
 }
 
 for i in 1 2 3; do start_node "$i"; done
@@ -80,6 +84,23 @@ for i in 1 2 3; do
     until [[ "$(field "$p" raft raft_last_applied_index)" == "$(field "$LP" raft raft_commit_index)" ]]; do sleep 0.2; done
 done
 echo "keys: cluster $(redis-cli -p "$LP" RAFT.DEBUG EXEC DBSIZE), plain $(redis-cli -p "$PLAIN_PORT" DBSIZE)"
+rss_table() {
+    local plain rss p i
+    plain=$(field "$PLAIN_PORT" memory used_memory_rss)
+    printf '  plain redis-server: %d MiB\n' $((plain / 1048576))
+    for i in 1 2 3; do
+        p=$((BASE_PORT + i - 1))
+        rss=$(field "$p" memory used_memory_rss)
+        printf '  n%d: %d MiB (%.2fx plain), raft log %s bytes, cache %s bytes, snapshots %s\n' "$i" \
+            $((rss / 1048576)) "$(awk "BEGIN { print $rss / $plain }")" "$(field "$p" raft raft_file_size)" \
+            "$(field "$p" raft raft_cache_memory_size)" "$(field "$p" raft raft_snapshots_created)"
+    done
+}
+if [[ "$MAX_FILE" != 0 ]]; then
+    sleep 15 # the allocator returns freed pages within ~10 s
+    echo "memory (RSS) once the writes are applied, raft.log-max-file-size $MAX_FILE:"
+    rss_table
+fi
 
 echo "RAFT.DEBUG COMPACT on the leader, with a PING loop beside it"
 python3 - "$LP" >"$DIR/ping.txt" <<'PY' &
@@ -121,12 +142,6 @@ printf 'install on n%s: %.2f s from start to loaded (%s keys)\n' "$f" "$(awk "BE
     "$(redis-cli -p "$FP" RAFT.DEBUG EXEC DBSIZE)"
 grep -E "sent to node|raft snapshot .* loaded" "$DIR"/n*/redis.log | sed 's/^.*<raft> /  /'
 
-echo "memory (RSS) with $KEYS keys:"
-plain=$(field "$PLAIN_PORT" memory used_memory_rss)
-printf '  plain redis-server: %d MiB\n' $((plain / 1048576))
-for i in 1 2 3; do
-    p=$((BASE_PORT + i - 1))
-    rss=$(field "$p" memory used_memory_rss)
-    printf '  n%d: %d MiB (%.2fx plain), raft log %s bytes\n' "$i" $((rss / 1048576)) \
-        "$(awk "BEGIN { print $rss / $plain }")" "$(field "$p" raft raft_file_size)"
-done
+sleep 15 # the allocator returns freed pages within ~10 s
+echo "memory (RSS) with $KEYS keys, after the compaction and the install:"
+rss_table

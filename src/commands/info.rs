@@ -165,6 +165,8 @@ fn fill(i: &Info) {
     i.num("file_size", st.log.bytes);
     i.num("cache_memory_size", st.log.cache_bytes);
     i.num("cache_entries", st.log.cache_entries);
+    // What raft.log-max-cache-size bounds: the cached payloads and a slot per entry.
+    i.num("log_memory_size", st.log.cache_bytes + st.log.slot_bytes);
     i.num("fsync_count", st.log.fsync_count);
     i.num("fsync_max_microseconds", st.log.fsync_max_us);
     i.num("fsync_avg_microseconds", st.log.fsync_avg_us);

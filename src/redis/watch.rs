@@ -24,7 +24,7 @@ use super::api::{self, guard, rm, RedisModuleCtx, RedisModuleString};
 use super::MainThread;
 
 /// Keys remembered with their last modification; past this the oldest are forgotten.
-const TRACKED_KEYS_MAX: usize = 200_000;
+const TRACKED_KEYS_MAX: usize = 100_000;
 
 /// A watched key: database, key, the applied index at WATCH, and its expiry then (absolute
 /// unix ms; -1: none, or the key did not exist).

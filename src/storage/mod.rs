@@ -166,6 +166,10 @@ pub struct LogStats {
     /// Entries whose payload is held in memory, and their encoded size.
     pub cache_entries: u64,
     pub cache_bytes: u64,
+    /// Memory of the per-entry slots (term, file offset, length; one per entry in the log)
+    /// and of the queues holding them, as allocated. The cache bound counts these and
+    /// `cache_bytes` together.
+    pub slot_bytes: u64,
 }
 
 /// The durable raft log. A cheap-to-clone shared handle.
@@ -184,6 +188,9 @@ struct Inner {
     core: RwLock<Core>,
     writer: Mutex<Writer>,
 }
+
+/// What one slot costs in memory.
+const SLOT_BYTES: u64 = std::mem::size_of::<EntrySlot>() as u64;
 
 /// Where an entry's record is in the current file: enough to read it back, and its term.
 #[derive(Debug, Clone, Copy)]
@@ -279,11 +286,21 @@ impl Core {
         self.cache.push_back(e);
     }
 
-    /// Drops payloads from the oldest cached entry on until the cache fits its bound, but
-    /// only of entries whose record ends at or before `written_end` (readable from the file).
+    /// Memory the queues themselves take, as allocated (a queue's capacity runs up to twice
+    /// its length): the slots, and the cache's room beyond its entries (those are counted
+    /// in `cache_bytes`). Counted against the cache bound with the payloads.
+    fn slot_bytes(&self) -> u64 {
+        let cache_room = self.cache.capacity().saturating_sub(self.cache.len());
+        self.slots.capacity() as u64 * SLOT_BYTES
+            + cache_room as u64 * std::mem::size_of::<Entry>() as u64
+    }
+
+    /// Drops payloads from the oldest cached entry on until the payloads and the slots fit
+    /// the bound, but only of entries whose record ends at or before `written_end` (readable
+    /// from the file). Slots alone may exceed it: they stay until compaction.
     fn evict(&mut self, written_end: u64) {
         // Bounded: each iteration pops one cached entry or stops.
-        while self.cache_bytes > self.cache_max_bytes {
+        while self.cache_bytes + self.slot_bytes() > self.cache_max_bytes {
             match self.slot(self.first_cached_index()) {
                 Some(slot) if slot.record_end() <= written_end => {}
                 _ => break,
@@ -292,6 +309,10 @@ impl Core {
                 break;
             };
             self.cache_bytes = self.cache_bytes.saturating_sub(entry_bytes(&e));
+            // Give back the room of a cache that shrank to a quarter of its allocation.
+            if self.cache.len() < self.cache.capacity() / 4 {
+                self.cache.shrink_to(self.cache.len() * 2);
+            }
         }
     }
 
@@ -1126,6 +1147,7 @@ impl LogStore {
             fsync_avg_us: w.fsync_total_us.checked_div(w.fsync_count).unwrap_or(0),
             cache_entries: core.cache.len() as u64,
             cache_bytes: core.cache_bytes,
+            slot_bytes: core.slot_bytes(),
         }
     }
 }

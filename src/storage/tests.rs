@@ -784,8 +784,10 @@ fn one_fsync_per_sync_batch_and_stats() {
             fsync_avg_us: stats.fsync_avg_us,
             cache_entries: 6,
             cache_bytes: stats.cache_bytes,
+            slot_bytes: stats.slot_bytes,
         }
     );
+    assert!(stats.slot_bytes >= 6 * 24);
     assert!(stats.cache_bytes > 0);
 
     store.set_fsync(false);
@@ -1056,16 +1058,21 @@ fn append_synced(store: &LogStore, entries: &[Entry], batch: usize) {
 
 const CACHE_BYTES: u64 = 2_000;
 
+/// A bound that leaves room for payloads beside the slots of a few hundred entries.
+const LOG_MEMORY_BYTES: u64 = 20_000;
+
 #[test]
 fn the_cache_bound_holds_after_every_synced_append() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _) = open_cached(&log_path(&dir), CACHE_BYTES);
+    let (store, _) = open_cached(&log_path(&dir), LOG_MEMORY_BYTES);
     let ents = sized_entries(1, 300, 1, "a");
     for chunk in ents.chunks(7) {
         store.append(chunk).unwrap();
         store.sync().unwrap();
         let st = store.stats();
-        assert!(st.cache_bytes <= CACHE_BYTES, "{st:?}");
+        // Payloads and slots together.
+        assert!(st.slot_bytes >= st.entries * 24, "{st:?}");
+        assert!(st.cache_bytes + st.slot_bytes <= LOG_MEMORY_BYTES, "{st:?}");
         // Only the oldest entries leave: what stays is the newest that fit.
         let kept: u64 = ents[..chunk.last().unwrap().index as usize]
             .iter()
@@ -1074,12 +1081,14 @@ fn the_cache_bound_holds_after_every_synced_append() {
             .map(super::entry_bytes)
             .sum();
         assert!(
-            kept > CACHE_BYTES || st.cache_entries == st.entries,
+            kept + st.slot_bytes > LOG_MEMORY_BYTES || st.cache_entries == st.entries,
             "{st:?}"
         );
     }
-    assert_eq!(store.stats().entries, 300);
-    assert!(store.stats().cache_entries < 30);
+    let st = store.stats();
+    assert_eq!(st.entries, 300);
+    // 7.2 kB of slots (more as allocated) leave at most 12.8 kB for ~210-byte entries.
+    assert!(st.cache_entries > 20 && st.cache_entries < 70, "{st:?}");
 }
 
 #[test]
@@ -1167,11 +1176,11 @@ fn a_restart_keeps_only_what_fits_and_reads_the_rest_from_disk() {
         append_synced(&store, &ents, 100);
         assert_eq!(store.stats().cache_entries, 500);
     }
-    let (store, rec) = open_cached(&path, CACHE_BYTES);
+    let (store, rec) = open_cached(&path, LOG_MEMORY_BYTES);
     assert_eq!(rec.entries, 500);
     let st = store.stats();
     assert!(
-        st.cache_bytes <= CACHE_BYTES && st.cache_entries > 0,
+        st.cache_bytes + st.slot_bytes <= LOG_MEMORY_BYTES && st.cache_entries > 0,
         "{st:?}"
     );
     assert_eq!(all_entries(&store), ents);

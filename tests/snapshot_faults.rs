@@ -380,3 +380,54 @@ fn a_node_killed_while_it_receives_or_installs_a_snapshot_comes_back_whole() {
         assert_has_all(&c, i, &acked);
     }
 }
+
+/// The window between the log recording a received snapshot and the file moving into
+/// place: a crash there leaves `<snapshot>.recv`, which the restart moves into place.
+#[test]
+fn a_node_killed_after_recording_a_received_snapshot_moves_it_into_place_at_restart() {
+    let mut c = Cluster::start(3);
+    let mut acked = BTreeMap::new();
+    write_keys(&mut c, &mut acked, "a", 0..200, 100);
+    let l = c.wait_leader(Duration::from_secs(15));
+    let f = (0..3).find(|&i| i != l).unwrap();
+    wait_applied_everywhere(&mut c);
+    c.kill(f);
+    write_keys(&mut c, &mut acked, "b", 0..500, 1000);
+    assert_eq!(q(&c, l, &["RAFT.DEBUG", "COMPACT"]), Ok(Value::Okay));
+    let path = snapshot_file(&c, f);
+    let recv = with_suffix(&path, ".recv");
+
+    c.nodes[f].env = vec![(
+        "REDIS_RAFT_TEST_FAULT".into(),
+        "kill-before-snapshot-move".into(),
+    )];
+    c.start_node(f);
+    let pid = c.nodes[f].child.as_ref().expect("running").id() as i32;
+    wait_for(
+        "the node to die at the fault point",
+        Duration::from_secs(30),
+        || exited(pid),
+    );
+    assert_log(
+        &c,
+        f,
+        "REDIS_RAFT_TEST_FAULT: killing this process at kill-before-snapshot-move",
+    );
+    assert!(recv.exists(), "{} is missing", recv.display());
+    c.kill(f);
+    write_keys(&mut c, &mut acked, "c", 0..100, 100);
+
+    c.nodes[f].env.clear();
+    c.start_node(f);
+    assert_log(
+        &c,
+        f,
+        "moving the snapshot received before a restart into place",
+    );
+    wait_applied_everywhere(&mut c);
+    for i in 0..3 {
+        assert_has_all(&c, i, &acked);
+    }
+    assert!(!recv.exists());
+    assert!(path.exists());
+}

@@ -636,6 +636,15 @@ fn remove_unfinished_snapshots(store: &LogStore, path: &std::path::Path) {
     }
 }
 
+/// Tests only: `REDIS_RAFT_TEST_FAULT=<point>` in redis-server's environment kills the
+/// process (SIGKILL, as a crash) when it reaches `point`, to test the restart that follows.
+fn test_fault(point: &str) {
+    if std::env::var("REDIS_RAFT_TEST_FAULT").is_ok_and(|v| v == point) {
+        error!("REDIS_RAFT_TEST_FAULT: killing this process at {point}");
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
 /// Makes the log and the snapshot file agree after a crash between writing one and the
 /// other: a snapshot that was written but whose compaction never reached the log is
 /// compacted now; one that was received but not yet moved into place is moved. Anything else
@@ -1301,6 +1310,7 @@ impl RaftThread {
         )?;
         // After the log: a crash in between leaves the received file, which a restart moves
         // into place (reconcile_snapshot).
+        test_fault("kill-before-snapshot-move");
         std::fs::rename(&recv, &self.snapshot_path).map_err(|e| {
             NodeError::Snapshot(format!(
                 "cannot move {} to {}: {e}",

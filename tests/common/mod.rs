@@ -72,6 +72,8 @@ pub struct Node {
     pub def: NodeDef,
     pub child: Option<Child>,
     pub extra: Vec<String>,
+    /// Environment for its redis-server (e.g. `REDIS_RAFT_TEST_FAULT`).
+    pub env: Vec<(String, String)>,
     /// Started without `raft.cluster-nodes` (joins with RAFT.CLUSTER INIT/JOIN).
     pub dynamic: bool,
 }
@@ -116,6 +118,7 @@ impl Cluster {
                 },
                 child: None,
                 extra: Vec::new(),
+                env: Vec::new(),
                 dynamic: false,
             });
         }
@@ -194,6 +197,7 @@ impl Cluster {
             },
             child: None,
             extra: Vec::new(),
+            env: Vec::new(),
             dynamic: true,
         });
         i
@@ -208,6 +212,7 @@ impl Cluster {
         let args = self.args(i);
         let child = Command::new("redis-server")
             .args(&args)
+            .envs(self.nodes[i].env.iter().cloned())
             .current_dir(&self.nodes[i].def.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

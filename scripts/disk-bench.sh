@@ -78,7 +78,7 @@ size() { stat -c %s "$1" 2>/dev/null || echo 0; }
 # The node's raft files: the log, the snapshot, and whatever is being written next to them.
 raft_bytes() {
     local sum=0 f
-    for f in "$1"/redisraft.db*; do
+    for f in "$1"/redisraft.*; do
         [[ -e "$f" ]] && sum=$((sum + $(size "$f")))
     done
     echo "$sum"

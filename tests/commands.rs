@@ -472,11 +472,11 @@ fn watch_aborts_exec_when_a_watched_key_expired_by_itself() {
     let mut c = Cluster::start(3);
     let l = c.wait_leader(Duration::from_secs(10));
     let mut a = RawConn::open(c.nodes[l].def.port);
-    assert_eq!(a.cmd(&["SET", "short", "v", "PX", "300"]), "+OK\r\n");
     assert_eq!(a.cmd(&["SET", "long", "v", "EX", "100"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "short", "v", "PX", "2000"]), "+OK\r\n");
     // Expires between WATCH and EXEC: aborted, the queued write never runs.
     assert_eq!(a.cmd(&["WATCH", "short", "long"]), "+OK\r\n");
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
     assert_eq!(a.cmd(&["SET", "expired-side", "1"]), "+QUEUED\r\n");
     assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n");

@@ -164,12 +164,13 @@ fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot_with_every_typ
 }
 
 /// The raft files in a node's directory (the log, its snapshot and any file being written
-/// next to them: a new snapshot, a rewritten log) with their sizes.
+/// next to them: a new snapshot, the rewritten log) with their sizes.
 fn raft_files(dir: &std::path::Path) -> Vec<(String, u64)> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("redisraft.db") {
+        // redisraft.db, .db.snapshot, .db.snapshot.tmp, .rewrite.tmp (the compacted log).
+        if name.starts_with("redisraft.") {
             files.push((name, e.metadata().map_or(0, |m| m.len())));
         }
     }
@@ -419,7 +420,8 @@ fn a_node_whose_log_was_moved_aside_rebuilds_from_the_leader() {
         let dir = c.nodes[f].def.dir.clone();
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("redisraft.db") {
+            // redisraft.db, .db.snapshot, .db.snapshot.tmp, .rewrite.tmp (the compacted log).
+            if name.starts_with("redisraft.") {
                 std::fs::rename(e.path(), dir.join(format!("aside-{compact}-{name}"))).unwrap();
             }
         }

@@ -333,17 +333,21 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
         .into_iter()
         .map(|(db, argv)| (db, leader_rewrite(argv)))
         .collect();
-    propose_then_select(
-        ctx,
-        m,
-        node,
+    // Without expiries to check, the older entry kind: nodes of the previous version in
+    // the same cluster (a rolling upgrade) still apply it.
+    let entry = if watched.iter().all(|w| w.3 < 0) {
+        LogCommand::Multi {
+            cmds,
+            watch: watched.into_iter().map(|(d, k, i, _)| (d, k, i)).collect(),
+        }
+    } else {
         LogCommand::Transaction {
             cmds,
             watch: watched,
             now_ms: crate::redis::streams::now_ms(),
-        },
-        q.db,
-    )
+        }
+    };
+    propose_then_select(ctx, m, node, entry, q.db)
 }
 
 #[cfg(test)]

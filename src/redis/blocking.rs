@@ -514,14 +514,18 @@ pub fn release_gone() {
 pub fn leadership_lost(redirect: &str) {
     let st = STATE.get_mut();
     let ids: Vec<u64> = st.waiters.keys().copied().collect();
+    let mut idle = Vec::new();
     for id in ids {
         let Some(w) = remove(st, id) else { continue };
-        if w.in_flight {
-            continue;
+        if !w.in_flight {
+            idle.push(w.bc);
         }
-        super::unblock(w.bc, super::Reply::Error(redirect.to_string()));
     }
     st.touched.clear();
+    // After the last use of `st`: `unblock` looks at this state too.
+    for bc in idle {
+        super::unblock(bc, super::Reply::Error(redirect.to_string()));
+    }
 }
 
 /// The attempt of waiter `id` never entered the log (pending answered it): forget it.
@@ -598,6 +602,8 @@ fn gone(bc: *mut RedisModuleBlockedClient) -> Option<NullKind> {
     let id = *st.by_bc.get(&(bc as usize))?;
     let w = st.waiters.get_mut(&id)?;
     w.gone = true;
+    // Redis answered it: nothing this module sends it later is on its way to it.
+    st.clients.remove(&(bc as usize));
     if !w.in_flight {
         st.to_release.push(id);
     }

@@ -1269,7 +1269,7 @@ fn next_tag(st: &mut MainState, m: &Module, node: &Node) -> ProposalTag {
     }
 }
 
-/// Blocks a client until `finish` (which any thread may call).
+/// Blocks a client until `finish` (main thread only).
 pub fn block(ctx: *mut RedisModuleCtx) -> *mut RedisModuleBlockedClient {
     unsafe { rm!(RedisModule_BlockClient)(ctx, Some(reply_blocked), None, Some(free_reply), 0) }
 }

@@ -36,15 +36,13 @@ pub struct SnapshotState {
     pub load_failed: Option<String>,
     /// Size of the snapshot file on disk (None: not looked at since it last changed).
     disk_bytes: Option<u64>,
-    /// The last trigger computed; the log size it is measured from when the running save
-    /// started (the trigger, or the log's size if it was smaller: a forced save); how far
-    /// the log grew past that during the last completed one (None: none completed yet).
-    trigger: Option<u64>,
+    /// The log's size when the running save started, and how much it grew during recent
+    /// saves (None: none completed yet).
     log_at_start: u64,
     last_growth: Option<u64>,
-    /// A saved snapshot's compaction is running on the raft thread: the log is not yet
-    /// smaller, and is no reason for another snapshot.
-    compacting: bool,
+    /// Saved snapshots whose compaction is running on the raft thread: the log is not yet
+    /// smaller, and no automatic snapshot starts meanwhile.
+    compacting: u32,
     /// The threshold cannot also bound the snapshots: said once.
     budget_warned: bool,
     /// Clients waiting on RAFT.DEBUG COMPACT: for the save, then for the compaction.
@@ -76,8 +74,8 @@ pub fn loading_error() -> String {
 
 /// The log size at which compaction starts, so that the node's disk use stays below `max`
 /// plus one snapshot. The log leaves room for the snapshot already on disk (the last good
-/// one stays until the new one is complete) and twice what the log grew past the trigger
-/// during the last save: the log grows while the new snapshot is written, and compaction
+/// one stays until the new one is complete) and twice what the log grew during recent
+/// saves: the log grows while the new snapshot is written, and compaction
 /// then writes the remaining tail to a new file before the old one goes. The growth is at
 /// least a 32nd of `max` (a quick save says little about the next: the end of a save is
 /// noticed on Redis's cron, up to 1000/hz ms later), and a quarter of `max` before any save
@@ -97,18 +95,29 @@ pub fn compaction_trigger(max: u64, snapshot_bytes: u64, last_growth: Option<u64
     }
 }
 
+/// The smallest threshold `compaction_trigger` can keep below itself plus one snapshot:
+/// room (snapshot + twice the growth, at least a 16th of the threshold) within its half.
+fn bounding_threshold(snapshot_bytes: u64, growth: u64) -> u64 {
+    let by_growth = snapshot_bytes
+        .saturating_add(growth.saturating_mul(2))
+        .saturating_mul(2);
+    let by_floor = snapshot_bytes.saturating_mul(16) / 7 + 1;
+    by_growth.max(by_floor)
+}
+
 /// Called after entries were applied (`check_size`) and before Redis sleeps: takes a
 /// snapshot when the log file is too large, or when a follower needs a newer one.
 pub fn maybe_snapshot(ctx: *mut RedisModuleCtx, node: &Node, check_size: bool) {
     let max = configs::options().log_max_file_bytes;
-    if save::save_in_progress() || loading() {
+    if save::save_in_progress() || loading() || STATE.get_mut().compacting > 0 {
+        // A follower's request stays until then.
         return;
     }
     let wanted = node.take_snapshot_wanted();
     if wanted {
         info!("a follower needs a snapshot newer than this node's; taking one");
     } else {
-        if !check_size || max == 0 || STATE.get_mut().compacting {
+        if !check_size || max == 0 {
             return;
         }
         let (log, at) = (node.log_stats().bytes, trigger(node, max));
@@ -139,12 +148,11 @@ fn trigger(node: &Node, max: u64) -> u64 {
         .disk_bytes
         .get_or_insert_with(|| std::fs::metadata(&node.snapshot_path).map_or(0, |m| m.len()));
     let (at, bounded) = compaction_trigger(max, snapshot_bytes, st.last_growth);
-    st.trigger = Some(at);
-    if !bounded && st.last_growth.is_some() && !st.budget_warned {
+    if let (false, Some(growth), false) = (bounded, st.last_growth, st.budget_warned) {
         st.budget_warned = true;
         warn!(
             "raft.log-max-file-size ({max} bytes) is less than twice the snapshot ({snapshot_bytes} bytes) plus the log's growth while one is written: compaction starts at {max} bytes of log, and while a snapshot is written this node's disk holds the log and two snapshots; raise raft.log-max-file-size above {} bytes to keep disk use below it plus one snapshot",
-            2 * (snapshot_bytes + 2 * st.last_growth.unwrap_or(0))
+            bounding_threshold(snapshot_bytes, growth)
         );
     } else if bounded {
         st.budget_warned = false;
@@ -219,7 +227,7 @@ fn start(ctx: *mut RedisModuleCtx, node: &Node) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let st = STATE.get_mut();
     st.in_progress = Some((index, term));
-    st.log_at_start = node.log_stats().bytes.min(st.trigger.unwrap_or(u64::MAX));
+    st.log_at_start = node.log_stats().bytes;
     Ok(())
 }
 
@@ -253,7 +261,7 @@ fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
             match module().and_then(|m| m.node()) {
                 Some(node) => match node.compact(o.header.index) {
                     Ok(()) => {
-                        st.compacting = true;
+                        st.compacting += 1;
                         // Answered once the raft thread compacted (`compacted`).
                         st.compact_waiters.extend(waiters);
                         return;
@@ -282,7 +290,7 @@ fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
 /// The raft thread compacted the log after the snapshot at `index` (or could not).
 pub fn compacted(index: u64, result: Result<(), String>) {
     let st = STATE.get_mut();
-    st.compacting = false;
+    st.compacting = st.compacting.saturating_sub(1);
     if let Err(e) = &result {
         st.last_error = Some(format!("compaction up to index {index}: {e}"));
     }
@@ -362,7 +370,7 @@ pub fn start_loading(
 
 #[cfg(test)]
 mod tests {
-    use super::compaction_trigger;
+    use super::{bounding_threshold, compaction_trigger};
 
     #[test]
     fn the_trigger_leaves_room_for_the_snapshot_and_the_growth_while_writing() {
@@ -386,6 +394,15 @@ mod tests {
             compaction_trigger(64_000_000, 150_000_000, Some(10_000_000)),
             (64_000_000, false)
         );
+        // The advice in the warning is a threshold that is bounded.
+        for (snap, growth) in [(60, 0), (150_000_000, 10_000_000), (1, 1_000_000)] {
+            let max = bounding_threshold(snap, growth);
+            assert!(
+                compaction_trigger(max, snap, Some(growth)).1,
+                "{snap} {growth}"
+            );
+            assert!(!compaction_trigger(max / 2, snap, Some(growth)).1 || snap < 2);
+        }
         // No overflow at the extremes.
         assert_eq!(
             compaction_trigger(u64::MAX, u64::MAX, Some(u64::MAX)),

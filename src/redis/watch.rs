@@ -162,7 +162,8 @@ pub fn note_command(argv: &[Vec<u8>], index: u64) {
 pub fn tripped(keys: &[WatchedKey], now_ms: i64) -> bool {
     let t = TRACKER.get_mut();
     keys.iter().any(|(db, k, since, expires)| {
-        t.modified_after(*db, k, *since) || (*expires >= 0 && *expires <= now_ms)
+        // Expired as Redis decides it: the clock is past the expiry.
+        t.modified_after(*db, k, *since) || (*expires >= 0 && now_ms > *expires)
     })
 }
 

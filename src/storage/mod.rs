@@ -189,6 +189,9 @@ struct Inner {
     writer: Mutex<Writer>,
 }
 
+/// Room for this many entries the cache queue keeps however small it gets (~72 kB).
+const CACHE_KEEP_ENTRIES: usize = 1024;
+
 /// What one slot costs in memory.
 const SLOT_BYTES: u64 = std::mem::size_of::<EntrySlot>() as u64;
 
@@ -288,9 +291,13 @@ impl Core {
 
     /// Memory the queues themselves take, as allocated (a queue's capacity runs up to twice
     /// its length): the slots, and the cache's room beyond its entries (those are counted
-    /// in `cache_bytes`). Counted against the cache bound with the payloads.
+    /// in `cache_bytes`) and beyond the room it always keeps. Counted against the cache
+    /// bound with the payloads.
     fn slot_bytes(&self) -> u64 {
-        let cache_room = self.cache.capacity().saturating_sub(self.cache.len());
+        let cache_room = self
+            .cache
+            .capacity()
+            .saturating_sub(self.cache.len().max(CACHE_KEEP_ENTRIES));
         self.slots.capacity() as u64 * SLOT_BYTES
             + cache_room as u64 * std::mem::size_of::<Entry>() as u64
     }
@@ -309,10 +316,15 @@ impl Core {
                 break;
             };
             self.cache_bytes = self.cache_bytes.saturating_sub(entry_bytes(&e));
-            // Give back the room of a cache that shrank to a quarter of its allocation.
-            if self.cache.len() < self.cache.capacity() / 4 {
-                self.cache.shrink_to(self.cache.len() * 2);
-            }
+        }
+        // Give back the room of a cache that shrank to a quarter of its allocation (not
+        // below a small floor, so a cache that stays near empty is not reallocated on every
+        // append).
+        if self.cache.capacity() > CACHE_KEEP_ENTRIES
+            && self.cache.len() < self.cache.capacity() / 4
+        {
+            self.cache
+                .shrink_to((self.cache.len() * 2).max(CACHE_KEEP_ENTRIES));
         }
     }
 

@@ -29,44 +29,21 @@ MODULE="$ROOT/target/release/libredis_raft.so"
 
 [[ "${SKIP_BUILD:-}" == 1 ]] || (cd "$ROOT" && "$ROOT/scripts/setup.sh" && cargo build --release --quiet)
 
+# shellcheck source=bench-cluster.sh
+. "$ROOT/scripts/bench-cluster.sh"
 load_pid=""
 cleanup() {
     [[ -n "$load_pid" ]] && kill "$load_pid" 2>/dev/null || true
-    for i in 1 2 3; do
-        redis-cli -p $((BASE_PORT + i - 1)) SHUTDOWN NOSAVE >/dev/null 2>&1 || true
-    done
+    stop_nodes
 }
 trap cleanup EXIT
 cleanup
 rm -rf "$DIR"
 mkdir -p "$DIR"
 
-nodes=""
-for i in 1 2 3; do
-    p=$((BASE_PORT + i - 1))
-    nodes+="n$i=127.0.0.1:$p@$((p + 10000)),"
-done
-nodes="${nodes%,}"
-for i in 1 2 3; do
-    p=$((BASE_PORT + i - 1))
-    mkdir -p "$DIR/n$i"
-    redis-server --port "$p" --bind 127.0.0.1 --dir "$DIR/n$i" --save "" --appendonly no \
-        --logfile redis.log --daemonize yes --loadmodule "$MODULE" \
-        --raft.node-id "n$i" --raft.cluster-nodes "$nodes" \
-        --raft.log-max-file-size "$MAX_FILE"
-done
-
-field() { redis-cli -p "$1" INFO raft 2>/dev/null | tr -d '\r' | awk -F: -v f="$2" '$1 == f { print $2 }'; }
-leader=""
-for _ in $(seq 1 100); do
-    for i in 1 2 3; do
-        [[ "$(field $((BASE_PORT + i - 1)) raft_role)" == leader ]] && leader=$i
-    done
-    [[ -n "$leader" ]] && break
-    sleep 0.2
-done
-[[ -n "$leader" ]] || { echo "disk-bench.sh: no leader" >&2; exit 1; }
-LP=$((BASE_PORT + leader - 1))
+for i in 1 2 3; do start_node "$i" --raft.log-max-file-size "$MAX_FILE"; done
+field() { info_field "$1" raft "$2"; }
+wait_leader
 bound=$(redis-cli -p "$LP" CONFIG GET raft.log-max-file-size | tail -1)
 
 echo "leader n$leader; raft.log-max-file-size $bound bytes; writing for $SECONDS_RUN s"

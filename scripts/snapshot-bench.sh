@@ -26,10 +26,10 @@ PLAIN_PORT=$((BASE_PORT + 50))
 
 [[ "${SKIP_BUILD:-}" == 1 ]] || (cd "$ROOT" && cargo build --release --quiet)
 
+# shellcheck source=bench-cluster.sh
+. "$ROOT/scripts/bench-cluster.sh"
 cleanup() {
-    for i in 1 2 3; do
-        redis-cli -p $((BASE_PORT + i - 1)) SHUTDOWN NOSAVE >/dev/null 2>&1 || true
-    done
+    stop_nodes
     redis-cli -p "$PLAIN_PORT" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -37,40 +37,12 @@ cleanup
 rm -rf "$DIR"
 mkdir -p "$DIR"
 
-nodes=""
-for i in 1 2 3; do
-    p=$((BASE_PORT + i - 1))
-    nodes+="n$i=127.0.0.1:$p@$((p + 10000)),"
-done
-nodes="${nodes%,}"
-
-start_node() {
-    local i=$1 p=$((BASE_PORT + $1 - 1))
-    mkdir -p "$DIR/n$i"
-    redis-server --port "$p" --bind 127.0.0.1 --dir "$DIR/n$i" --save "" --appendonly no \
-        --logfile redis.log --daemonize yes --loadmodule "$MODULE" \
-        --raft.node-id "n$i" --raft.cluster-nodes "$nodes" \
-        --raft.log-max-file-size "$MAX_FILE"
-}
-
-for i in 1 2 3; do start_node "$i"; done
+for i in 1 2 3; do start_node "$i" --raft.log-max-file-size "$MAX_FILE"; done
 redis-server --port "$PLAIN_PORT" --bind 127.0.0.1 --dir "$DIR" --save "" --appendonly no \
     --logfile plain.log --daemonize yes
 
-leader=""
-for _ in $(seq 1 100); do
-    for i in 1 2 3; do
-        p=$((BASE_PORT + i - 1))
-        if redis-cli -p "$p" INFO raft 2>/dev/null | grep -q '^raft_role:leader'; then
-            leader=$i
-        fi
-    done
-    [[ -n "$leader" ]] && break
-    sleep 0.2
-done
-[[ -n "$leader" ]] || { echo "no leader" >&2; exit 1; }
-LP=$((BASE_PORT + leader - 1))
-field() { redis-cli -p "$1" INFO "$2" | tr -d '\r' | awk -F: -v f="$3" '$1 == f { print $2 }'; }
+wait_leader
+field() { info_field "$@"; }
 
 echo "writing $KEYS keys (100-byte values) through the cluster (leader n$leader) and into plain redis-server"
 t0=$(date +%s.%N)
@@ -135,7 +107,7 @@ sleep 0.5
 rm -f "$DIR/n$f"/redisraft.db*
 : >"$DIR/n$f/redis.log"
 t0=$(date +%s.%N)
-start_node "$f"
+start_node "$f" --raft.log-max-file-size "$MAX_FILE"
 until [[ "$(field "$FP" raft raft_snapshots_received 2>/dev/null)" == 1 && "$(field "$FP" raft raft_loading 2>/dev/null)" == no ]]; do sleep 0.1; done
 t1=$(date +%s.%N)
 printf 'install on n%s: %.2f s from start to loaded (%s keys)\n' "$f" "$(awk "BEGIN { print $t1 - $t0 }")" \

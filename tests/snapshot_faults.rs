@@ -321,18 +321,32 @@ fn a_snapshot_that_cannot_be_written_in_full_fails_and_keeps_the_previous_one() 
     }
 }
 
+/// A follower stopped after 200 keys, then `keys` more keys of `size` bytes written and the
+/// leader's log compacted: started again, it needs the leader's snapshot. Returns the
+/// leader and that follower.
+fn follower_behind_a_compacted_log(
+    c: &mut Cluster,
+    acked: &mut BTreeMap<String, String>,
+    keys: usize,
+    size: usize,
+) -> (usize, usize) {
+    write_keys(c, acked, "a", 0..200, 100);
+    let l = c.wait_leader(Duration::from_secs(15));
+    let f = (0..3).find(|&i| i != l).unwrap();
+    wait_applied_everywhere(c);
+    c.kill(f);
+    write_keys(c, acked, "b", 0..keys, size);
+    let l = c.wait_leader(Duration::from_secs(15));
+    assert_eq!(q(c, l, &["RAFT.DEBUG", "COMPACT"]), Ok(Value::Okay));
+    (l, f)
+}
+
 #[test]
 fn a_node_killed_while_it_receives_or_installs_a_snapshot_comes_back_whole() {
     let mut c = Cluster::start(3);
     let mut acked = BTreeMap::new();
-    write_keys(&mut c, &mut acked, "a", 0..200, 100);
-    let l = c.wait_leader(Duration::from_secs(15));
-    let f = (0..3).find(|&i| i != l).unwrap();
-    wait_applied_everywhere(&mut c);
-    c.kill(f);
     // ~12 MB the follower lacks, behind a compacted log: it needs the leader's snapshot.
-    write_keys(&mut c, &mut acked, "b", 0..3000, 4000);
-    assert_eq!(q(&c, l, &["RAFT.DEBUG", "COMPACT"]), Ok(Value::Okay));
+    let (l, f) = follower_behind_a_compacted_log(&mut c, &mut acked, 3000, 4000);
     let path = snapshot_file(&c, f);
     let recv = with_suffix(&path, ".recv");
     let recv_tmp = with_suffix(&path, ".recv.tmp");
@@ -387,13 +401,7 @@ fn a_node_killed_while_it_receives_or_installs_a_snapshot_comes_back_whole() {
 fn a_node_killed_after_recording_a_received_snapshot_moves_it_into_place_at_restart() {
     let mut c = Cluster::start(3);
     let mut acked = BTreeMap::new();
-    write_keys(&mut c, &mut acked, "a", 0..200, 100);
-    let l = c.wait_leader(Duration::from_secs(15));
-    let f = (0..3).find(|&i| i != l).unwrap();
-    wait_applied_everywhere(&mut c);
-    c.kill(f);
-    write_keys(&mut c, &mut acked, "b", 0..500, 1000);
-    assert_eq!(q(&c, l, &["RAFT.DEBUG", "COMPACT"]), Ok(Value::Okay));
+    let (_, f) = follower_behind_a_compacted_log(&mut c, &mut acked, 500, 1000);
     let path = snapshot_file(&c, f);
     let recv = with_suffix(&path, ".recv");
 

@@ -33,6 +33,10 @@ pub enum LogCommand {
         watch: Vec<(i32, Vec<u8>, u64, i64)>,
         now_ms: i64,
     },
+    /// SCRIPT KILL or FUNCTION KILL (`argv`) stopped, on the leader, the script of the
+    /// entry at `index` before it wrote: every node stops its run of that entry too, and a
+    /// node that has not run it yet skips it.
+    KillScript { index: u64, argv: Vec<Vec<u8>> },
 }
 
 /// One member of the cluster: its raft id, name, and where clients and peers reach it.
@@ -154,6 +158,19 @@ pub fn decode_command(data: &[u8]) -> Result<LogCommand, CodecError> {
     decode(data)
 }
 
+/// The entry index a `KillScript` entry's bytes stop, without decoding any other kind of
+/// entry (bincode writes the variant as a little-endian u32 after the version byte).
+pub fn killed_script(data: &[u8]) -> Option<u64> {
+    const KILL_SCRIPT: u32 = 4;
+    if data.get(1..5)? != KILL_SCRIPT.to_le_bytes() {
+        return None;
+    }
+    match decode_command(data) {
+        Ok(LogCommand::KillScript { index, .. }) => Some(index),
+        _ => None,
+    }
+}
+
 mod bincode {
     //! bincode 1.x with the same encoding as `bincode::serialize`, plus a size limit on decode
     //! so a corrupt length cannot make us allocate without bound.
@@ -219,6 +236,24 @@ mod tests {
             addr: "10.0.0.1:6379".into(),
         };
         assert_eq!(decode_command(&encode_command(&a)).unwrap(), a);
+    }
+
+    #[test]
+    fn kill_script_entries_are_recognised_without_decoding_others() {
+        let k = LogCommand::KillScript {
+            index: 42,
+            argv: vec![b"FUNCTION".to_vec(), b"KILL".to_vec()],
+        };
+        let bytes = encode_command(&k);
+        assert_eq!(decode_command(&bytes).unwrap(), k);
+        assert_eq!(killed_script(&bytes), Some(42));
+        let set = LogCommand::Redis {
+            db: 0,
+            argv: vec![b"SET".to_vec(), b"k".to_vec(), b"v".to_vec()],
+        };
+        assert_eq!(killed_script(&encode_command(&set)), None);
+        assert_eq!(killed_script(&[1, 4, 0]), None);
+        assert_eq!(killed_script(&[1, 4, 0, 0, 0, 9]), None);
     }
 
     #[test]

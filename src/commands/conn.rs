@@ -206,7 +206,7 @@ pub fn run_now(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> Option<c_int> {
         if !cmd[1..].iter().any(|a| eq(a, "abort") || eq(a, "now")) {
             cmd.push(b"NOW".to_vec());
         }
-        return Some(super::call_and_reply(ctx, &cmd));
+        return Some(api::call_and_reply(ctx, &cmd));
     }
     if eq(&cmd[0], "wait") {
         return Some(wait(ctx, cmd));
@@ -227,7 +227,7 @@ fn wait_args(cmd: &[Vec<u8>]) -> Option<(i64, i64)> {
 /// for the timeout (0: for ever), as with Redis, then gets it.
 fn wait(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
     let Some((wanted, timeout_ms)) = wait_args(cmd) else {
-        return super::call_and_reply(ctx, cmd);
+        return api::call_and_reply(ctx, cmd);
     };
     let now = [b"WAIT".to_vec(), b"0".to_vec(), b"0".to_vec()];
     let r = api::call(ctx, &now, CallOpts::default());

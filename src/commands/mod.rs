@@ -24,7 +24,7 @@ use crate::redis::{
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 8] = [
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 9] = [
         // `RAFT <command> ...`: what the filter routes writes (and redirected reads) to.
         (c"raft", Some(raft_cmd), c"write"),
         (c"raft.debug", Some(raft_debug_cmd), c"admin"),
@@ -37,6 +37,8 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         (c"raft._sort", Some(sort_cmd), c"readonly"),
         // Consumer-group commands with the leader's clock, on the apply path (streams.rs).
         (c"raft._stream", Some(stream_cmd), c"write"),
+        // SCRIPT KILL / FUNCTION KILL while an entry's script runs (redis/busy.rs).
+        (c"raft._kill", Some(kill_cmd), c"allow-busy"),
     ];
     for (name, f, flags) in cmds.into_iter().chain(membership::commands()) {
         let r = unsafe {
@@ -143,19 +145,7 @@ extern "C" fn raft_cmd(
     )
 }
 
-fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
-    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    let opts = CallOpts {
-        resp3: flags & api::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0,
-    };
-    let r = api::call(ctx, cmd, opts);
-    if r.is_null() {
-        return api::reply_error(ctx, "ERR the command could not be executed");
-    }
-    let rc = unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, r) };
-    api::free_call_reply(r);
-    rc
-}
+use api::call_and_reply;
 
 /// `RAFT.TRANSFER_LEADER [<id>]` (RedisRaft's): +OK once that node (or, without an id, the
 /// most up-to-date follower) is leader. The id is a node id or a node name.
@@ -248,6 +238,26 @@ extern "C" fn stream_cmd(
         || {
             let args = unsafe { api::owned_args(argv, argc) };
             crate::redis::streams::run(ctx, args.get(1..).unwrap_or(&[]))
+        },
+    )
+}
+
+/// `RAFT._KILL SCRIPT|FUNCTION KILL`: what the filter routes a kill to while an entry's
+/// script runs on the apply path (redis/busy.rs).
+extern "C" fn kill_cmd(
+    ctx: *mut RedisModuleCtx,
+    argv: *mut *mut RedisModuleString,
+    argc: c_int,
+) -> c_int {
+    guard(
+        "RAFT._KILL",
+        || api::reply_error(ctx, "ERR internal error (see the server log)"),
+        || {
+            let args = unsafe { api::owned_args(argv, argc) };
+            let Some(m) = module() else {
+                return api::reply_error(ctx, "ERR redis-raft is not initialised");
+            };
+            crate::redis::busy::kill(ctx, m, args.get(1..).unwrap_or(&[]))
         },
     )
 }

@@ -241,6 +241,21 @@ pub fn call(
     reply
 }
 
+/// Runs `cmd` for the calling client (its protocol) and replies with what it returned.
+pub fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
+    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
+    let opts = CallOpts {
+        resp3: flags & raw::REDISMODULE_CTX_FLAGS_RESP3 != 0,
+    };
+    let r = call(ctx, cmd, opts);
+    if r.is_null() {
+        return reply_error(ctx, "ERR the command could not be executed");
+    }
+    let rc = unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, r) };
+    free_call_reply(r);
+    rc
+}
+
 pub fn free_call_reply(r: *mut RedisModuleCallReply) {
     if !r.is_null() {
         unsafe { rm!(RedisModule_FreeCallReply)(r) };

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod blocking;
+pub mod busy;
 pub mod classify;
 pub mod configs;
 pub mod filter;
@@ -182,7 +183,24 @@ fn waker() -> Arc<dyn Fn() + Send + Sync> {
 
 extern "C" fn on_wake(_data: *mut c_void) {
     WAKE_QUEUED.store(false, Ordering::Release);
-    guard("apply", || (), apply_committed);
+    guard(
+        "apply",
+        || (),
+        || {
+            let Some(m) = module() else { return };
+            let ctx = m.apply_ctx as *mut RedisModuleCtx;
+            if busy::inside_command(ctx) {
+                // From inside a script or a load (processEventsWhileBlocked): see busy.rs.
+                let arrived = m
+                    .node()
+                    .map(|n| n.shared().take_apply_items())
+                    .unwrap_or_default();
+                busy::defer(ctx, arrived);
+            } else {
+                apply_committed();
+            }
+        },
+    );
 }
 
 /// Called from OnLoad after the options are loaded and validated.
@@ -826,6 +844,10 @@ extern "C" fn before_sleep(
 }
 
 fn flush_proposals() {
+    if busy::take_deferred() {
+        // Wake-ups that came while a command ran (busy.rs): apply now, outside it.
+        apply_committed();
+    }
     if let Some(m) = module() {
         crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
     }
@@ -1019,6 +1041,7 @@ fn apply_committed() {
     let Some(m) = module() else { return };
     let Some(node) = m.node() else { return };
     let ctx = m.apply_ctx as *mut RedisModuleCtx;
+    let _applying = busy::applying();
     let first = {
         let st = MAIN.get_mut();
         !std::mem::replace(&mut st.started_applying, true)
@@ -1032,12 +1055,17 @@ fn apply_committed() {
     }
     let me = node.shared().node_id;
     let mut items = std::mem::take(&mut MAIN.get_mut().held);
-    items.extend(node.shared().take_apply_items());
+    let arrived = node.shared().take_apply_items();
+    busy::note_kills(&arrived);
+    items.extend(arrived);
     while let Some(item) = items.pop_front() {
         if snapshots::loading() {
-            // Nothing is applied on top of a half-loaded snapshot: keep it all for later.
+            // Nothing is applied on top of a half-loaded snapshot: keep it all for later,
+            // ahead of what arrived while a script of this batch ran (busy.rs).
             items.push_front(item);
-            MAIN.get_mut().held = items;
+            let st = MAIN.get_mut();
+            items.extend(std::mem::take(&mut st.held));
+            st.held = items;
             return;
         }
         match item {
@@ -1182,6 +1210,7 @@ fn fail_all_pending(msg: &str) {
 fn apply_transaction(
     ctx: *mut RedisModuleCtx,
     m: &Module,
+    index: u64,
     cmds: &[(i32, Vec<Vec<u8>>)],
     resp3: bool,
     proposer: bool,
@@ -1205,7 +1234,7 @@ fn apply_transaction(
             if argv[0].eq_ignore_ascii_case(b"select") {
                 return Part::Status("OK");
             }
-            Part::Call(apply_call(ctx, argv, CallOpts { resp3 }))
+            Part::Call(apply_call(ctx, argv, CallOpts { resp3 }, index))
         })
         .collect()
 }
@@ -1216,8 +1245,22 @@ fn apply_call(
     ctx: *mut RedisModuleCtx,
     argv: &[Vec<u8>],
     opts: CallOpts,
+    index: u64,
 ) -> *mut RedisModuleCallReply {
-    let script = argv.first().is_some_and(|n| {
+    let script = is_script(argv);
+    scripts::set_applying(script);
+    let function = argv[0].len() >= 5 && argv[0][..5].eq_ignore_ascii_case(b"fcall");
+    busy::set_running_script(script.then_some((index, function)));
+    streams::set_applying(true);
+    let r = api::call(ctx, argv, opts);
+    streams::set_applying(false);
+    busy::set_running_script(None);
+    scripts::set_applying(false);
+    r
+}
+
+fn is_script(argv: &[Vec<u8>]) -> bool {
+    argv.first().is_some_and(|n| {
         [
             "eval",
             "evalsha",
@@ -1228,13 +1271,7 @@ fn apply_call(
         ]
         .iter()
         .any(|s| n.eq_ignore_ascii_case(s.as_bytes()))
-    });
-    scripts::set_applying(script);
-    streams::set_applying(true);
-    let r = api::call(ctx, argv, opts);
-    streams::set_applying(false);
-    scripts::set_applying(false);
-    r
+    })
 }
 
 /// A committed membership change (the raft thread already applied it): answer the
@@ -1260,6 +1297,16 @@ fn answer_membership_change(m: &Module, node: &Node, me: u64, e: &Entry) {
 }
 
 /// The tag of this node's next proposal: its waiting client is found by it at apply time.
+/// Keeps what arrived for the apply after the command the main thread is inside (busy.rs).
+fn hold(arrived: std::collections::VecDeque<ApplyItem>) {
+    MAIN.get_mut().held.extend(arrived);
+}
+
+/// A tag for a proposal no client waits on (busy.rs's kill).
+fn kill_tag(m: &Module, node: &Node) -> ProposalTag {
+    next_tag(MAIN.get_mut(), m, node)
+}
+
 fn next_tag(st: &mut MainState, m: &Module, node: &Node) -> ProposalTag {
     st.next_request += 1;
     ProposalTag {
@@ -1351,7 +1398,7 @@ fn apply_multi(
     }
     let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
     watch::set_applying(Some(index));
-    let replies = apply_transaction(ctx, m, cmds, resp3, pending.is_some());
+    let replies = apply_transaction(ctx, m, index, cmds, resp3, pending.is_some());
     watch::set_applying(None);
     for (_, argv) in cmds {
         watch::note_command(argv, index);
@@ -1398,11 +1445,24 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
                 }
                 return;
             }
+            if is_script(&argv) && busy::killed(e.index) {
+                // A later entry killed it on the leader before it wrote (busy.rs).
+                info!("raft entry {}: skipped, its script was killed", e.index);
+                if let Some(p) = pending {
+                    unblock(
+                        p.bc,
+                        Reply::Error(
+                            "ERR Script killed by user with SCRIPT KILL or FUNCTION KILL".into(),
+                        ),
+                    );
+                }
+                return;
+            }
             let opts = CallOpts {
                 resp3: pending.as_ref().is_some_and(|p| p.resp3),
             };
             watch::set_applying(Some(e.index));
-            let r = apply_call(ctx, &argv, opts);
+            let r = apply_call(ctx, &argv, opts, e.index);
             watch::set_applying(None);
             watch::note_command(&argv, e.index);
             match pending {
@@ -1432,5 +1492,6 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
             now_ms,
         } => apply_multi(ctx, m, e.index, pending, &cmds, &watch, now_ms),
         LogCommand::NodeAddr { id, addr } => node.shared().set_member_addr(id, &addr),
+        LogCommand::KillScript { index, .. } => busy::kill_applied(index),
     }
 }

@@ -49,6 +49,32 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             }
             let sub =
                 (argc > 1).then(|| api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 1)));
+            // Clients' commands that Redis runs from inside a busy script reach only this
+            // filter (the main one is NOSELF, and the module is inside the script's call).
+            // A script cannot call these, so they come from a client.
+            if name.eq_ignore_ascii_case(b"shutdown") {
+                let nosave = (1..argc).any(|i| {
+                    api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, i))
+                        .eq_ignore_ascii_case(b"nosave")
+                });
+                if nosave {
+                    super::busy::before_shutdown(m);
+                }
+                return;
+            }
+            let from_client: Option<&[u8]> = if super::busy::routes_kill(name, sub) {
+                Some(b"RAFT._KILL")
+            } else if m.table().classify(name, sub) == super::classify::Class::Transaction {
+                // Not into a MULTI of Redis's own: RAFT answers BUSY, as Redis does to the rest.
+                Some(b"RAFT")
+            } else {
+                None
+            };
+            if let Some(prefix) = from_client {
+                let s = api::create_string(std::ptr::null_mut(), prefix);
+                rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);
+                return;
+            }
             let verdict = match m.table().in_script(name, sub) {
                 // XADD is random only with a generated ID; with an explicit one it is not.
                 InScript::Refuse if name.eq_ignore_ascii_case(b"xadd") => xadd_verdict(fctx, argc),

@@ -1,0 +1,230 @@
+//! Long and runaway scripts on a 3-node cluster: a script that runs past
+//! `busy-reply-threshold` makes Redis process events from inside it, and nothing may be
+//! applied from there; a script killed on the leader is killed on every node, and a restart
+//! does not run it again.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use redis::Value;
+
+/// A cluster whose nodes answer BUSY (and process events from inside a script) after 100 ms.
+fn busy_cluster() -> Cluster {
+    let mut c = Cluster::define(3);
+    for i in 0..3 {
+        c.nodes[i].extra = vec!["--busy-reply-threshold".into(), "100".into()];
+        c.start_node(i);
+    }
+    c.wait_leader(Duration::from_secs(15));
+    c
+}
+
+fn is_busy(c: &Cluster, i: usize) -> bool {
+    matches!(q(c, i, &["PING"]), Err(e) if e.starts_with("BUSY"))
+}
+
+fn get(c: &Cluster, i: usize, key: &str) -> Value {
+    c.local(i, &["GET", key])
+}
+
+#[test]
+fn a_script_longer_than_busy_reply_threshold_leaves_every_node_alive_and_equal() {
+    let mut c = busy_cluster();
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    // About a second of Lua on an idle core; longer with three nodes sharing two.
+    // It records how many keys it saw at its end: on every node, none of the writes that
+    // follow it in the log.
+    let script = "local x = 0 for i = 1, 200000000 do x = x + 1 end redis.call('SET', KEYS[1], redis.call('DBSIZE')) return x";
+    let eval = std::thread::spawn(move || {
+        let mut r = RawConn::open(port);
+        let t = Instant::now();
+        let reply = r.cmd(&["EVAL", script, "1", "looped"]);
+        (reply, t.elapsed())
+    });
+    wait_for("the leader BUSY", Duration::from_secs(20), || {
+        is_busy(&c, l)
+    });
+    // Writes sent while the script runs, and right after it on the leader, are committed
+    // while the followers (which started it later) are still inside it.
+    let mut w = RawConn::open(port);
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    while !eval.is_finished() || (0..3).any(|n| n != l && is_busy(&c, n)) {
+        assert!(Instant::now() < deadline, "the script did not finish");
+        // Scripts too: Redis asserts when one starts inside another.
+        let key = format!("k{i}");
+        let reply = w.cmd(&["EVAL", "return redis.call('SET', KEYS[1], 'v')", "1", &key]);
+        if reply == "+OK\r\n" {
+            acked.push(key);
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (reply, took) = eval.join().unwrap();
+    assert_eq!(reply, ":200000000\r\n");
+    assert!(
+        took > Duration::from_millis(300),
+        "script took only {took:?}"
+    );
+    for _ in 0..20 {
+        let key = format!("k{i}");
+        assert_eq!(w.cmd(&["SET", &key, "v"]), "+OK\r\n");
+        acked.push(key);
+        i += 1;
+    }
+    c.wait_applied_everywhere(Duration::from_secs(30));
+    for n in 0..3 {
+        assert!(
+            c.nodes[n].is_running(),
+            "node {n} died:\n{}",
+            c.nodes[n].log()
+        );
+        assert_eq!(
+            get(&c, n, "looped"),
+            Value::BulkString(b"0".to_vec()),
+            "node {n}"
+        );
+        for k in &acked {
+            assert_eq!(
+                get(&c, n, k),
+                Value::BulkString(b"v".to_vec()),
+                "node {n} key {k}"
+            );
+        }
+        assert_eq!(
+            c.local(n, &["DBSIZE"]),
+            Value::Int(acked.len() as i64 + 1),
+            "node {n}"
+        );
+    }
+}
+
+#[test]
+fn function_kill_on_the_leader_stops_a_runaway_function_on_every_node_and_restarts_skip_it() {
+    let mut c = busy_cluster();
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let lib = "#!lua name=loops\nredis.register_function('spin', function(keys, args) local x = 0 while true do x = x + 1 end end)";
+    assert_eq!(
+        q(&c, l, &["FUNCTION", "LOAD", lib]),
+        Ok(Value::BulkString(b"loops".to_vec()))
+    );
+    assert_eq!(q(&c, l, &["SET", "before", "1"]), Ok(Value::Okay));
+    let fcall = std::thread::spawn(move || RawConn::open(port).cmd(&["FCALL", "spin", "0"]));
+    wait_for("every node BUSY", Duration::from_secs(20), || {
+        (0..3).all(|n| is_busy(&c, n))
+    });
+    // A follower does not decide alone: the kill must be the same on every node.
+    let f = (l + 1) % 3;
+    let e = q(&c, f, &["FUNCTION", "KILL"]).unwrap_err();
+    assert!(e.starts_with("MOVED "), "{e}");
+    assert_eq!(q(&c, l, &["FUNCTION", "KILL"]), Ok(Value::Okay));
+    let reply = fcall.join().unwrap();
+    assert!(
+        // Redis 7.0's own words for either kill.
+        reply.starts_with("-ERR Script killed by user with "),
+        "{reply}"
+    );
+    wait_for("no node BUSY", Duration::from_secs(20), || {
+        (0..3).all(|n| !is_busy(&c, n))
+    });
+    for n in (0..3).filter(|n| *n != l) {
+        assert!(
+            c.nodes[n]
+                .log()
+                .contains("stopped the script of raft entry"),
+            "follower {n} did not stop it by the committed kill"
+        );
+    }
+    assert_eq!(q(&c, l, &["SET", "after", "2"]), Ok(Value::Okay));
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    // Every node restarts from its log: none runs the killed call again.
+    for n in 0..3 {
+        c.kill(n);
+    }
+    for n in 0..3 {
+        c.start_node(n);
+    }
+    c.wait_leader(Duration::from_secs(20));
+    c.wait_applied_everywhere(Duration::from_secs(20));
+    for n in 0..3 {
+        assert!(!is_busy(&c, n), "node {n} runs the killed function again");
+        assert!(
+            c.nodes[n].log().contains("skipped, its script was killed"),
+            "node {n} did not skip the killed call when replaying its log"
+        );
+        assert_eq!(
+            get(&c, n, "before"),
+            Value::BulkString(b"1".to_vec()),
+            "node {n}"
+        );
+        assert_eq!(
+            get(&c, n, "after"),
+            Value::BulkString(b"2".to_vec()),
+            "node {n}"
+        );
+    }
+}
+
+#[test]
+fn a_script_that_wrote_stops_only_with_shutdown_nosave_and_then_never_happened() {
+    let mut c = busy_cluster();
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    assert_eq!(q(&c, l, &["SET", "before", "1"]), Ok(Value::Okay));
+    // Writes, then loops forever.
+    let script = "redis.call('SET', KEYS[1], 'w') local x = 0 while true do x = x + 1 end";
+    let eval = std::thread::spawn(move || RawConn::open(port).cmd(&["EVAL", script, "1", "wrote"]));
+    wait_for("every node BUSY", Duration::from_secs(20), || {
+        (0..3).all(|n| is_busy(&c, n))
+    });
+    // As on Redis: a script that wrote cannot be killed.
+    let e = q(&c, l, &["SCRIPT", "KILL"]).unwrap_err();
+    assert!(e.starts_with("UNKILLABLE"), "{e}");
+    // SHUTDOWN NOSAVE on the leader commits the kill before the node exits.
+    let _ = q(&c, l, &["SHUTDOWN", "NOSAVE"]);
+    wait_for("the leader gone", Duration::from_secs(10), || {
+        !c.nodes[l].is_running()
+    });
+    let _ = eval.join();
+    assert!(
+        c.nodes[l].log().contains("its kill is committed"),
+        "{}",
+        c.nodes[l].log()
+    );
+    for n in (0..3).filter(|n| *n != l) {
+        wait_for(
+            "the follower told to restart",
+            Duration::from_secs(20),
+            || c.nodes[n].log().contains("here it cannot be stopped"),
+        );
+        let _ = q(&c, n, &["SHUTDOWN", "NOSAVE"]);
+        wait_for("the follower gone", Duration::from_secs(10), || {
+            !c.nodes[n].is_running()
+        });
+    }
+    for n in 0..3 {
+        c.start_node(n);
+    }
+    let l = c.wait_leader(Duration::from_secs(20));
+    assert_eq!(q(&c, l, &["SET", "after", "2"]), Ok(Value::Okay));
+    c.wait_applied_everywhere(Duration::from_secs(20));
+    for n in 0..3 {
+        assert!(!is_busy(&c, n), "node {n} runs the script again");
+        assert_eq!(get(&c, n, "wrote"), Value::Nil, "node {n}");
+        assert_eq!(
+            get(&c, n, "before"),
+            Value::BulkString(b"1".to_vec()),
+            "node {n}"
+        );
+        assert_eq!(
+            get(&c, n, "after"),
+            Value::BulkString(b"2".to_vec()),
+            "node {n}"
+        );
+    }
+}

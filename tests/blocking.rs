@@ -317,3 +317,75 @@ fn race_waiters_against_pushes(unblock: bool) {
     );
     assert!(!got.is_empty(), "no waiter was ever served");
 }
+
+#[test]
+fn a_waiter_whose_destination_has_the_wrong_type_gets_wrongtype_and_the_next_gets_the_element() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut p = RawConn::open(port);
+    let mut w1 = RawConn::open(port);
+    let mut w2 = RawConn::open(port);
+    assert_eq!(p.cmd(&["SET", "dst1", "a string"]), "+OK\r\n");
+    w1.send(&["BRPOPLPUSH", "src", "dst1", "0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    w2.send(&["BRPOPLPUSH", "src", "dst2", "0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.cmd(&["RPUSH", "src", "e"]), ":1\r\n");
+    assert!(w1.read().starts_with("-WRONGTYPE"));
+    assert_eq!(w2.read(), "$1\r\ne\r\n");
+    assert_eq!(same_everywhere(&mut c, &["LLEN", "src"]), Value::Int(0));
+    assert_eq!(
+        same_everywhere(&mut c, &["LRANGE", "dst2", "0", "-1"]),
+        Value::Array(vec![Value::BulkString(b"e".to_vec())])
+    );
+}
+
+#[test]
+fn a_key_that_ends_a_transaction_with_another_type_does_not_wake_its_waiters() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut p = RawConn::open(port);
+    let cases: [(&[&str], &[&str], &str); 4] = [
+        (
+            &["BLPOP", "k1", "0"],
+            &["RPUSH", "k1", "x"],
+            "*2\r\n$2\r\nk1\r\n$1\r\ny\r\n",
+        ),
+        (
+            &["BLMPOP", "0", "1", "k2", "LEFT"],
+            &["RPUSH", "k2", "x"],
+            "*2\r\n$2\r\nk2\r\n*1\r\n$1\r\ny\r\n",
+        ),
+        (
+            &["BZPOPMIN", "k3", "0"],
+            &["ZADD", "k3", "1", "x"],
+            "*3\r\n$2\r\nk3\r\n$1\r\ny\r\n$1\r\n1\r\n",
+        ),
+        (
+            &["BZMPOP", "0", "1", "k4", "MIN"],
+            &["ZADD", "k4", "1", "x"],
+            "*2\r\n$2\r\nk4\r\n*1\r\n*2\r\n$1\r\ny\r\n$1\r\n1\r\n",
+        ),
+    ];
+    for (block, push, served) in cases {
+        let key = push[1];
+        let mut w = RawConn::open(port);
+        w.send(block);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(p.cmd(&["MULTI"]), "+OK\r\n");
+        assert_eq!(p.cmd(push), "+QUEUED\r\n");
+        assert_eq!(p.cmd(&["DEL", key]), "+QUEUED\r\n");
+        assert_eq!(p.cmd(&["SET", key, "a string"]), "+QUEUED\r\n");
+        assert!(p.cmd(&["EXEC"]).starts_with("*3\r\n"));
+        // Still waiting: nothing answered it.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(p.cmd(&["DEL", key]), ":1\r\n");
+        let mut again: Vec<&str> = push.to_vec();
+        *again.last_mut().unwrap() = "y";
+        assert_eq!(p.cmd(&again), ":1\r\n");
+        assert_eq!(w.read(), served, "{block:?}");
+    }
+    assert_eq!(same_everywhere(&mut c, &["DBSIZE"]), Value::Int(0));
+}

@@ -511,6 +511,40 @@ fn watch_aborts_exec_when_a_watched_key_expired_by_itself() {
 }
 
 #[test]
+fn flushing_trips_only_watched_keys_that_existed_as_in_redis() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut a = RawConn::open(c.nodes[l].def.port);
+    let mut b = RawConn::open(c.nodes[l].def.port);
+    for flush in ["FLUSHDB", "FLUSHALL"] {
+        // Missing at WATCH, still missing after the flush: EXEC runs.
+        assert_eq!(a.cmd(&["WATCH", "x"]), "+OK\r\n");
+        assert_eq!(b.cmd(&[flush]), "+OK\r\n");
+        assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+        assert_eq!(a.cmd(&["PING"]), "+QUEUED\r\n");
+        assert_eq!(a.cmd(&["EXEC"]), "*1\r\n+PONG\r\n", "{flush}");
+        // Existing at WATCH and flushed: EXEC aborts.
+        assert_eq!(b.cmd(&["SET", "y", "1"]), "+OK\r\n");
+        assert_eq!(a.cmd(&["WATCH", "y"]), "+OK\r\n");
+        assert_eq!(b.cmd(&[flush]), "+OK\r\n");
+        assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+        assert_eq!(a.cmd(&["SET", "side", "1"]), "+QUEUED\r\n");
+        assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n", "{flush}");
+        // Missing at WATCH, written after it: EXEC aborts, flush or not.
+        assert_eq!(a.cmd(&["WATCH", "z"]), "+OK\r\n");
+        assert_eq!(b.cmd(&["SET", "z", "1"]), "+OK\r\n");
+        assert_eq!(b.cmd(&[flush]), "+OK\r\n");
+        assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+        assert_eq!(a.cmd(&["SET", "side", "1"]), "+QUEUED\r\n");
+        assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n", "{flush}");
+    }
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(c.local(i, &["DBSIZE"]), Value::Int(0), "node {i}");
+    }
+}
+
+#[test]
 fn publish_through_the_leader_reaches_subscribers_on_every_node() {
     let mut c = Cluster::start(3);
     let l = c.wait_leader(Duration::from_secs(10));

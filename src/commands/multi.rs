@@ -151,6 +151,7 @@ fn expire_time(ctx: *mut RedisModuleCtx, key: &[u8]) -> i64 {
     api::free_call_reply(r);
     match v {
         api::Value::Int(t) if t >= 0 => t,
+        api::Value::Int(watch::MISSING) => watch::MISSING,
         _ => -1,
     }
 }
@@ -333,9 +334,9 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
         .into_iter()
         .map(|(db, argv)| (db, leader_rewrite(argv)))
         .collect();
-    // Without expiries to check, the older entry kind: nodes of the previous version in
-    // the same cluster (a rolling upgrade) still apply it.
-    let entry = if watched.iter().all(|w| w.3 < 0) {
+    // Without expiries (or missing keys) to check, the older entry kind: nodes of the
+    // previous version in the same cluster (a rolling upgrade) still apply it.
+    let entry = if watched.iter().all(|w| w.3 == -1) {
         LogCommand::Multi {
             cmds,
             watch: watched.into_iter().map(|(d, k, i, _)| (d, k, i)).collect(),

@@ -157,6 +157,8 @@ struct Waiter {
     timed_out: bool,
     /// The module timer of its timeout, if it has one.
     timer: Option<u64>,
+    /// Its first attempt (the command as the client sent it) is the one in flight.
+    first: bool,
 }
 
 #[derive(Default)]
@@ -355,9 +357,41 @@ fn block(
             gone: false,
             timed_out: false,
             timer,
+            first: true,
         },
     );
     Some((bc, id))
+}
+
+fn is_wrong_type(r: *mut RedisModuleCallReply) -> bool {
+    !r.is_null()
+        && unsafe { rm!(RedisModule_CallReplyType)(r) } as isize
+            == api::raw::REDISMODULE_REPLY_ERROR
+        && matches!(api::call_reply_value(r), Value::Str(e) if e.starts_with(b"WRONGTYPE"))
+}
+
+/// Whether the keys a blocking command `argv` waits on that exist all hold the type it pops.
+fn source_has_its_type(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], keys: &[Vec<u8>]) -> bool {
+    let Some(name) = argv.first() else {
+        return true;
+    };
+    let want: &[u8] = if eq(name, "bzpopmin") || eq(name, "bzpopmax") || eq(name, "bzmpop") {
+        b"zset"
+    } else if eq(name, "xreadgroup") || eq(name, "xread") {
+        b"stream"
+    } else {
+        b"list"
+    };
+    keys.iter().all(|k| {
+        let r = api::call(
+            ctx,
+            &[b"TYPE".to_vec(), k.clone()],
+            api::CallOpts::default(),
+        );
+        let t = api::call_reply_value(r);
+        api::free_call_reply(r);
+        matches!(t, Value::Str(t) if t == want || t == b"none")
+    })
 }
 
 fn is_null(r: *mut RedisModuleCallReply) -> bool {
@@ -373,14 +407,29 @@ pub enum Outcome {
     Drop(Option<Proposal>),
 }
 
-/// An attempt of waiter `id` was applied on the leader with reply `r`.
-pub fn attempt_done(id: u64, r: *mut RedisModuleCallReply) -> Outcome {
+/// An attempt of waiter `id` was applied on the leader (in the waiter's database, on `ctx`)
+/// with reply `r`.
+pub fn attempt_done(ctx: *mut RedisModuleCtx, id: u64, r: *mut RedisModuleCallReply) -> Outcome {
     let st = STATE.get_mut();
     let Some(w) = st.waiters.get_mut(&id) else {
         return Outcome::Drop(None);
     };
     w.in_flight = false;
-    if is_null(r) {
+    let first = std::mem::replace(&mut w.first, false);
+    let mut waits = is_null(r);
+    if !first && is_wrong_type(r) {
+        if source_has_its_type(ctx, &w.argv, &w.keys) {
+            // The destination holds another type (BLMOVE, BRPOPLPUSH): this waiter gets
+            // the error, nothing was popped, and the next waiter on the key gets its turn.
+            let (db, keys) = (w.db, w.keys.clone());
+            st.touched.extend(keys.into_iter().map(|k| (db, k)));
+        } else {
+            // Woken, but the key now holds another type (a transaction pushed, deleted
+            // and set it, say): Redis serves only a key of the waited type; it waits on.
+            waits = true;
+        }
+    }
+    if waits {
         if w.gone {
             st.to_release.push(id);
         } else if w.timed_out {

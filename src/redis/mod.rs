@@ -1400,8 +1400,8 @@ fn apply_multi(
     watch::set_applying(Some(index));
     let replies = apply_transaction(ctx, m, index, cmds, resp3, pending.is_some());
     watch::set_applying(None);
-    for (_, argv) in cmds {
-        watch::note_command(argv, index);
+    for (db, argv) in cmds {
+        watch::note_command(*db, argv, index);
     }
     match pending {
         Some(p) => unblock(p.bc, Reply::Multi(replies, p.select_after)),
@@ -1464,11 +1464,11 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
             watch::set_applying(Some(e.index));
             let r = apply_call(ctx, &argv, opts, e.index);
             watch::set_applying(None);
-            watch::note_command(&argv, e.index);
+            watch::note_command(db, &argv, e.index);
             match pending {
                 Some(Pending {
                     waiter: Some(w), ..
-                }) => match blocking::attempt_done(w, r) {
+                }) => match blocking::attempt_done(ctx, w, r) {
                     blocking::Outcome::Reply(bc) => unblock(bc, Reply::Call(r)),
                     blocking::Outcome::Drop(undo) => {
                         api::free_call_reply(r);

@@ -12,6 +12,10 @@
 //! modified at the newest index forgotten (`floor`), which only ever aborts more, never less,
 //! and identically everywhere since it depends only on the applied entries.
 //!
+//! FLUSHDB and FLUSHALL fire no per-key events: as in Redis 7.0, they trip the watched keys
+//! that existed (a key missing at WATCH and not written since stays missing through the
+//! flush, so it does not trip); WATCH notes a missing key as expiry `MISSING`.
+//!
 //! Keys are recorded by a 64-bit fingerprint (FNV-1a of the database and the key), not by
 //! their bytes: about 40 bytes per tracked key instead of two copies of it. Two keys with
 //! the same fingerprint count as one, which again only aborts more, and the same way on
@@ -27,8 +31,12 @@ use super::MainThread;
 const TRACKED_KEYS_MAX: usize = 100_000;
 
 /// A watched key: database, key, the applied index at WATCH, and its expiry then (absolute
-/// unix ms; -1: none, or the key did not exist).
+/// unix ms; -1: none; `MISSING`: the key did not exist; entries logged before that was
+/// noted say -1 for it).
 pub type WatchedKey = (i32, Vec<u8>, u64, i64);
+
+/// A watched key's "expiry" when it did not exist at WATCH (what PEXPIRETIME answers).
+pub const MISSING: i64 = -2;
 
 /// The fingerprint of `key` in `db` (FNV-1a, 64 bits): stable across processes and builds.
 fn fingerprint(db: i32, key: &[u8]) -> u64 {
@@ -51,6 +59,9 @@ struct Tracker {
     floor: u64,
     /// The entry being applied, while one is.
     applying: Option<u64>,
+    /// Database → index of the last FLUSHDB of it; and of the last FLUSHALL.
+    flushed: HashMap<i32, u64>,
+    flushed_all: u64,
 }
 
 impl Tracker {
@@ -81,6 +92,11 @@ impl Tracker {
         self.last.clear();
         self.log.clear();
         self.floor = index;
+    }
+
+    fn flushed_after(&self, db: i32, since: u64) -> bool {
+        let at = self.flushed.get(&db).copied().unwrap_or(0);
+        at.max(self.flushed_all) > since
     }
 
     fn modified_after(&self, db: i32, key: &[u8], since: u64) -> bool {
@@ -143,16 +159,18 @@ pub fn set_applying(index: Option<u64>) {
     TRACKER.get_mut().applying = index;
 }
 
-/// A command that changes every key of a database at once (FLUSHALL, FLUSHDB, SWAPDB) and
-/// fires no per-key events: everything counts as modified.
-pub fn note_command(argv: &[Vec<u8>], index: u64) {
-    if let Some(n) = argv.first() {
-        if n.eq_ignore_ascii_case(b"flushall")
-            || n.eq_ignore_ascii_case(b"flushdb")
-            || n.eq_ignore_ascii_case(b"swapdb")
-        {
-            TRACKER.get_mut().touch_all(index);
-        }
+/// A command that changes every key of a database at once and fires no per-key events,
+/// run in database `db`: FLUSHDB and FLUSHALL trip the watched keys that existed, SWAPDB
+/// counts everything as modified.
+pub fn note_command(db: i32, argv: &[Vec<u8>], index: u64) {
+    let Some(n) = argv.first() else { return };
+    let t = TRACKER.get_mut();
+    if n.eq_ignore_ascii_case(b"flushall") {
+        t.flushed_all = index;
+    } else if n.eq_ignore_ascii_case(b"flushdb") {
+        t.flushed.insert(db, index);
+    } else if n.eq_ignore_ascii_case(b"swapdb") {
+        t.touch_all(index);
     }
 }
 
@@ -163,7 +181,9 @@ pub fn tripped(keys: &[WatchedKey], now_ms: i64) -> bool {
     let t = TRACKER.get_mut();
     keys.iter().any(|(db, k, since, expires)| {
         // Expired as Redis decides it: the clock is past the expiry.
-        t.modified_after(*db, k, *since) || (*expires >= 0 && now_ms > *expires)
+        t.modified_after(*db, k, *since)
+            || (*expires != MISSING && t.flushed_after(*db, *since))
+            || (*expires >= 0 && now_ms > *expires)
     })
 }
 
@@ -204,6 +224,19 @@ mod tests {
         t.touch_all(12);
         assert!(t.modified_after(0, b"zzz", 11));
         assert!(!t.modified_after(0, b"zzz", 12));
+    }
+
+    #[test]
+    fn a_flush_counts_for_its_database_or_all_of_them() {
+        let mut t = Tracker::default();
+        assert!(!t.flushed_after(0, 0));
+        t.flushed.insert(3, 8);
+        assert!(t.flushed_after(3, 7));
+        assert!(!t.flushed_after(3, 8));
+        assert!(!t.flushed_after(0, 7), "another database");
+        t.flushed_all = 10;
+        assert!(t.flushed_after(0, 9));
+        assert!(!t.flushed_after(3, 10));
     }
 
     #[test]

@@ -5,6 +5,9 @@
 #
 #   scripts/test.sh [extra cargo test filter/args before --]
 #
+# REDIS_SERVER=/path/to/redis-server (or valkey-server) runs the integration tests against
+# that server instead of the redis-server on PATH (Debian's 7.0.15 is the reference).
+#
 # Exits non-zero if the build or any test fails.
 set -euo pipefail
 

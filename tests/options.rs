@@ -84,7 +84,7 @@ fn options_load_from_redis_conf_with_loadmodule() {
     let conf_path = d.dir.join("redis.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let mut c = c;
-    let child = std::process::Command::new("redis-server")
+    let child = std::process::Command::new(redis_server())
         .arg(&conf_path)
         .current_dir(&c.nodes[0].def.dir)
         .stdout(std::process::Stdio::null())
@@ -167,7 +167,7 @@ fn config_set_changes_safe_options_and_refuses_the_rest() {
 fn node_without_cluster_nodes_refuses_writes_with_nocluster() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = std::process::Command::new("redis-server")
+    let mut child = std::process::Command::new(redis_server())
         .args([
             "--port",
             &port.to_string(),

@@ -43,6 +43,12 @@ pub fn module_path() -> PathBuf {
         .clone()
 }
 
+/// The server the tests run: `REDIS_SERVER` (a path, for Redis 7.2+, Valkey ...), else
+/// `redis-server` from PATH.
+pub fn redis_server() -> String {
+    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
 /// A port free right now, below Linux's ephemeral range (32768 and up) so that no outgoing
 /// connection (the nodes' own bus connections included) can take it before the node binds
 /// it. Each test process starts at its own place in 10000..32000 and walks forward.
@@ -210,7 +216,7 @@ impl Cluster {
 
     pub fn spawn_node(&mut self, i: usize) {
         let args = self.args(i);
-        let child = Command::new("redis-server")
+        let child = Command::new(redis_server())
             .args(&args)
             .envs(self.nodes[i].env.iter().cloned())
             .current_dir(&self.nodes[i].def.dir)
@@ -402,7 +408,7 @@ pub fn start_expecting_failure(dir: &Path, raft_args: &[&str]) -> String {
     args.extend(raft_args.iter().map(|s| s.to_string()));
     let out_path = dir.join("stdout.txt");
     let out_file = std::fs::File::create(&out_path).expect("stdout file");
-    let mut child = Command::new("redis-server")
+    let mut child = Command::new(redis_server())
         .args(&args)
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -568,7 +574,7 @@ impl PlainRedis {
     pub fn start() -> PlainRedis {
         let tmp = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let child = Command::new("redis-server")
+        let child = Command::new(redis_server())
             .args([
                 "--port",
                 &port.to_string(),

@@ -389,3 +389,27 @@ fn a_key_that_ends_a_transaction_with_another_type_does_not_wake_its_waiters() {
     }
     assert_eq!(same_everywhere(&mut c, &["DBSIZE"]), Value::Int(0));
 }
+
+#[test]
+fn a_chain_of_blocked_moves_resolves_before_the_write_that_started_it_returns() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut p = RawConn::open(port);
+    let mut a = RawConn::open(port);
+    let mut b = RawConn::open(port);
+    a.send(&["BRPOPLPUSH", "list1", "list2", "0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    b.send(&["BRPOPLPUSH", "list2", "list1", "0"]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.cmd(&["RPUSH", "list1", "foo"]), ":1\r\n");
+    // Read right after: both moves done, as on Redis.
+    assert_eq!(p.cmd(&["LRANGE", "list1", "0", "-1"]), "*1\r\n$3\r\nfoo\r\n");
+    assert_eq!(p.cmd(&["LRANGE", "list2", "0", "-1"]), "*0\r\n");
+    assert_eq!(a.read(), "$3\r\nfoo\r\n");
+    assert_eq!(b.read(), "$3\r\nfoo\r\n");
+    assert_eq!(
+        same_everywhere(&mut c, &["LRANGE", "list1", "0", "-1"]),
+        Value::Array(vec![Value::BulkString(b"foo".to_vec())])
+    );
+}

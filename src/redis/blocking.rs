@@ -174,6 +174,9 @@ struct State {
     to_release: Vec<u64>,
     /// The client id of every waiter's handle not yet unblocked (`take_client`).
     clients: HashMap<usize, u64>,
+    /// Waiters whose attempt, proposed because an applied entry woke them, is in flight:
+    /// the replies of the writes that woke them wait until none is (`cascade_idle`).
+    cascade: std::collections::HashSet<u64>,
 }
 
 static STATE: MainThread<State> = MainThread::new_lazy();
@@ -411,6 +414,7 @@ pub enum Outcome {
 /// with reply `r`.
 pub fn attempt_done(ctx: *mut RedisModuleCtx, id: u64, r: *mut RedisModuleCallReply) -> Outcome {
     let st = STATE.get_mut();
+    st.cascade.remove(&id);
     let Some(w) = st.waiters.get_mut(&id) else {
         return Outcome::Drop(None);
     };
@@ -468,6 +472,7 @@ pub fn take_client(bc: *mut RedisModuleBlockedClient) -> Option<u64> {
 }
 
 fn remove(st: &mut State, id: u64) -> Option<Waiter> {
+    st.cascade.remove(&id);
     let w = st.waiters.remove(&id)?;
     st.by_bc.remove(&(w.bc as usize));
     if let Some(timer) = w.timer {
@@ -490,6 +495,19 @@ fn remove(st: &mut State, id: u64) -> Option<Waiter> {
         }
     }
     Some(w)
+}
+
+/// How many changes to keys with waiters applied entries made so far (compare before and
+/// after an entry: did it wake anyone).
+pub fn wakes() -> usize {
+    STATE.get_mut().touched.len()
+}
+
+/// Whether no attempt proposed for a woken waiter is in flight: a write that woke waiters
+/// answers once they were served, as Redis serves them before it replies (chains of
+/// BLMOVEs included).
+pub fn cascade_idle() -> bool {
+    STATE.get_mut().cascade.is_empty()
 }
 
 /// An applied entry changed `key` in `db` (keyspace event on the apply path).
@@ -523,6 +541,9 @@ pub fn retries() -> Vec<Proposal> {
                 continue;
             };
             w.in_flight = true;
+            if !w.read {
+                st.cascade.insert(id);
+            }
             let (waiter, bc, db, argv, resp3) = (id, w.bc, w.db, w.argv.clone(), w.resp3);
             out.push(if w.read {
                 Proposal::Reread {
@@ -571,6 +592,7 @@ pub fn leadership_lost(redirect: &str) {
         }
     }
     st.touched.clear();
+    st.cascade.clear();
     // After the last use of `st`: `unblock` looks at this state too.
     for bc in idle {
         super::unblock(bc, super::Reply::Error(redirect.to_string()));

@@ -159,6 +159,10 @@ struct MainState {
     batch: Vec<Proposal>,
     next_request: u64,
     started_applying: bool,
+    /// Replies of applied writes that woke blocked clients: sent once those are served
+    /// (`blocking::cascade_idle`), or after `PARKED_MAX_MS`; with when the first was parked.
+    parked: Vec<(*mut RedisModuleBlockedClient, Reply)>,
+    parked_since: Option<std::time::Instant>,
     /// Apply items that arrived while a snapshot was loading, in order.
     held: std::collections::VecDeque<ApplyItem>,
 }
@@ -848,6 +852,7 @@ fn flush_proposals() {
         // Wake-ups that came while a command ran (busy.rs): apply now, outside it.
         apply_committed();
     }
+    release_parked(false);
     if let Some(m) = module() {
         crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
     }
@@ -1179,12 +1184,40 @@ fn apply_committed() {
             other => enqueue_blocking(m, node, other),
         }
     }
+    release_parked(false);
 }
 
 /// A snapshot finished loading: go on with what was held meanwhile (from the event loop).
 fn resume_applying() {
     if !WAKE_QUEUED.swap(true, Ordering::AcqRel) {
         unsafe { rm!(RedisModule_EventLoopAddOneShot)(Some(on_wake), std::ptr::null_mut()) };
+    }
+}
+
+/// How long a write's reply waits for the blocked clients it woke (a chain of BLMOVEs ...).
+const PARKED_MAX_MS: u128 = 1000;
+
+/// Answers `bc` with `reply` now, or, if applying its entry woke blocked clients (`woke`),
+/// once they are served.
+fn reply_after_wakes(bc: *mut RedisModuleBlockedClient, reply: Reply, woke: bool) {
+    if !woke {
+        return unblock(bc, reply);
+    }
+    let st = MAIN.get_mut();
+    st.parked_since.get_or_insert_with(std::time::Instant::now);
+    st.parked.push((bc, reply));
+}
+
+/// Sends the parked replies once no woken client's attempt is in flight (or they waited
+/// too long: the bound under a steady stream of wake-ups), or at once with `now`.
+fn release_parked(now: bool) {
+    let st = MAIN.get_mut();
+    let Some(since) = st.parked_since else { return };
+    if now || blocking::cascade_idle() || since.elapsed().as_millis() >= PARKED_MAX_MS {
+        st.parked_since = None;
+        for (bc, reply) in std::mem::take(&mut st.parked) {
+            unblock(bc, reply);
+        }
     }
 }
 
@@ -1201,6 +1234,8 @@ fn fail_all_reads(msg: &str) {
 }
 
 fn fail_all_pending(msg: &str) {
+    // Applied already: their own replies, now.
+    release_parked(true);
     for (_, p) in MAIN.get_mut().pending.drain() {
         unblock(p.bc, Reply::Error(msg.to_string()));
     }
@@ -1397,14 +1432,16 @@ fn apply_multi(
         return;
     }
     let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
+    let wakes = blocking::wakes();
     watch::set_applying(Some(index));
     let replies = apply_transaction(ctx, m, index, cmds, resp3, pending.is_some());
     watch::set_applying(None);
+    let woke = blocking::wakes() > wakes;
     for (db, argv) in cmds {
         watch::note_command(*db, argv, index);
     }
     match pending {
-        Some(p) => unblock(p.bc, Reply::Multi(replies, p.select_after)),
+        Some(p) => reply_after_wakes(p.bc, Reply::Multi(replies, p.select_after), woke),
         None => replies.into_iter().for_each(Part::free),
     }
 }
@@ -1461,9 +1498,11 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
             let opts = CallOpts {
                 resp3: pending.as_ref().is_some_and(|p| p.resp3),
             };
+            let wakes = blocking::wakes();
             watch::set_applying(Some(e.index));
             let r = apply_call(ctx, &argv, opts, e.index);
             watch::set_applying(None);
+            let woke = blocking::wakes() > wakes;
             watch::note_command(db, &argv, e.index);
             match pending {
                 Some(Pending {
@@ -1477,7 +1516,7 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
                         }
                     }
                 },
-                Some(p) => unblock(p.bc, Reply::Call(r)),
+                Some(p) => reply_after_wakes(p.bc, Reply::Call(r), woke),
                 None => api::free_call_reply(r),
             }
         }

@@ -404,7 +404,10 @@ fn a_chain_of_blocked_moves_resolves_before_the_write_that_started_it_returns() 
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(p.cmd(&["RPUSH", "list1", "foo"]), ":1\r\n");
     // Read right after: both moves done, as on Redis.
-    assert_eq!(p.cmd(&["LRANGE", "list1", "0", "-1"]), "*1\r\n$3\r\nfoo\r\n");
+    assert_eq!(
+        p.cmd(&["LRANGE", "list1", "0", "-1"]),
+        "*1\r\n$3\r\nfoo\r\n"
+    );
     assert_eq!(p.cmd(&["LRANGE", "list2", "0", "-1"]), "*0\r\n");
     assert_eq!(a.read(), "$3\r\nfoo\r\n");
     assert_eq!(b.read(), "$3\r\nfoo\r\n");

@@ -890,3 +890,99 @@ fn connection_and_misplaced_commands_inside_multi_reply_as_redis_does() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn min_replicas_to_write_refuses_writes_and_lets_reads_and_read_only_scripts_run_as_redis() {
+    let plain = PlainRedis::start();
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let steps: &[&[&str]] = &[
+        &["SET", "a", "b"],
+        &["CONFIG", "SET", "min-replicas-to-write", "1"],
+        &["GET", "a"],
+        &["SET", "a", "c"],
+        &["EVAL", "return redis.call('GET', KEYS[1])", "1", "a"],
+        &[
+            "EVAL",
+            "#!lua flags=no-writes\nreturn redis.call('GET', KEYS[1])",
+            "1",
+            "a",
+        ],
+        &["EVAL", "#!lua\nreturn redis.call('GET', KEYS[1])", "1", "a"],
+        &["EVAL", "return redis.call('SET', KEYS[1], 'd')", "1", "a"],
+        &["EVAL_RO", "return redis.call('GET', KEYS[1])", "1", "a"],
+        &["MULTI"],
+        &["SET", "a", "e"],
+        &["EXEC"],
+        &["CONFIG", "SET", "min-replicas-to-write", "0"],
+        &["SET", "x", "y"],
+        &["GET", "a"],
+    ];
+    let ours = session(c.nodes[l].def.port, steps);
+    assert_eq!(ours, session(plain.port, steps));
+    assert!(ours[3].starts_with("-NOREPLICAS"), "{ours:?}");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["GET", "a"]),
+            Value::BulkString(b"b".to_vec()),
+            "node {i}"
+        );
+    }
+}
+
+#[test]
+fn scripts_that_redis_rejects_get_redis_s_own_error() {
+    let plain = PlainRedis::start();
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let steps: &[&[&str]] = &[
+        &["EVAL", "x = 5 return 1", "0"],
+        &["EVAL", "print('hi') return 1", "0"],
+        &["EVAL", "return loadfile('/etc/passwd')", "0"],
+        &["EVAL", "\x1bLuaQ\x00\x01\x04\x08", "0"],
+        &["EVAL", "return redis.call('nosuchcmd')", "0"],
+        &["EVAL", "return redis.call('get')", "0"],
+        &["EVAL", "return 1 +", "0"],
+        &["EVAL", "#!lua flags=bogus\nreturn 1", "0"],
+        &["EVAL", "#!nolua\nreturn 1", "0"],
+        &["EVAL", "return redis.call('EVAL', 'return 1', '0')", "0"],
+        &["EVAL", "return _G.x", "0"],
+        &["EVALSHA", "0000000000000000000000000000000000000000", "0"],
+        &["FUNCTION", "LOAD", "#!lua name=x\nprint(1)"],
+        &["FCALL", "nofunc", "0"],
+    ];
+    let ours = session(c.nodes[l].def.port, steps);
+    assert_eq!(ours, session(plain.port, steps));
+    assert!(ours.iter().all(|r| r.starts_with('-')), "{ours:?}");
+}
+
+#[test]
+fn monitor_and_slowlog_show_the_command_not_raft() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut mon = RawConn::open(port);
+    assert_eq!(mon.cmd(&["MONITOR"]), "+OK\r\n");
+    let mut p = RawConn::open(port);
+    assert_eq!(
+        p.cmd(&["CONFIG", "SET", "slowlog-log-slower-than", "0"]),
+        "+OK\r\n"
+    );
+    assert_eq!(p.cmd(&["SLOWLOG", "RESET"]), "+OK\r\n");
+    assert_eq!(p.cmd(&["SET", "mk", "mv"]), "+OK\r\n");
+    assert_eq!(p.cmd(&["GET", "mk"]), "$2\r\nmv\r\n");
+    let mut seen: Vec<String> = Vec::new();
+    while !seen.iter().any(|l| l.contains("\"GET\" \"mk\"")) {
+        assert!(seen.len() < 50, "{seen:?}");
+        seen.push(mon.read());
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("\"SET\" \"mk\" \"mv\"")),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|l| l.contains("\"RAFT\"")), "{seen:?}");
+    let slow = p.cmd(&["SLOWLOG", "GET", "20"]);
+    assert!(slow.contains("$3\r\nSET\r\n$2\r\nmk\r\n"), "{slow}");
+    assert!(!slow.contains("RAFT"), "{slow}");
+}

@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use common::*;
 
-/// A value with every consumer's `seen-time` (each node's own clock: no command sets it)
-/// replaced by 0.
+/// A value with every consumer's `seen-time` and (Redis 7.2+) `active-time` (each node's
+/// own clock: no command sets them) replaced by 0.
 fn without_seen_time(v: Value) -> Value {
     match v {
         Value::Array(items) => {
             let mut out: Vec<Value> = items.into_iter().map(without_seen_time).collect();
             for i in 0..out.len().saturating_sub(1) {
-                if out[i] == Value::BulkString(b"seen-time".to_vec()) {
+                if out[i] == Value::BulkString(b"seen-time".to_vec())
+                    || out[i] == Value::BulkString(b"active-time".to_vec())
+                {
                     out[i + 1] = Value::Int(0);
                 }
             }

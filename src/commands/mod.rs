@@ -24,9 +24,21 @@ use crate::redis::{
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 9] = [
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 10] = [
         // `RAFT <command> ...`: what the filter routes writes (and redirected reads) to.
-        (c"raft", Some(raft_cmd), c"write"),
+        // Not `write` (Redis would refuse routed reads too: redis/replicas.rs), but paused
+        // by CLIENT PAUSE WRITE like one; MONITOR and SLOWLOG show the command the apply
+        // path runs, by its own name, instead of RAFT.
+        (
+            c"raft",
+            Some(raft_cmd),
+            c"may-replicate no-monitor no-slowlog",
+        ),
+        (
+            c"raft._writecheck",
+            Some(crate::redis::replicas::write_check_cmd),
+            c"write",
+        ),
         (c"raft.debug", Some(raft_debug_cmd), c"admin"),
         (c"raft.transfer_leader", Some(transfer_leader_cmd), c"admin"),
         // What the filter routes CLUSTER and INFO to (commands/cluster.rs).
@@ -130,6 +142,11 @@ extern "C" fn raft_cmd(
                 Class::Write => {
                     if !node.shared().is_leader() {
                         return api::reply_error(ctx, &redirect_error(m));
+                    }
+                    if crate::redis::is_script(&cmd) && crate::redis::replicas::writes_refused(ctx)
+                    {
+                        // Nothing can be written: run it here as a read (replicas.rs).
+                        return queue_read(ctx, cmd);
                     }
                     match blocking::parse(&cmd) {
                         Some(spec) => start_blocking(ctx, m, node, cmd, spec),

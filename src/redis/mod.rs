@@ -16,6 +16,7 @@ pub mod classify;
 pub mod configs;
 pub mod filter;
 pub mod logging;
+pub mod replicas;
 pub mod rewrite;
 pub mod scripts;
 pub mod snapshots;
@@ -564,6 +565,14 @@ pub fn admit(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> Result<(
     if m.table().denies_oom(argv) && unsafe { rm!(RedisModule_GetUsedMemoryRatio)() } > 1.0 {
         return Err("OOM command not allowed when used memory > 'maxmemory'.".into());
     }
+    // Scripts: Redis decides what they may do when they run (RAFT runs them as reads).
+    let sub = argv.get(1).map(|s| s.as_slice());
+    if !is_script(argv)
+        && m.table().classify(&argv[0], sub) == classify::Class::Write
+        && replicas::writes_refused(ctx)
+    {
+        return Err(replicas::NOREPLICAS.into());
+    }
     Ok(())
 }
 
@@ -909,6 +918,15 @@ pub fn subscribe_events(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     if unsafe { rm!(RedisModule_SubscribeToServerEvent)(ctx, ev, Some(client_change)) } != api::OK {
         return Err("could not subscribe to client events".into());
     }
+    let ev = api::raw::RedisModuleEvent {
+        id: api::raw::REDISMODULE_EVENT_CONFIG,
+        dataver: 1,
+    };
+    let changed = Some(replicas::config_changed as _);
+    if unsafe { rm!(RedisModule_SubscribeToServerEvent)(ctx, ev, changed) } != api::OK {
+        return Err("could not subscribe to config events".into());
+    }
+    replicas::refresh(ctx);
     let ev = api::raw::RedisModuleEvent {
         id: api::raw::REDISMODULE_EVENT_MODULE_CHANGE,
         dataver: 1,
@@ -1294,7 +1312,8 @@ fn apply_call(
     r
 }
 
-fn is_script(argv: &[Vec<u8>]) -> bool {
+/// EVAL, EVALSHA, FCALL and their read-only forms.
+pub fn is_script(argv: &[Vec<u8>]) -> bool {
     argv.first().is_some_and(|n| {
         [
             "eval",

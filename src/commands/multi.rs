@@ -193,7 +193,12 @@ pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Cl
     let id = client_id(ctx);
     let name = cmd[0].to_ascii_lowercase();
     match (class, name.as_slice()) {
-        // Neither aborts the transaction, as in Redis.
+        // Servers that flag them no-multi (Valkey 8) refuse them and abort, as for SAVE.
+        (Class::Transaction, b"multi" | b"watch") if m.table().no_multi(&cmd) => {
+            fail(id);
+            api::reply_error(ctx, NO_MULTI)
+        }
+        // Neither aborts the transaction, as in Redis 7.
         (Class::Transaction, b"multi") => {
             api::reply_error(ctx, "ERR MULTI calls can not be nested")
         }

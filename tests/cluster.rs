@@ -505,3 +505,81 @@ fn raft_transfer_leader_to_a_named_node_and_to_any_node() {
     let mut w = RawConn::open(c.nodes[now].def.port);
     assert_eq!(w.cmd(&["SET", "k", "v"]), "+OK\r\n");
 }
+
+/// From the leader's SIGKILL to a new leader that all running nodes agree on.
+fn failover_time(c: &mut Cluster) -> Duration {
+    let l = c.wait_leader(Duration::from_secs(20));
+    c.kill(l);
+    let t = Instant::now();
+    c.wait_leader(Duration::from_secs(30));
+    let took = t.elapsed();
+    c.start_node(l);
+    c.wait_leader(Duration::from_secs(30));
+    took
+}
+
+#[test]
+fn timing_and_addresses_change_at_runtime_where_redisraft_allows() {
+    let mut c = Cluster::start(3);
+    let set_all = |c: &Cluster, k: &str, v: &str| {
+        for i in 0..3 {
+            assert_eq!(
+                q(c, i, &["CONFIG", "SET", k, v]),
+                Ok(Value::Okay),
+                "node {i}"
+            );
+        }
+    };
+    set_all(&c, "raft.election-timeout", "3000");
+    assert_eq!(
+        q(&c, 0, &["CONFIG", "GET", "raft.election-timeout"]),
+        Ok(Value::Array(vec![
+            Value::BulkString(b"raft.election-timeout".to_vec()),
+            Value::BulkString(b"3000".to_vec())
+        ]))
+    );
+    assert!(c.nodes[0]
+        .log()
+        .contains("timing changed: election timeout 3000 ms"));
+    // Checked together: the heartbeat must stay below half the election timeout.
+    let e = q(&c, 0, &["CONFIG", "SET", "raft.heartbeat-interval", "2000"]).unwrap_err();
+    assert!(e.contains("twice"), "{e}");
+    let slow = failover_time(&mut c);
+    assert!(
+        slow >= Duration::from_millis(2500),
+        "failover took {slow:?} with a 3 s election timeout"
+    );
+    // The restarted node came back with its command line's 500 ms: set it everywhere.
+    set_all(&c, "raft.election-timeout", "500");
+    set_all(&c, "raft.heartbeat-interval", "20");
+    let fast = failover_time(&mut c);
+    assert!(
+        fast < Duration::from_millis(2500),
+        "failover took {fast:?} with a 500 ms election timeout"
+    );
+    let l = c.wait_leader(Duration::from_secs(10));
+    assert_eq!(q(&c, l, &["SET", "k", "v"]), Ok(Value::Okay));
+    // raft.addr and raft.log-filename: only before the node belongs to a cluster.
+    let e = q(&c, 0, &["CONFIG", "SET", "raft.addr", "10.1.1.1:6379"]).unwrap_err();
+    assert!(e.contains("not allowed"), "{e}");
+    let e = q(&c, 0, &["CONFIG", "SET", "raft.log-filename", "other.db"]).unwrap_err();
+    assert!(e.contains("not allowed"), "{e}");
+    let d = c.add_dynamic_node();
+    c.start_node(d);
+    let addr = c.addr(d);
+    assert_eq!(
+        q(&c, d, &["CONFIG", "SET", "raft.log-filename", "mine.db"]),
+        Ok(Value::Okay)
+    );
+    assert_eq!(
+        q(&c, d, &["CONFIG", "SET", "raft.addr", &addr]),
+        Ok(Value::Okay)
+    );
+    assert!(q(&c, d, &["RAFT.CLUSTER", "INIT"]).is_ok());
+    assert!(
+        c.nodes[d].def.dir.join("mine.db").exists(),
+        "the log goes where raft.log-filename said"
+    );
+    let e = q(&c, d, &["CONFIG", "SET", "raft.log-filename", "later.db"]).unwrap_err();
+    assert!(e.contains("not allowed"), "{e}");
+}

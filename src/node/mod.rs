@@ -141,6 +141,11 @@ enum Input {
     /// A snapshot file up to this index is durable: drop the entries it covers.
     Compact(u64),
     SetFsync(bool),
+    /// New `raft.election-timeout` and `raft.heartbeat-interval` (ms), from CONFIG SET.
+    SetTiming {
+        election_ms: u64,
+        heartbeat_ms: u64,
+    },
     Stop,
 }
 
@@ -397,6 +402,8 @@ impl Node {
             input: rx,
             inbound: in_rx,
             tick: Duration::from_millis(spec.heartbeat_interval_ms),
+            election_ticks: election_tick as u64,
+            beat: None,
             advertise_addr: spec.advertise_addr,
             was_leader_term: None,
             reads: HashMap::new(),
@@ -532,6 +539,17 @@ impl Node {
         let _ = self.input.try_send(Input::SetFsync(on));
     }
 
+    /// New election timeout and heartbeat interval (ms) at runtime; false if the raft
+    /// thread's queue is full (the caller says to retry).
+    pub fn set_timing(&self, election_ms: u64, heartbeat_ms: u64) -> bool {
+        self.input
+            .try_send(Input::SetTiming {
+                election_ms,
+                heartbeat_ms,
+            })
+            .is_ok()
+    }
+
     /// Bounds the log's entry cache (`raft.log-max-cache-size`). Directly on the shared
     /// store, not through the raft thread's queue: the change is never dropped.
     pub fn set_log_cache_max_bytes(&self, bytes: u64) {
@@ -560,7 +578,13 @@ struct RaftThread {
     waker: Waker,
     input: Receiver<Input>,
     inbound: Receiver<Vec<Message>>,
+    /// One raft-rs tick. The election timeout is `election_ticks` ticks (fixed when the
+    /// node starts: raft-rs cannot change it), so a new election timeout changes the tick.
     tick: Duration,
+    election_ticks: u64,
+    /// A leader's heartbeat interval when shorter than a tick (raft-rs sends one per tick):
+    /// the extra heartbeats are asked for in between.
+    beat: Option<Duration>,
     advertise_addr: Option<String>,
     /// The term in which this node was last seen leading, while it still leads.
     was_leader_term: Option<u64>,
@@ -898,8 +922,13 @@ fn parse_read_ctx(b: &[u8]) -> Option<(u64, u64, u64)> {
 impl RaftThread {
     fn run(mut self) {
         let mut next_tick = Instant::now() + self.tick;
+        let mut next_beat = Instant::now();
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let wake = match self.beat {
+                Some(_) if self.was_leader_term.is_some() => next_tick.min(next_beat),
+                _ => next_tick,
+            };
+            let timeout = wake.saturating_duration_since(Instant::now());
             let mut stop = false;
             select! {
                 recv(self.input) -> m => match m {
@@ -950,6 +979,20 @@ impl RaftThread {
                     next_tick = now + self.tick;
                 }
             }
+            if let Some(beat) = self.beat {
+                if now >= next_beat {
+                    next_beat = now + beat;
+                    if self.node.raft.state == StateRole::Leader {
+                        let mut m = Message::default();
+                        m.set_msg_type(raft::eraftpb::MessageType::MsgBeat);
+                        m.from = self.shared.node_id;
+                        // A local message: raft-rs's leader broadcasts heartbeats.
+                        if let Err(e) = self.node.raft.step(m) {
+                            warn!("could not send a heartbeat: {e}");
+                        }
+                    }
+                }
+            }
             if let Err(e) = self.on_ready() {
                 let msg = format!("raft log write failed, this node stopped taking part in the cluster (its data is intact; fix the cause and restart it): {e}");
                 error!("{msg}");
@@ -992,6 +1035,26 @@ impl RaftThread {
     /// Returns true to stop.
     fn on_input(&mut self, i: Input) -> bool {
         match i {
+            Input::SetTiming {
+                election_ms,
+                heartbeat_ms,
+            } => {
+                let tick_ms = (election_ms / self.election_ticks).max(1);
+                let beat =
+                    (heartbeat_ms < tick_ms).then(|| Duration::from_millis(heartbeat_ms.max(1)));
+                if self.tick == Duration::from_millis(tick_ms) && self.beat == beat {
+                    return false;
+                }
+                self.tick = Duration::from_millis(tick_ms);
+                self.read_timeout = Duration::from_millis(election_ms);
+                self.beat = beat;
+                info!(
+                    "timing changed: election timeout {election_ms} ms ({} ticks of {tick_ms} ms), heartbeats every {} ms",
+                    self.election_ticks,
+                    heartbeat_ms.min(tick_ms)
+                );
+                false
+            }
             Input::Propose(batch) => {
                 let mut dropped = Vec::new();
                 for (tag, data) in batch {

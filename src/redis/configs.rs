@@ -112,6 +112,22 @@ extern "C" fn set_string(
             if let Err(e) = check_string(k, &v) {
                 return set_err(err, &e.to_string());
             }
+            let in_cluster = super::module().is_some_and(|m| m.node().is_some() || m.is_removed());
+            if matches!(k, "addr" | "log-filename") && in_cluster {
+                let now = with_options(|o| {
+                    if k == "addr" {
+                        o.addr.clone()
+                    } else {
+                        o.log_filename.clone()
+                    }
+                });
+                if v != now {
+                    return set_err(
+                        err,
+                        &format!("raft.{k}: changing it is not allowed once this node belongs to a cluster (set it before RAFT.CLUSTER INIT or JOIN)"),
+                    );
+                }
+            }
             with_options(|o| match k {
                 "node-id" => o.node_id = v,
                 "cluster-nodes" => o.cluster_nodes = v,
@@ -261,9 +277,18 @@ extern "C" fn apply(
     guard(
         "config apply",
         || api::ERR,
-        || match crate::config::validate(&options()) {
-            Ok(_) => api::OK,
-            Err(e) => set_err(err, &e.to_string()),
+        || {
+            let o = options();
+            if let Err(e) = crate::config::validate(&o) {
+                return set_err(err, &e.to_string());
+            }
+            let node = super::module().and_then(|m| m.node());
+            if let Some(node) = node {
+                if !node.set_timing(o.election_timeout_ms, o.heartbeat_interval_ms) {
+                    return set_err(err, "the raft thread is busy; retry the CONFIG SET");
+                }
+            }
+            api::OK
         },
     )
 }
@@ -285,8 +310,9 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let strings: [(&CStr, &str, u32); 6] = [
         (c"node-id", "", IMMUTABLE),
         (c"cluster-nodes", "", IMMUTABLE),
-        (c"log-filename", &d.log_filename, IMMUTABLE),
-        (c"addr", "", IMMUTABLE),
+        // Until the node belongs to a cluster (set_string refuses them after), as RedisRaft.
+        (c"log-filename", &d.log_filename, DEFAULT),
+        (c"addr", "", DEFAULT),
         (c"ignored-commands", "", DEFAULT),
         (c"cluster-password", "", IMMUTABLE | SENSITIVE),
     ];
@@ -306,20 +332,19 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         };
         check(r, name)?;
     }
-    // Changing timing at runtime would need the raft thread to re-derive its ticks: refused
-    // (immutable) until that is built.
+    // Timing takes effect at once (`apply` hands it to the raft thread).
     let numerics: [(&CStr, u64, u32, i64, i64); 7] = [
         (
             c"election-timeout",
             d.election_timeout_ms,
-            IMMUTABLE,
+            DEFAULT,
             1,
             3_600_000,
         ),
         (
             c"heartbeat-interval",
             d.heartbeat_interval_ms,
-            IMMUTABLE,
+            DEFAULT,
             1,
             3_600_000,
         ),

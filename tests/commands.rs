@@ -986,3 +986,59 @@ fn monitor_and_slowlog_show_the_command_not_raft() {
     assert!(slow.contains("$3\r\nSET\r\n$2\r\nmk\r\n"), "{slow}");
     assert!(!slow.contains("RAFT"), "{slow}");
 }
+
+/// Whether the server under test is Redis 7.2 or newer (or Valkey): module commands can
+/// have ACL categories there.
+fn server_has_acl_categories(c: &Cluster, i: usize) -> bool {
+    let Ok(Value::BulkString(info)) = q(c, i, &["INFO", "server"]) else {
+        return false;
+    };
+    let info = String::from_utf8_lossy(&info).into_owned();
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("0.0");
+    let mut parts = version
+        .trim()
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (7, 2)
+}
+
+#[test]
+fn users_with_read_and_write_categories_run_reads_and_writes_where_the_server_allows() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    let mut admin = RawConn::open(port);
+    for (user, cats) in [("rw", ["+@read", "+@write"]), ("ro", ["+@read", "-@write"])] {
+        let setuser = ["ACL", "SETUSER", user, "on", ">pw", "~*", cats[0], cats[1]];
+        assert_eq!(admin.cmd(&setuser), "+OK\r\n");
+    }
+    let mut rw = RawConn::open(port);
+    assert_eq!(rw.cmd(&["AUTH", "rw", "pw"]), "+OK\r\n");
+    let mut ro = RawConn::open(port);
+    assert_eq!(ro.cmd(&["AUTH", "ro", "pw"]), "+OK\r\n");
+    if server_has_acl_categories(&c, l) {
+        assert_eq!(rw.cmd(&["SET", "k", "v"]), "+OK\r\n");
+        assert_eq!(rw.cmd(&["GET", "k"]), "$1\r\nv\r\n");
+        assert_eq!(ro.cmd(&["GET", "k"]), "$1\r\nv\r\n");
+        assert!(ro.cmd(&["SET", "k", "w"]).starts_with("-NOPERM"));
+    } else {
+        // Redis 7.0: a module command has no categories; the routing command must be
+        // granted by name (README).
+        assert!(rw.cmd(&["SET", "k", "v"]).starts_with("-NOPERM"));
+        assert_eq!(admin.cmd(&["ACL", "SETUSER", "rw", "+raft"]), "+OK\r\n");
+        assert_eq!(rw.cmd(&["SET", "k", "v"]), "+OK\r\n");
+        assert_eq!(rw.cmd(&["GET", "k"]), "$1\r\nv\r\n");
+    }
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["GET", "k"]),
+            Value::BulkString(b"v".to_vec()),
+            "node {i}"
+        );
+    }
+}

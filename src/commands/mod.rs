@@ -24,7 +24,7 @@ use crate::redis::{
 
 /// Registers the module's commands.
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
-    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 10] = [
+    let cmds: [(&CStr, api::raw::RedisModuleCmdFunc, &CStr); 11] = [
         // `RAFT <command> ...`: what the filter routes writes (and redirected reads) to.
         // Not `write` (Redis would refuse routed reads too: redis/replicas.rs), but paused
         // by CLIENT PAUSE WRITE like one; MONITOR and SLOWLOG show the command the apply
@@ -33,6 +33,13 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
             c"raft",
             Some(raft_cmd),
             c"may-replicate no-monitor no-slowlog",
+        ),
+        // What the filter routes reads to where commands have ACL categories (Redis 7.2+):
+        // RAFT is in @write and RAFT._READ in @read, so a user's categories decide.
+        (
+            c"raft._read",
+            Some(raft_cmd),
+            c"readonly no-monitor no-slowlog",
         ),
         (
             c"raft._writecheck",
@@ -63,7 +70,38 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
             ));
         }
     }
+    set_acl_categories(ctx);
     Ok(())
+}
+
+/// Whether the server lets a module give its commands ACL categories (Redis 7.2+): then
+/// reads are routed to RAFT._READ (@read) and writes to RAFT (@write).
+pub fn has_acl_categories() -> bool {
+    unsafe { api::raw::RedisModule_SetCommandACLCategories }.is_some()
+}
+
+fn set_acl_categories(ctx: *mut RedisModuleCtx) {
+    let Some(set) = (unsafe { api::raw::RedisModule_SetCommandACLCategories }) else {
+        return;
+    };
+    let cats: [(&CStr, &CStr); 6] = [
+        (c"raft", c"write"),
+        (c"raft._read", c"read"),
+        (c"raft.debug", c"admin dangerous"),
+        (c"raft.transfer_leader", c"admin dangerous"),
+        (c"raft.cluster", c"admin dangerous"),
+        (c"raft.node", c"admin dangerous"),
+    ];
+    for (name, c) in cats {
+        let cmd = unsafe { rm!(RedisModule_GetCommand)(ctx, name.as_ptr()) };
+        if cmd.is_null() || unsafe { set(cmd, c.as_ptr()) } != api::OK {
+            tracing::warn!(
+                "could not give {} the ACL categories {}",
+                name.to_string_lossy(),
+                c.to_string_lossy()
+            );
+        }
+    }
 }
 
 const CTX_MULTI: u32 = api::raw::REDISMODULE_CTX_FLAGS_MULTI;

@@ -49,7 +49,8 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             rm!(RedisModule_CommandFilterArgReplace)(fctx, 2, none);
         }
     }
-    let reroute = match m.table().classify(name, sub) {
+    let class = m.table().classify(name, sub);
+    let reroute = match class {
         Class::Write | Class::Refused(_) => true,
         // Run natively only when no check is needed (stale mode); otherwise RAFT confirms
         // the read index first, or redirects.
@@ -64,6 +65,8 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         b"RAFT._CLUSTER"
     } else if name.eq_ignore_ascii_case(b"info") {
         b"RAFT._INFO"
+    } else if reroute && class == Class::Read && crate::commands::has_acl_categories() {
+        b"RAFT._READ"
     } else if reroute {
         b"RAFT"
     } else {

@@ -567,9 +567,9 @@ pub fn admit(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> Result<(
     }
     // Scripts: Redis decides what they may do when they run (RAFT runs them as reads).
     let sub = argv.get(1).map(|s| s.as_slice());
-    if !is_script(argv)
+    if replicas::writes_refused(ctx)
+        && !is_script(argv)
         && m.table().classify(&argv[0], sub) == classify::Class::Write
-        && replicas::writes_refused(ctx)
     {
         return Err(replicas::NOREPLICAS.into());
     }

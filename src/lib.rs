@@ -60,6 +60,10 @@ fn load(ctx: *mut RedisModuleCtx) -> Result<(), String> {
             missing.join(", ")
         ));
     }
+    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
+    if flags & raw::REDISMODULE_CTX_FLAGS_CLUSTER != 0 {
+        return Err("cluster-enabled is yes: Redis Cluster's own failover and slot moves would fight the Raft log (redis-raft answers CLUSTER commands itself, so cluster clients work without it); start this node with cluster-enabled no".into());
+    }
     redis::logging::init();
     redis::configs::register(ctx)?;
     let bootstrap = config::validate(&redis::configs::options()).map_err(|e| e.to_string())?;

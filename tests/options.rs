@@ -391,3 +391,16 @@ fn node_with_another_password_is_kept_out_of_the_cluster() {
         );
     }
 }
+
+#[test]
+fn the_module_refuses_to_load_into_redis_cluster_and_says_why() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let log = start_expecting_failure(
+        tmp.path(),
+        &["--cluster-enabled", "yes", "--raft.node-id", "n1"],
+    );
+    assert!(
+        log.contains("redis-raft cannot start: cluster-enabled is yes"),
+        "{log}"
+    );
+}

@@ -32,14 +32,14 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         (
             c"raft",
             Some(raft_cmd),
-            c"may-replicate no-monitor no-slowlog",
+            c"may-replicate no-monitor no-slowlog deny-script",
         ),
         // What the filter routes reads to where commands have ACL categories (Redis 7.2+):
         // RAFT is in @write and RAFT._READ in @read, so a user's categories decide.
         (
             c"raft._read",
             Some(raft_cmd),
-            c"readonly no-monitor no-slowlog",
+            c"readonly no-monitor no-slowlog deny-script",
         ),
         (
             c"raft._writecheck",
@@ -57,7 +57,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         // Consumer-group commands with the leader's clock, on the apply path (streams.rs).
         (c"raft._stream", Some(stream_cmd), c"write"),
         // SCRIPT KILL / FUNCTION KILL while an entry's script runs (redis/busy.rs).
-        (c"raft._kill", Some(kill_cmd), c"allow-busy"),
+        (c"raft._kill", Some(kill_cmd), c"allow-busy deny-script"),
     ];
     for (name, f, flags) in cmds.into_iter().chain(membership::commands()) {
         let r = unsafe {
@@ -72,6 +72,11 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     }
     set_acl_categories(ctx);
     Ok(())
+}
+
+/// A RAFT.CLUSTER JOIN is under way (its address and log file are fixed already).
+pub fn membership_joining() -> bool {
+    membership::is_joining()
 }
 
 /// Whether the server lets a module give its commands ACL categories (Redis 7.2+): then

@@ -403,6 +403,7 @@ impl Node {
             inbound: in_rx,
             tick: Duration::from_millis(spec.heartbeat_interval_ms),
             election_ticks: election_tick as u64,
+            next_tick: Instant::now(),
             beat: None,
             advertise_addr: spec.advertise_addr,
             was_leader_term: None,
@@ -581,6 +582,8 @@ struct RaftThread {
     /// One raft-rs tick. The election timeout is `election_ticks` ticks (fixed when the
     /// node starts: raft-rs cannot change it), so a new election timeout changes the tick.
     tick: Duration,
+    /// When the next tick is due.
+    next_tick: Instant,
     election_ticks: u64,
     /// A leader's heartbeat interval when shorter than a tick (raft-rs sends one per tick):
     /// the extra heartbeats are asked for in between.
@@ -921,9 +924,10 @@ fn parse_read_ctx(b: &[u8]) -> Option<(u64, u64, u64)> {
 
 impl RaftThread {
     fn run(mut self) {
-        let mut next_tick = Instant::now() + self.tick;
+        self.next_tick = Instant::now() + self.tick;
         let mut next_beat = Instant::now();
         loop {
+            let next_tick = self.next_tick;
             let wake = match self.beat {
                 Some(_) if self.was_leader_term.is_some() => next_tick.min(next_beat),
                 _ => next_tick,
@@ -971,12 +975,12 @@ impl RaftThread {
                 return;
             }
             let now = Instant::now();
-            if now >= next_tick {
+            if now >= self.next_tick {
                 self.retry_reads(now);
                 self.node.tick();
-                next_tick += self.tick;
-                if next_tick < now {
-                    next_tick = now + self.tick;
+                self.next_tick += self.tick;
+                if self.next_tick < now {
+                    self.next_tick = now + self.tick;
                 }
             }
             if let Some(beat) = self.beat {
@@ -1046,6 +1050,8 @@ impl RaftThread {
                     return false;
                 }
                 self.tick = Duration::from_millis(tick_ms);
+                // A shorter tick starts now, not after the old, longer one.
+                self.next_tick = self.next_tick.min(Instant::now() + self.tick);
                 self.read_timeout = Duration::from_millis(election_ms);
                 self.beat = beat;
                 info!(

@@ -366,11 +366,14 @@ fn block(
     Some((bc, id))
 }
 
-fn is_wrong_type(r: *mut RedisModuleCallReply) -> bool {
+fn is_error(r: *mut RedisModuleCallReply) -> bool {
     !r.is_null()
         && unsafe { rm!(RedisModule_CallReplyType)(r) } as isize
             == api::raw::REDISMODULE_REPLY_ERROR
-        && matches!(api::call_reply_value(r), Value::Str(e) if e.starts_with(b"WRONGTYPE"))
+}
+
+fn is_wrong_type(r: *mut RedisModuleCallReply) -> bool {
+    is_error(r) && matches!(api::call_reply_value(r), Value::Str(e) if e.starts_with(b"WRONGTYPE"))
 }
 
 /// Whether the keys a blocking command `argv` waits on that exist all hold the type it pops.
@@ -458,7 +461,10 @@ pub fn attempt_done(ctx: *mut RedisModuleCtx, id: u64, r: *mut RedisModuleCallRe
         // Release the handle, and put back what nobody received.
         st.clients.remove(&(w.bc as usize));
         unsafe { rm!(RedisModule_UnblockClient)(w.bc, std::ptr::null_mut()) };
-        let undo = undo_command(&w.argv, &api::call_reply_value(r))
+        // An error (a destination of the wrong type) moved nothing: nothing to put back.
+        let undo = (!is_error(r))
+            .then(|| undo_command(&w.argv, &api::call_reply_value(r)))
+            .flatten()
             .map(|argv| Proposal::Undo { db: w.db, argv });
         return Outcome::Drop(undo);
     }

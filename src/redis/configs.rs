@@ -112,7 +112,8 @@ extern "C" fn set_string(
             if let Err(e) = check_string(k, &v) {
                 return set_err(err, &e.to_string());
             }
-            let in_cluster = super::module().is_some_and(|m| m.node().is_some() || m.is_removed());
+            let in_cluster = crate::commands::membership_joining()
+                || super::module().is_some_and(|m| m.node().is_some() || m.is_removed());
             if matches!(k, "addr" | "log-filename") && in_cluster {
                 let now = with_options(|o| {
                     if k == "addr" {
@@ -169,6 +170,16 @@ extern "C" fn set_numeric(
     let Ok(v) = u64::try_from(val) else {
         return set_err(err, &format!("raft.{k}: must not be negative"));
     };
+    let running = super::module().is_some_and(|m| m.node().is_some());
+    let lease = with_options(|o| o.effective_read_mode() == ReadMode::Lease);
+    if k == "election-timeout" && running && lease {
+        // A leader's lease assumes the followers' election timeout: changed on one node at
+        // a time, a new leader could be elected while the old one still serves reads.
+        return set_err(
+            err,
+            "raft.election-timeout: changing it at runtime is not allowed with raft.read-mode lease; change it in the config and restart the nodes one at a time",
+        );
+    }
     with_options(|o| match k {
         "election-timeout" => o.election_timeout_ms = v,
         "heartbeat-interval" => o.heartbeat_interval_ms = v,

@@ -857,8 +857,9 @@ extern "C" fn before_sleep(
 }
 
 fn flush_proposals() {
-    if busy::take_deferred() {
-        // Wake-ups that came while a command ran (busy.rs): apply now, outside it.
+    while busy::take_deferred() {
+        // Wake-ups that came while a command ran (busy.rs): apply now, outside it (again
+        // if more came while a script of this apply ran).
         apply_committed();
     }
     release_parked(false);
@@ -896,6 +897,9 @@ fn flush_proposals() {
     if let Err((e, batch)) = node.propose(batch) {
         for (tag, _) in batch {
             if let Some(p) = st.pending.remove(&tag.request) {
+                if let Some(w) = p.waiter {
+                    blocking::forget(w);
+                }
                 unblock(p.bc, Reply::Error(e.to_string()));
             }
         }
@@ -927,6 +931,14 @@ pub fn subscribe_events(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         return Err("could not subscribe to config events".into());
     }
     replicas::refresh(ctx);
+    let ev = api::raw::RedisModuleEvent {
+        id: api::raw::REDISMODULE_EVENT_SHUTDOWN,
+        dataver: 1,
+    };
+    let shutdown = Some(busy::on_shutdown as _);
+    if unsafe { rm!(RedisModule_SubscribeToServerEvent)(ctx, ev, shutdown) } != api::OK {
+        return Err("could not subscribe to the shutdown event".into());
+    }
     let ev = api::raw::RedisModuleEvent {
         id: api::raw::REDISMODULE_EVENT_MODULE_CHANGE,
         dataver: 1,
@@ -1287,7 +1299,7 @@ fn apply_transaction(
             if argv[0].eq_ignore_ascii_case(b"select") {
                 return Part::Status("OK");
             }
-            Part::Call(apply_call(ctx, argv, CallOpts { resp3 }, index))
+            Part::Call(apply_call(ctx, argv, CallOpts { resp3 }, index, true))
         })
         .collect()
 }
@@ -1299,11 +1311,16 @@ fn apply_call(
     argv: &[Vec<u8>],
     opts: CallOpts,
     index: u64,
+    in_transaction: bool,
 ) -> *mut RedisModuleCallReply {
     let script = is_script(argv);
     scripts::set_applying(script);
     let function = argv[0].len() >= 5 && argv[0][..5].eq_ignore_ascii_case(b"fcall");
-    busy::set_running_script(script.then_some((index, function)));
+    busy::set_running_script(script.then_some(busy::Running {
+        index,
+        function,
+        in_transaction,
+    }));
     streams::set_applying(true);
     let r = api::call(ctx, argv, opts);
     streams::set_applying(false);
@@ -1450,6 +1467,17 @@ fn apply_multi(
         }
         return;
     }
+    if busy::killed(index) {
+        // SHUTDOWN NOSAVE stopped one of its scripts on the leader: it never happened.
+        info!("raft entry {index}: transaction skipped, one of its scripts was killed");
+        if let Some(p) = pending {
+            unblock(
+                p.bc,
+                Reply::Error("ERR Script killed by user with SHUTDOWN NOSAVE".into()),
+            );
+        }
+        return;
+    }
     let resp3 = pending.as_ref().is_some_and(|p| p.resp3);
     let wakes = blocking::wakes();
     watch::set_applying(Some(index));
@@ -1494,6 +1522,9 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
                     e.index
                 );
                 if let Some(p) = pending {
+                    if let Some(w) = p.waiter {
+                        blocking::forget(w);
+                    }
                     unblock(
                         p.bc,
                         Reply::Error(format!("ERR DB index {db} is out of range")),
@@ -1519,7 +1550,7 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
             };
             let wakes = blocking::wakes();
             watch::set_applying(Some(e.index));
-            let r = apply_call(ctx, &argv, opts, e.index);
+            let r = apply_call(ctx, &argv, opts, e.index, false);
             watch::set_applying(None);
             let woke = blocking::wakes() > wakes;
             watch::note_command(db, &argv, e.index);
@@ -1550,6 +1581,6 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
             now_ms,
         } => apply_multi(ctx, m, e.index, pending, &cmds, &watch, now_ms),
         LogCommand::NodeAddr { id, addr } => node.shared().set_member_addr(id, &addr),
-        LogCommand::KillScript { index, .. } => busy::kill_applied(index),
+        LogCommand::KillScript { index, .. } => busy::kill_applied(ctx, index),
     }
 }

@@ -51,17 +51,7 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
                 (argc > 1).then(|| api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, 1)));
             // Clients' commands that Redis runs from inside a busy script reach only this
             // filter (the main one is NOSELF, and the module is inside the script's call).
-            // A script cannot call these, so they come from a client.
-            if name.eq_ignore_ascii_case(b"shutdown") {
-                let nosave = (1..argc).any(|i| {
-                    api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, i))
-                        .eq_ignore_ascii_case(b"nosave")
-                });
-                if nosave {
-                    super::busy::before_shutdown(m);
-                }
-                return;
-            }
+            // Scripts may not call these (deny-script), nor what they are routed to.
             let from_client: Option<&[u8]> = if super::busy::routes_kill(name, sub) {
                 Some(b"RAFT._KILL")
             } else if m.table().classify(name, sub) == super::classify::Class::Transaction {

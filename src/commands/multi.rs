@@ -142,14 +142,7 @@ fn client_id(ctx: *mut RedisModuleCtx) -> u64 {
 /// The key's expiry (absolute unix ms) in the client's database; -1 when it has none or
 /// does not exist (an expired key does not exist).
 fn expire_time(ctx: *mut RedisModuleCtx, key: &[u8]) -> i64 {
-    let r = api::call(
-        ctx,
-        &[b"PEXPIRETIME".to_vec(), key.to_vec()],
-        api::CallOpts::default(),
-    );
-    let v = api::call_reply_value(r);
-    api::free_call_reply(r);
-    match v {
+    match api::call_value(ctx, &[b"PEXPIRETIME".to_vec(), key.to_vec()]) {
         api::Value::Int(t) if t >= 0 => t,
         api::Value::Int(watch::MISSING) => watch::MISSING,
         _ => -1,

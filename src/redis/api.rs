@@ -241,6 +241,14 @@ pub fn call(
     reply
 }
 
+/// Runs `argv` on `ctx` and returns its reply decoded (for the module's own look-ups).
+pub fn call_value(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) -> Value {
+    let r = call(ctx, argv, CallOpts::default());
+    let v = call_reply_value(r);
+    free_call_reply(r);
+    v
+}
+
 /// Runs `cmd` for the calling client (its protocol) and replies with what it returned.
 pub fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
     let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;

@@ -389,13 +389,7 @@ fn source_has_its_type(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], keys: &[Vec<u
         b"list"
     };
     keys.iter().all(|k| {
-        let r = api::call(
-            ctx,
-            &[b"TYPE".to_vec(), k.clone()],
-            api::CallOpts::default(),
-        );
-        let t = api::call_reply_value(r);
-        api::free_call_reply(r);
+        let t = api::call_value(ctx, &[b"TYPE".to_vec(), k.clone()]);
         matches!(t, Value::Str(t) if t == want || t == b"none")
     })
 }

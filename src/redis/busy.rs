@@ -374,13 +374,8 @@ fn reply_and_free(ctx: *mut RedisModuleCtx, r: *mut api::RedisModuleCallReply) -
 }
 
 fn reply_text(r: *mut api::RedisModuleCallReply) -> String {
-    if r.is_null() {
-        return String::new();
+    match api::call_reply_value(r) {
+        api::Value::Str(s) => String::from_utf8_lossy(&s).into_owned(),
+        _ => String::new(),
     }
-    let mut len = 0usize;
-    let p = unsafe { rm!(RedisModule_CallReplyStringPtr)(r, &mut len) };
-    if p.is_null() {
-        return String::new();
-    }
-    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p as *const u8, len) }).into_owned()
 }

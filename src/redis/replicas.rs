@@ -20,18 +20,12 @@ static MIN_REPLICAS: MainThread<i64> = MainThread::new_lazy();
 
 /// Reads `min-replicas-to-write` again (at start, and after any CONFIG SET).
 pub fn refresh(ctx: *mut RedisModuleCtx) {
-    let r = api::call(
-        ctx,
-        &[
-            b"CONFIG".to_vec(),
-            b"GET".to_vec(),
-            b"min-replicas-to-write".to_vec(),
-        ],
-        api::CallOpts::default(),
-    );
-    let v = api::call_reply_value(r);
-    api::free_call_reply(r);
-    *MIN_REPLICAS.get_mut() = match v {
+    let argv = [
+        b"CONFIG".to_vec(),
+        b"GET".to_vec(),
+        b"min-replicas-to-write".to_vec(),
+    ];
+    *MIN_REPLICAS.get_mut() = match api::call_value(ctx, &argv) {
         api::Value::Array(kv) => match kv.get(1) {
             Some(api::Value::Str(n)) => std::str::from_utf8(n)
                 .ok()

@@ -457,7 +457,7 @@ fn join_gives_up_after_the_join_timeout_with_the_last_error() {
     let e = status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &nobody]));
     assert!(
         e.starts_with(
-            "ERR failed to join the cluster within raft.join-timeout (1000 ms); last error: "
+            "ERR failed to connect to cluster for join: gave up after raft.join-timeout (1000 ms); last error: "
         ) && e.contains(&nobody),
         "{e}"
     );
@@ -465,4 +465,101 @@ fn join_gives_up_after_the_join_timeout_with_the_last_error() {
     assert_eq!(info(&c, j, "raft_state"), "uninitialized");
     // It can still found a cluster of its own afterwards.
     assert!(status(cmd(&c, j, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+}
+
+#[test]
+fn join_authenticates_to_nodes_that_run_with_requirepass() {
+    let mut c = Cluster::define(0);
+    for _ in 0..2 {
+        let i = c.add_dynamic_node();
+        c.nodes[i].extra = [
+            "--requirepass",
+            "secret",
+            "--raft.cluster-password",
+            "secret",
+        ]
+        .map(String::from)
+        .to_vec();
+        c.nodes[i].password = Some("secret".into());
+        c.start_node(i);
+    }
+    assert!(status(cmd(&c, 0, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+    assert_eq!(
+        status(cmd(&c, 1, &["RAFT.CLUSTER", "JOIN", &c.addr(0)])),
+        "OK"
+    );
+    assert_eq!(status(cmd(&c, 0, &["SET", "k", "v"])), "OK");
+    wait_for("k on the joined node", Duration::from_secs(10), || {
+        c.local(1, &["GET", "k"]) == Value::BulkString(b"v".to_vec())
+    });
+    wait_for("two voters", Duration::from_secs(20), || {
+        voters(&c, 0).len() == 2
+    });
+}
+
+#[test]
+fn join_as_raft_cluster_user_with_its_password() {
+    let mut c = Cluster::define(0);
+    for _ in 0..2 {
+        let i = c.add_dynamic_node();
+        // The default user is off: only raftuser may run anything.
+        c.nodes[i].extra = [
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "raftuser",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "--raft.cluster-user",
+            "raftuser",
+            "--raft.cluster-password",
+            "pw",
+        ]
+        .map(String::from)
+        .to_vec();
+        c.nodes[i].user = Some("raftuser".into());
+        c.nodes[i].password = Some("pw".into());
+        c.start_node(i);
+    }
+    assert_eq!(
+        cmd(&c, 0, &["CONFIG", "GET", "raft.cluster-user"]),
+        Ok(Value::Array(vec![
+            Value::BulkString(b"raft.cluster-user".to_vec()),
+            Value::BulkString(b"raftuser".to_vec()),
+        ]))
+    );
+    assert!(status(cmd(&c, 0, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+    assert_eq!(
+        status(cmd(&c, 1, &["RAFT.CLUSTER", "JOIN", &c.addr(0)])),
+        "OK"
+    );
+    assert_eq!(status(cmd(&c, 0, &["SET", "k", "v"])), "OK");
+    wait_for("k on the joined node", Duration::from_secs(10), || {
+        c.local(1, &["GET", "k"]) == Value::BulkString(b"v".to_vec())
+    });
+}
+
+#[test]
+fn join_without_the_password_says_so() {
+    let mut c = Cluster::define(0);
+    let a = c.add_dynamic_node();
+    c.nodes[a].extra = ["--requirepass", "secret"].map(String::from).to_vec();
+    c.nodes[a].password = Some("secret".into());
+    c.start_node(a);
+    assert!(status(cmd(&c, a, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+    let b = c.add_dynamic_node();
+    c.start_node(b);
+    let e = status(cmd(&c, b, &["RAFT.CLUSTER", "JOIN", &c.addr(a)]));
+    assert_eq!(
+        e,
+        format!(
+            "ERR {} refused the join: NOAUTH Authentication required. (set raft.cluster-user and raft.cluster-password to an account of the cluster's nodes)",
+            c.addr(a)
+        )
+    );
+    assert_eq!(info(&c, b, "raft_state"), "uninitialized");
 }

@@ -133,7 +133,9 @@ fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
     if let Err(e) = open_empty_log() {
         return api::reply_error(ctx, &e);
     }
-    let timeout = Duration::from_millis(configs::options().join_timeout_ms);
+    let opts = configs::options();
+    let timeout = Duration::from_millis(opts.join_timeout_ms);
+    let auth = crate::join::Credentials::from_options(&opts.cluster_user, &opts.cluster_password);
     let bc = r::block(ctx);
     if bc.is_null() {
         return api::reply_error(ctx, "ERR could not block the client");
@@ -147,7 +149,7 @@ fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
                 "RAFT.CLUSTER JOIN: asking {targets:?} to add this node ('{}', id {})",
                 me.name, me.id
             );
-            let result = crate::join::join(&targets, &me, timeout);
+            let result = crate::join::join(&targets, &me, timeout, auth.as_ref());
             let done = Box::new(JoinDone {
                 bc: bc_addr,
                 me,

@@ -563,3 +563,60 @@ fn join_without_the_password_says_so() {
     );
     assert_eq!(info(&c, b, "raft_state"), "uninitialized");
 }
+
+#[test]
+fn a_failed_join_leaves_nothing_behind_and_a_retry_succeeds() {
+    let mut c = Cluster::define(0);
+    let a = c.add_dynamic_node();
+    c.start_node(a);
+    assert!(status(cmd(&c, a, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+    let j = c.add_dynamic_node();
+    c.nodes[j].extra = vec!["--raft.join-timeout".into(), "1000".into()];
+    c.start_node(j);
+    let log = c.nodes[j].def.dir.join("redisraft.db");
+
+    // Nobody there: RedisRaft's wording, then ours.
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let e = status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &nobody]));
+    assert!(
+        e.starts_with("ERR failed to connect to cluster for join: gave up after raft.join-timeout (1000 ms); last error: ")
+            && e.contains(&nobody),
+        "{e}"
+    );
+    assert_eq!(info(&c, j, "raft_state"), "uninitialized");
+    assert!(!log.exists(), "a failed JOIN left {} behind", log.display());
+
+    // The cluster adds it, but its bus port is taken: the node cannot start.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", c.nodes[j].def.bus_port))
+        .expect("take the bus port");
+    let e = status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &c.addr(a)]));
+    assert!(e.starts_with("ERR "), "{e}");
+    assert!(e.contains("Address already in use"), "{e}");
+    assert_eq!(info(&c, j, "raft_state"), "uninitialized");
+    assert!(!log.exists(), "a failed JOIN left {} behind", log.display());
+    drop(taken);
+
+    // The retry succeeds (the cluster had committed the first add: it is not added twice).
+    assert_eq!(
+        status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &c.addr(a)])),
+        "OK"
+    );
+    assert_eq!(info(&c, j, "raft_state"), "up");
+    assert_eq!(status(cmd(&c, a, &["SET", "k", "v"])), "OK");
+    wait_for("k on the joined node", Duration::from_secs(10), || {
+        c.local(j, &["GET", "k"]) == Value::BulkString(b"v".to_vec())
+    });
+    // A JOIN retried after it succeeded (its reply lost) answers OK again; JOIN elsewhere
+    // does not.
+    assert_eq!(
+        status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &c.addr(a)])),
+        "OK"
+    );
+    assert_eq!(
+        status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &nobody])),
+        "ERR Already cluster member"
+    );
+    wait_for("two voters", Duration::from_secs(20), || {
+        voters(&c, a).len() == 2
+    });
+}

@@ -5,7 +5,7 @@ use std::ffi::{c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::codec::Member;
 use crate::config::{node_id_for_name, parse_host_port, BUS_PORT_OFFSET};
@@ -51,6 +51,19 @@ extern "C" fn cluster_cmd(
             if !is_init && !is_join {
                 return api::reply_error(ctx, "ERR RAFT.CLUSTER supports INIT / JOIN only");
             }
+            if let Some(node) = m.node().filter(|_| is_join && !m.is_removed()) {
+                // A JOIN retried after it succeeded (its reply lost): OK again, when it names
+                // a member of the cluster this node belongs to.
+                let members = node.shared().members();
+                let ours = args[2..].iter().any(|a| {
+                    members
+                        .iter()
+                        .any(|mb| mb.redis_addr.as_bytes() == a.as_slice())
+                });
+                if ours {
+                    return api::reply_simple(ctx, "OK");
+                }
+            }
             if m.node().is_some() || m.is_removed() {
                 return api::reply_error(ctx, "ERR Already cluster member");
             }
@@ -87,10 +100,6 @@ fn init(ctx: *mut RedisModuleCtx, id: Option<&Vec<u8>>, me: Member) -> c_int {
             Err(e) => return api::reply_error(ctx, &format!("ERR no random cluster id: {e}")),
         },
     };
-    let store = match open_empty_log() {
-        Ok(s) => s,
-        Err(e) => return api::reply_error(ctx, &e),
-    };
     let spec = r::StartSpec {
         id: me.id,
         bus_listen: match bus_listen(&me) {
@@ -101,11 +110,7 @@ fn init(ctx: *mut RedisModuleCtx, id: Option<&Vec<u8>>, me: Member) -> c_int {
         bootstrap: true,
         cluster_id: cluster_id.clone(),
     };
-    let node = match r::start_node(&configs::options(), store, spec) {
-        Ok(n) => n,
-        Err(e) => return api::reply_error(ctx, &format!("ERR {e}")),
-    };
-    if let Err(e) = r::set_node(node) {
+    if let Err(e) = start_on_empty_log(spec) {
         return api::reply_error(ctx, &e);
     }
     info!(
@@ -113,6 +118,28 @@ fn init(ctx: *mut RedisModuleCtx, id: Option<&Vec<u8>>, me: Member) -> c_int {
         me.name, me.id
     );
     api::reply_simple(ctx, &format!("OK {cluster_id}"))
+}
+
+/// Opens the log (it must hold nothing), starts the node on it and makes it this module's
+/// node. If starting fails, the log file is removed again: the node is left as it was
+/// (uninitialised, no log), so INIT or JOIN can be retried.
+fn start_on_empty_log(spec: r::StartSpec) -> Result<(), String> {
+    let store = open_empty_log()?;
+    let path = store.path().to_path_buf();
+    let started = r::start_node(&configs::options(), store, spec)
+        .map_err(|e| format!("ERR {e}"))
+        .and_then(r::set_node);
+    if started.is_err() {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(
+                "could not remove {} after a failed start: {e}; move it aside before the next RAFT.CLUSTER INIT or JOIN",
+                path.display()
+            ),
+        }
+    }
+    started
 }
 
 fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
@@ -130,7 +157,7 @@ fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
         }
         targets.push(a);
     }
-    if let Err(e) = open_empty_log() {
+    if let Err(e) = check_no_log() {
         return api::reply_error(ctx, &e);
     }
     let opts = configs::options();
@@ -187,17 +214,13 @@ extern "C" fn join_done(data: *mut c_void) {
         || r::finish(bc, Err("ERR internal error (see the server log)".into())),
         || {
             let outcome = done.result.and_then(|joined| {
-                let store = open_empty_log()?;
-                let spec = r::StartSpec {
+                start_on_empty_log(r::StartSpec {
                     id: done.me.id,
                     bus_listen: bus_listen(&done.me)?,
                     members: joined.members,
                     bootstrap: false,
                     cluster_id: joined.cluster_id,
-                };
-                let node = r::start_node(&configs::options(), store, spec)
-                    .map_err(|e| format!("ERR {e}"))?;
-                r::set_node(node)
+                })
             });
             if let Err(e) = &outcome {
                 error!("RAFT.CLUSTER JOIN failed: {e}");
@@ -332,7 +355,7 @@ fn split_addr(s: &str) -> Option<(String, String)> {
 fn my_identity(ctx: *mut RedisModuleCtx) -> Result<Member, String> {
     let opts = configs::options();
     let name = if opts.node_id.is_empty() {
-        format!("node-{}", random_hex(4)?)
+        random_name()?
     } else {
         opts.node_id.clone()
     };
@@ -383,6 +406,16 @@ fn redis_port(ctx: *mut RedisModuleCtx) -> Option<u16> {
     }
 }
 
+/// JOIN's check before it asks the cluster: no log, or one that holds nothing. Creates no
+/// file (a JOIN that fails leaves the node as it was).
+fn check_no_log() -> Result<(), String> {
+    let opts = configs::options();
+    match std::fs::metadata(&opts.log_filename) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => open_empty_log().map(drop),
+    }
+}
+
 /// The log INIT or JOIN starts: it must not hold anything yet.
 fn open_empty_log() -> Result<LogStore, String> {
     let opts = configs::options();
@@ -399,6 +432,17 @@ fn open_empty_log() -> Result<LogStore, String> {
         ));
     }
     Ok(store)
+}
+
+/// This process's name when `raft.node-id` is not set: chosen once, so a JOIN retried after
+/// its first attempt was committed asks for the same node (same name, so the same id).
+fn random_name() -> Result<String, String> {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(n) = NAME.get() {
+        return Ok(n.clone());
+    }
+    let n = format!("node-{}", random_hex(4)?);
+    Ok(NAME.get_or_init(|| n).clone())
 }
 
 fn random_hex(bytes: usize) -> Result<String, String> {

@@ -468,6 +468,23 @@ fn join_gives_up_after_the_join_timeout_with_the_last_error() {
 }
 
 #[test]
+fn init_answers_once_the_node_accepts_writes() {
+    let mut c = Cluster::define(0);
+    let j = c.add_dynamic_node();
+    c.start_node(j);
+    // One connection, no pause, no retry: a script written for RedisRaft.
+    let mut conn = RawConn::open(c.nodes[j].def.port);
+    let init = conn.cmd(&["RAFT.CLUSTER", "INIT"]);
+    assert!(
+        init.starts_with("+OK ") && init.len() == "+OK \r\n".len() + 32,
+        "{init}"
+    );
+    assert_eq!(conn.cmd(&["SET", "k", "v"]), "+OK\r\n");
+    assert_eq!(conn.cmd(&["GET", "k"]), "$1\r\nv\r\n");
+    assert_eq!(info(&c, j, "raft_role"), "leader");
+}
+
+#[test]
 fn join_authenticates_to_nodes_that_run_with_requirepass() {
     let mut c = Cluster::define(0);
     for _ in 0..2 {

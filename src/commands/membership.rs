@@ -3,7 +3,7 @@
 
 use std::ffi::{c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
@@ -117,7 +117,66 @@ fn init(ctx: *mut RedisModuleCtx, id: Option<&Vec<u8>>, me: Member) -> c_int {
         "RAFT.CLUSTER INIT: new cluster {cluster_id} with this node ('{}', id {}) as its only voter",
         me.name, me.id
     );
-    api::reply_simple(ctx, &format!("OK {cluster_id}"))
+    // As RedisRaft: the reply comes once this node leads and has applied an entry of its
+    // term, so the next command is served (not -CLUSTERDOWN).
+    let bc = r::block(ctx);
+    if bc.is_null() {
+        return api::reply_simple(ctx, &format!("OK {cluster_id}"));
+    }
+    let election = configs::options().election_timeout_ms;
+    let wait = Box::new(InitWait {
+        bc: bc as usize,
+        reply: format!("OK {cluster_id}"),
+        deadline: Instant::now() + Duration::from_millis(election.saturating_mul(10).max(5000)),
+    });
+    init_poll(ctx, Box::into_raw(wait) as *mut c_void);
+    api::OK
+}
+
+/// RAFT.CLUSTER INIT's client, waiting for the new cluster to take writes.
+struct InitWait {
+    bc: usize,
+    reply: String,
+    /// Answer anyway by then (the cluster exists; a log whose fsync stalls for this long is
+    /// reported in the server log).
+    deadline: Instant,
+}
+
+/// How often INIT's client checks whether the node leads and has applied its term's entry.
+const INIT_POLL_MS: i64 = 2;
+
+/// Answers INIT's client once the node is a ready leader, or re-arms itself (a module timer).
+extern "C" fn init_poll(ctx: *mut RedisModuleCtx, data: *mut c_void) {
+    if data.is_null() {
+        return;
+    }
+    let wait = unsafe { Box::from_raw(data as *mut InitWait) };
+    let bc = wait.bc as *mut api::RedisModuleBlockedClient;
+    let reply = wait.reply.clone();
+    guard(
+        "RAFT.CLUSTER INIT",
+        || r::finish(bc, Ok(reply)),
+        || {
+            let ready = module()
+                .and_then(|m| m.node())
+                .is_some_and(|n| n.shared().is_ready_leader());
+            if ready {
+                return r::finish(bc, Ok(wait.reply));
+            }
+            if Instant::now() >= wait.deadline {
+                warn!("RAFT.CLUSTER INIT: the new cluster has no ready leader yet; answering OK anyway (writes get -CLUSTERDOWN until it has)");
+                return r::finish(bc, Ok(wait.reply));
+            }
+            unsafe {
+                rm!(RedisModule_CreateTimer)(
+                    ctx,
+                    INIT_POLL_MS,
+                    Some(init_poll),
+                    Box::into_raw(wait) as *mut c_void,
+                )
+            };
+        },
+    );
 }
 
 /// Opens the log (it must hold nothing), starts the node on it and makes it this module's

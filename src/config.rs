@@ -27,7 +27,12 @@ pub struct Options {
     /// RedisRaft's `raft.ignored-commands`: comma-separated commands run locally.
     pub ignored_commands: String,
     /// `raft.cluster-password`: shared secret peers prove on the bus; empty disables the check.
+    /// Also the password this node gives (with `cluster_user`) to AUTH on other nodes' Redis
+    /// ports (RAFT.CLUSTER JOIN).
     pub cluster_password: String,
+    /// `raft.cluster-user` (RedisRaft's): the ACL user this node AUTHenticates as on other
+    /// nodes' Redis ports, with `cluster_password`.
+    pub cluster_user: String,
     /// RAFT.CLUSTER JOIN gives up after this long (`raft.join-timeout`, RedisRaft's option).
     pub join_timeout_ms: u64,
     /// Take a snapshot and compact the log once its file passes this many bytes (0: never;
@@ -62,6 +67,7 @@ impl Default for Options {
             follower_reads: false,
             ignored_commands: String::new(),
             cluster_password: String::new(),
+            cluster_user: "default".to_string(),
             join_timeout_ms: 120_000,
             log_max_file_bytes: 128_000_000,
             log_max_cache_bytes: 64_000_000,
@@ -357,6 +363,12 @@ pub fn check_string(option: &'static str, value: &str) -> Result<(), ConfigError
             return Err(err(
                 option,
                 "must be a comma-separated list of command names, as in \"incr,decr\"",
+            ));
+        }
+        "cluster-user" if value.is_empty() || value.contains(char::is_whitespace) => {
+            return Err(err(
+                option,
+                "must be an ACL user name (not empty, no spaces)",
             ));
         }
         "log-filename" => {

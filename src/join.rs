@@ -1,6 +1,8 @@
 //! RAFT.CLUSTER JOIN's client side: asks a cluster's leader (over its ordinary Redis port,
 //! as RedisRaft does) to add this node, following -MOVED and retrying while the cluster has
 //! no leader, until `raft.join-timeout`. Runs on its own thread; never calls the Redis API.
+//! With `raft.cluster-user` / `raft.cluster-password` set, every connection starts with
+//! `AUTH <user> <password>` (nodes run with `requirepass` or ACL users).
 
 use std::io::{BufRead, BufReader, Read as _, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -17,6 +19,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before asking again when the cluster cannot take the change yet.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// What to do about a node that wants a password (appended to NOAUTH / WRONGPASS).
+const AUTH_HINT: &str =
+    "(set raft.cluster-user and raft.cluster-password to an account of the cluster's nodes)";
+/// RedisRaft's error for a cluster it could not reach or that had no leader; ours adds why.
+pub const UNREACHABLE: &str = "ERR failed to connect to cluster for join";
+
+/// `AUTH <user> <password>`, sent first on every connection to another node's Redis port.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl Credentials {
+    /// The credentials `raft.cluster-user` and `raft.cluster-password` name, if any: none
+    /// while they are left at `default` and empty (nothing to AUTH with).
+    pub fn from_options(user: &str, password: &str) -> Option<Credentials> {
+        (!password.is_empty() || user != "default").then(|| Credentials {
+            user: user.to_string(),
+            password: password.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <password>)", self.user)
+    }
+}
 
 /// A RESP reply, as much of it as joining needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +69,12 @@ pub struct Joined {
 }
 
 /// Asks the cluster at `addrs` to add `me` until it does or `timeout` passes.
-pub fn join(addrs: &[String], me: &Member, timeout: Duration) -> Result<Joined, String> {
+pub fn join(
+    addrs: &[String],
+    me: &Member,
+    timeout: Duration,
+    auth: Option<&Credentials>,
+) -> Result<Joined, String> {
     let deadline = Instant::now() + timeout;
     let mut targets: Vec<String> = addrs.to_vec();
     let mut i = 0usize;
@@ -57,7 +93,7 @@ pub fn join(addrs: &[String], me: &Member, timeout: Duration) -> Result<Joined, 
     ];
     while Instant::now() < deadline {
         let target = targets[i % targets.len()].clone();
-        match ask(&target, &add) {
+        match ask(&target, &add, auth) {
             Ok((Resp::Array(Some(items)), mut conn)) if items.len() == 2 => {
                 let (Resp::Int(id), Resp::Simple(cluster_id)) = (&items[0], &items[1]) else {
                     return Err(format!("unexpected reply from {target}: {items:?}"));
@@ -89,7 +125,12 @@ pub fn join(addrs: &[String], me: &Member, timeout: Duration) -> Result<Joined, 
                     || e.starts_with("ERR one voting change only");
                 if !transient {
                     let why = e.strip_prefix("ERR ").unwrap_or(&e);
-                    return Err(format!("ERR {target} refused the join: {why}"));
+                    let hint = if e.starts_with("NOAUTH") || e.starts_with("WRONGPASS") {
+                        format!(" {AUTH_HINT}")
+                    } else {
+                        String::new()
+                    };
+                    return Err(format!("ERR {target} refused the join: {why}{hint}"));
                 }
                 last_error = format!("{target}: {e}");
             }
@@ -100,7 +141,7 @@ pub fn join(addrs: &[String], me: &Member, timeout: Duration) -> Result<Joined, 
         std::thread::sleep(RETRY_PAUSE);
     }
     Err(format!(
-        "ERR failed to join the cluster within raft.join-timeout ({} ms); last error: {last_error}",
+        "{UNREACHABLE}: gave up after raft.join-timeout ({} ms); last error: {last_error}",
         timeout.as_millis()
     ))
 }
@@ -124,7 +165,13 @@ fn member_row(r: &Resp) -> Option<Member> {
     })
 }
 
-fn ask(target: &str, args: &[String]) -> Result<(Resp, BufReader<TcpStream>), String> {
+/// Connects to `target`, authenticates if `auth` says so, and sends `args`. A refused AUTH
+/// is returned as the reply (the caller reports it); I/O errors as Err.
+fn ask(
+    target: &str,
+    args: &[String],
+    auth: Option<&Credentials>,
+) -> Result<(Resp, BufReader<TcpStream>), String> {
     let addr = target
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve: {e}"))?
@@ -136,6 +183,14 @@ fn ask(target: &str, args: &[String]) -> Result<(Resp, BufReader<TcpStream>), St
         .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| e.to_string())?;
     let mut conn = BufReader::new(stream);
+    if let Some(a) = auth {
+        let auth_args = ["AUTH".to_string(), a.user.clone(), a.password.clone()];
+        match request(&mut conn, &auth_args)? {
+            Resp::Simple(_) => {}
+            Resp::Error(e) => return Ok((Resp::Error(e), conn)),
+            other => return Err(format!("unexpected reply to AUTH: {other:?}")),
+        }
+    }
     let r = request(&mut conn, args)?;
     Ok((r, conn))
 }

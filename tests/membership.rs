@@ -457,7 +457,7 @@ fn join_gives_up_after_the_join_timeout_with_the_last_error() {
     let e = status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &nobody]));
     assert!(
         e.starts_with(
-            "ERR failed to join the cluster within raft.join-timeout (1000 ms); last error: "
+            "ERR failed to connect to cluster for join: gave up after raft.join-timeout (1000 ms); last error: "
         ) && e.contains(&nobody),
         "{e}"
     );
@@ -465,4 +465,175 @@ fn join_gives_up_after_the_join_timeout_with_the_last_error() {
     assert_eq!(info(&c, j, "raft_state"), "uninitialized");
     // It can still found a cluster of its own afterwards.
     assert!(status(cmd(&c, j, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+}
+
+#[test]
+fn init_answers_once_the_node_accepts_writes() {
+    let mut c = Cluster::define(0);
+    let j = c.add_dynamic_node();
+    c.start_node(j);
+    // One connection, no pause, no retry: a script written for RedisRaft.
+    let mut conn = RawConn::open(c.nodes[j].def.port);
+    let init = conn.cmd(&["RAFT.CLUSTER", "INIT"]);
+    assert!(
+        init.starts_with("+OK ") && init.len() == "+OK \r\n".len() + 32,
+        "{init}"
+    );
+    assert_eq!(conn.cmd(&["SET", "k", "v"]), "+OK\r\n");
+    assert_eq!(conn.cmd(&["GET", "k"]), "$1\r\nv\r\n");
+    assert_eq!(info(&c, j, "raft_role"), "leader");
+}
+
+#[test]
+fn join_authenticates_to_nodes_that_run_with_requirepass() {
+    let mut c = Cluster::define(0);
+    for _ in 0..2 {
+        let i = c.add_dynamic_node();
+        c.nodes[i].extra = [
+            "--requirepass",
+            "secret",
+            "--raft.cluster-password",
+            "secret",
+        ]
+        .map(String::from)
+        .to_vec();
+        c.nodes[i].password = Some("secret".into());
+        c.start_node(i);
+    }
+    assert!(status(cmd(&c, 0, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+    assert_eq!(
+        status(cmd(&c, 1, &["RAFT.CLUSTER", "JOIN", &c.addr(0)])),
+        "OK"
+    );
+    assert_eq!(status(cmd(&c, 0, &["SET", "k", "v"])), "OK");
+    wait_for("k on the joined node", Duration::from_secs(10), || {
+        c.local(1, &["GET", "k"]) == Value::BulkString(b"v".to_vec())
+    });
+    wait_for("two voters", Duration::from_secs(20), || {
+        voters(&c, 0).len() == 2
+    });
+}
+
+#[test]
+fn join_as_raft_cluster_user_with_its_password() {
+    let mut c = Cluster::define(0);
+    for _ in 0..2 {
+        let i = c.add_dynamic_node();
+        // The default user is off: only raftuser may run anything.
+        c.nodes[i].extra = [
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "raftuser",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "--raft.cluster-user",
+            "raftuser",
+            "--raft.cluster-password",
+            "pw",
+        ]
+        .map(String::from)
+        .to_vec();
+        c.nodes[i].user = Some("raftuser".into());
+        c.nodes[i].password = Some("pw".into());
+        c.start_node(i);
+    }
+    assert_eq!(
+        cmd(&c, 0, &["CONFIG", "GET", "raft.cluster-user"]),
+        Ok(Value::Array(vec![
+            Value::BulkString(b"raft.cluster-user".to_vec()),
+            Value::BulkString(b"raftuser".to_vec()),
+        ]))
+    );
+    assert!(status(cmd(&c, 0, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+    assert_eq!(
+        status(cmd(&c, 1, &["RAFT.CLUSTER", "JOIN", &c.addr(0)])),
+        "OK"
+    );
+    assert_eq!(status(cmd(&c, 0, &["SET", "k", "v"])), "OK");
+    wait_for("k on the joined node", Duration::from_secs(10), || {
+        c.local(1, &["GET", "k"]) == Value::BulkString(b"v".to_vec())
+    });
+}
+
+#[test]
+fn join_without_the_password_says_so() {
+    let mut c = Cluster::define(0);
+    let a = c.add_dynamic_node();
+    c.nodes[a].extra = ["--requirepass", "secret"].map(String::from).to_vec();
+    c.nodes[a].password = Some("secret".into());
+    c.start_node(a);
+    assert!(status(cmd(&c, a, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+    let b = c.add_dynamic_node();
+    c.start_node(b);
+    let e = status(cmd(&c, b, &["RAFT.CLUSTER", "JOIN", &c.addr(a)]));
+    assert_eq!(
+        e,
+        format!(
+            "ERR {} refused the join: NOAUTH Authentication required. (set raft.cluster-user and raft.cluster-password to an account of the cluster's nodes)",
+            c.addr(a)
+        )
+    );
+    assert_eq!(info(&c, b, "raft_state"), "uninitialized");
+}
+
+#[test]
+fn a_failed_join_leaves_nothing_behind_and_a_retry_succeeds() {
+    let mut c = Cluster::define(0);
+    let a = c.add_dynamic_node();
+    c.start_node(a);
+    assert!(status(cmd(&c, a, &["RAFT.CLUSTER", "INIT"])).starts_with("OK "));
+    let j = c.add_dynamic_node();
+    c.nodes[j].extra = vec!["--raft.join-timeout".into(), "1000".into()];
+    c.start_node(j);
+    let log = c.nodes[j].def.dir.join("redisraft.db");
+
+    // Nobody there: RedisRaft's wording, then ours.
+    let nobody = format!("127.0.0.1:{}", common::free_port());
+    let e = status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &nobody]));
+    assert!(
+        e.starts_with("ERR failed to connect to cluster for join: gave up after raft.join-timeout (1000 ms); last error: ")
+            && e.contains(&nobody),
+        "{e}"
+    );
+    assert_eq!(info(&c, j, "raft_state"), "uninitialized");
+    assert!(!log.exists(), "a failed JOIN left {} behind", log.display());
+
+    // The cluster adds it, but its bus port is taken: the node cannot start.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", c.nodes[j].def.bus_port))
+        .expect("take the bus port");
+    let e = status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &c.addr(a)]));
+    assert!(e.starts_with("ERR "), "{e}");
+    assert!(e.contains("Address already in use"), "{e}");
+    assert_eq!(info(&c, j, "raft_state"), "uninitialized");
+    assert!(!log.exists(), "a failed JOIN left {} behind", log.display());
+    drop(taken);
+
+    // The retry succeeds (the cluster had committed the first add: it is not added twice).
+    assert_eq!(
+        status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &c.addr(a)])),
+        "OK"
+    );
+    assert_eq!(info(&c, j, "raft_state"), "up");
+    assert_eq!(status(cmd(&c, a, &["SET", "k", "v"])), "OK");
+    wait_for("k on the joined node", Duration::from_secs(10), || {
+        c.local(j, &["GET", "k"]) == Value::BulkString(b"v".to_vec())
+    });
+    // A JOIN retried after it succeeded (its reply lost) answers OK again; JOIN elsewhere
+    // does not.
+    assert_eq!(
+        status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &c.addr(a)])),
+        "OK"
+    );
+    assert_eq!(
+        status(cmd(&c, j, &["RAFT.CLUSTER", "JOIN", &nobody])),
+        "ERR Already cluster member"
+    );
+    wait_for("two voters", Duration::from_secs(20), || {
+        voters(&c, a).len() == 2
+    });
 }

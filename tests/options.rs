@@ -404,3 +404,36 @@ fn the_module_refuses_to_load_into_redis_cluster_and_says_why() {
         "{log}"
     );
 }
+
+#[test]
+fn raft_cluster_user_defaults_to_default_and_changes_at_runtime() {
+    let mut c = Cluster::define(0);
+    let i = c.add_dynamic_node();
+    c.start_node(i);
+    assert_eq!(
+        q(&c, i, &["CONFIG", "GET", "raft.cluster-user"]),
+        Ok(Value::Array(vec![
+            Value::BulkString(b"raft.cluster-user".to_vec()),
+            Value::BulkString(b"default".to_vec()),
+        ]))
+    );
+    assert_eq!(
+        q(&c, i, &["CONFIG", "SET", "raft.cluster-user", "raftuser"]),
+        Ok(Value::Okay)
+    );
+    assert_eq!(
+        q(&c, i, &["CONFIG", "GET", "raft.cluster-user"]),
+        Ok(Value::Array(vec![
+            Value::BulkString(b"raft.cluster-user".to_vec()),
+            Value::BulkString(b"raftuser".to_vec()),
+        ]))
+    );
+    assert_eq!(
+        q(&c, i, &["CONFIG", "SET", "raft.cluster-user", ""]),
+        Err("ERR CONFIG SET failed (possibly related to argument 'raft.cluster-user') - raft.cluster-user: must be an ACL user name (not empty, no spaces)".into())
+    );
+    refused(
+        &["--raft.cluster-user", "a b"],
+        "raft.cluster-user: must be an ACL user name (not empty, no spaces)",
+    );
+}

@@ -3,9 +3,9 @@
 
 use std::ffi::{c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::codec::Member;
 use crate::config::{node_id_for_name, parse_host_port, BUS_PORT_OFFSET};
@@ -51,6 +51,19 @@ extern "C" fn cluster_cmd(
             if !is_init && !is_join {
                 return api::reply_error(ctx, "ERR RAFT.CLUSTER supports INIT / JOIN only");
             }
+            if let Some(node) = m.node().filter(|_| is_join && !m.is_removed()) {
+                // A JOIN retried after it succeeded (its reply lost): OK again, when it names
+                // a member of the cluster this node belongs to.
+                let members = node.shared().members();
+                let ours = args[2..].iter().any(|a| {
+                    members
+                        .iter()
+                        .any(|mb| mb.redis_addr.as_bytes() == a.as_slice())
+                });
+                if ours {
+                    return api::reply_simple(ctx, "OK");
+                }
+            }
             if m.node().is_some() || m.is_removed() {
                 return api::reply_error(ctx, "ERR Already cluster member");
             }
@@ -87,10 +100,6 @@ fn init(ctx: *mut RedisModuleCtx, id: Option<&Vec<u8>>, me: Member) -> c_int {
             Err(e) => return api::reply_error(ctx, &format!("ERR no random cluster id: {e}")),
         },
     };
-    let store = match open_empty_log() {
-        Ok(s) => s,
-        Err(e) => return api::reply_error(ctx, &e),
-    };
     let spec = r::StartSpec {
         id: me.id,
         bus_listen: match bus_listen(&me) {
@@ -101,18 +110,95 @@ fn init(ctx: *mut RedisModuleCtx, id: Option<&Vec<u8>>, me: Member) -> c_int {
         bootstrap: true,
         cluster_id: cluster_id.clone(),
     };
-    let node = match r::start_node(&configs::options(), store, spec) {
-        Ok(n) => n,
-        Err(e) => return api::reply_error(ctx, &format!("ERR {e}")),
-    };
-    if let Err(e) = r::set_node(node) {
+    if let Err(e) = start_on_empty_log(spec) {
         return api::reply_error(ctx, &e);
     }
     info!(
         "RAFT.CLUSTER INIT: new cluster {cluster_id} with this node ('{}', id {}) as its only voter",
         me.name, me.id
     );
-    api::reply_simple(ctx, &format!("OK {cluster_id}"))
+    // As RedisRaft: the reply comes once this node leads and has applied an entry of its
+    // term, so the next command is served (not -CLUSTERDOWN).
+    let bc = r::block(ctx);
+    if bc.is_null() {
+        return api::reply_simple(ctx, &format!("OK {cluster_id}"));
+    }
+    let election = configs::options().election_timeout_ms;
+    let wait = Box::new(InitWait {
+        bc: bc as usize,
+        reply: format!("OK {cluster_id}"),
+        deadline: Instant::now() + Duration::from_millis(election.saturating_mul(10).max(5000)),
+    });
+    init_poll(ctx, Box::into_raw(wait) as *mut c_void);
+    api::OK
+}
+
+/// RAFT.CLUSTER INIT's client, waiting for the new cluster to take writes.
+struct InitWait {
+    bc: usize,
+    reply: String,
+    /// Answer anyway by then (the cluster exists; a log whose fsync stalls for this long is
+    /// reported in the server log).
+    deadline: Instant,
+}
+
+/// How often INIT's client checks whether the node leads and has applied its term's entry.
+const INIT_POLL_MS: i64 = 2;
+
+/// Answers INIT's client once the node is a ready leader, or re-arms itself (a module timer).
+extern "C" fn init_poll(ctx: *mut RedisModuleCtx, data: *mut c_void) {
+    if data.is_null() {
+        return;
+    }
+    let wait = unsafe { Box::from_raw(data as *mut InitWait) };
+    let bc = wait.bc as *mut api::RedisModuleBlockedClient;
+    let reply = wait.reply.clone();
+    guard(
+        "RAFT.CLUSTER INIT",
+        || r::finish(bc, Ok(reply)),
+        || {
+            let ready = module()
+                .and_then(|m| m.node())
+                .is_some_and(|n| n.shared().is_ready_leader());
+            if ready {
+                return r::finish(bc, Ok(wait.reply));
+            }
+            if Instant::now() >= wait.deadline {
+                warn!("RAFT.CLUSTER INIT: the new cluster has no ready leader yet; answering OK anyway (writes get -CLUSTERDOWN until it has)");
+                return r::finish(bc, Ok(wait.reply));
+            }
+            unsafe {
+                rm!(RedisModule_CreateTimer)(
+                    ctx,
+                    INIT_POLL_MS,
+                    Some(init_poll),
+                    Box::into_raw(wait) as *mut c_void,
+                )
+            };
+        },
+    );
+}
+
+/// Opens the log (it must hold nothing), starts the node on it and makes it this module's
+/// node. If starting fails, the log file is removed again: the node is left as it was
+/// (uninitialised, no log), so INIT or JOIN can be retried.
+fn start_on_empty_log(spec: r::StartSpec) -> Result<(), String> {
+    let store = open_empty_log()?;
+    let path = store.path().to_path_buf();
+    let started = r::start_node(&configs::options(), store, spec)
+        .map_err(|e| format!("ERR {e}"))
+        .and_then(r::set_node);
+    if started.is_err() {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(
+                "could not remove {} after a failed start: {e}; move it aside before the next RAFT.CLUSTER INIT or JOIN",
+                path.display()
+            ),
+        }
+    }
+    started
 }
 
 fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
@@ -130,10 +216,12 @@ fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
         }
         targets.push(a);
     }
-    if let Err(e) = open_empty_log() {
+    if let Err(e) = check_no_log() {
         return api::reply_error(ctx, &e);
     }
-    let timeout = Duration::from_millis(configs::options().join_timeout_ms);
+    let opts = configs::options();
+    let timeout = Duration::from_millis(opts.join_timeout_ms);
+    let auth = crate::join::Credentials::from_options(&opts.cluster_user, &opts.cluster_password);
     let bc = r::block(ctx);
     if bc.is_null() {
         return api::reply_error(ctx, "ERR could not block the client");
@@ -147,7 +235,7 @@ fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
                 "RAFT.CLUSTER JOIN: asking {targets:?} to add this node ('{}', id {})",
                 me.name, me.id
             );
-            let result = crate::join::join(&targets, &me, timeout);
+            let result = crate::join::join(&targets, &me, timeout, auth.as_ref());
             let done = Box::new(JoinDone {
                 bc: bc_addr,
                 me,
@@ -185,17 +273,13 @@ extern "C" fn join_done(data: *mut c_void) {
         || r::finish(bc, Err("ERR internal error (see the server log)".into())),
         || {
             let outcome = done.result.and_then(|joined| {
-                let store = open_empty_log()?;
-                let spec = r::StartSpec {
+                start_on_empty_log(r::StartSpec {
                     id: done.me.id,
                     bus_listen: bus_listen(&done.me)?,
                     members: joined.members,
                     bootstrap: false,
                     cluster_id: joined.cluster_id,
-                };
-                let node = r::start_node(&configs::options(), store, spec)
-                    .map_err(|e| format!("ERR {e}"))?;
-                r::set_node(node)
+                })
             });
             if let Err(e) = &outcome {
                 error!("RAFT.CLUSTER JOIN failed: {e}");
@@ -330,7 +414,7 @@ fn split_addr(s: &str) -> Option<(String, String)> {
 fn my_identity(ctx: *mut RedisModuleCtx) -> Result<Member, String> {
     let opts = configs::options();
     let name = if opts.node_id.is_empty() {
-        format!("node-{}", random_hex(4)?)
+        random_name()?
     } else {
         opts.node_id.clone()
     };
@@ -381,6 +465,16 @@ fn redis_port(ctx: *mut RedisModuleCtx) -> Option<u16> {
     }
 }
 
+/// JOIN's check before it asks the cluster: no log, or one that holds nothing. Creates no
+/// file (a JOIN that fails leaves the node as it was).
+fn check_no_log() -> Result<(), String> {
+    let opts = configs::options();
+    match std::fs::metadata(&opts.log_filename) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => open_empty_log().map(drop),
+    }
+}
+
 /// The log INIT or JOIN starts: it must not hold anything yet.
 fn open_empty_log() -> Result<LogStore, String> {
     let opts = configs::options();
@@ -397,6 +491,17 @@ fn open_empty_log() -> Result<LogStore, String> {
         ));
     }
     Ok(store)
+}
+
+/// This process's name when `raft.node-id` is not set: chosen once, so a JOIN retried after
+/// its first attempt was committed asks for the same node (same name, so the same id).
+fn random_name() -> Result<String, String> {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(n) = NAME.get() {
+        return Ok(n.clone());
+    }
+    let n = format!("node-{}", random_hex(4)?);
+    Ok(NAME.get_or_init(|| n).clone())
 }
 
 fn random_hex(bytes: usize) -> Result<String, String> {

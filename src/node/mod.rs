@@ -924,6 +924,17 @@ fn parse_read_ctx(b: &[u8]) -> Option<(u64, u64, u64)> {
 
 impl RaftThread {
     fn run(mut self) {
+        // The only voter (a cluster just founded with RAFT.CLUSTER INIT, or restarted alone)
+        // need not wait an election timeout for a vote only it casts.
+        let voters = self.node.raft.prs().conf().voters().ids();
+        if voters.len() == 1
+            && voters.contains(self.shared.node_id)
+            && self.node.raft.state != StateRole::Leader
+        {
+            if let Err(e) = self.node.campaign() {
+                warn!("could not start an election at once: {e}");
+            }
+        }
         self.next_tick = Instant::now() + self.tick;
         let mut next_beat = Instant::now();
         loop {

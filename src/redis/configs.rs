@@ -68,6 +68,7 @@ fn key(name: &str) -> &'static str {
         "follower-reads" => "follower-reads",
         "ignored-commands" => "ignored-commands",
         "cluster-password" => "cluster-password",
+        "cluster-user" => "cluster-user",
         "snapshot-fail" => "snapshot-fail",
         "snapshot-delay" => "snapshot-delay",
         _ => "",
@@ -84,6 +85,7 @@ extern "C" fn get_string(name: *const c_char, _p: *mut c_void) -> *mut RedisModu
             "addr" => o.addr.clone(),
             "ignored-commands" => o.ignored_commands.clone(),
             "cluster-password" => o.cluster_password.clone(),
+            "cluster-user" => o.cluster_user.clone(),
             _ => String::new(),
         });
         let s = api::create_string(std::ptr::null_mut(), v.as_bytes());
@@ -136,6 +138,7 @@ extern "C" fn set_string(
                 "addr" => o.addr = v,
                 "ignored-commands" => o.ignored_commands = v,
                 "cluster-password" => o.cluster_password = v,
+                "cluster-user" => o.cluster_user = v,
                 _ => {}
             });
             if k == "ignored-commands" {
@@ -318,7 +321,7 @@ const HIDDEN: u32 = raw::REDISMODULE_CONFIG_HIDDEN;
 pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let d = Options::default();
     with_options(|o| *o = d.clone());
-    let strings: [(&CStr, &str, u32); 6] = [
+    let strings: [(&CStr, &str, u32); 7] = [
         (c"node-id", "", IMMUTABLE),
         (c"cluster-nodes", "", IMMUTABLE),
         // Until the node belongs to a cluster (set_string refuses them after), as RedisRaft.
@@ -326,6 +329,8 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         (c"addr", "", DEFAULT),
         (c"ignored-commands", "", DEFAULT),
         (c"cluster-password", "", IMMUTABLE | SENSITIVE),
+        // Read by each JOIN: may change at any time, as RedisRaft's.
+        (c"cluster-user", &d.cluster_user, DEFAULT),
     ];
     for (name, default, flags) in strings {
         let def = CString::new(default).map_err(|e| e.to_string())?;

@@ -82,6 +82,10 @@ pub struct Node {
     pub env: Vec<(String, String)>,
     /// Started without `raft.cluster-nodes` (joins with RAFT.CLUSTER INIT/JOIN).
     pub dynamic: bool,
+    /// The password the harness's own connections give (a node run with `--requirepass`),
+    /// as `user` when that is set.
+    pub password: Option<String>,
+    pub user: Option<String>,
 }
 
 impl Node {
@@ -126,6 +130,8 @@ impl Cluster {
                 extra: Vec::new(),
                 env: Vec::new(),
                 dynamic: false,
+                password: None,
+                user: None,
             });
         }
         let cluster_nodes = nodes
@@ -205,6 +211,8 @@ impl Cluster {
             extra: Vec::new(),
             env: Vec::new(),
             dynamic: true,
+            password: None,
+            user: None,
         });
         i
     }
@@ -264,7 +272,14 @@ impl Cluster {
     }
 
     pub fn conn(&self, i: usize) -> redis::RedisResult<redis::Connection> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.nodes[i].def.port))?;
+        let auth = match (&self.nodes[i].user, &self.nodes[i].password) {
+            (u, Some(p)) => format!("{}:{p}@", u.as_deref().unwrap_or("")),
+            _ => String::new(),
+        };
+        let client = redis::Client::open(format!(
+            "redis://{auth}127.0.0.1:{}/",
+            self.nodes[i].def.port
+        ))?;
         let c = client.get_connection_with_timeout(Duration::from_secs(2))?;
         c.set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(c)

@@ -255,7 +255,11 @@ pub fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
     let opts = CallOpts {
         resp3: flags & raw::REDISMODULE_CTX_FLAGS_RESP3 != 0,
     };
-    let r = call(ctx, cmd, opts);
+    reply_with_call(ctx, call(ctx, cmd, opts))
+}
+
+/// Replies with an RM_Call's reply (an error if there is none) and frees it.
+pub fn reply_with_call(ctx: *mut RedisModuleCtx, r: *mut RedisModuleCallReply) -> c_int {
     if r.is_null() {
         return reply_error(ctx, "ERR the command could not be executed");
     }

@@ -244,7 +244,7 @@ pub fn kill(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> c_int {
     let node = m.node();
     let (Some(run), Some(node)) = (running, node) else {
         // Not an entry's script (any more): Redis's own answer.
-        return call_and_reply_kill(ctx, argv);
+        return api::reply_with_call(ctx, call_kill(ctx, argv));
     };
     if !node.shared().is_leader() {
         return api::reply_error(ctx, &super::redirect_error(m));
@@ -258,7 +258,7 @@ pub fn kill(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> c_int {
     let r = call_kill(ctx, argv);
     if !is_ok(r) {
         // UNKILLABLE (it wrote), or the other kind of script: as Redis says.
-        return reply_and_free(ctx, r);
+        return api::reply_with_call(ctx, r);
     }
     if !commit_kill(m, node, run.index) {
         // Killed here, not on the others: this node's data would differ.
@@ -270,14 +270,7 @@ pub fn kill(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> c_int {
             ),
         );
     }
-    reply_and_free(ctx, r)
-}
-
-fn call_and_reply_kill(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) -> c_int {
-    STATE.get_mut().killing = true;
-    let rc = api::call_and_reply(ctx, argv);
-    STATE.get_mut().killing = false;
-    rc
+    api::reply_with_call(ctx, r)
 }
 
 /// Redis is shutting down (SHUTDOWN NOSAVE, or SIGTERM, while an entry's script runs): on
@@ -344,7 +337,7 @@ fn commit_kill(m: &Module, node: &crate::node::Node, index: u64) -> bool {
             true
         }
         Err((e, _)) => {
-            warn!("killed the script of raft entry {index} here, but the kill could not be logged ({e}); the other nodes keep running it");
+            warn!("the kill of raft entry {index}'s script could not be logged: {e}");
             false
         }
     }
@@ -362,15 +355,6 @@ fn call_kill(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) -> *mut api::RedisModul
     st.killing = false;
     st.run_killed |= is_ok(r);
     r
-}
-
-fn reply_and_free(ctx: *mut RedisModuleCtx, r: *mut api::RedisModuleCallReply) -> c_int {
-    if r.is_null() {
-        return api::reply_error(ctx, "ERR the command could not be executed");
-    }
-    let rc = unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, r) };
-    api::free_call_reply(r);
-    rc
 }
 
 fn reply_text(r: *mut api::RedisModuleCallReply) -> String {

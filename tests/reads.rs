@@ -92,6 +92,97 @@ fn lease_mode_serves_reads_on_the_leader() {
 }
 
 #[test]
+fn a_leader_answers_reads_at_once_while_its_lease_holds_and_never_after() {
+    let mut c = cluster_with(&["--raft.read-mode", "lease"]);
+    let l = c.wait_leader(Duration::from_secs(10));
+    set(&c, l, "k", "v1");
+    let mut con = c.conn(l).unwrap();
+    // The lease is renewed while the cluster is whole; give it a few rounds.
+    std::thread::sleep(Duration::from_millis(300));
+    let followers: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    for &f in &followers {
+        c.signal(f, libc::SIGSTOP);
+    }
+    // No follower can answer now: a linearizable leader would wait and fail (see
+    // linearizable_read_on_a_cut_off_leader_never_returns_data); a leader in its lease
+    // answers from its own data, at once.
+    let t0 = Instant::now();
+    let got: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("k").query(&mut con);
+    let at_once = t0.elapsed();
+    // Past the lease (less than an election timeout from the last confirmed round), it
+    // must not answer from its data any more.
+    std::thread::sleep(Duration::from_millis(ELECTION_MS + 200));
+    let late: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("k").query(&mut con);
+    for &f in &followers {
+        c.signal(f, libc::SIGCONT);
+    }
+    assert_eq!(got.unwrap().as_deref(), Some("v1"));
+    assert!(at_once < Duration::from_millis(100), "{at_once:?}");
+    let e = late.expect_err("a leader whose lease ran out answered from its data");
+    assert!(
+        matches!(e.code(), Some("TIMEOUT" | "CLUSTERDOWN" | "MOVED")),
+        "{e}"
+    );
+    let l = c.wait_leader(Duration::from_secs(10));
+    assert_eq!(get(&c, l, "k").unwrap().as_deref(), Some("v1"));
+}
+
+#[test]
+fn a_leader_paused_past_its_lease_never_answers_with_data_from_before() {
+    let mut c = cluster_with(&["--raft.read-mode", "lease"]);
+    for round in 0..3 {
+        let old = c.wait_leader(Duration::from_secs(10));
+        let before = format!("before-{round}");
+        set(&c, old, "k", &before);
+        // Connected and asking before the pause: the reads wait in the old leader's socket.
+        let mut cons: Vec<redis::Connection> = (0..4).map(|_| c.conn(old).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        c.signal(old, libc::SIGSTOP);
+        // Another leader takes over and a new value is acknowledged.
+        let after = format!("after-{round}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+            let written = others.iter().any(|&i| {
+                c.conn(i).is_ok_and(|mut con| {
+                    redis::cmd("SET")
+                        .arg("k")
+                        .arg(&after)
+                        .query::<()>(&mut con)
+                        .is_ok()
+                })
+            });
+            if written {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no new leader took a write");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let handles: Vec<_> = cons
+            .drain(..)
+            .map(|mut con| {
+                std::thread::spawn(move || {
+                    redis::cmd("GET")
+                        .arg("k")
+                        .query::<Option<String>>(&mut con)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        c.signal(old, libc::SIGCONT);
+        for h in handles {
+            match h.join().unwrap() {
+                Ok(v) => assert_eq!(v.as_deref(), Some(after.as_str()), "round {round}"),
+                Err(e) => assert!(
+                    matches!(e.code(), Some("TIMEOUT" | "CLUSTERDOWN" | "MOVED")),
+                    "round {round}: {e}"
+                ),
+            }
+        }
+    }
+}
+
+#[test]
 fn follower_reads_see_every_write_acknowledged_before_them() {
     let mut c = cluster_with(&["--raft.follower-reads", "yes"]);
     let l = c.wait_leader(Duration::from_secs(10));

@@ -4,9 +4,13 @@
 //! Invariant: this module never calls the Redis module API. It talks to the main thread only
 //! through `Shared` (atomics, the apply queue) and the `Waker` the main thread gave it.
 
+mod lease;
 mod status;
 
+pub use lease::LeaseDeadline;
 pub use status::{NodeStatus, Role};
+
+use lease::{LeaderState, Lease, LEASE_ROUND};
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -61,7 +65,7 @@ pub struct NodeSpec {
     pub heartbeat_interval_ms: u64,
     /// This node's `raft.addr`, when it differs from its entry: replicated so -MOVED is right.
     pub advertise_addr: Option<String>,
-    /// Confirm reads by leader lease instead of a quorum round (`raft.read-mode lease`).
+    /// Keep a leader lease so reads run at once while it holds (`raft.read-mode lease`).
     pub lease_reads: bool,
     /// `raft.cluster-password`: peers must prove they know it; empty disables the check.
     pub cluster_password: String,
@@ -168,6 +172,8 @@ pub struct Shared {
     leaving: AtomicBool,
     /// The membership as of an applied index: what a snapshot taken there must carry.
     membership: Mutex<(u64, SnapshotMembership)>,
+    /// Until when this leader's read lease holds (`raft.read-mode lease`).
+    lease: LeaseDeadline,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -184,6 +190,11 @@ impl Shared {
     /// The leader this node knows, 0 for none.
     pub fn leader_id(&self) -> u64 {
         self.leader_id.load(Ordering::Acquire)
+    }
+
+    /// A ready leader whose read lease holds: a read may run on its data at once.
+    pub fn holds_read_lease(&self) -> bool {
+        self.lease.holds() && self.is_ready_leader()
     }
 
     /// Leader that has applied an entry of its own term: its data is current.
@@ -362,11 +373,9 @@ impl Node {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_committed_size_per_ready: 16 << 20,
-            read_only_option: if spec.lease_reads {
-                raft::ReadOnlyOption::LeaseBased
-            } else {
-                raft::ReadOnlyOption::Safe
-            },
+            // Every round is a quorum round; `raft.read-mode lease` builds its lease from
+            // them (lease.rs) instead of raft-rs's LeaseBased, which trusts check-quorum.
+            read_only_option: raft::ReadOnlyOption::Safe,
             ..Default::default()
         };
         cfg.validate()?;
@@ -390,6 +399,7 @@ impl Node {
             removed: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             membership: Mutex::new((0, SnapshotMembership::default())),
+            lease: LeaseDeadline::default(),
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
@@ -409,6 +419,12 @@ impl Node {
             was_leader_term: None,
             reads: HashMap::new(),
             read_timeout: Duration::from_millis(spec.election_timeout_ms),
+            lease: spec.lease_reads.then(|| {
+                Lease::new(
+                    Duration::from_millis(spec.election_timeout_ms),
+                    Duration::from_millis(spec.heartbeat_interval_ms),
+                )
+            }),
             transfer: None,
             book,
             book_index,
@@ -595,6 +611,8 @@ struct RaftThread {
     reads: HashMap<u64, (Instant, u32)>,
     /// A round not confirmed within this is asked again (a new leader, a lost message).
     read_timeout: Duration,
+    /// The leader's read lease, with `raft.read-mode lease`.
+    lease: Option<Lease>,
     /// A leadership transfer in progress: its target and when it gives up.
     transfer: Option<(u64, Instant)>,
     /// Distinguishes this process's read rounds from a previous one's (see `read_ctx`).
@@ -1008,6 +1026,7 @@ impl RaftThread {
                     }
                 }
             }
+            self.look_after_lease(now);
             if let Err(e) = self.on_ready() {
                 let msg = format!("raft log write failed, this node stopped taking part in the cluster (its data is intact; fix the cause and restart it): {e}");
                 error!("{msg}");
@@ -1621,6 +1640,16 @@ impl RaftThread {
         self.deliver(committed)?;
         for rs in rd.take_read_states() {
             if let Some((id, incarnation, round)) = parse_read_ctx(&rs.request_ctx) {
+                if round & LEASE_ROUND != 0 {
+                    tracing::trace!("read lease: round {} confirmed", round & !LEASE_ROUND);
+                    if id == self.shared.node_id && incarnation == self.incarnation {
+                        let st = self.leader_state();
+                        if let Some(lease) = self.lease.as_mut() {
+                            lease.confirmed(round, &st, &self.shared.lease);
+                        }
+                    }
+                    continue;
+                }
                 if id == self.shared.node_id
                     && incarnation == self.incarnation
                     && self.reads.remove(&round).is_some()
@@ -1684,6 +1713,29 @@ impl RaftThread {
         }
         self.shared.push(ApplyItem::Entries(entries), &self.waker);
         Ok(())
+    }
+
+    fn leader_state(&self) -> LeaderState {
+        let r = &self.node.raft;
+        LeaderState {
+            // raft-rs drops a read round asked before the leader committed in its term.
+            leader: r.state == StateRole::Leader && r.commit_to_current_term(),
+            term: r.term,
+            handing_over: r.lead_transferee.is_some() || self.leaving.is_some(),
+        }
+    }
+
+    /// Gives the read lease up or renews it; runs each turn before its messages leave.
+    fn look_after_lease(&mut self, now: Instant) {
+        let st = self.leader_state();
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        if let Some(round) = lease.look_after(&st, &self.shared.lease, now, self.read_timeout) {
+            tracing::trace!("read lease: round {} asked", round & !LEASE_ROUND);
+            self.node
+                .read_index(read_ctx(self.shared.node_id, self.incarnation, round));
+        }
     }
 
     fn track_leadership(&mut self) {

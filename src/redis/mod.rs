@@ -452,11 +452,19 @@ impl Module {
     }
 
     /// Whether this node may run a read on its local data right away (no round): stale mode
-    /// on a leader whose data is current, or on any node with follower reads.
+    /// on a leader whose data is current, or on any node with follower reads; lease mode on
+    /// a leader whose lease holds (node/lease.rs).
     pub fn serves_reads_locally(&self, node: &Node) -> bool {
-        !snapshots::loading()
-            && self.read_mode == ReadMode::Stale
-            && (node.shared().is_ready_leader() || configs::FOLLOWER_READS.load(Ordering::Relaxed))
+        if snapshots::loading() {
+            return false;
+        }
+        match self.read_mode {
+            ReadMode::Stale => {
+                node.shared().is_ready_leader() || configs::FOLLOWER_READS.load(Ordering::Relaxed)
+            }
+            ReadMode::Lease => node.shared().holds_read_lease(),
+            ReadMode::Linearizable => false,
+        }
     }
 
     /// Whether this node may start a ReadIndex round for a read: a leader whose data is

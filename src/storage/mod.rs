@@ -250,6 +250,10 @@ struct Writer {
     fsync_count: u64,
     fsync_total_us: u64,
     fsync_max_us: u64,
+    /// The buffer holds a record that must be durable before `sync()` returns (entries, a
+    /// term or vote, membership). A buffer of commit indexes alone is written without an
+    /// fsync: a commit index lost in a crash is learned again from the leader.
+    needs_fsync: bool,
 }
 
 impl Core {
@@ -687,6 +691,7 @@ impl LogStore {
                     fsync_count: 0,
                     fsync_total_us: 0,
                     fsync_max_us: 0,
+                    needs_fsync: false,
                 }),
             }),
         };
@@ -718,6 +723,15 @@ impl LogStore {
         &self,
         f: impl FnOnce(&mut Core, &mut Vec<u8>, u64) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
+        self.write_path_durable(|core, buf, at| f(core, buf, at).map(|v| (v, true)))
+    }
+
+    /// `write_path_at` for a change that says whether it needs the next `sync()` to fsync
+    /// (the `bool` returned with its value).
+    fn write_path_durable<T>(
+        &self,
+        f: impl FnOnce(&mut Core, &mut Vec<u8>, u64) -> Result<(T, bool), StorageError>,
+    ) -> Result<T, StorageError> {
         let mut core = write_lock(&self.inner.core);
         let mut guard = mutex_lock(&self.inner.writer);
         let writer = &mut *guard;
@@ -727,7 +741,9 @@ impl LogStore {
                 cause: cause.clone(),
             });
         }
-        f(&mut core, &mut writer.buf, writer.file_bytes)
+        let (v, durable) = f(&mut core, &mut writer.buf, writer.file_bytes)?;
+        writer.needs_fsync |= durable;
+        Ok(v)
     }
 
     fn encode_err(&self, e: record::EncodeError) -> StorageError {
@@ -861,25 +877,28 @@ impl LogStore {
 
     /// Buffers a new hard state (term, vote, commit).
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), StorageError> {
-        self.write_path(|core, buf| {
+        self.write_path_durable(|core, buf, _| {
             core.check_commit(hs.commit)
                 .map_err(|reason| self.invalid(reason))?;
             record::encode_hard_state(buf, hs).map_err(|e| self.encode_err(e))?;
+            // A vote or term must be durable before raft-rs acts on it; a commit index alone
+            // need not (see `Writer::needs_fsync`).
+            let durable = hs.term != core.hard_state.term || hs.vote != core.hard_state.vote;
             core.hard_state = hs.clone();
             core.records += 1;
-            Ok(())
+            Ok(((), durable))
         })
     }
 
     /// Buffers a new commit index, keeping the hard state's term and vote.
     pub fn set_commit(&self, commit: u64) -> Result<(), StorageError> {
-        self.write_path(|core, buf| {
+        self.write_path_durable(|core, buf, _| {
             core.check_commit(commit)
                 .map_err(|reason| self.invalid(reason))?;
             record::encode_commit(buf, commit).map_err(|e| self.encode_err(e))?;
             core.hard_state.commit = commit;
             core.records += 1;
-            Ok(())
+            Ok(((), false))
         })
     }
 
@@ -1113,7 +1132,7 @@ impl LogStore {
         if w.buf.capacity() > WRITE_BUFFER_KEEP_BYTES {
             w.buf.shrink_to(WRITE_BUFFER_KEEP_BYTES);
         }
-        if w.fsync {
+        if w.fsync && std::mem::take(&mut w.needs_fsync) {
             let started = Instant::now();
             if let Err(source) = w.file.sync_data() {
                 w.failed = Some(format!("fsync failed: {source}"));

@@ -259,6 +259,43 @@ fn hard_state_commit_and_conf_state_survive_reopen() {
 }
 
 #[test]
+fn a_commit_index_alone_is_written_without_an_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    store.initialize(conf_state(&[1, 2, 3], &[])).unwrap();
+    store.append(&three_entries()).unwrap();
+    store.set_hard_state(&hard_state(1, 1, 1)).unwrap();
+    store.sync().unwrap();
+    let fsyncs = store.stats().fsync_count;
+    assert!(fsyncs >= 1, "entries and a vote are fsynced");
+
+    // Commit-only changes, either way they arrive: written, not fsynced.
+    store.set_commit(2).unwrap();
+    store.sync().unwrap();
+    store.set_hard_state(&hard_state(1, 1, 3)).unwrap();
+    store.sync().unwrap();
+    assert_eq!(store.stats().fsync_count, fsyncs);
+
+    // A new term or vote is fsynced again, and so is the next entry.
+    store.set_hard_state(&hard_state(2, 1, 3)).unwrap();
+    store.sync().unwrap();
+    assert_eq!(store.stats().fsync_count, fsyncs + 1);
+    store.set_hard_state(&hard_state(2, 2, 3)).unwrap();
+    store.sync().unwrap();
+    assert_eq!(store.stats().fsync_count, fsyncs + 2);
+    store.append(&[entry(4, 2, b"d")]).unwrap();
+    store.set_commit(4).unwrap();
+    store.sync().unwrap();
+    assert_eq!(store.stats().fsync_count, fsyncs + 3);
+    drop(store);
+
+    // What was written without an fsync is in the file all the same.
+    let (store, _) = open(&path);
+    assert_eq!(store.initial_state().unwrap().hard_state, hard_state(2, 2, 4));
+}
+
+#[test]
 fn initialize_only_on_an_empty_log() {
     let dir = tempfile::tempdir().unwrap();
     let path = log_path(&dir);

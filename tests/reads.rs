@@ -162,9 +162,7 @@ fn a_leader_paused_past_its_lease_never_answers_with_data_from_before() {
             .drain(..)
             .map(|mut con| {
                 std::thread::spawn(move || {
-                    redis::cmd("GET")
-                        .arg("k")
-                        .query::<Option<String>>(&mut con)
+                    redis::cmd("GET").arg("k").query::<Option<String>>(&mut con)
                 })
             })
             .collect();

@@ -373,6 +373,10 @@ impl Node {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_committed_size_per_ready: 16 << 20,
+            // A follower learns a new commit index from the next append or heartbeat, not
+            // from an extra message round per commit: under load the next batch carries it at
+            // once; idle, the next heartbeat does (a read round's heartbeat too).
+            skip_bcast_commit: true,
             // Every round is a quorum round; `raft.read-mode lease` builds its lease from
             // them (lease.rs) instead of raft-rs's LeaseBased, which trusts check-quorum.
             read_only_option: raft::ReadOnlyOption::Safe,

@@ -292,7 +292,10 @@ fn a_commit_index_alone_is_written_without_an_fsync() {
 
     // What was written without an fsync is in the file all the same.
     let (store, _) = open(&path);
-    assert_eq!(store.initial_state().unwrap().hard_state, hard_state(2, 2, 4));
+    assert_eq!(
+        store.initial_state().unwrap().hard_state,
+        hard_state(2, 2, 4)
+    );
 }
 
 #[test]

@@ -5,6 +5,13 @@
 //! waits for the acceptor's Welcome (answering a password Challenge first if asked), then drains the queued batches into one buffer per socket write. On any error it closes the
 //! socket and reconnects with exponential backoff.
 //!
+//! Direct sends: while the writer is connected and idle (nothing queued, nothing pending) it
+//! lends its socket to senders (`Direct`): `enqueue` then encodes the batch and writes it
+//! itself without blocking (MSG_DONTWAIT), so the common case costs no wake-up of the writer.
+//! What the socket does not take at once goes to the writer, which takes the socket back and
+//! writes it first. Order is kept: a batch goes direct only while nothing is queued, and the
+//! writer lends the socket only while nothing is queued, both decided under the same lock.
+//!
 //! Invariant: only the writer thread reads from the queue, and it reads only while connected, so
 //! a disconnected peer holds at most `QUEUE_MSGS_MAX` messages (queued, or taken from the queue
 //! but not yet encoded); senders shed the rest.
@@ -62,6 +69,8 @@ struct PeerShared {
     stop: AtomicBool,
     /// A clone of the live socket, so `stop` can unblock a writer stuck in `write`.
     conn: Mutex<Option<TcpStream>>,
+    /// The socket lent to senders while the writer is idle (see the module comment).
+    direct: Mutex<Direct>,
     /// Capacity 1: "look at your flags". Never blocks the caller.
     wake: Sender<()>,
 }
@@ -69,6 +78,18 @@ struct PeerShared {
 struct Link {
     state: PeerState,
     last_connected: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Direct {
+    /// Lent by the idle writer; None while it connects, writes, or is woken.
+    stream: Option<TcpStream>,
+    /// Encoded messages the lent socket did not take at once, for the writer to send first,
+    /// and how many messages they hold.
+    leftover: Vec<u8>,
+    leftover_msgs: u64,
+    /// The encoding buffer, kept between sends.
+    buf: Vec<u8>,
 }
 
 impl PeerShared {
@@ -94,6 +115,7 @@ impl PeerShared {
 /// The transport's handle on one peer.
 pub(crate) struct PeerHandle {
     shared: Arc<PeerShared>,
+    local: Arc<LocalIdentity>,
     queue: Sender<Vec<Message>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -118,13 +140,14 @@ impl PeerHandle {
             queued_msgs: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             conn: Mutex::new(None),
+            direct: Mutex::new(Direct::default()),
             wake: wake_tx,
         });
         let writer = Writer {
             shared: Arc::clone(&shared),
             queue: queue_rx,
             wake: wake_rx,
-            local,
+            local: Arc::clone(&local),
             buf: Vec::new(),
             pending: Vec::new().into_iter(),
         };
@@ -133,6 +156,7 @@ impl PeerHandle {
             .spawn(move || writer.run())?;
         Ok(PeerHandle {
             shared,
+            local,
             queue: queue_tx,
             thread: Some(thread),
         })
@@ -144,6 +168,18 @@ impl PeerHandle {
     pub(crate) fn enqueue(&self, mut batch: Vec<Message>) {
         let wanted = batch.len();
         if wanted == 0 {
+            return;
+        }
+        // Held until the batch is written or queued: the writer decides under it whether to
+        // lend its socket, so the two never see different answers to "is anything queued".
+        let mut direct = lock(&self.shared.direct);
+        if direct.stream.is_some()
+            && self.shared.queued_msgs.load(Ordering::Relaxed) == 0
+            && !batch
+                .iter()
+                .any(|m| m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot)
+        {
+            self.send_direct(&mut direct, &batch);
             return;
         }
         // Relaxed: a plain counter; the channel itself publishes the messages to the writer.
@@ -177,6 +213,60 @@ impl PeerHandle {
                     .dropped_msgs
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Encodes `batch` and writes what the lent socket takes without blocking; the rest is
+    /// handed to the writer (which is woken to send it before anything else).
+    fn send_direct(&self, direct: &mut Direct, batch: &[Message]) {
+        let d = &mut *direct;
+        d.buf.clear();
+        let mut encoded: u64 = 0;
+        for msg in batch {
+            match frame::encode_message(msg, self.local.max_frame_bytes, &mut d.buf) {
+                Ok(()) => encoded += 1,
+                Err(e) => {
+                    self.shared.dropped_msgs.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer_id = self.shared.id, error = %e, msg_type = msg.msg_type,
+                        "raft bus: dropping message to node {}: {e}", self.shared.id);
+                }
+            }
+        }
+        let Some(stream) = d.stream.as_ref() else {
+            return;
+        };
+        let mut sent = 0;
+        while sent < d.buf.len() {
+            let rest = &d.buf[sent..];
+            // SAFETY: the fd is the lent socket's, open for as long as `d.stream` holds it;
+            // the pointer and length describe `rest`.
+            let n = unsafe {
+                libc::send(
+                    std::os::fd::AsRawFd::as_raw_fd(stream),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n > 0 {
+                sent += n as usize;
+                continue;
+            }
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // Full (or failed): the writer takes the socket back and sends the rest, or
+            // runs into the error itself and reconnects.
+            break;
+        }
+        if sent < d.buf.len() {
+            d.stream = None;
+            d.leftover.extend_from_slice(&d.buf[sent..]);
+            d.leftover_msgs += encoded;
+            self.shared.wake();
+        }
+        if d.buf.capacity() > BUF_KEEP_BYTES {
+            d.buf = Vec::new();
         }
     }
 
@@ -436,11 +526,58 @@ impl Writer {
         result
     }
 
-    /// Sends queued messages until an error, a stop, or an address change.
-    fn pump(&mut self, mut stream: TcpStream, generation: u64) -> PumpEnd {
+    /// Sends queued messages until an error, a stop, or an address change; the socket is
+    /// never left lent when it returns.
+    fn pump(&mut self, stream: TcpStream, generation: u64) -> PumpEnd {
+        let end = self.pump_lending(stream, generation);
+        let mut direct = lock(&self.shared.direct);
+        direct.stream = None;
+        // Not sent: Raft sends again what matters.
+        self.shared
+            .dropped_msgs
+            .fetch_add(std::mem::take(&mut direct.leftover_msgs), Ordering::Relaxed);
+        direct.leftover = Vec::new();
+        end
+    }
+
+    /// Takes the socket back from senders, and sends what they could not.
+    fn reclaim(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        let (leftover, msgs) = {
+            let mut direct = lock(&self.shared.direct);
+            direct.stream = None;
+            (
+                std::mem::take(&mut direct.leftover),
+                std::mem::take(&mut direct.leftover_msgs),
+            )
+        };
+        if leftover.is_empty() {
+            return Ok(());
+        }
+        stream.write_all(&leftover).inspect_err(|_| {
+            self.shared.dropped_msgs.fetch_add(msgs, Ordering::Relaxed);
+        })
+    }
+
+    /// Lends the socket to senders if nothing waits to be sent (decided under the lock
+    /// `enqueue` holds while it chooses).
+    fn lend(&mut self, stream: &TcpStream) -> io::Result<()> {
+        let mut direct = lock(&self.shared.direct);
+        if self.pending.len() == 0
+            && self.shared.queued_msgs.load(Ordering::Relaxed) == 0
+            && direct.leftover.is_empty()
+        {
+            direct.stream = Some(stream.try_clone()?);
+        }
+        Ok(())
+    }
+
+    fn pump_lending(&mut self, mut stream: TcpStream, generation: u64) -> PumpEnd {
         loop {
             if self.shared.stopping() {
                 return PumpEnd::Stopped;
+            }
+            if let Err(e) = self.reclaim(&mut stream) {
+                return PumpEnd::Failed(e);
             }
             if self.pending.len() > 0 {
                 // Bounded: `pending` only shrinks here and holds at most one batch.
@@ -449,9 +586,16 @@ impl Writer {
                 }
                 continue;
             }
+            if let Err(e) = self.lend(&stream) {
+                return PumpEnd::Failed(e);
+            }
             crossbeam_channel::select! {
                 recv(self.queue) -> batch => match batch {
                     Ok(batch) => {
+                        // Whatever senders could not write came before this batch.
+                        if let Err(e) = self.reclaim(&mut stream) {
+                            return PumpEnd::Failed(e);
+                        }
                         self.pending = batch.into_iter();
                         if let Err(e) = self.write_batch(&mut stream) {
                             return PumpEnd::Failed(e);

@@ -272,6 +272,52 @@ fn many_messages_arrive_in_order() {
 }
 
 #[test]
+fn small_sends_faster_than_the_peer_reads_keep_their_order() {
+    // One message per send, each 8 KB, while the receiving node stalls at first: the sender's
+    // socket fills, so sends go direct, then hand their rest to the writer, then queue (and
+    // beyond the queue's bound, drop). Whatever arrives must arrive in the order sent.
+    let (a, _a_rx) = start(1);
+    let (b, mut b_rx) = start(2);
+    a.set_peer(2, &b.local_addr().to_string());
+    wait_connected(&a, 2);
+    let big = |i: u64| {
+        let mut m = append(1, 2, i);
+        m.entries[0].data = vec![(i % 251) as u8; 8 << 10];
+        m
+    };
+    let total = 6000u64;
+    let sender = std::thread::spawn(move || {
+        for i in 1..=total {
+            a.send(vec![big(i)]);
+        }
+        a
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got = Vec::new();
+    while let Ok(m) = b_rx.recv_timeout(Duration::from_secs(2)) {
+        assert_eq!(m, big(m.index));
+        got.push(m.index);
+    }
+    let a = sender.join().unwrap();
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order");
+    let dropped = peer_status(&a, 2).dropped_msgs;
+    assert_eq!(
+        got.len() as u64 + dropped,
+        total,
+        "every message arrived or was counted dropped"
+    );
+    assert!(
+        got.len() as u64 > total / 2,
+        "only {} of {total} arrived",
+        got.len()
+    );
+    // And the link still works in order afterwards.
+    a.send(vec![append(1, 2, total + 1), append(1, 2, total + 2)]);
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap().index, total + 1);
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap().index, total + 2);
+}
+
+#[test]
 fn one_large_send_arrives_in_order_in_few_batches() {
     // 10,000 messages in one call, interleaved over four peers so that grouping by destination
     // must keep each peer's order, and each peer's 2,500 fit its 4,096-message queue.

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod commands;
 pub mod config;
 pub mod join;
+pub mod latency;
 pub mod node;
 pub mod redis;
 pub mod snapshot;

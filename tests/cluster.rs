@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -396,6 +396,79 @@ fn info_raft_reports_role_indexes_and_peers() {
         .map(|i| c.info_field(i, "raft_node_name").unwrap())
         .collect();
     assert_eq!(names.len(), 3);
+}
+
+/// `RAFT.DEBUG LATENCY` and INFO's raft_latency section: each stage of a write's path.
+#[test]
+fn write_latency_is_reported_stage_by_stage() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(10));
+    let mut con = c.conn(l).unwrap();
+    let _: () = redis::cmd("RAFT.DEBUG")
+        .arg("LATENCY")
+        .arg("RESET")
+        .query(&mut con)
+        .unwrap();
+    let writes = 200;
+    for i in 0..writes {
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg(i)
+            .query(&mut con)
+            .unwrap();
+    }
+    let lines: Vec<String> = redis::cmd("RAFT.DEBUG")
+        .arg("LATENCY")
+        .query(&mut con)
+        .unwrap();
+    let stage = |name: &str| -> HashMap<String, u64> {
+        let line = lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in {lines:?}"));
+        line.split(',')
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_string(), v.parse().unwrap())
+            })
+            .collect()
+    };
+    let names = [
+        "queued",
+        "persisted",
+        "committed",
+        "applied",
+        "replied",
+        "total",
+    ];
+    assert_eq!(lines.len(), names.len(), "{lines:?}");
+    for name in names {
+        let s = stage(name);
+        // One write at a time: every stage saw every write (`applied` counts batches of
+        // entries; the leader's own empty entry may come in one more).
+        assert!(s["count"] >= writes, "{name}: {s:?}");
+        assert!(
+            s["p50"] <= s["p99"] && s["p99"] <= s["max"],
+            "{name}: {s:?}"
+        );
+    }
+    assert_eq!(stage("total")["count"], writes);
+    // A write is persisted here before it is committed, and answered after both.
+    assert!(stage("persisted")["p50"] <= stage("committed")["p50"]);
+    assert!(stage("committed")["p50"] <= stage("total")["p50"]);
+    assert!(stage("total")["p50"] > 0);
+    // INFO carries the same lines.
+    let total = c.info_field(l, "raft_latency_total_usec").unwrap();
+    assert!(
+        total.starts_with(&format!("count={writes},p50=")),
+        "{total}"
+    );
+    let e = redis::cmd("RAFT.DEBUG")
+        .arg("LATENCY")
+        .arg("NOW")
+        .query::<()>(&mut con)
+        .unwrap_err();
+    assert_eq!(err_text(&e), "ERR usage: RAFT.DEBUG LATENCY [RESET]");
 }
 
 #[test]

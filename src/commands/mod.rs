@@ -385,6 +385,29 @@ extern "C" fn sort_cmd(
     )
 }
 
+/// `RAFT.DEBUG LATENCY`: one line per stage of a write's path on this node (crate::latency),
+/// percentiles in microseconds; `RAFT.DEBUG LATENCY RESET` starts them again.
+fn debug_latency(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> c_int {
+    match args {
+        [] => {
+            let lines: Vec<api::Value> = crate::latency::stages()
+                .iter()
+                .map(|(name, h)| {
+                    api::Value::Str(format!("{name}: {}", h.summary().line()).into_bytes())
+                })
+                .collect();
+            api::reply_value(ctx, &api::Value::Array(lines))
+        }
+        [r] if r.eq_ignore_ascii_case(b"reset") => {
+            for (_, h) in crate::latency::stages() {
+                h.reset();
+            }
+            api::reply_simple(ctx, "OK")
+        }
+        _ => api::reply_error(ctx, "ERR usage: RAFT.DEBUG LATENCY [RESET]"),
+    }
+}
+
 /// `RAFT.DEBUG EXEC <command> [args...]`: runs a command locally, outside Raft.
 /// `RAFT.DEBUG SNAPSHOT SAVE|LOAD <path>`: saves or loads this node's dataset (snapshot.rs).
 extern "C" fn raft_debug_cmd(
@@ -412,7 +435,11 @@ extern "C" fn raft_debug_cmd(
                     Some(node) => crate::redis::snapshots::compact_now(ctx, node),
                     None => api::reply_error(ctx, "NOCLUSTER No Raft Cluster"),
                 },
-                _ => api::reply_error(ctx, "ERR RAFT.DEBUG supports EXEC, COMPACT and SNAPSHOT"),
+                Some(b"LATENCY") => debug_latency(ctx, &args[2..]),
+                _ => api::reply_error(
+                    ctx,
+                    "ERR RAFT.DEBUG supports EXEC, COMPACT, SNAPSHOT and LATENCY [RESET]",
+                ),
             }
         },
     )

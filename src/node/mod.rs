@@ -4,12 +4,14 @@
 //! Invariant: this module never calls the Redis module API. It talks to the main thread only
 //! through `Shared` (atomics, the apply queue) and the `Waker` the main thread gave it.
 
+mod batches;
 mod lease;
 mod status;
 
 pub use lease::LeaseDeadline;
 pub use status::{NodeStatus, Role};
 
+use batches::Batches;
 use lease::{LeaderState, Lease, LEASE_ROUND};
 
 use std::collections::{HashMap, VecDeque};
@@ -86,8 +88,8 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 /// What the raft thread hands to the main thread, in order.
 #[derive(Debug)]
 pub enum ApplyItem {
-    /// Committed entries, to execute in log order.
-    Entries(Vec<Entry>),
+    /// Committed entries, to execute in log order, and when the raft thread handed them over.
+    Entries(Vec<Entry>, Instant),
     /// These proposals never entered the log: a definite failure.
     Dropped(Vec<ProposalTag>),
     /// This node stopped being leader: outcomes of its pending proposals are unknown.
@@ -423,6 +425,7 @@ impl Node {
             was_leader_term: None,
             reads: HashMap::new(),
             read_timeout: Duration::from_millis(spec.election_timeout_ms),
+            batches: Batches::default(),
             lease: spec.lease_reads.then(|| {
                 Lease::new(
                     Duration::from_millis(spec.election_timeout_ms),
@@ -617,6 +620,8 @@ struct RaftThread {
     read_timeout: Duration,
     /// The leader's read lease, with `raft.read-mode lease`.
     lease: Option<Lease>,
+    /// This node's proposal batches on their way to commit (latency stages).
+    batches: Batches,
     /// A leadership transfer in progress: its target and when it gives up.
     transfer: Option<(u64, Instant)>,
     /// Distinguishes this process's read rounds from a previous one's (see `read_ctx`).
@@ -982,11 +987,7 @@ impl RaftThread {
             let mut dropped = Vec::new();
             for _ in 0..DRAIN_MAX {
                 match self.input.try_recv() {
-                    Ok(Input::Propose(batch)) => {
-                        for (tag, data) in batch {
-                            self.propose(tag, data, &mut dropped);
-                        }
-                    }
+                    Ok(Input::Propose(batch)) => self.propose_batch(batch, &mut dropped),
                     Ok(i) => stop |= self.on_input(i),
                     Err(_) => break,
                 }
@@ -1097,9 +1098,7 @@ impl RaftThread {
             }
             Input::Propose(batch) => {
                 let mut dropped = Vec::new();
-                for (tag, data) in batch {
-                    self.propose(tag, data, &mut dropped);
-                }
+                self.propose_batch(batch, &mut dropped);
                 if !dropped.is_empty() {
                     self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
                 }
@@ -1565,6 +1564,18 @@ impl RaftThread {
         }
     }
 
+    /// One event-loop turn's writes.
+    fn propose_batch(&mut self, batch: Vec<Proposal>, dropped: &mut Vec<ProposalTag>) {
+        let taken = Instant::now();
+        for (tag, data) in batch {
+            self.propose(tag, data, dropped);
+        }
+        if self.node.raft.state == StateRole::Leader {
+            self.batches
+                .proposed(self.node.raft.raft_log.last_index(), taken);
+        }
+    }
+
     fn propose(&mut self, tag: ProposalTag, data: Vec<u8>, dropped: &mut Vec<ProposalTag>) {
         // A leader that applied its own removal is no longer in its configuration: raft-rs
         // cannot append for it (it would abort), and it is about to step down anyway.
@@ -1674,6 +1685,7 @@ impl RaftThread {
                 }
             }
         }
+        let appended = rd.entries().last().map(|e| e.index);
         if !rd.entries().is_empty() {
             self.store.append(rd.entries())?;
         }
@@ -1681,6 +1693,9 @@ impl RaftThread {
             self.store.set_hard_state(hs)?;
         }
         self.store.sync()?;
+        if let Some(index) = appended {
+            self.batches.persisted(index);
+        }
         if !rd.persisted_messages().is_empty() {
             self.transport.send(rd.take_persisted_messages());
         }
@@ -1715,7 +1730,11 @@ impl RaftThread {
                 EntryType::EntryNormal => {}
             }
         }
-        self.shared.push(ApplyItem::Entries(entries), &self.waker);
+        if let Some(last) = entries.last() {
+            self.batches.committed(last.index);
+        }
+        self.shared
+            .push(ApplyItem::Entries(entries, Instant::now()), &self.waker);
         Ok(())
     }
 
@@ -1759,6 +1778,7 @@ impl RaftThread {
             (Some(t), true) if t == r.term => {}
             (Some(_), _) => {
                 self.was_leader_term = None;
+                self.batches = Batches::default();
                 self.shared.is_leader.store(false, Ordering::Release);
                 self.shared
                     .leader_ready_index

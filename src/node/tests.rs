@@ -99,7 +99,7 @@ impl TestCluster {
             let Some(n) = &self.nodes[i] else { continue };
             for item in n.shared().take_apply_items() {
                 match item {
-                    ApplyItem::Entries(es) => {
+                    ApplyItem::Entries(es, _) => {
                         for e in es {
                             if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
                                 self.applied[i].push((e.index, e.data.to_vec()));

@@ -191,7 +191,7 @@ pub fn take_deferred() -> bool {
 pub fn note_kills(items: &VecDeque<ApplyItem>) {
     let st = STATE.get_mut();
     for item in items {
-        let ApplyItem::Entries(entries) = item else {
+        let ApplyItem::Entries(entries, _) = item else {
             continue;
         };
         for e in entries {

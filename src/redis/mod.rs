@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use raft::eraftpb::{Entry, EntryType};
 use tracing::{error, info, warn};
@@ -74,11 +74,19 @@ struct Pending {
     select_after: Option<i32>,
     /// A blocking command's attempt: its waiter (redis/blocking.rs).
     waiter: Option<u64>,
+    /// When the RAFT command arrived (crate::latency).
+    queued_at: Instant,
 }
 
 /// What a blocked client is finally told.
 enum Reply {
     Call(*mut RedisModuleCallReply),
+    /// A write's own reply, with the times that give its `replied` and `total` latencies.
+    Applied {
+        call: *mut RedisModuleCallReply,
+        queued_at: Instant,
+        applied_at: Instant,
+    },
     /// EXEC's array: one reply per queued command; then select this database (SELECT was
     /// queued in the transaction).
     Multi(Vec<Part>, Option<i32>),
@@ -158,6 +166,8 @@ struct MainState {
     /// Proposals made during this event-loop turn, handed to the raft thread in one batch
     /// before Redis sleeps (fewer wake-ups, bigger log appends).
     batch: Vec<Proposal>,
+    /// When the first write of `batch` arrived (crate::latency's `queued`).
+    batch_started: Option<Instant>,
     next_request: u64,
     started_applying: bool,
     /// Replies of applied writes that woke blocked clients: sent once those are served
@@ -676,8 +686,12 @@ pub fn propose_then_select(
             resp3,
             waiter: None,
             select_after,
+            queued_at: Instant::now(),
         },
     );
+    if st.batch.is_empty() {
+        st.batch_started = Some(Instant::now());
+    }
     st.batch.push((tag, data));
     api::OK
 }
@@ -719,6 +733,7 @@ fn enqueue_blocking(m: &Module, node: &Node, p: blocking::Proposal) {
                     resp3,
                     select_after: None,
                     waiter: Some(waiter),
+                    queued_at: Instant::now(),
                 },
             );
             st.batch
@@ -902,6 +917,9 @@ fn flush_proposals() {
         return;
     }
     let batch = std::mem::take(&mut st.batch);
+    if let Some(t) = st.batch_started.take() {
+        crate::latency::QUEUED.record(t.elapsed());
+    }
     if let Err((e, batch)) = node.propose(batch) {
         for (tag, _) in batch {
             if let Some(p) = st.pending.remove(&tag.request) {
@@ -1016,6 +1034,19 @@ extern "C" fn reply_blocked(
                 Reply::Call(r) if !r.is_null() => unsafe {
                     rm!(RedisModule_ReplyWithCallReply)(ctx, *r)
                 },
+                Reply::Applied {
+                    call,
+                    queued_at,
+                    applied_at,
+                } if !call.is_null() => {
+                    let now = Instant::now();
+                    crate::latency::REPLIED.record(now.saturating_duration_since(*applied_at));
+                    crate::latency::TOTAL.record(now.saturating_duration_since(*queued_at));
+                    unsafe { rm!(RedisModule_ReplyWithCallReply)(ctx, *call) }
+                }
+                Reply::Applied { .. } => {
+                    api::reply_error(ctx, "ERR the command could not be executed")
+                }
                 Reply::Call(_) => api::reply_error(ctx, "ERR the command could not be executed"),
                 Reply::Multi(parts, select_after) => {
                     unsafe {
@@ -1068,7 +1099,7 @@ extern "C" fn free_reply(_ctx: *mut RedisModuleCtx, p: *mut c_void) {
     ANSWERING.get_mut().remove(&(p as usize));
     let r = unsafe { Box::from_raw(p as *mut Reply) };
     match *r {
-        Reply::Call(c) => api::free_call_reply(c),
+        Reply::Call(c) | Reply::Applied { call: c, .. } => api::free_call_reply(c),
         Reply::Multi(parts, _) => parts.into_iter().for_each(Part::free),
         Reply::Error(_)
         | Reply::NullArray
@@ -1117,11 +1148,12 @@ fn apply_committed() {
                 fail_all_reads("TIMEOUT this node is installing a snapshot from the leader; retry");
                 snapshots::start_loading(ctx, &path, index, true, resume_applying);
             }
-            ApplyItem::Entries(entries) => {
+            ApplyItem::Entries(entries, handed_at) => {
                 for e in entries {
                     apply_entry(ctx, m, node, me, &e);
                     node.shared().set_applied(e.index);
                 }
+                crate::latency::APPLIED.record(handed_at.elapsed());
             }
             ApplyItem::Dropped(tags) => {
                 let err = redirect_error(m);
@@ -1435,6 +1467,7 @@ pub fn change_membership(
             resp3: false,
             select_after: None,
             waiter: None,
+            queued_at: Instant::now(),
         },
     );
     api::OK
@@ -1574,7 +1607,14 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
                         }
                     }
                 },
-                Some(p) => reply_after_wakes(p.bc, Reply::Call(r), woke),
+                Some(p) => {
+                    let reply = Reply::Applied {
+                        call: r,
+                        queued_at: p.queued_at,
+                        applied_at: Instant::now(),
+                    };
+                    reply_after_wakes(p.bc, reply, woke)
+                }
                 None => api::free_call_reply(r),
             }
         }

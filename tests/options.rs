@@ -357,7 +357,10 @@ fn node_with_another_password_is_kept_out_of_the_cluster() {
         std::thread::sleep(Duration::from_millis(50));
     };
     for i in 0..2 {
-        assert_eq!(c.local(i, &["GET", "k"]), Value::BulkString(b"v".to_vec()));
+        // A follower learns the commit index with the leader's next append (within ms).
+        wait_for("the write applied on both", Duration::from_secs(5), || {
+            c.local(i, &["GET", "k"]) == Value::BulkString(b"v".to_vec())
+        });
     }
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(c.local(2, &["GET", "k"]), Value::Nil);

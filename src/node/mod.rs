@@ -44,6 +44,9 @@ pub const PROPOSAL_QUEUE_MAX: usize = 1024;
 pub const INBOUND_QUEUE_MAX: usize = 1024;
 /// Inputs handled per loop turn before the node produces a `Ready` (bounds latency).
 const DRAIN_MAX: usize = 8192;
+/// How long a leader waits for an append to carry a new commit index to followers before it
+/// sends one for that alone (see `RaftThread::tell_commit`).
+const COMMIT_TELL_DELAY: Duration = Duration::from_millis(2);
 
 pub use crate::codec::Member;
 
@@ -426,6 +429,8 @@ impl Node {
             reads: HashMap::new(),
             read_timeout: Duration::from_millis(spec.election_timeout_ms),
             batches: Batches::default(),
+            commit_sent: 0,
+            commit_due: None,
             lease: spec.lease_reads.then(|| {
                 Lease::new(
                     Duration::from_millis(spec.election_timeout_ms),
@@ -622,6 +627,10 @@ struct RaftThread {
     lease: Option<Lease>,
     /// This node's proposal batches on their way to commit (latency stages).
     batches: Batches,
+    /// The highest commit index this leader sent its followers, and when it must tell them
+    /// a newer one if no append carried it by then (see `tell_commit`).
+    commit_sent: u64,
+    commit_due: Option<Instant>,
     /// A leadership transfer in progress: its target and when it gives up.
     transfer: Option<(u64, Instant)>,
     /// Distinguishes this process's read rounds from a previous one's (see `read_ctx`).
@@ -966,10 +975,13 @@ impl RaftThread {
         let mut next_beat = Instant::now();
         loop {
             let next_tick = self.next_tick;
-            let wake = match self.beat {
+            let mut wake = match self.beat {
                 Some(_) if self.was_leader_term.is_some() => next_tick.min(next_beat),
                 _ => next_tick,
             };
+            if let Some(due) = self.commit_due {
+                wake = wake.min(due);
+            }
             let timeout = wake.saturating_duration_since(Instant::now());
             let mut stop = false;
             select! {
@@ -1032,6 +1044,7 @@ impl RaftThread {
                 }
             }
             self.look_after_lease(now);
+            self.tell_commit(now);
             if let Err(e) = self.on_ready() {
                 let msg = format!("raft log write failed, this node stopped taking part in the cluster (its data is intact; fix the cause and restart it): {e}");
                 error!("{msg}");
@@ -1645,7 +1658,8 @@ impl RaftThread {
         }
         let mut rd = self.node.ready();
         if !rd.messages().is_empty() {
-            self.transport.send(rd.take_messages());
+            let msgs = self.noting_commit(rd.take_messages());
+            self.transport.send(msgs);
         }
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
@@ -1705,7 +1719,8 @@ impl RaftThread {
             self.store.set_commit(commit)?;
         }
         if !light.messages().is_empty() {
-            self.transport.send(light.take_messages());
+            let msgs = self.noting_commit(light.take_messages());
+            self.transport.send(msgs);
         }
         let committed = light.take_committed_entries();
         self.deliver(committed)?;
@@ -1736,6 +1751,39 @@ impl RaftThread {
         self.shared
             .push(ApplyItem::Entries(entries, Instant::now()), &self.waker);
         Ok(())
+    }
+
+    /// Notes the commit index `msgs` carry to followers.
+    fn noting_commit(&mut self, msgs: Vec<Message>) -> Vec<Message> {
+        for m in &msgs {
+            if matches!(
+                m.get_msg_type(),
+                raft::eraftpb::MessageType::MsgAppend | raft::eraftpb::MessageType::MsgHeartbeat
+            ) {
+                self.commit_sent = self.commit_sent.max(m.commit);
+            }
+        }
+        msgs
+    }
+
+    /// Followers learn a new commit index from the next append (raft-rs's skip_bcast_commit:
+    /// no message round per commit while writes keep coming); when none went out within
+    /// `COMMIT_TELL_DELAY`, an append with no entries tells them, so an idle follower's data
+    /// trails the leader's by about that much, not by a heartbeat interval.
+    fn tell_commit(&mut self, now: Instant) {
+        let r = &self.node.raft;
+        if r.state != StateRole::Leader || r.raft_log.committed <= self.commit_sent {
+            self.commit_due = None;
+            return;
+        }
+        match self.commit_due {
+            None => self.commit_due = Some(now + COMMIT_TELL_DELAY),
+            Some(due) if now >= due => {
+                self.commit_due = None;
+                self.node.raft.bcast_append();
+            }
+            Some(_) => {}
+        }
     }
 
     fn leader_state(&self) -> LeaderState {

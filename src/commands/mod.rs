@@ -177,7 +177,9 @@ extern "C" fn raft_cmd(
             );
             }
             if matches!(class, Class::Write | Class::Read) {
-                if let Err(e) = admit(ctx, m, &cmd) {
+                // SAFETY: Redis passes `argc` strings; the command starts after RAFT's name.
+                let raw = unsafe { std::slice::from_raw_parts(argv.add(1), argc as usize - 1) };
+                if let Err(e) = crate::redis::admit_with(ctx, m, &cmd, Some(raw)) {
                     return api::reply_error(ctx, &e);
                 }
             }

@@ -513,7 +513,8 @@ pub fn cascade_idle() -> bool {
 /// An applied entry changed `key` in `db` (keyspace event on the apply path).
 pub fn touched(db: i32, key: &[u8]) {
     let st = STATE.get_mut();
-    if st.queues.contains_key(&(db, key.to_vec())) {
+    // Nobody blocked (the usual case): no key to copy for the lookup.
+    if !st.queues.is_empty() && st.queues.contains_key(&(db, key.to_vec())) {
         st.touched.push((db, key.to_vec()));
     }
 }

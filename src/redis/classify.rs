@@ -1,8 +1,6 @@
 //! Which commands go through Raft, from Redis's own command table (`COMMAND` flags), so new
 //! commands and other modules' commands are handled without a hand-written list.
 
-use std::collections::HashMap;
-
 use super::api::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,13 +85,58 @@ const WRITES: &[&str] = &[
     "script|flush",
 ];
 
+/// A command name, or `name|sub`, lower-cased on the stack for the usual lengths (the table
+/// is looked up on every command).
+struct Lower {
+    buf: [u8; 64],
+    len: usize,
+    /// Used instead of `buf` once the key outgrows it.
+    long: Option<Vec<u8>>,
+}
+
+impl Lower {
+    fn new(name: &[u8]) -> Lower {
+        let mut k = Lower {
+            buf: [0; 64],
+            len: 0,
+            long: None,
+        };
+        k.extend(name);
+        k
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        if let Some(v) = self.long.as_mut() {
+            v.extend(bytes.iter().map(u8::to_ascii_lowercase));
+        } else if self.len + bytes.len() <= self.buf.len() {
+            for (d, b) in self.buf[self.len..].iter_mut().zip(bytes) {
+                *d = b.to_ascii_lowercase();
+            }
+            self.len += bytes.len();
+        } else {
+            let mut v = self.buf[..self.len].to_vec();
+            v.extend(bytes.iter().map(u8::to_ascii_lowercase));
+            self.long = Some(v);
+        }
+    }
+
+    fn with_sub(&mut self, sub: &[u8]) {
+        self.extend(b"|");
+        self.extend(sub);
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        self.long.as_deref().unwrap_or(&self.buf[..self.len])
+    }
+}
+
 #[derive(Default)]
 pub struct CommandTable {
     /// Lower-case name (`name|sub` for subcommands) to class and Redis's arity (negative:
     /// at least that many).
-    map: HashMap<Vec<u8>, (Class, i64)>,
+    map: rustc_hash::FxHashMap<Vec<u8>, (Class, i64)>,
     /// Commands (lower-case, `name|sub` for subcommands) Redis refuses when over maxmemory.
-    denyoom: std::collections::HashSet<Vec<u8>>,
+    denyoom: rustc_hash::FxHashSet<Vec<u8>>,
     /// Commands Redis refuses inside MULTI (`no_multi`: SHUTDOWN, SAVE, SYNC, PSYNC ...).
     no_multi: std::collections::HashSet<Vec<u8>>,
     /// Commands whose output Redis marks as random (`nondeterministic_output`).
@@ -225,23 +268,24 @@ impl CommandTable {
 
     /// Classifies a command line (name and, for containers, the subcommand).
     pub fn classify(&self, name: &[u8], sub: Option<&[u8]>) -> Class {
-        let mut key = Vec::with_capacity(name.len() + 16);
-        key.extend(name.iter().map(|b| b.to_ascii_lowercase()));
+        let mut key = Lower::new(name);
         if let Some(sub) = sub {
             for (n, s, why) in REFUSED_SUB {
-                if key == n.as_bytes() && sub.eq_ignore_ascii_case(s.as_bytes()) {
+                if key.as_slice() == n.as_bytes() && sub.eq_ignore_ascii_case(s.as_bytes()) {
                     return Class::Refused(why);
                 }
             }
         }
-        match self.map.get(&key) {
+        match self.map.get(key.as_slice()) {
             // Unknown commands run as usual: Redis answers "unknown command".
             None => Class::Local,
             Some((Class::Container, _)) => {
                 let Some(sub) = sub else { return Class::Local };
-                key.push(b'|');
-                key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
-                self.map.get(&key).map(|(c, _)| *c).unwrap_or(Class::Local)
+                key.with_sub(sub);
+                self.map
+                    .get(key.as_slice())
+                    .map(|(c, _)| *c)
+                    .unwrap_or(Class::Local)
             }
             Some((c, _)) => *c,
         }
@@ -277,14 +321,13 @@ impl CommandTable {
         let Some(name) = argv.first() else {
             return false;
         };
-        let mut key = name.to_ascii_lowercase();
-        if self.denyoom.contains(&key) {
+        let mut key = Lower::new(name);
+        if self.denyoom.contains(key.as_slice()) {
             return true;
         }
         if let Some(sub) = argv.get(1) {
-            key.push(b'|');
-            key.extend(sub.iter().map(|b| b.to_ascii_lowercase()));
-            return self.denyoom.contains(&key);
+            key.with_sub(sub);
+            return self.denyoom.contains(key.as_slice());
         }
         false
     }
@@ -382,6 +425,24 @@ fn flagged(set: &std::collections::HashSet<Vec<u8>>, argv: &[Vec<u8>]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lower_keys_of_any_length_match_their_lower_case_bytes() {
+        let long = "X".repeat(70);
+        for (name, sub) in [
+            ("GET", None),
+            ("Client", Some("LiSt")),
+            (long.as_str(), Some("Y")),
+        ] {
+            let mut k = Lower::new(name.as_bytes());
+            let mut want = name.to_ascii_lowercase();
+            if let Some(sub) = sub {
+                k.with_sub(sub.as_bytes());
+                want = format!("{want}|{}", sub.to_ascii_lowercase());
+            }
+            assert_eq!(k.as_slice(), want.as_bytes());
+        }
+    }
 
     fn s(x: &str) -> Value {
         Value::Str(x.as_bytes().to_vec())

@@ -162,7 +162,7 @@ struct MainState {
     reads_ready: BTreeMap<u64, Vec<ReadWaiter>>,
     /// The client waiting on RAFT.TRANSFER_LEADER.
     transfer: Option<usize>,
-    pending: HashMap<u64, Pending>,
+    pending: rustc_hash::FxHashMap<u64, Pending>,
     /// Proposals made during this event-loop turn, handed to the raft thread in one batch
     /// before Redis sleeps (fewer wake-ups, bigger log appends).
     batch: Vec<Proposal>,
@@ -554,13 +554,27 @@ pub const REMOVED_ERROR: &str = "NOCLUSTER this node was removed from the raft c
 /// commands routed to RAFT: the client's ACL permissions (command, keys, channels), and
 /// maxmemory for commands flagged `denyoom`. `Err` is the error to reply; nothing is logged.
 pub fn admit(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> Result<(), String> {
+    admit_with(ctx, m, argv, None)
+}
+
+/// `admit`, given the command's strings as Redis passed them (`raw`, the same `argv`), so
+/// the ACL check need not make copies.
+pub fn admit_with(
+    ctx: *mut RedisModuleCtx,
+    m: &Module,
+    argv: &[Vec<u8>],
+    raw: Option<&[*mut api::RedisModuleString]>,
+) -> Result<(), String> {
     let name = unsafe { rm!(RedisModule_GetCurrentUserName)(ctx) };
     if !name.is_null() {
         let user = unsafe { rm!(RedisModule_GetModuleUserFromUserName)(name) };
         unsafe { rm!(RedisModule_FreeString)(ctx, name) };
         if !user.is_null() {
-            let strs: Vec<*mut api::RedisModuleString> =
-                argv.iter().map(|a| api::create_string(ctx, a)).collect();
+            let made: Vec<*mut api::RedisModuleString> = match raw {
+                Some(_) => Vec::new(),
+                None => argv.iter().map(|a| api::create_string(ctx, a)).collect(),
+            };
+            let strs = raw.unwrap_or(&made);
             let r = unsafe {
                 rm!(RedisModule_ACLCheckCommandPermissions)(
                     user,
@@ -568,7 +582,7 @@ pub fn admit(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> Result<(
                     strs.len() as c_int,
                 )
             };
-            for s in strs {
+            for s in made {
                 unsafe { rm!(RedisModule_FreeString)(ctx, s) };
             }
             unsafe { rm!(RedisModule_FreeModuleUser)(user) };

@@ -51,7 +51,7 @@ fn fingerprint(db: i32, key: &[u8]) -> u64 {
 #[derive(Default)]
 struct Tracker {
     /// Key fingerprint → index of the entry that last modified it.
-    last: HashMap<u64, u64>,
+    last: rustc_hash::FxHashMap<u64, u64>,
     /// Every touch in index order; an entry is stale once `last` holds a newer index for
     /// its key. Stale entries are skipped when forgetting and dropped when compacting.
     log: VecDeque<(u64, u64)>,

@@ -37,9 +37,10 @@ fn torn_log_tail_is_dropped_and_the_node_catches_up() {
     c.wait_applied_everywhere(Duration::from_secs(10));
     let l = c.wait_leader(Duration::from_secs(10));
     let f = (l + 1) % 3;
+    // Where the records end (the file may hold preallocated zeros after them).
+    let len = info_num(&c, f, "raft_file_size");
     c.kill(f);
     let path = c.log_file(f);
-    let len = std::fs::metadata(&path).unwrap().len();
     // Cut the last record short, as a crash in the middle of a write would.
     std::fs::OpenOptions::new()
         .write(true)
@@ -57,14 +58,16 @@ fn torn_log_tail_is_dropped_and_the_node_catches_up() {
         log.contains("torn tail"),
         "no torn-tail line in log:\n{log}"
     );
-    // Garbage after the last record (a partial header) is dropped the same way.
+    // Garbage after the last record (a partial header, over the preallocated zeros) is
+    // dropped the same way.
+    let len = info_num(&c, f, "raft_file_size");
     c.kill(f);
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap()
-        .write_all(&[7, 0, 0])
-        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
+        &[7, 0, 0],
+        len,
+    )
+    .unwrap();
     c.start_node(f);
     c.wait_applied_everywhere(Duration::from_secs(15));
     assert_keys(&c, f, &keys);
@@ -77,11 +80,13 @@ fn corrupted_record_stops_the_node_with_file_and_offset() {
     c.wait_applied_everywhere(Duration::from_secs(10));
     let l = c.wait_leader(Duration::from_secs(10));
     let f = (l + 1) % 3;
+    let len = info_num(&c, f, "raft_file_size");
     c.kill(f);
     let path = c.log_file(f);
     let mut bytes = std::fs::read(&path).unwrap();
-    // Flip a byte inside a record in the middle of the file.
-    let mid = bytes.len() / 2;
+    // Flip a byte inside a record in the middle of the records (preallocated zeros may
+    // follow them).
+    let mid = (len / 2) as usize;
     bytes[mid] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
     let before = bytes.clone();

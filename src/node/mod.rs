@@ -581,6 +581,11 @@ impl Node {
 
     /// Bounds the log's entry cache (`raft.log-max-cache-size`). Directly on the shared
     /// store, not through the raft thread's queue: the change is never dropped.
+    /// `raft.log-max-file-size`: the log file preallocates no further than this.
+    pub fn set_log_size_cap(&self, bytes: u64) {
+        self.store.set_size_cap(bytes);
+    }
+
     pub fn set_log_cache_max_bytes(&self, bytes: u64) {
         self.store.set_cache_max_bytes(bytes);
     }

@@ -196,6 +196,9 @@ extern "C" fn set_numeric(
         }
         _ => {}
     });
+    if k == "log-max-file-size" {
+        super::on_log_max_file_changed(v);
+    }
     if k == "log-max-cache-size" {
         super::on_log_cache_changed(v);
     }

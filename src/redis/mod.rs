@@ -413,6 +413,7 @@ pub fn start_node(
         spec.bus_listen,
         spec.members.len()
     );
+    store.set_size_cap(opts.log_max_file_bytes);
     Node::start(spec, store, waker()).map_err(|e| e.to_string())
 }
 
@@ -520,6 +521,13 @@ extern "C" fn module_change(
 pub fn on_fsync_changed(on: bool) {
     if let Some(n) = module().and_then(|m| m.node()) {
         n.set_fsync(on);
+    }
+}
+
+/// `raft.log-max-file-size` changed: the log preallocates no further than it.
+pub fn on_log_max_file_changed(bytes: u64) {
+    if let Some(n) = module().and_then(|m| m.node()) {
+        n.set_log_size_cap(bytes);
     }
 }
 

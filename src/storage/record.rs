@@ -34,6 +34,13 @@ pub(crate) const HEADER_LEN: u64 = 9;
 pub(crate) const FRAME_HEADER_LEN: u64 = 8;
 /// No record may be larger than this; a larger length field is garbage, not data.
 pub(crate) const RECORD_PAYLOAD_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// The most a log file is extended with zeros ahead of its records (storage's
+/// preallocation): a damaged record followed by no more than this (and the record itself)
+/// may be a write torn by a crash, not damage in the middle of the log.
+pub(crate) const PREALLOCATED_MAX_BYTES: u64 = 4 * 1024 * 1024;
+/// Why a scan stopped at zeros: the file's preallocated space (or a file system that
+/// extended the file before the data landed), not damage.
+pub(crate) const ZERO_TAIL: &str = "zero-filled tail";
 
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
@@ -413,23 +420,29 @@ pub(crate) fn scan<R: Read>(
                 return torn("last record is empty");
             }
             if frame == [0u8; 8] && rest_is_zero(&mut reader, after_header)? {
-                return torn("zero-filled tail");
+                return torn(ZERO_TAIL);
             }
-            return Err(ScanError::Corrupt {
+            return damaged_before_the_end(
+                &mut reader,
+                &[],
+                after_header,
                 offset,
-                reason: "zero-length record".to_string(),
-            });
+                "zero-length record".to_string(),
+                torn("damaged last record"),
+            );
         }
         if len > RECORD_PAYLOAD_MAX_BYTES {
             if after_header == 0 {
                 return torn("last record header has an impossible length");
             }
-            return Err(ScanError::Corrupt {
+            return damaged_before_the_end(
+                &mut reader,
+                &[],
+                after_header,
                 offset,
-                reason: format!(
-                    "impossible record length {len} (maximum {RECORD_PAYLOAD_MAX_BYTES})"
-                ),
-            });
+                format!("impossible record length {len} (maximum {RECORD_PAYLOAD_MAX_BYTES})"),
+                torn("damaged last record"),
+            );
         }
         if len > after_header {
             // The file ends inside this record's payload. Normally a crash mid-write; but if
@@ -468,16 +481,53 @@ pub(crate) fn scan<R: Read>(
                 }
                 return torn("crc mismatch in the last record");
             }
-            return Err(ScanError::Corrupt {
+            return damaged_before_the_end(
+                &mut reader,
+                &payload,
+                file_len - end,
                 offset,
-                reason: "crc mismatch".to_string(),
-            });
+                "crc mismatch".to_string(),
+                torn("crc mismatch in the last record"),
+            );
         }
         let record =
             decode_payload(&payload).map_err(|reason| ScanError::Corrupt { offset, reason })?;
         on_record(offset, end - offset, record)
             .map_err(|reason| ScanError::Corrupt { offset, reason })?;
         offset = end;
+    }
+}
+
+/// A damaged record at `offset` that does not end the file: `read` is what was read of it
+/// after its header, `unread` the bytes from there to the end of the file. A crash while
+/// writing into preallocated space leaves such a record followed by zeros (or, with pages
+/// written out of order, by a little of its own bytes): when the rest of the file is short
+/// enough to be that space and holds no valid record, nothing written after the damage is
+/// lost and it is a torn tail (`torn`), as at the end of a file; otherwise the log is damaged
+/// in the middle (`reason`).
+fn damaged_before_the_end<R: Read>(
+    reader: &mut R,
+    read: &[u8],
+    unread: u64,
+    offset: u64,
+    reason: String,
+    torn: Result<ScanEnd, ScanError>,
+) -> Result<ScanEnd, ScanError> {
+    let corrupt = |reason: String| Err(ScanError::Corrupt { offset, reason });
+    if unread > PREALLOCATED_MAX_BYTES + RECORD_PAYLOAD_MAX_BYTES + FRAME_HEADER_LEN {
+        return corrupt(reason);
+    }
+    let mut rest = read.to_vec();
+    let at = rest.len();
+    // Lossless: bounded just above.
+    rest.resize(at + unread as usize, 0);
+    reader.read_exact(&mut rest[at..])?;
+    match find_valid_frame(&rest) {
+        Some(p) => corrupt(format!(
+            "{reason}; a valid record follows at byte offset {}",
+            offset + FRAME_HEADER_LEN + p as u64
+        )),
+        None => torn,
     }
 }
 

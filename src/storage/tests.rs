@@ -467,7 +467,14 @@ fn flipped_byte_in_a_middle_record_is_corrupt_at_its_offset() {
     }
     assert_eq!(
         err.to_string(),
-        corrupt_message(&path, ends[0], "crc mismatch")
+        corrupt_message(
+            &path,
+            ends[0],
+            &format!(
+                "crc mismatch; a valid record follows at byte offset {}",
+                ends[1]
+            )
+        )
     );
     // Nothing was truncated: the operator decides.
     assert_eq!(fs::metadata(&path).unwrap().len(), ends[2]);
@@ -520,7 +527,11 @@ fn impossible_length_followed_by_data_is_corrupt() {
         corrupt_message(
             &path,
             ends[0],
-            "impossible record length 4294967295 (maximum 67108864)"
+            &format!(
+                "impossible record length 4294967295 (maximum 67108864); a valid record \
+                 follows at byte offset {}",
+                ends[1]
+            )
         )
     );
 }
@@ -814,7 +825,7 @@ fn one_fsync_per_sync_batch_and_stats() {
         stats,
         LogStats {
             entries: 6,
-            bytes: fs::metadata(&path).unwrap().len(),
+            bytes: stats.bytes,
             first_index: 1,
             last_index: 6,
             snapshot_index: 0,
@@ -830,11 +841,61 @@ fn one_fsync_per_sync_batch_and_stats() {
     assert!(stats.slot_bytes >= 6 * 24);
     assert!(stats.cache_bytes > 0);
 
+    // With fsync on, zeros are written ahead of the records (the bytes the log holds).
+    let physical = fs::metadata(&path).unwrap().len();
+    assert!(
+        physical > stats.bytes,
+        "{physical} bytes on disk, {} of records",
+        stats.bytes
+    );
+
     store.set_fsync(false);
     store.append(&[entry(7, 1, b"z")]).unwrap();
     store.sync().unwrap();
     assert_eq!(store.stats().fsync_count, 3);
     assert_eq!(store.stats().entries, 7);
+    let bytes = store.stats().bytes;
+    drop(store);
+    // Reopened: the zeros after the records are not a torn write, and are dropped.
+    let (store, rec) = LogStore::open(&path, true).unwrap();
+    assert_eq!(rec.entries, 7);
+    assert_eq!(rec.file_bytes, bytes);
+    assert_eq!(store.stats().bytes, bytes);
+    assert_eq!(fs::metadata(&path).unwrap().len(), bytes);
+}
+
+#[test]
+fn a_record_torn_in_preallocated_space_is_a_torn_tail_not_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    assert!(fs::metadata(&path).unwrap().len() > ends[2], "preallocated");
+    // A crash while the third record was written into the zeros: only some of its bytes
+    // landed (its header and the start of its payload), zeros after it.
+    let mut bytes = fs::read(&path).unwrap();
+    let third = ends[1] as usize;
+    for b in &mut bytes[third + 10..ends[2] as usize] {
+        *b = 0;
+    }
+    fs::write(&path, &bytes).unwrap();
+    let (store, rec) = LogStore::open(&path, true).unwrap();
+    assert_eq!(rec.entries, 2);
+    assert!(rec.torn_tail_bytes_dropped > 0);
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[1]);
+    drop(store);
+
+    // Damage with a valid record after it is still corruption, zeros or not.
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    let ends = append_one_per_sync(&store, &[entry(3, 1, b"c"), entry(4, 1, b"d")]);
+    drop(store);
+    flip_byte(&path, ends[0] - 2);
+    let err = match LogStore::open(&path, true) {
+        Ok(_) => panic!("opened a log damaged before a valid record"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("a valid record follows"), "{err}");
 }
 
 #[test]

@@ -413,7 +413,9 @@ pub fn start_node(
         spec.bus_listen,
         spec.members.len()
     );
-    store.set_size_cap(opts.log_max_file_bytes);
+    // Until the first compaction trigger is known (snapshots.rs): where it starts before
+    // any save was timed, at most.
+    store.set_size_cap(opts.log_max_file_bytes - opts.log_max_file_bytes / 4);
     Node::start(spec, store, waker()).map_err(|e| e.to_string())
 }
 
@@ -524,11 +526,13 @@ pub fn on_fsync_changed(on: bool) {
     }
 }
 
-/// `raft.log-max-file-size` changed: the log preallocates no further than it.
+/// `raft.log-max-file-size` changed: the log preallocates no further than three quarters
+/// of it until the next applied entries recompute the compaction trigger (snapshots.rs).
 pub fn on_log_max_file_changed(bytes: u64) {
     if let Some(n) = module().and_then(|m| m.node()) {
-        n.set_log_size_cap(bytes);
+        n.set_log_size_cap(bytes - bytes / 4);
     }
+    snapshots::forget_size_cap();
 }
 
 /// `raft.log-max-cache-size` changed: the log evicts down to the new bound now.
@@ -905,6 +909,15 @@ fn flush_proposals() {
     while busy::take_deferred() {
         // Wake-ups that came while a command ran (busy.rs): apply now, outside it (again
         // if more came while a script of this apply ran).
+        apply_committed();
+    }
+    let waiting = module().is_some_and(|m| {
+        m.node().is_some_and(|n| n.shared().has_apply_items())
+            && !busy::inside_command(m.apply_ctx as *mut RedisModuleCtx)
+    });
+    if waiting {
+        // Entries committed while this turn ran: applied now, so Redis sends their replies
+        // right after this hook, not a turn later when the wake-up's event is handled.
         apply_committed();
     }
     release_parked(false);

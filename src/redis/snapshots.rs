@@ -45,6 +45,8 @@ pub struct SnapshotState {
     compacting: u32,
     /// The threshold cannot also bound the snapshots: said once.
     budget_warned: bool,
+    /// The compaction trigger last given to the log as its preallocation bound.
+    size_cap: Option<u64>,
     /// Clients waiting on RAFT.DEBUG COMPACT: for the save, then for the compaction.
     waiters: Vec<usize>,
     compact_waiters: Vec<usize>,
@@ -148,6 +150,12 @@ fn trigger(node: &Node, max: u64) -> u64 {
         .disk_bytes
         .get_or_insert_with(|| std::fs::metadata(&node.snapshot_path).map_or(0, |m| m.len()));
     let (at, bounded) = compaction_trigger(max, snapshot_bytes, st.last_growth);
+    if st.size_cap != Some(at) {
+        // The log's preallocated zeros stop where compaction starts, so they never take
+        // the room kept for the next snapshot.
+        st.size_cap = Some(at);
+        node.set_log_size_cap(at);
+    }
     if let (false, Some(growth), false) = (bounded, st.last_growth, st.budget_warned) {
         st.budget_warned = true;
         warn!(
@@ -158,6 +166,11 @@ fn trigger(node: &Node, max: u64) -> u64 {
         st.budget_warned = false;
     }
     at
+}
+
+/// `raft.log-max-file-size` changed: the log's preallocation bound is set again.
+pub fn forget_size_cap() {
+    STATE.get_mut().size_cap = None;
 }
 
 /// RAFT.DEBUG COMPACT: take a snapshot now and compact the log; the client gets +OK once

@@ -256,11 +256,6 @@ impl Shared {
         }
     }
 
-    /// True when items wait in the apply queue (the main thread was or will be woken).
-    pub fn has_apply_items(&self) -> bool {
-        self.wake_pending.load(Ordering::Acquire)
-    }
-
     /// Main thread: takes everything queued, and re-arms the waker.
     pub fn take_apply_items(&self) -> VecDeque<ApplyItem> {
         self.wake_pending.store(false, Ordering::Release);

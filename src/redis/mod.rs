@@ -911,15 +911,6 @@ fn flush_proposals() {
         // if more came while a script of this apply ran).
         apply_committed();
     }
-    let waiting = module().is_some_and(|m| {
-        m.node().is_some_and(|n| n.shared().has_apply_items())
-            && !busy::inside_command(m.apply_ctx as *mut RedisModuleCtx)
-    });
-    if waiting {
-        // Entries committed while this turn ran: applied now, so Redis sends their replies
-        // right after this hook, not a turn later when the wake-up's event is handled.
-        apply_committed();
-    }
     release_parked(false);
     if let Some(m) = module() {
         crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);

@@ -46,6 +46,11 @@ struct Queued {
 /// MULTI are checked before the next command gets to the filter, or before Redis sleeps.
 static CHECK_PENDING: MainThread<bool> = MainThread::new_lazy();
 
+/// Whether `check_connection_commands` has anything to do (cheap: asked on every command).
+pub fn check_pending() -> bool {
+    *CHECK_PENDING.get_mut()
+}
+
 /// Clients inside MULTI, by client id.
 static IN_MULTI: MainThread<HashMap<u64, Queued>> = MainThread::new_lazy();
 

@@ -17,7 +17,7 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     let Some(m) = module() else { return };
     let ctx = m.apply_ctx as *mut api::RedisModuleCtx;
-    if !super::busy::inside_command(ctx) {
+    if crate::commands::multi::check_pending() && !super::busy::inside_command(ctx) {
         // Before this command runs: which client in MULTI ran a connection command just now.
         // (Not from inside a script or a load: nothing is called there, see busy.rs.)
         crate::commands::multi::check_connection_commands(ctx);

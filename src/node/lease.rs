@@ -6,14 +6,18 @@
 //! leave. Every follower that answered reset its election timer after `asked`, and with
 //! check-quorum raft-rs makes such a follower refuse (pre-)votes for a whole election timeout
 //! of ticks after that. A quorum that elects another leader overlaps the quorum that answered,
-//! so no other leader can exist before `asked + election timeout - 1 tick`; the lease ends
-//! `LEASE_MARGIN_TICKS` ticks earlier still. Measured on this process's monotonic clock (which
+//! so no other leader can exist before `asked + (election ticks - 2) ticks` (a late tick may
+//! be followed at once by the next); the lease ends a tick earlier still (clock rates). A
+//! node that restarts forgets whom it heard from: every node refuses (pre-)votes for an
+//! election timeout after its raft thread starts (RaftThread::on_message), as if it had
+//! just heard from a leader. Measured on this process's monotonic clock (which
 //! keeps running while the process is paused), so a leader paused past its lease finds it
 //! expired the moment it runs again.
 //!
 //! Given up before anything could let another leader in: on losing leadership or changing
 //! term (cleared before the turn's messages leave, a vote included), and before a leadership
-//! transfer (whose target campaigns without waiting for leases).
+//! transfer (whose target campaigns without waiting for leases); after a transfer was asked
+//! in a term, no lease is taken again in that term (a late MsgTimeoutNow may still arrive).
 //!
 //! The main thread also needs the leader's data to be current (`Shared::is_ready_leader`):
 //! every write acknowledged before the read was applied on this node, by the leader that
@@ -27,9 +31,10 @@ use std::time::{Duration, Instant};
 /// from 1 and never reaches it.
 pub(super) const LEASE_ROUND: u64 = 1 << 63;
 
-/// Ticks taken off the election timeout: the follower's first tick may come right after its
-/// timer was reset, and clocks on different machines may run at slightly different rates.
-const LEASE_MARGIN_TICKS: u32 = 2;
+/// Ticks taken off the election timeout: a follower's first two ticks may come right after
+/// its timer was reset (a late tick, then the next on schedule), and clocks on different
+/// machines may run at slightly different rates.
+const LEASE_MARGIN_TICKS: u32 = 3;
 
 /// The instant lease deadlines are counted from (nanoseconds, so they fit an atomic).
 fn epoch() -> Instant {
@@ -68,6 +73,8 @@ pub(super) struct Lease {
     /// The term the lease was confirmed in.
     term: u64,
     until: Option<Instant>,
+    /// A term in which leadership was handed over (or asked to be): no lease in it again.
+    handed_over: Option<u64>,
 }
 
 /// What the raft thread knows when it looks after the lease.
@@ -80,14 +87,25 @@ pub(super) struct LeaderState {
 }
 
 impl Lease {
-    pub(super) fn new(election_timeout: Duration, tick: Duration) -> Lease {
+    /// `election_ticks` ticks of `tick` each: raft-rs's election timeout as followers count it.
+    pub(super) fn new(election_ticks: u32, tick: Duration) -> Lease {
         Lease {
-            length: election_timeout.saturating_sub(tick * LEASE_MARGIN_TICKS),
+            length: tick * election_ticks.saturating_sub(LEASE_MARGIN_TICKS),
             asking: None,
             next_round: 0,
             term: 0,
             until: None,
+            handed_over: None,
         }
+    }
+
+    /// Leadership is being handed over in `term`: the lease ends now, and is not taken
+    /// again in this term.
+    pub(super) fn give_up(&mut self, term: u64, deadline: &LeaseDeadline) {
+        self.handed_over = Some(term);
+        self.until = None;
+        self.asking = None;
+        deadline.set(None);
     }
 
     /// Called every turn before the turn's messages leave. Gives the lease up when this node
@@ -100,13 +118,17 @@ impl Lease {
         now: Instant,
         round_timeout: Duration,
     ) -> Option<u64> {
-        if !st.leader || st.handing_over || st.term != self.term {
+        if st.handing_over {
+            self.handed_over = Some(st.term);
+        }
+        let handed_over = self.handed_over == Some(st.term);
+        if !st.leader || handed_over || st.term != self.term {
             if self.until.take().is_some() {
                 deadline.set(None);
             }
             self.asking = None;
             self.term = st.term;
-            if !st.leader || st.handing_over {
+            if !st.leader || handed_over {
                 return None;
             }
         }
@@ -141,7 +163,11 @@ impl Lease {
             return;
         }
         self.asking = None;
-        if !st.leader || st.handing_over || st.term != self.term {
+        if !st.leader
+            || st.handing_over
+            || st.term != self.term
+            || self.handed_over == Some(st.term)
+        {
             return;
         }
         let until = asked + self.length;
@@ -168,7 +194,7 @@ mod tests {
     #[test]
     fn a_confirmed_round_holds_the_lease_from_when_it_was_asked() {
         let d = LeaseDeadline::default();
-        let mut l = Lease::new(ET, TICK);
+        let mut l = Lease::new(10, TICK);
         assert!(!d.holds());
         let t0 = Instant::now();
         let r = l.look_after(&leader(3), &d, t0, ET).unwrap();
@@ -178,7 +204,7 @@ mod tests {
         assert!(!d.holds());
         l.confirmed(r, &leader(3), &d);
         assert!(d.holds());
-        assert_eq!(l.until, Some(t0 + ET - TICK * 2));
+        assert_eq!(l.until, Some(t0 + TICK * 7));
         // Not renewed before half of it is used, renewed after.
         assert_eq!(l.look_after(&leader(3), &d, t0 + ET / 4, ET), None);
         assert!(l.look_after(&leader(3), &d, t0 + ET / 2, ET).is_some());
@@ -200,7 +226,7 @@ mod tests {
             },
         ] {
             let d = LeaseDeadline::default();
-            let mut l = Lease::new(ET, TICK);
+            let mut l = Lease::new(10, TICK);
             let t0 = Instant::now();
             let r = l.look_after(&leader(3), &d, t0, ET).unwrap();
             l.confirmed(r, &leader(3), &d);
@@ -215,7 +241,7 @@ mod tests {
     #[test]
     fn a_round_confirmed_after_the_term_changed_grants_nothing() {
         let d = LeaseDeadline::default();
-        let mut l = Lease::new(ET, TICK);
+        let mut l = Lease::new(10, TICK);
         let t0 = Instant::now();
         let r = l.look_after(&leader(3), &d, t0, ET).unwrap();
         l.confirmed(r, &leader(4), &d);
@@ -224,6 +250,24 @@ mod tests {
         let r2 = l.look_after(&leader(3), &d, t0, ET).unwrap();
         l.confirmed(r2 - 1, &leader(3), &d);
         assert!(!d.holds());
+    }
+
+    #[test]
+    fn no_lease_again_in_a_term_whose_leadership_was_handed_over() {
+        let d = LeaseDeadline::default();
+        let mut l = Lease::new(10, TICK);
+        let t0 = Instant::now();
+        let r = l.look_after(&leader(3), &d, t0, ET).unwrap();
+        l.confirmed(r, &leader(3), &d);
+        l.give_up(3, &d);
+        assert!(!d.holds());
+        // The transfer failed: still leader in term 3, still no lease, no round asked.
+        assert_eq!(l.look_after(&leader(3), &d, t0 + ET, ET), None);
+        assert!(!d.holds());
+        // A new term as leader: a lease again.
+        let r = l.look_after(&leader(4), &d, t0 + ET, ET).unwrap();
+        l.confirmed(r, &leader(4), &d);
+        assert!(d.holds());
     }
 
     #[test]
@@ -237,7 +281,7 @@ mod tests {
     #[test]
     fn a_round_never_confirmed_is_asked_again_after_the_timeout() {
         let d = LeaseDeadline::default();
-        let mut l = Lease::new(ET, TICK);
+        let mut l = Lease::new(10, TICK);
         let t0 = Instant::now();
         let r = l.look_after(&leader(3), &d, t0, ET).unwrap();
         assert_eq!(l.look_after(&leader(3), &d, t0 + ET / 2, ET), None);

@@ -433,10 +433,11 @@ impl Node {
             commit_due: None,
             lease: spec.lease_reads.then(|| {
                 Lease::new(
-                    Duration::from_millis(spec.election_timeout_ms),
+                    u32::try_from(election_tick).unwrap_or(u32::MAX),
                     Duration::from_millis(spec.heartbeat_interval_ms),
                 )
             }),
+            started: Instant::now(),
             transfer: None,
             book,
             book_index,
@@ -630,6 +631,8 @@ struct RaftThread {
     read_timeout: Duration,
     /// The leader's read lease, with `raft.read-mode lease`.
     lease: Option<Lease>,
+    /// When this raft thread started: votes are refused for an election timeout after.
+    started: Instant,
     /// This node's proposal batches on their way to commit (latency stages).
     batches: Batches,
     /// The highest commit index this leader sent its followers, and when it must tell them
@@ -1465,6 +1468,8 @@ impl RaftThread {
     /// reach the others for a moment, then stop.
     fn leave(&mut self) {
         warn!("this node was removed from the cluster; it stops taking part in it");
+        // Before the hand-over below, whose message may leave in this very turn.
+        self.give_up_lease();
         if self.node.raft.state == StateRole::Leader {
             let best = self
                 .node
@@ -1518,6 +1523,7 @@ impl RaftThread {
             return done(self, Err("ERR invalid node id".into()));
         }
         info!("transferring leadership to node {target}");
+        self.give_up_lease();
         self.node.transfer_leader(target);
         // raft-rs gives up after an election timeout; allow for the new leader's election.
         self.transfer = Some((target, Instant::now() + self.read_timeout * 3));
@@ -1607,6 +1613,24 @@ impl RaftThread {
     }
 
     fn on_message(&mut self, mut m: Message) {
+        if matches!(
+            m.get_msg_type(),
+            raft::eraftpb::MessageType::MsgRequestVote
+                | raft::eraftpb::MessageType::MsgRequestPreVote
+        ) && m.term > self.node.raft.term
+            && m.context != raft::CAMPAIGN_TRANSFER
+            && self.started.elapsed() < self.read_timeout
+        {
+            // Just started: this node does not know whom it last heard from, and a leader
+            // may hold a read lease counting on it; it votes after an election timeout, as
+            // a follower that had just heard from a leader would (node/lease.rs).
+            tracing::debug!(
+                "vote request from node {} for term {} ignored: this node started less than an election timeout ago",
+                m.from,
+                m.term
+            );
+            return;
+        }
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgUnreachable {
             // The transport lost its connection to `m.from`.
             self.node.report_unreachable(m.from);
@@ -1798,6 +1822,14 @@ impl RaftThread {
             leader: r.state == StateRole::Leader && r.commit_to_current_term(),
             term: r.term,
             handing_over: r.lead_transferee.is_some() || self.leaving.is_some(),
+        }
+    }
+
+    /// Leadership is about to be handed over: the read lease ends first.
+    fn give_up_lease(&mut self) {
+        let term = self.node.raft.term;
+        if let Some(lease) = self.lease.as_mut() {
+            lease.give_up(term, &self.shared.lease);
         }
     }
 

@@ -41,6 +41,14 @@ pub(crate) const PREALLOCATED_MAX_BYTES: u64 = 4 * 1024 * 1024;
 /// Why a scan stopped at zeros: the file's preallocated space (or a file system that
 /// extended the file before the data landed), not damage.
 pub(crate) const ZERO_TAIL: &str = "zero-filled tail";
+/// The most bytes from a damaged record to the end of the file that can be one torn write:
+/// a record and the preallocated zeros after it.
+const TORN_TAIL_MAX_BYTES: u64 =
+    PREALLOCATED_MAX_BYTES + RECORD_PAYLOAD_MAX_BYTES + FRAME_HEADER_LEN;
+/// The page cache writes a file out in whole pages: a page-aligned page of zeros between a
+/// damaged record and a valid one marks a write torn by a crash (its pages reached the disk
+/// out of order), not damage to data that was on disk.
+const PAGE_BYTES: u64 = 4096;
 
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
@@ -419,13 +427,28 @@ pub(crate) fn scan<R: Read>(
             if after_header == 0 {
                 return torn("last record is empty");
             }
-            if frame == [0u8; 8] && rest_is_zero(&mut reader, after_header)? {
+            if after_header > TORN_TAIL_MAX_BYTES {
+                // Longer than any write this log makes ahead: zeros (a file system that
+                // extended the file first), or damage.
+                if frame == [0u8; 8] && rest_is_zero(&mut reader, after_header)? {
+                    return torn(ZERO_TAIL);
+                }
+                return Err(ScanError::Corrupt {
+                    offset,
+                    reason: "zero-length record".to_string(),
+                });
+            }
+            // Lossless: bounded just above.
+            let mut rest = vec![0u8; after_header as usize];
+            reader.read_exact(&mut rest)?;
+            if frame == [0u8; 8] && rest.iter().all(|&b| b == 0) {
                 return torn(ZERO_TAIL);
             }
             return damaged_before_the_end(
                 &mut reader,
-                &[],
-                after_header,
+                &frame,
+                &rest,
+                0,
                 offset,
                 "zero-length record".to_string(),
                 torn("damaged last record"),
@@ -437,6 +460,7 @@ pub(crate) fn scan<R: Read>(
             }
             return damaged_before_the_end(
                 &mut reader,
+                &frame,
                 &[],
                 after_header,
                 offset,
@@ -483,6 +507,7 @@ pub(crate) fn scan<R: Read>(
             }
             return damaged_before_the_end(
                 &mut reader,
+                &frame,
                 &payload,
                 file_len - end,
                 offset,
@@ -498,15 +523,19 @@ pub(crate) fn scan<R: Read>(
     }
 }
 
-/// A damaged record at `offset` that does not end the file: `read` is what was read of it
-/// after its header, `unread` the bytes from there to the end of the file. A crash while
-/// writing into preallocated space leaves such a record followed by zeros (or, with pages
-/// written out of order, by a little of its own bytes): when the rest of the file is short
-/// enough to be that space and holds no valid record, nothing written after the damage is
-/// lost and it is a torn tail (`torn`), as at the end of a file; otherwise the log is damaged
-/// in the middle (`reason`).
+/// A damaged record at `offset` that does not end the file: `frame` is its header, `read`
+/// what was read after it, `unread` the bytes from there to the end of the file. A crash
+/// while writing into preallocated space leaves such a record followed by zeros, or, when
+/// the disk wrote the write's pages out of order, by some of the records written after it
+/// (never acknowledged: the write's fsync did not return). It is a torn tail (`torn`), as at
+/// the end of a file, when the rest of the file is short enough to be one such write and
+/// either holds no valid record or a whole page of zeros lies between the damage and the
+/// next valid record; otherwise the log is damaged in the middle (`reason`). A page of a
+/// record that was on disk turned to zeros, an unlikely kind of damage, would be taken for a
+/// torn write, as databases that preallocate their logs also do.
 fn damaged_before_the_end<R: Read>(
     reader: &mut R,
+    frame: &[u8],
     read: &[u8],
     unread: u64,
     offset: u64,
@@ -514,21 +543,44 @@ fn damaged_before_the_end<R: Read>(
     torn: Result<ScanEnd, ScanError>,
 ) -> Result<ScanEnd, ScanError> {
     let corrupt = |reason: String| Err(ScanError::Corrupt { offset, reason });
-    if unread > PREALLOCATED_MAX_BYTES + RECORD_PAYLOAD_MAX_BYTES + FRAME_HEADER_LEN {
+    if unread > TORN_TAIL_MAX_BYTES {
         return corrupt(reason);
     }
-    let mut rest = read.to_vec();
+    let mut rest = frame.to_vec();
+    rest.extend_from_slice(read);
     let at = rest.len();
     // Lossless: bounded just above.
     rest.resize(at + unread as usize, 0);
     reader.read_exact(&mut rest[at..])?;
-    match find_valid_frame(&rest) {
-        Some(p) => corrupt(format!(
-            "{reason}; a valid record follows at byte offset {}",
-            offset + FRAME_HEADER_LEN + p as u64
-        )),
-        None => torn,
+    let hdr = FRAME_HEADER_LEN as usize;
+    let Some(p) = rest.get(hdr..).and_then(find_valid_frame) else {
+        return torn;
+    };
+    if has_zero_page(&rest[..hdr + p], offset) {
+        return torn;
     }
+    corrupt(format!(
+        "{reason}; a valid record follows at byte offset {}",
+        offset + FRAME_HEADER_LEN + p as u64
+    ))
+}
+
+/// Whether `bytes`, which start at file offset `at`, include a whole page-aligned page of
+/// zeros.
+fn has_zero_page(bytes: &[u8], at: u64) -> bool {
+    let end = at + bytes.len() as u64;
+    let mut page = at.div_ceil(PAGE_BYTES) * PAGE_BYTES;
+    while page + PAGE_BYTES <= end {
+        let from = (page - at) as usize;
+        if bytes[from..from + PAGE_BYTES as usize]
+            .iter()
+            .all(|&b| b == 0)
+        {
+            return true;
+        }
+        page += PAGE_BYTES;
+    }
+    false
 }
 
 fn rest_is_zero<R: Read>(reader: &mut R, mut bytes: u64) -> io::Result<bool> {

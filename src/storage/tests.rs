@@ -865,6 +865,53 @@ fn one_fsync_per_sync_batch_and_stats() {
 }
 
 #[test]
+fn zeros_then_stray_bytes_after_the_records_are_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    let ends = append_one_per_sync(&store, &three_entries());
+    drop(store);
+    // A crash left some bytes of a never-finished write inside the preallocated zeros.
+    let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"garbage", ends[2] + 5000).unwrap();
+    drop(f);
+    let (_, rec) = LogStore::open(&path, true).unwrap();
+    assert_eq!(rec.entries, 3);
+    assert_eq!(fs::metadata(&path).unwrap().len(), ends[2]);
+}
+
+#[test]
+fn a_write_whose_pages_landed_out_of_order_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    store.append(&[entry(1, 1, b"first")]).unwrap();
+    store.sync().unwrap();
+    let durable = store.stats().bytes;
+    // One write of many records spanning several pages; the crash leaves its second page
+    // as zeros and the pages after it on disk.
+    let big: Vec<Entry> = (2..40).map(|i| entry(i, 1, &[b'x'; 500])).collect();
+    store.append(&big).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let page = durable.div_ceil(4096) * 4096 + 4096;
+    let mut bytes = fs::read(&path).unwrap();
+    for b in &mut bytes[page as usize..page as usize + 4096] {
+        *b = 0;
+    }
+    fs::write(&path, &bytes).unwrap();
+    let (store, rec) = LogStore::open(&path, true).unwrap();
+    assert!(rec.torn_tail_bytes_dropped > 0);
+    // Every record before the zeroed page is kept, nothing after it.
+    assert!(
+        rec.entries >= 8 && rec.entries < 39,
+        "{} entries",
+        rec.entries
+    );
+    assert_eq!(store.last_index().unwrap(), rec.entries);
+}
+
+#[test]
 fn a_record_torn_in_preallocated_space_is_a_torn_tail_not_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let path = log_path(&dir);

@@ -1801,6 +1801,11 @@ impl RaftThread {
     /// trails the leader's by about that much, not by a heartbeat interval.
     fn tell_commit(&mut self, now: Instant) {
         let r = &self.node.raft;
+        let me = self.shared.node_id;
+        if r.prs().iter().all(|(id, _)| *id == me) {
+            // Nobody to tell (a one-node cluster).
+            self.commit_sent = r.raft_log.committed;
+        }
         if r.state != StateRole::Leader || r.raft_log.committed <= self.commit_sent {
             self.commit_due = None;
             return;

@@ -99,6 +99,12 @@ impl Lease {
         }
     }
 
+    /// Whether this node may hold a lease as `st` describes it: it leads, and is not handing
+    /// over, nor has in this term.
+    fn may_hold(&self, st: &LeaderState) -> bool {
+        st.leader && !st.handing_over && self.handed_over != Some(st.term)
+    }
+
     /// Leadership is being handed over in `term`: the lease ends now, and is not taken
     /// again in this term.
     pub(super) fn give_up(&mut self, term: u64, deadline: &LeaseDeadline) {
@@ -121,14 +127,14 @@ impl Lease {
         if st.handing_over {
             self.handed_over = Some(st.term);
         }
-        let handed_over = self.handed_over == Some(st.term);
-        if !st.leader || handed_over || st.term != self.term {
+        let may_hold = self.may_hold(st);
+        if !may_hold || st.term != self.term {
             if self.until.take().is_some() {
                 deadline.set(None);
             }
             self.asking = None;
             self.term = st.term;
-            if !st.leader || handed_over {
+            if !may_hold {
                 return None;
             }
         }
@@ -163,11 +169,7 @@ impl Lease {
             return;
         }
         self.asking = None;
-        if !st.leader
-            || st.handing_over
-            || st.term != self.term
-            || self.handed_over == Some(st.term)
-        {
+        if !self.may_hold(st) || st.term != self.term {
             return;
         }
         let until = asked + self.length;

@@ -413,9 +413,9 @@ pub fn start_node(
         spec.bus_listen,
         spec.members.len()
     );
-    // Until the first compaction trigger is known (snapshots.rs): where it starts before
-    // any save was timed, at most.
-    store.set_size_cap(opts.log_max_file_bytes - opts.log_max_file_bytes / 4);
+    // Until the first compaction trigger is known: where it starts before any save was
+    // timed, at most (no snapshot counted).
+    store.set_size_cap(snapshots::compaction_trigger(opts.log_max_file_bytes, 0, None).0);
     Node::start(spec, store, waker()).map_err(|e| e.to_string())
 }
 
@@ -526,11 +526,11 @@ pub fn on_fsync_changed(on: bool) {
     }
 }
 
-/// `raft.log-max-file-size` changed: the log preallocates no further than three quarters
-/// of it until the next applied entries recompute the compaction trigger (snapshots.rs).
+/// `raft.log-max-file-size` changed: the log preallocates no further than the compaction
+/// trigger before any save was timed, until the next applied entries recompute it.
 pub fn on_log_max_file_changed(bytes: u64) {
     if let Some(n) = module().and_then(|m| m.node()) {
-        n.set_log_size_cap(bytes - bytes / 4);
+        n.set_log_size_cap(snapshots::compaction_trigger(bytes, 0, None).0);
     }
     snapshots::forget_size_cap();
 }

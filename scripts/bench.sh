@@ -8,6 +8,8 @@
 #   READS=0 scripts/bench.sh         the write tests and failover only
 #   WRITES=0 scripts/bench.sh        the read tests only
 #   REDISRAFT_SO=/path/to/redisraft.so scripts/bench.sh     RedisRaft side by side too
+#   FAILOVERS=10 scripts/bench.sh    only the failover test, 10 times (a fresh cluster each):
+#                                    median and range (scripts/failover.sh does this)
 #
 # Targets, each started fresh for its tests and benchmarked alone, one after the other (the
 # machine may have few cores, so nothing else runs during a measurement). $SERVER runs all
@@ -73,6 +75,7 @@ BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-300}"
 FAILOVER_TIMEOUT_S="${FAILOVER_TIMEOUT_S:-30}"
 READS="${READS:-1}"
 WRITES="${WRITES:-1}"
+FAILOVERS="${FAILOVERS:-0}"
 SERVER="${SERVER:-redis-server}"
 REDISRAFT_SO="${REDISRAFT_SO:-}"
 REDISRAFT_SERVER="${REDISRAFT_SERVER:-}"
@@ -100,6 +103,7 @@ usage_error() {
 for v in N CLIENTS ROUNDS BENCH_TIMEOUT_S FAILOVER_TIMEOUT_S; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || usage_error "$v must be a positive integer, not '${!v}'"
 done
+[[ "$FAILOVERS" =~ ^[0-9]+$ ]] || usage_error "FAILOVERS must be a number, not '$FAILOVERS'"
 ((ROUNDS <= ROUNDS_MAX)) || usage_error "ROUNDS must be at most $ROUNDS_MAX, not $ROUNDS"
 for v in READS WRITES; do
     [[ "${!v}" == 0 || "${!v}" == 1 ]] || usage_error "$v must be 0 or 1, not '${!v}'"
@@ -529,6 +533,7 @@ FAILOVER_TO=""
 
 # SIGKILLs the current cluster's leader and times the first write another node accepts.
 measure_failover() {
+    local -n times=${1:-FAILOVER_MS}
     local killed_pid="" i n=${#C_PORTS[@]} target reply start_ns end_ns deadline attempts=0 moved ms
     for ((i = 0; i < n; i++)); do
         if [[ "${C_PORTS[i]}" == "$LEADER_PORT" ]]; then
@@ -547,7 +552,7 @@ measure_failover() {
         if [[ "$reply" == OK ]]; then
             end_ns="$(date +%s%N)"
             ms=$(((end_ns - start_ns) / 1000000))
-            FAILOVER_MS+=" $ms"
+            times+=" $ms"
             FAILOVER_TO="$HOST:${C_PORTS[target]}"
             log "round $ROUND, failover: write accepted by $FAILOVER_TO after $ms ms ($attempts attempts)"
             return 0
@@ -780,6 +785,35 @@ server_version() {
     "$1" --version 2>/dev/null | sed -n 's/.* \(v=[^ ]*\).*/\1/p'
 }
 
+# FAILOVERS=k: the failover test alone, k times, each on a fresh cluster (and RedisRaft's).
+failover_rounds() {
+    local rr_ms=""
+    for ((ROUND = 1; ROUND <= FAILOVERS; ROUND++)); do
+        start_cluster yes raft-yes
+        measure_failover FAILOVER_MS
+        kill_pids "${C_PIDS[@]}"
+        if [[ -n "$REDISRAFT_SO" ]]; then
+            start_redisraft yes redisraft-yes
+            measure_failover rr_ms
+            kill_pids "${C_PIDS[@]}"
+        fi
+    done
+    printf '\nfailover: SIGKILL of the leader to the first write another node accepts, election-timeout 1000 ms, %s rounds\n' "$FAILOVERS"
+    print_spread raft "$FAILOVER_MS"
+    if [[ -n "$REDISRAFT_SO" ]]; then print_spread RedisRaft "$rr_ms"; fi
+}
+
+# "NAME: median M ms, range A..B ms (all: ...)" of the numbers in $2.
+print_spread() {
+    if [[ -z "$2" ]]; then
+        printf '  %-10s no write was accepted\n' "$1"
+        return
+    fi
+    printf '  %-10s median %s ms, range %s..%s ms (all:%s)\n' "$1" "$(median "$2")" \
+        "$(tr ' ' '\n' <<<"$2" | sed '/^$/d' | sort -n | head -1)" \
+        "$(tr ' ' '\n' <<<"$2" | sed '/^$/d' | sort -n | tail -1)" "$2"
+}
+
 main() {
     "$ROOT/scripts/setup.sh"
     command -v redis-benchmark >/dev/null || die "redis-benchmark not found (package redis-tools)"
@@ -789,6 +823,11 @@ main() {
     fi
     [[ -f "$MODULE" ]] || die "$MODULE is missing (build it, or unset SKIP_BUILD)"
 
+    if ((FAILOVERS)); then
+        failover_rounds
+        OK=1
+        return
+    fi
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
         log "round $ROUND of $ROUNDS"
         if ((WRITES)); then write_round; fi

@@ -579,16 +579,75 @@ fn raft_transfer_leader_to_a_named_node_and_to_any_node() {
     assert_eq!(w.cmd(&["SET", "k", "v"]), "+OK\r\n");
 }
 
-/// From the leader's SIGKILL to a new leader that all running nodes agree on.
+/// From pausing the leader (SIGSTOP: its connections stay open, so the others wait out the
+/// election timeout) to a new leader among the others.
 fn failover_time(c: &mut Cluster) -> Duration {
+    let l = c.wait_leader(Duration::from_secs(20));
+    c.signal(l, libc::SIGSTOP);
+    let t = Instant::now();
+    let others: Vec<usize> = (0..c.nodes.len()).filter(|&i| i != l).collect();
+    wait_for("a new leader", Duration::from_secs(30), || {
+        others
+            .iter()
+            .any(|&i| c.info_field(i, "raft_role").as_deref() == Some("leader"))
+    });
+    let took = t.elapsed();
+    c.signal(l, libc::SIGCONT);
+    c.wait_leader(Duration::from_secs(30));
+    took
+}
+
+/// From the leader's SIGKILL to the first write another node accepts.
+fn kill_to_write(c: &mut Cluster, round: usize) -> (usize, Duration) {
     let l = c.wait_leader(Duration::from_secs(20));
     c.kill(l);
     let t = Instant::now();
-    c.wait_leader(Duration::from_secs(30));
-    let took = t.elapsed();
-    c.start_node(l);
-    c.wait_leader(Duration::from_secs(30));
-    took
+    let others: Vec<usize> = (0..c.nodes.len()).filter(|&i| i != l).collect();
+    let mut accepted = None;
+    while accepted.is_none() && t.elapsed() < Duration::from_secs(30) {
+        accepted = others
+            .iter()
+            .copied()
+            .find(|&i| q(c, i, &["SET", "failover", &round.to_string()]) == Ok(Value::Okay));
+        if accepted.is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert!(accepted.is_some(), "round {round}: no node took a write");
+    (l, t.elapsed())
+}
+
+#[test]
+fn a_killed_leader_is_replaced_without_waiting_out_the_election_timeout_but_a_paused_one_is_not() {
+    let mut c = Cluster::start(3);
+    let slow = |c: &Cluster, i: usize| {
+        assert_eq!(
+            q(c, i, &["CONFIG", "SET", "raft.election-timeout", "4000"]),
+            Ok(Value::Okay)
+        );
+    };
+    for i in 0..3 {
+        slow(&c, i);
+    }
+    // Its process gone, the leader's port refuses connections: the others elect at once.
+    for round in 0..3 {
+        let (killed, took) = kill_to_write(&mut c, round);
+        assert!(
+            took < Duration::from_millis(2000),
+            "round {round}: the first write after the leader's kill took {took:?} with a 4 s election timeout"
+        );
+        c.start_node(killed);
+        slow(&c, killed);
+        c.wait_applied_everywhere(Duration::from_secs(30));
+    }
+    let logs: String = (0..3).map(|i| c.nodes[i].log()).collect();
+    assert!(logs.contains("its process looks gone"), "{logs}");
+    // A paused leader keeps its connections: nobody takes over before the timeout.
+    let took = failover_time(&mut c);
+    assert!(
+        took >= Duration::from_millis(3500),
+        "a paused leader was replaced after {took:?} with a 4 s election timeout"
+    );
 }
 
 #[test]

@@ -305,6 +305,7 @@ fn a_resumed_old_leader_never_answers_a_read_from_before_its_pause() {
         }
     }
     let mut stale = Vec::new();
+    let mut paused_nodes = std::collections::BTreeSet::new();
     for round in 0..rounds {
         let mut l = c.wait_leader(Duration::from_secs(10));
         let key = format!("pause{round}");
@@ -328,6 +329,7 @@ fn a_resumed_old_leader_never_answers_a_read_from_before_its_pause() {
         let mut probes: Vec<RawConn> = (0..4).map(|_| RawConn::open(c.nodes[l].def.port)).collect();
         c.signal(l, libc::SIGSTOP);
         let paused = Instant::now();
+        paused_nodes.insert(l);
         let others: Vec<usize> = (0..3).filter(|&i| i != l).collect();
         // The new leader: the one of the others that says so and takes a write.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -371,4 +373,11 @@ fn a_resumed_old_leader_never_answers_a_read_from_before_its_pause() {
         c.dump_logs();
     }
     assert!(stale.is_empty(), "stale reads: {stale:?}");
+    // Each resumed leader noticed its stall and asked its read rounds again.
+    for i in paused_nodes {
+        assert!(
+            c.nodes[i].log().contains("the raft thread did not run for"),
+            "node {i} was paused but did not notice"
+        );
+    }
 }

@@ -107,6 +107,15 @@ impl Lease {
 
     /// Leadership is being handed over in `term`: the lease ends now, and is not taken
     /// again in this term.
+    /// Drops the lease and any round asked for it, to be taken again from a new round (after
+    /// the raft thread stalled: a round asked before may be confirmed by acknowledgements
+    /// from before too).
+    pub(super) fn restart(&mut self, deadline: &LeaseDeadline) {
+        self.until = None;
+        self.asking = None;
+        deadline.set(None);
+    }
+
     pub(super) fn give_up(&mut self, term: u64, deadline: &LeaseDeadline) {
         self.handed_over = Some(term);
         self.until = None;

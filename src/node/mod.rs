@@ -5,6 +5,7 @@
 //! through `Shared` (atomics, the apply queue) and the `Waker` the main thread gave it.
 
 mod batches;
+mod failover;
 mod lease;
 mod status;
 
@@ -12,6 +13,7 @@ pub use lease::LeaseDeadline;
 pub use status::{NodeStatus, Role};
 
 use batches::Batches;
+use failover::{EarlyElection, StallClock};
 use lease::{LeaderState, Lease, LEASE_ROUND};
 
 use std::collections::{HashMap, VecDeque};
@@ -34,7 +36,7 @@ use crate::codec::{
     SnapshotMembership, StoredMembership,
 };
 use crate::storage::LogStore;
-use crate::transport::{PeerStatus, Transport, TransportConfig};
+use crate::transport::{PeerStatus, Report, Transport, TransportConfig};
 
 /// How many proposal batches (one per Redis event-loop turn) may wait for the raft thread;
 /// past that a write is refused with `-TRYAGAIN` rather than queued without bound.
@@ -412,6 +414,11 @@ impl Node {
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()).rotate_left(32);
         let worker = RaftThread {
             node: raw,
             store,
@@ -444,11 +451,11 @@ impl Node {
             leaving: None,
             snapshot_path: spec.snapshot_path.clone(),
             lost_log_warned: false,
-            incarnation: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-                ^ u64::from(std::process::id()).rotate_left(32),
+            incarnation,
+            read_epoch: incarnation,
+            stall_clock: StallClock::new(Instant::now()),
+            early_election: None,
+            leader_gone: None,
         };
         worker.publish_status();
         worker.publish_membership(worker.book_index);
@@ -643,6 +650,16 @@ struct RaftThread {
     transfer: Option<(u64, Instant)>,
     /// Distinguishes this process's read rounds from a previous one's (see `read_ctx`).
     incarnation: u64,
+    /// The second word of our read rounds' context: the incarnation, changed after a stall
+    /// so that nothing asked before it confirms a read (node/failover.rs).
+    read_epoch: u64,
+    /// Measures how long the raft thread went without running.
+    stall_clock: StallClock,
+    /// An election to start early: the leader's process is gone (node/failover.rs).
+    early_election: Option<EarlyElection>,
+    /// The term in which this node saw its leader's process gone: it votes at once then,
+    /// even if it started less than an election timeout ago.
+    leader_gone: Option<u64>,
     /// The members as of `book_index` (the last configuration change applied).
     book: MemberBook,
     book_index: u64,
@@ -945,14 +962,15 @@ fn record_panic_locations() {
 /// A read round is asked this many times before its clients get -TIMEOUT.
 const READ_TRIES_MAX: u32 = 3;
 
-/// `ReadState.request_ctx` of our rounds: node id, this process's incarnation, round. Rounds
-/// forwarded to the leader from several followers never collide, and neither do the rounds
-/// of a restarted node (which count from 1 again) with requests its previous process left
-/// pending at the leader: such an answer carries an index from before the new read began.
-fn read_ctx(node_id: u64, incarnation: u64, round: u64) -> Vec<u8> {
+/// `ReadState.request_ctx` of our rounds: node id, read epoch (this process's incarnation,
+/// changed after a stall), round. Rounds forwarded to the leader from several followers
+/// never collide, and neither do the rounds of a restarted node (which count from 1 again)
+/// with requests its previous process left pending at the leader: such an answer carries an
+/// index from before the new read began.
+fn read_ctx(node_id: u64, epoch: u64, round: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(24);
     v.extend_from_slice(&node_id.to_le_bytes());
-    v.extend_from_slice(&incarnation.to_le_bytes());
+    v.extend_from_slice(&epoch.to_le_bytes());
     v.extend_from_slice(&round.to_le_bytes());
     v
 }
@@ -980,6 +998,7 @@ impl RaftThread {
             }
         }
         self.next_tick = Instant::now() + self.tick;
+        self.stall_clock = StallClock::new(Instant::now());
         let mut next_beat = Instant::now();
         loop {
             let next_tick = self.next_tick;
@@ -990,19 +1009,28 @@ impl RaftThread {
             if let Some(due) = self.commit_due {
                 wake = wake.min(due);
             }
-            let timeout = wake.saturating_duration_since(Instant::now());
+            if let Some(e) = self.early_election {
+                wake = wake.min(e.at);
+            }
+            let asleep = Instant::now();
+            let timeout = wake.saturating_duration_since(asleep);
+            let (input, batch) = select! {
+                recv(self.input) -> m => (Some(m), None),
+                recv(self.inbound) -> batch => (None, batch.ok()),
+                default(timeout) => (None, None),
+            };
+            let stall = self.stall_clock.woke(asleep, timeout, Instant::now());
+            if stall > self.read_timeout {
+                self.after_stall(stall);
+            }
             let mut stop = false;
-            select! {
-                recv(self.input) -> m => match m {
-                    Ok(i) => stop |= self.on_input(i),
-                    Err(_) => stop = true,
-                },
-                recv(self.inbound) -> batch => if let Ok(batch) = batch {
-                    for m in batch {
-                        self.on_message(m);
-                    }
-                },
-                default(timeout) => {}
+            match input {
+                Some(Ok(i)) => stop |= self.on_input(i),
+                Some(Err(_)) => stop = true,
+                None => {}
+            }
+            for m in batch.into_iter().flatten() {
+                self.on_message(m);
             }
             let mut dropped = Vec::new();
             for _ in 0..DRAIN_MAX {
@@ -1051,6 +1079,7 @@ impl RaftThread {
                     }
                 }
             }
+            self.early_election(now);
             self.look_after_lease(now);
             self.tell_commit(now);
             if let Err(e) = self.on_ready() {
@@ -1143,7 +1172,7 @@ impl RaftThread {
                 );
                 self.reads.insert(round, (Instant::now(), 1));
                 self.node
-                    .read_index(read_ctx(self.shared.node_id, self.incarnation, round));
+                    .read_index(read_ctx(self.shared.node_id, self.read_epoch, round));
                 false
             }
             Input::TransferLeader(target) => {
@@ -1576,7 +1605,7 @@ impl RaftThread {
                 );
                 *asked = now;
                 *tries += 1;
-                self.node.read_index(read_ctx(me, self.incarnation, *round));
+                self.node.read_index(read_ctx(me, self.read_epoch, *round));
             }
         }
         if !failed.is_empty() {
@@ -1620,6 +1649,7 @@ impl RaftThread {
         ) && m.term > self.node.raft.term
             && m.context != raft::CAMPAIGN_TRANSFER
             && self.started.elapsed() < self.read_timeout
+            && self.leader_gone != Some(self.node.raft.term)
         {
             // Just started: this node does not know whom it last heard from, and a leader
             // may hold a read lease counting on it; it votes after an election timeout, as
@@ -1631,9 +1661,8 @@ impl RaftThread {
             );
             return;
         }
-        if m.get_msg_type() == raft::eraftpb::MessageType::MsgUnreachable {
-            // The transport lost its connection to `m.from`.
-            self.node.report_unreachable(m.from);
+        if let Some(report) = Report::of(&m) {
+            self.on_report(report);
             return;
         }
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
@@ -1665,16 +1694,6 @@ impl RaftThread {
             refused.reject_hint = self.node.raft.raft_log.last_index();
             self.transport.send(vec![refused]);
         }
-        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapStatus {
-            // The transport's report on sending a snapshot to `m.from`.
-            let status = if m.reject {
-                raft::SnapshotStatus::Failure
-            } else {
-                raft::SnapshotStatus::Finish
-            };
-            self.node.report_snapshot(m.from, status);
-            return;
-        }
         if let Err(e) = self.node.step(m) {
             // Stale or unknown-peer messages are normal around restarts.
             tracing::debug!("raft message ignored: {e}");
@@ -1697,10 +1716,10 @@ impl RaftThread {
         let committed = rd.take_committed_entries();
         self.deliver(committed)?;
         for rs in rd.take_read_states() {
-            if let Some((id, incarnation, round)) = parse_read_ctx(&rs.request_ctx) {
+            if let Some((id, epoch, round)) = parse_read_ctx(&rs.request_ctx) {
                 if round & LEASE_ROUND != 0 {
                     tracing::trace!("read lease: round {} confirmed", round & !LEASE_ROUND);
-                    if id == self.shared.node_id && incarnation == self.incarnation {
+                    if id == self.shared.node_id && epoch == self.read_epoch {
                         let st = self.leader_state();
                         if let Some(lease) = self.lease.as_mut() {
                             lease.confirmed(round, &st, &self.shared.lease);
@@ -1709,7 +1728,7 @@ impl RaftThread {
                     continue;
                 }
                 if id == self.shared.node_id
-                    && incarnation == self.incarnation
+                    && epoch == self.read_epoch
                     && self.reads.remove(&round).is_some()
                 {
                     tracing::debug!(
@@ -1831,6 +1850,93 @@ impl RaftThread {
     }
 
     /// Leadership is about to be handed over: the read lease ends first.
+    /// What the transport says about a peer's link.
+    fn on_report(&mut self, report: Report) {
+        let r = &self.node.raft;
+        let my_leader_gone = |id: u64| {
+            self.lease.is_none()
+                && r.state == StateRole::Follower
+                && r.leader_id == id
+                && self.leaving.is_none()
+        };
+        match report {
+            Report::Lost(id) => self.node.report_unreachable(id),
+            Report::Snapshot { peer, ok } => {
+                let status = if ok {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(peer, status);
+            }
+            // Is its process gone? Our own connection to it says (`Refused`).
+            Report::InboundClosed(id) if my_leader_gone(id) => self.transport.check_link(id),
+            Report::InboundClosed(_) => {}
+            Report::Refused(id) if my_leader_gone(id) => {
+                let voters = r.prs().conf().voters().ids();
+                let Some(turn) = failover::turn(voters.iter(), self.shared.node_id, id) else {
+                    return;
+                };
+                let term = r.term;
+                info!(
+                    "the leader, node {id}, refuses bus connections after closing its own: its process looks gone; electing a new leader without waiting out the election timeout (this node's turn: {turn})"
+                );
+                // Without a leader this node grants the others' (pre-)votes at once.
+                self.node.raft.become_follower(term, raft::INVALID_ID);
+                self.leader_gone = Some(term);
+                self.early_election = Some(EarlyElection {
+                    at: Instant::now() + failover::TURN * turn,
+                    term,
+                });
+            }
+            Report::Refused(_) => {}
+        }
+    }
+
+    /// Campaigns when this node's turn for an early election comes and there is still no
+    /// leader (node/failover.rs).
+    fn early_election(&mut self, now: Instant) {
+        let Some(e) = self.early_election else {
+            return;
+        };
+        let r = &self.node.raft;
+        if r.term != e.term || r.leader_id != raft::INVALID_ID || r.state == StateRole::Leader {
+            // An election ran, or a leader spoke.
+            self.early_election = None;
+            return;
+        }
+        if now < e.at {
+            return;
+        }
+        self.early_election = None;
+        if r.state == StateRole::Follower {
+            info!("no leader since the last one's process went away: starting an election");
+            if let Err(e) = self.node.campaign() {
+                warn!("could not start an election: {e}");
+            }
+        }
+    }
+
+    /// The raft thread did not run for `stall`, longer than an election timeout: no read
+    /// answered from now on may count on anything from before (node/failover.rs).
+    fn after_stall(&mut self, stall: Duration) {
+        warn!(
+            "the raft thread did not run for {} ms (the process was paused, a long fork, a stalled machine or a slow disk?); read rounds are asked again and the read lease is dropped",
+            stall.as_millis()
+        );
+        if let Some(lease) = self.lease.as_mut() {
+            lease.restart(&self.shared.lease);
+        }
+        // Confirmations of what was asked before carry the old epoch and are ignored.
+        self.read_epoch = self.read_epoch.wrapping_add(1);
+        let now = Instant::now();
+        let me = self.shared.node_id;
+        for (round, (asked, _)) in self.reads.iter_mut() {
+            *asked = now;
+            self.node.read_index(read_ctx(me, self.read_epoch, *round));
+        }
+    }
+
     fn give_up_lease(&mut self) {
         let term = self.node.raft.term;
         if let Some(lease) = self.lease.as_mut() {
@@ -1847,7 +1953,7 @@ impl RaftThread {
         if let Some(round) = lease.look_after(&st, &self.shared.lease, now, self.read_timeout) {
             tracing::trace!("read lease: round {} asked", round & !LEASE_ROUND);
             self.node
-                .read_index(read_ctx(self.shared.node_id, self.incarnation, round));
+                .read_index(read_ctx(self.shared.node_id, self.read_epoch, round));
         }
     }
 

@@ -262,15 +262,27 @@ impl Drop for Reader {
 
 impl Reader {
     fn run(mut self) {
-        let addr = self.addr;
-        let mut decoder = FrameDecoder::new(self.local.max_frame_bytes);
-        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         let mut conn = ConnState {
             hello: None,
             auth: Auth::AwaitHello,
             misrouted: 0,
             snapshot: None,
         };
+        self.serve(&mut conn);
+        if let (Some(h), Auth::Open) = (&conn.hello, &conn.auth) {
+            if !self.stop.load(Ordering::Acquire) {
+                // The raft thread may check whether the peer's process is gone.
+                let m = super::Report::InboundClosed(h.from).message(self.local.node_id);
+                let _ = self.inbound.try_send(vec![m]);
+            }
+        }
+    }
+
+    /// Reads and forwards until the connection ends or must be closed.
+    fn serve(&mut self, conn: &mut ConnState) {
+        let addr = self.addr;
+        let mut decoder = FrameDecoder::new(self.local.max_frame_bytes);
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         let accepted_at = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             match self.stream.read(&mut chunk) {
@@ -291,7 +303,7 @@ impl Reader {
                     if let Auth::AwaitResponse { since, .. } = conn.auth {
                         if since.elapsed() > AUTH_TIMEOUT {
                             self.refuse(
-                                &conn,
+                                conn,
                                 &format!("no response to the challenge within {AUTH_TIMEOUT:?}"),
                             );
                             return;
@@ -306,7 +318,7 @@ impl Reader {
                 }
             }
             let mut batch = Vec::new();
-            let keep = self.decode_all(&mut decoder, &mut conn, &mut batch);
+            let keep = self.decode_all(&mut decoder, conn, &mut batch);
             // Messages that came before a bad frame are valid: the node gets them either way.
             if !batch.is_empty() && !self.forward(batch) {
                 return;
@@ -453,6 +465,11 @@ impl Reader {
                         }
                         tracing::info!(peer = %addr, from = h.from,
                             "raft bus: received snapshot file for index {index} from node {}", h.from);
+                    }
+                    if super::local_only(msg.get_msg_type()) {
+                        tracing::debug!(peer = %addr, from = h.from, msg_type = msg.msg_type,
+                            "raft bus: dropping a local-only raft message type from node {}", h.from);
+                        continue;
                     }
                     if msg.to != self.local.node_id || msg.from != h.from {
                         conn.misrouted += 1;

@@ -157,6 +157,75 @@ pub(crate) struct LocalIdentity {
     pub(crate) reports: crossbeam_channel::Sender<Vec<Message>>,
 }
 
+/// What the transport tells the raft thread about its links. Reports travel on the inbound
+/// channel as raft messages of local-only types (`Report::message`), which the readers never
+/// accept from the network, so a peer cannot forge one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// The outbound connection to this peer was lost: raft should probe it afresh (it may
+    /// have restarted and lost what it acknowledged).
+    Lost(u64),
+    /// This peer's connection to us closed (its process may be gone).
+    InboundClosed(u64),
+    /// Right after losing our connection to this peer, its bus refused a new one: nothing
+    /// listens there any more, so its process is most likely gone.
+    Refused(u64),
+    /// How sending a snapshot to this peer went.
+    Snapshot { peer: u64, ok: bool },
+}
+
+const REPORT_INBOUND_CLOSED: &[u8] = b"inbound-closed";
+const REPORT_REFUSED: &[u8] = b"refused";
+
+impl Report {
+    /// The report as a message to `local` (the node this transport belongs to).
+    pub(crate) fn message(self, local: u64) -> Message {
+        use raft::eraftpb::MessageType::{MsgSnapStatus, MsgUnreachable};
+        let (kind, from, context, reject): (_, u64, &[u8], bool) = match self {
+            Report::Lost(id) => (MsgUnreachable, id, b"", false),
+            Report::InboundClosed(id) => (MsgUnreachable, id, REPORT_INBOUND_CLOSED, false),
+            Report::Refused(id) => (MsgUnreachable, id, REPORT_REFUSED, false),
+            Report::Snapshot { peer, ok } => (MsgSnapStatus, peer, b"", !ok),
+        };
+        let mut m = Message {
+            to: local,
+            from,
+            reject,
+            context: context.to_vec(),
+            ..Default::default()
+        };
+        m.set_msg_type(kind);
+        m
+    }
+
+    /// The report a message carries, if it is one.
+    pub fn of(m: &Message) -> Option<Report> {
+        use raft::eraftpb::MessageType::{MsgSnapStatus, MsgUnreachable};
+        match m.get_msg_type() {
+            MsgUnreachable => Some(match &m.context[..] {
+                REPORT_INBOUND_CLOSED => Report::InboundClosed(m.from),
+                REPORT_REFUSED => Report::Refused(m.from),
+                _ => Report::Lost(m.from),
+            }),
+            MsgSnapStatus => Some(Report::Snapshot {
+                peer: m.from,
+                ok: !m.reject,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Raft message types that only ever come from inside a node (ticks, elections it starts
+/// itself, the transport's reports): a reader drops them when a peer sends them.
+pub(crate) fn local_only(kind: raft::eraftpb::MessageType) -> bool {
+    use raft::eraftpb::MessageType as T;
+    matches!(
+        kind,
+        T::MsgHup | T::MsgBeat | T::MsgUnreachable | T::MsgSnapStatus | T::MsgCheckQuorum
+    )
+}
+
 /// How a Reject says the connecting node was removed from the cluster (the connector stops).
 pub(crate) const REMOVED_REASON: &str = "was removed from this cluster";
 
@@ -255,6 +324,13 @@ impl Transport {
 
     /// Adds a peer or changes its address; `addr` is "host:port" of its bus, resolved at each
     /// connect attempt. A changed address drops the current connection and reconnects at once.
+    /// Looks at once whether `id` closed our connection to it (see `Report::Refused`).
+    pub fn check_link(&self, id: u64) {
+        if let Some(peer) = read(&self.peers).get(&id) {
+            peer.check_link();
+        }
+    }
+
     pub fn set_peer(&self, id: u64, addr: &str) {
         if id == 0 || id == self.local.node_id {
             tracing::debug!(peer_id = id, "raft bus: ignoring set_peer for node {id}");

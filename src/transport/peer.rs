@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use raft::eraftpb::Message;
 
 use super::frame::{self, Frame, FrameDecoder, Hello};
-use super::{lock, LocalIdentity, PeerState, PeerStatus};
+use super::{lock, LocalIdentity, PeerState, PeerStatus, Report};
 
 /// Messages a peer may have waiting; beyond this `send` drops (Raft retransmits). Counted in
 /// messages, not batches, so many small sends cannot hold more than a few large ones.
@@ -48,6 +48,16 @@ const BATCH_MSGS_MAX: usize = 4096;
 /// With nothing to send for this long, check whether the peer closed the connection, so
 /// `PeerStatus` does not report a dead link as connected.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// A lost connection is retried at once (not after a backoff) at most this often.
+const RECONNECT_AT_ONCE_EVERY: Duration = Duration::from_secs(1);
+/// A refusal this soon after losing the connection is reported as the peer looking gone.
+const REFUSED_REPORT_WITHIN: Duration = Duration::from_secs(1);
+/// How soon a connection reset right after a loss is retried.
+const DYING_RETRY: Duration = Duration::from_millis(5);
+/// After `check_link`, the connection is looked at this often for this long (a dying peer's
+/// sockets close one after another).
+const CHECK_POLL: Duration = Duration::from_millis(5);
+const CHECK_WINDOW: Duration = Duration::from_millis(200);
 /// Snapshot files travel in chunks of this size (well under any frame limit).
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Shrink the batch buffer back after an unusually large batch.
@@ -73,6 +83,8 @@ struct PeerShared {
     direct: Mutex<Direct>,
     /// Capacity 1: "look at your flags". Never blocks the caller.
     wake: Sender<()>,
+    /// Set by `check_link`: look at once whether the peer closed the connection.
+    check: AtomicBool,
 }
 
 struct Link {
@@ -142,6 +154,7 @@ impl PeerHandle {
             conn: Mutex::new(None),
             direct: Mutex::new(Direct::default()),
             wake: wake_tx,
+            check: AtomicBool::new(false),
         });
         let writer = Writer {
             shared: Arc::clone(&shared),
@@ -270,6 +283,13 @@ impl PeerHandle {
         }
     }
 
+    /// Looks at once (not at the next idle check) whether the peer closed the connection;
+    /// if it did, reconnects at once and reports `Report::Refused` if the peer refuses.
+    pub(crate) fn check_link(&self) {
+        self.shared.check.store(true, Ordering::Release);
+        self.shared.wake();
+    }
+
     pub(crate) fn set_addr(&self, addr: &str) {
         {
             let mut current = lock(&self.shared.addr);
@@ -333,6 +353,10 @@ impl Writer {
         // What the last failed attempt ran into, so a new cause (say, the peer came up but
         // refuses our password) is warned about even in the middle of an outage.
         let mut last_failure: Option<io::ErrorKind> = None;
+        // When a connection was lost: a refusal soon after is reported (the peer's process
+        // is most likely gone).
+        let mut lost_at: Option<Instant> = None;
+        let mut quick_at: Option<Instant> = None;
         while !shared.stopping() {
             let generation = shared.addr_generation.load(Ordering::Acquire);
             let addr = lock(&shared.addr).clone();
@@ -348,6 +372,7 @@ impl Writer {
                     backoff = BACKOFF_MIN;
                     failures_in_row = 0;
                     last_failure = None;
+                    lost_at = None;
                     tracing::info!(peer_id = shared.id, peer = %addr, "raft bus: connected to node {} at {addr}", shared.id);
                     let end = self.pump(stream, generation);
                     shared.close_conn();
@@ -360,11 +385,37 @@ impl Writer {
                                 "raft bus: connection to node {} at {addr} lost: {e}; reconnecting", shared.id);
                             // Raft then probes the peer again instead of assuming it still
                             // holds what it acknowledged (it may have restarted).
-                            self.report(raft::eraftpb::MessageType::MsgUnreachable, false);
+                            self.report(Report::Lost(shared.id));
+                            lost_at = Some(Instant::now());
+                            // Once in a while, not for a peer that keeps closing at once.
+                            if quick_at.is_none_or(|at| at.elapsed() >= RECONNECT_AT_ONCE_EVERY) {
+                                quick_at = Some(Instant::now());
+                                continue;
+                            }
                         }
                     }
                 }
                 Err(e) => {
+                    if lost_at.is_some_and(|at| at.elapsed() < REFUSED_REPORT_WITHIN)
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                        )
+                    {
+                        // A peer whose process is exiting may still accept, then reset: it
+                        // refuses in a moment, which is what the raft thread waits to hear.
+                        let _ = self.wake.recv_timeout(DYING_RETRY);
+                        continue;
+                    }
+                    if e.kind() == io::ErrorKind::ConnectionRefused
+                        && lost_at
+                            .take()
+                            .is_some_and(|at| at.elapsed() < REFUSED_REPORT_WITHIN)
+                    {
+                        tracing::info!(peer_id = shared.id, peer = %addr,
+                            "raft bus: node {} at {addr} refuses connections right after its connection closed: its process looks gone", shared.id);
+                        self.report(Report::Refused(shared.id));
+                    }
                     shared.close_conn();
                     shared.conn_errors.fetch_add(1, Ordering::Relaxed);
                     shared.set_state(PeerState::ConnectError);
@@ -572,6 +623,8 @@ impl Writer {
     }
 
     fn pump_lending(&mut self, mut stream: TcpStream, generation: u64) -> PumpEnd {
+        // Until when the connection is looked at every `CHECK_POLL` (after `check_link`).
+        let mut checking: Option<Instant> = None;
         loop {
             if self.shared.stopping() {
                 return PumpEnd::Stopped;
@@ -589,6 +642,10 @@ impl Writer {
             if let Err(e) = self.lend(&stream) {
                 return PumpEnd::Failed(e);
             }
+            let idle = match checking {
+                Some(until) if Instant::now() < until => CHECK_POLL,
+                _ => IDLE_CHECK,
+            };
             crossbeam_channel::select! {
                 recv(self.queue) -> batch => match batch {
                     Ok(batch) => {
@@ -611,8 +668,14 @@ impl Writer {
                     if self.shared.addr_generation.load(Ordering::Acquire) != generation {
                         return PumpEnd::AddrChanged;
                     }
+                    if self.shared.check.swap(false, Ordering::AcqRel) {
+                        checking = Some(Instant::now() + CHECK_WINDOW);
+                        if let Err(e) = peer_closed(&mut stream) {
+                            return PumpEnd::Failed(e);
+                        }
+                    }
                 },
-                default(IDLE_CHECK) => {
+                default(idle) => {
                     if let Err(e) = peer_closed(&mut stream) {
                         return PumpEnd::Failed(e);
                     }
@@ -748,18 +811,18 @@ impl Writer {
                 self.shared.id
             );
         }
-        self.report(raft::eraftpb::MessageType::MsgSnapStatus, !ok);
+        self.report(Report::Snapshot {
+            peer: self.shared.id,
+            ok,
+        });
     }
 
-    /// A local report about this peer for the raft thread (which turns it into
-    /// `report_snapshot` / `report_unreachable`): `from` is the peer.
-    fn report(&self, kind: raft::eraftpb::MessageType, reject: bool) {
-        let mut m = Message::default();
-        m.set_msg_type(kind);
-        m.from = self.shared.id;
-        m.to = self.local.node_id;
-        m.reject = reject;
-        let _ = self.local.reports.try_send(vec![m]);
+    /// Tells the raft thread about this peer's link (best effort: a full channel drops it).
+    fn report(&self, report: Report) {
+        let _ = self
+            .local
+            .reports
+            .try_send(vec![report.message(self.local.node_id)]);
     }
 }
 

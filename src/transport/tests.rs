@@ -22,6 +22,8 @@ struct Inbox {
     rx: Receiver<Vec<Message>>,
     pending: VecDeque<Message>,
     batches: usize,
+    /// Peers whose connection to us closed (`Report::InboundClosed`, kept out of `pending`).
+    closed: Vec<u64>,
 }
 
 impl Inbox {
@@ -30,19 +32,22 @@ impl Inbox {
             rx,
             pending: VecDeque::new(),
             batches: 0,
+            closed: Vec::new(),
         }
     }
 
     fn recv_timeout(&mut self, timeout: Duration) -> Result<Message, RecvTimeoutError> {
-        if self.pending.is_empty() {
-            let batch = self.rx.recv_timeout(timeout)?;
+        let deadline = Instant::now() + timeout;
+        while self.pending.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let batch = self.rx.recv_timeout(left)?;
             self.take(batch);
         }
         Ok(self.pending.pop_front().expect("a non-empty batch"))
     }
 
     fn try_recv(&mut self) -> Result<Message, TryRecvError> {
-        if self.pending.is_empty() {
+        while self.pending.is_empty() {
             let batch = self.rx.try_recv()?;
             self.take(batch);
         }
@@ -52,7 +57,12 @@ impl Inbox {
     fn take(&mut self, batch: Vec<Message>) {
         assert!(!batch.is_empty(), "the transport forwarded an empty batch");
         self.batches += 1;
-        self.pending.extend(batch);
+        for m in batch {
+            match Report::of(&m) {
+                Some(Report::InboundClosed(id)) => self.closed.push(id),
+                _ => self.pending.push_back(m),
+            }
+        }
     }
 }
 
@@ -709,4 +719,87 @@ fn config_debug_hides_the_password() {
     let shown = format!("{cfg:?}");
     assert!(!shown.contains("s3cret"), "{shown}");
     assert!(shown.contains("<set>"), "{shown}");
+}
+
+/// Waits for a report matching `want` among A's inbound batches (skipping messages).
+fn wait_report(rx: &mut Inbox, want: Report) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(m) if Report::of(&m) == Some(want) => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+#[test]
+fn a_peer_whose_process_is_gone_is_reported_closed_then_refusing() {
+    let (a, mut a_rx) = start(1);
+    let (b, mut b_rx) = start(2);
+    a.set_peer(2, &b.local_addr().to_string());
+    b.set_peer(1, &a.local_addr().to_string());
+    wait_connected(&a, 2);
+    wait_connected(&b, 1);
+    // B's connection to A closes when B goes away: A hears of it at once, is asked to look
+    // at its own connection (as the raft thread does), and finds B's port refusing.
+    b.shutdown();
+    assert!(wait_until(|| {
+        let _ = a_rx.try_recv();
+        a_rx.closed.contains(&2)
+    }));
+    a.check_link(2);
+    assert!(wait_report(&mut a_rx, Report::Lost(2)), "no Lost report");
+    assert!(
+        wait_report(&mut a_rx, Report::Refused(2)),
+        "no Refused report"
+    );
+    assert!(b_rx.closed.is_empty());
+}
+
+#[test]
+fn local_only_message_types_from_the_network_are_dropped() {
+    let (b, mut b_rx) = start(2);
+    let mut hup = Message::default();
+    hup.set_msg_type(MessageType::MsgHup);
+    hup.from = 3;
+    hup.to = 2;
+    let forged = Report::Refused(7).message(2);
+    let mut forged = forged;
+    forged.from = 3;
+    let good = append(3, 2, 1);
+    let bytes = [
+        hello_bytes(CLUSTER, 3, 2),
+        message_bytes(&hup),
+        message_bytes(&forged),
+        message_bytes(&good),
+    ]
+    .concat();
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&bytes).unwrap();
+    // Only the append arrives, and the connection stays open.
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), good);
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+    drop(raw);
+    assert!(wait_until(|| {
+        let _ = b_rx.try_recv();
+        b_rx.closed.contains(&3)
+    }));
+}
+
+#[test]
+fn reports_survive_the_trip_as_messages() {
+    for r in [
+        Report::Lost(4),
+        Report::InboundClosed(5),
+        Report::Refused(6),
+        Report::Snapshot { peer: 7, ok: true },
+        Report::Snapshot { peer: 8, ok: false },
+    ] {
+        let m = r.message(1);
+        assert_eq!(m.to, 1);
+        assert!(local_only(m.get_msg_type()));
+        assert_eq!(Report::of(&m), Some(r));
+    }
+    assert_eq!(Report::of(&append(1, 2, 3)), None);
 }

@@ -736,7 +736,7 @@ fn wait_report(rx: &mut Inbox, want: Report) -> bool {
 #[test]
 fn a_peer_whose_process_is_gone_is_reported_closed_then_refusing() {
     let (a, mut a_rx) = start(1);
-    let (b, mut b_rx) = start(2);
+    let (b, b_rx) = start(2);
     a.set_peer(2, &b.local_addr().to_string());
     b.set_peer(1, &a.local_addr().to_string());
     wait_connected(&a, 2);
@@ -764,8 +764,7 @@ fn local_only_message_types_from_the_network_are_dropped() {
     hup.set_msg_type(MessageType::MsgHup);
     hup.from = 3;
     hup.to = 2;
-    let forged = Report::Refused(7).message(2);
-    let mut forged = forged;
+    let mut forged = Report::Refused(7).message(2);
     forged.from = 3;
     let good = append(3, 2, 1);
     let bytes = [

@@ -126,7 +126,7 @@ pub enum StorageError {
     /// lost: the records stay buffered, and the next `sync` writes them again from the same
     /// offset. The store keeps accepting changes meanwhile.
     #[error(
-        "raft log {}: no space left on device ({source}); writes resume when space is freed",
+        "raft log {}: {source}; writes resume when space is freed",
         .path.display()
     )]
     NoSpace {
@@ -146,6 +146,16 @@ impl StorageError {
     /// A full file system: `sync` may succeed later, once space is freed (see `NoSpace`).
     pub fn is_no_space(&self) -> bool {
         matches!(self, StorageError::NoSpace { .. })
+    }
+
+    /// `raft log <file>: <the OS's error>`: what failed, without advice.
+    pub fn short(&self) -> String {
+        match self {
+            StorageError::NoSpace { path, source } => {
+                format!("raft log {}: {source}", path.display())
+            }
+            other => other.to_string(),
+        }
     }
 }
 

@@ -1052,7 +1052,7 @@ fn a_write_into_a_full_disk_is_kept_and_written_once_space_returns() {
     assert_eq!(
         err.to_string(),
         format!(
-            "raft log {}: no space left on device ({}); writes resume when space is freed",
+            "raft log {}: {}; writes resume when space is freed",
             path.display(),
             std::io::Error::from_raw_os_error(libc::ENOSPC)
         )

@@ -320,10 +320,13 @@ impl Shared {
             self.removed.store(true, Ordering::Release);
         }
         self.is_leader.store(false, Ordering::Release);
+        // It follows no leader either: nothing is redirected to one it no longer hears.
+        self.leader_id.store(0, Ordering::Release);
         {
             let mut st = lock(&self.status);
             st.failure = Some(reason);
             st.role = Role::Stopped;
+            st.leader_id = 0;
         }
         self.push(
             failure.map_or(ApplyItem::Removed, ApplyItem::Stopped),

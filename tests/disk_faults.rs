@@ -78,23 +78,24 @@ fn set(c: &Cluster, i: usize, key: &str, val: &str) -> Result<(), String> {
     }
 }
 
-/// Writes `keys` through the leader (whichever it is), each acknowledged.
+/// Writes `keys` through the leader (whichever it is), each acknowledged. A write that
+/// fails is asked again of the leader found then (SET of the same value: no harm if the
+/// first attempt was applied after all).
 fn write_through_leader(
     c: &mut Cluster,
     acked: &mut BTreeMap<String, String>,
     keys: std::ops::Range<usize>,
 ) {
+    let mut l = c.wait_leader(Duration::from_secs(15));
     for n in keys {
-        let l = c.wait_leader(Duration::from_secs(15));
         let (k, v) = (format!("k{n}"), value(n));
-        let mut conn = c.conn(l).expect("conn");
-        let r: Result<Value, _> = redis::cmd("SET").arg(&k).arg(&v).query(&mut conn);
-        match r {
-            Ok(Value::Okay) => {
-                acked.insert(k, v);
-            }
-            other => panic!("SET {k} through the leader (node {l}): {other:?}"),
+        let mut tries = 0;
+        while let Err(e) = set(c, l, &k, &v) {
+            tries += 1;
+            assert!(tries < 5, "SET {k} through the leader (node {l}): {e}");
+            l = c.wait_leader(Duration::from_secs(15));
         }
+        acked.insert(k, v);
     }
 }
 
@@ -125,16 +126,23 @@ fn assert_same_data_with(c: &Cluster, acked: &BTreeMap<String, String>) {
         assert_eq!(first.get(k), Some(v), "acknowledged key {k} on node 0");
     }
     for i in 1..c.nodes.len() {
-        assert!(dataset(c, i) == first, "node {i}'s data differs from node 0's");
+        assert!(
+            dataset(c, i) == first,
+            "node {i}'s data differs from node 0's"
+        );
     }
 }
 
 fn wait_leader_other_than(c: &mut Cluster, not: usize) -> usize {
     let mut found = None;
-    wait_for("a leader other than the full node", Duration::from_secs(20), || {
-        found = c.leader().filter(|&l| l != not);
-        found.is_some()
-    });
+    wait_for(
+        "a leader other than the full node",
+        Duration::from_secs(20),
+        || {
+            found = c.leader().filter(|&l| l != not);
+            found.is_some()
+        },
+    );
     let l = found.unwrap_or_default();
     c.wait_leader(Duration::from_secs(15));
     l
@@ -147,9 +155,10 @@ fn a_full_log_disk_refuses_writes_hands_over_and_recovers_without_a_restart() {
     let Some(_mount) = mount_tmpfs(&disk, 4 << 20) else {
         return;
     };
-    c.nodes[0]
-        .extra
-        .extend(["--raft.log-filename".to_string(), "disk/redisraft.db".into()]);
+    c.nodes[0].extra.extend([
+        "--raft.log-filename".to_string(),
+        "disk/redisraft.db".into(),
+    ]);
     for i in 0..3 {
         c.start_node(i);
     }
@@ -190,20 +199,24 @@ fn a_full_log_disk_refuses_writes_hands_over_and_recovers_without_a_restart() {
     );
     // Until it has handed over, the full leader refuses writes with the log's error; then
     // it sends them to the new leader.
-    wait_for("the full node to redirect writes", Duration::from_secs(20), || {
-        n += 1;
-        match set(&c, 0, &format!("k{n}"), "x") {
-            Err(e) if e.starts_with("MOVED") => true,
-            Err(e) => {
-                assert!(
-                    e.contains("No space left on device") || e.starts_with("CLUSTERDOWN"),
-                    "{e}"
-                );
-                false
+    wait_for(
+        "the full node to redirect writes",
+        Duration::from_secs(20),
+        || {
+            n += 1;
+            match set(&c, 0, &format!("k{n}"), "x") {
+                Err(e) if e.starts_with("MOVED") => true,
+                Err(e) => {
+                    assert!(
+                        e.contains("No space left on device") || e.starts_with("CLUSTERDOWN"),
+                        "{e}"
+                    );
+                    false
+                }
+                Ok(()) => panic!("a write was acknowledged by the node whose log is full"),
             }
-            Ok(()) => panic!("a write was acknowledged by the node whose log is full"),
-        }
-    });
+        },
+    );
     let nl = wait_leader_other_than(&mut c, 0);
     assert_eq!(c.info_field(0, "raft_log_state").as_deref(), Some("full"));
     let why = c.info_field(0, "raft_log_error").unwrap_or_default();
@@ -231,9 +244,11 @@ fn a_full_log_disk_refuses_writes_hands_over_and_recovers_without_a_restart() {
 
     // Space again: the node writes what it held, catches up and takes part, no restart.
     std::fs::remove_file(&filler).expect("remove filler");
-    wait_for("the log to be written again", Duration::from_secs(20), || {
-        c.info_field(0, "raft_log_state").as_deref() == Some("ok")
-    });
+    wait_for(
+        "the log to be written again",
+        Duration::from_secs(20),
+        || c.info_field(0, "raft_log_state").as_deref() == Some("ok"),
+    );
     assert_eq!(c.info_field(0, "raft_log_error").as_deref(), Some(""));
     assert!(c.nodes[0].log().contains("written again"));
     c.wait_applied_everywhere(Duration::from_secs(20));
@@ -254,14 +269,18 @@ fn a_full_log_disk_refuses_writes_hands_over_and_recovers_without_a_restart() {
 /// The node other than `not` that leads, once one does.
 fn leader_among_others(c: &Cluster, not: usize) -> usize {
     let mut found = None;
-    wait_for("the other two to elect a leader", Duration::from_secs(20), || {
-        found = (0..c.nodes.len()).find(|&i| {
-            i != not
-                && c.info_field(i, "raft_role").as_deref() == Some("leader")
-                && matches!(q(c, i, &["GET", "__probe"]), Ok(_))
-        });
-        found.is_some()
-    });
+    wait_for(
+        "the other two to elect a leader",
+        Duration::from_secs(20),
+        || {
+            found = (0..c.nodes.len()).find(|&i| {
+                i != not
+                    && c.info_field(i, "raft_role").as_deref() == Some("leader")
+                    && q(c, i, &["GET", "__probe"]).is_ok()
+            });
+            found.is_some()
+        },
+    );
     found.unwrap_or_default()
 }
 

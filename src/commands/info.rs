@@ -171,6 +171,15 @@ fn fill(i: &Info) {
     i.num("fsync_max_microseconds", st.log.fsync_max_us);
     i.num("fsync_avg_microseconds", st.log.fsync_avg_us);
     i.str("log_fsync", if opts.log_fsync { "yes" } else { "no" });
+    // ok; full: a write found no space, tried again until it works (writes refused
+    // meanwhile); failed: a write or fsync failed, the node stopped until restarted.
+    let (log_state, log_error) = match (&st.log_failed, &st.log_full) {
+        (Some(e), _) => ("failed", e.as_str()),
+        (None, Some(e)) => ("full", e.as_str()),
+        (None, None) => ("ok", ""),
+    };
+    i.str("log_state", log_state);
+    i.str("log_error", log_error);
 
     // RedisRaft's names; sizes in bytes, times in seconds.
     let snap = crate::redis::snapshots::state();

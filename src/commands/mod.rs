@@ -410,6 +410,31 @@ fn debug_latency(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> c_int {
     }
 }
 
+/// `RAFT.DEBUG LOG-FAULT WRITE-EIO|FSYNC-EIO|ENOSPC|OFF`, for tests only: this node's next
+/// raft log write (or fsync) fails with EIO, or every write fails with ENOSPC until OFF, as
+/// a failing or full disk would make them fail. Node-local; nothing is written to the log.
+fn debug_log_fault(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> c_int {
+    use crate::storage::LogFault;
+    let Some(node) = module().and_then(|m| m.node()) else {
+        return api::reply_error(ctx, "NOCLUSTER No Raft Cluster");
+    };
+    let fault = match args {
+        [f] if f.eq_ignore_ascii_case(b"write-eio") => Some(LogFault::WriteEio),
+        [f] if f.eq_ignore_ascii_case(b"fsync-eio") => Some(LogFault::FsyncEio),
+        [f] if f.eq_ignore_ascii_case(b"enospc") => Some(LogFault::NoSpace),
+        [f] if f.eq_ignore_ascii_case(b"off") => None,
+        _ => {
+            return api::reply_error(
+                ctx,
+                "ERR usage: RAFT.DEBUG LOG-FAULT WRITE-EIO|FSYNC-EIO|ENOSPC|OFF",
+            )
+        }
+    };
+    tracing::warn!("RAFT.DEBUG LOG-FAULT (a test knob): the raft log's next write or fsync now fails as {fault:?}");
+    node.set_log_fault(fault);
+    api::reply_simple(ctx, "OK")
+}
+
 /// `RAFT.DEBUG EXEC <command> [args...]`: runs a command locally, outside Raft.
 /// `RAFT.DEBUG SNAPSHOT SAVE|LOAD <path>`: saves or loads this node's dataset (snapshot.rs).
 extern "C" fn raft_debug_cmd(
@@ -438,9 +463,10 @@ extern "C" fn raft_debug_cmd(
                     None => api::reply_error(ctx, "NOCLUSTER No Raft Cluster"),
                 },
                 Some(b"LATENCY") => debug_latency(ctx, &args[2..]),
+                Some(b"LOG-FAULT") => debug_log_fault(ctx, &args[2..]),
                 _ => api::reply_error(
                     ctx,
-                    "ERR RAFT.DEBUG supports EXEC, COMPACT, SNAPSHOT and LATENCY [RESET]",
+                    "ERR RAFT.DEBUG supports EXEC, COMPACT, SNAPSHOT, LATENCY [RESET] and LOG-FAULT",
                 ),
             }
         },

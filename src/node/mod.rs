@@ -35,7 +35,7 @@ use crate::codec::{
     decode, encode, encode_command, LogCommand, MemberBook, MemberChange, ProposalTag,
     SnapshotMembership, StoredMembership,
 };
-use crate::storage::LogStore;
+use crate::storage::{LogFault, LogStore, StorageError};
 use crate::transport::{PeerStatus, Report, Transport, TransportConfig};
 
 /// How many proposal batches (one per Redis event-loop turn) may wait for the raft thread;
@@ -51,6 +51,14 @@ const DRAIN_MAX: usize = 8192;
 const COMMIT_TELL_DELAY: Duration = Duration::from_millis(2);
 
 pub use crate::codec::Member;
+
+/// How often a node whose log found the disk full tries to write it again.
+const LOG_FULL_RETRY: Duration = Duration::from_millis(100);
+/// Messages a node whose log is full holds back until it is written (votes, acks); past
+/// this the oldest are dropped, as a network may drop them.
+const LOG_FULL_HELD_MAX: usize = 4096;
+/// A read round nobody confirmed (`ApplyItem::ReadFailed`).
+pub const NO_QUORUM_FOR_READ: &str = "TIMEOUT no quorum for read";
 
 /// How far (in entries) a learner may trail the commit index and still count as caught up,
 /// so that it is promoted to voter even while clients keep writing.
@@ -101,10 +109,16 @@ pub enum ApplyItem {
     LeadershipLost,
     /// The node stopped (log write failed): fail everything pending with this message.
     Stopped(String),
+    /// This node's log found the disk full: writes pending here will not be acknowledged by
+    /// it (their outcome is unknown), nor the reads waiting here; fail them with the first
+    /// message and the reads with the second. Later writes are refused (`Shared::log_full`)
+    /// until the log is written again.
+    LogFull { writes: String, reads: String },
     /// Read round `round` may run once this node has applied `index`.
     ReadReady { round: u64, index: u64 },
-    /// These read rounds could not be confirmed (no leader, or no quorum, in time).
-    ReadFailed { rounds: Vec<u64> },
+    /// These read rounds could not be confirmed (no leader, or no quorum, in time), or this
+    /// node cannot apply as far as they need: fail them with `error`.
+    ReadFailed { rounds: Vec<u64>, error: String },
     /// How a leadership transfer ended (Err: RedisRaft's error text).
     TransferDone(Result<(), String>),
     /// A membership change was refused before entering the log (RedisRaft's error text).
@@ -181,6 +195,10 @@ pub struct Shared {
     membership: Mutex<(u64, SnapshotMembership)>,
     /// Until when this leader's read lease holds (`raft.read-mode lease`).
     lease: LeaseDeadline,
+    /// While this node's log cannot be written for lack of space: the error a write gets,
+    /// and a flag for the read paths.
+    log_full: Mutex<Option<String>>,
+    log_full_flag: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,6 +254,27 @@ impl Shared {
         lock(&self.membership).clone()
     }
 
+    /// While this node's log cannot be written for lack of space: the error a write it would
+    /// have to log gets (`-ERR raft log ...: No space left on device ...`).
+    pub fn log_full(&self) -> Option<String> {
+        if !self.is_log_full() {
+            return None;
+        }
+        lock(&self.log_full).clone()
+    }
+
+    /// This node's log cannot be written for lack of space: it cannot apply entries others
+    /// committed since, so it serves no read that must see them.
+    pub fn is_log_full(&self) -> bool {
+        self.log_full_flag.load(Ordering::Acquire)
+    }
+
+    fn set_log_full(&self, error: Option<String>) {
+        let full = error.is_some();
+        *lock(&self.log_full) = error;
+        self.log_full_flag.store(full, Ordering::Release);
+    }
+
     /// True once this node was removed from the cluster (it no longer takes part).
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
@@ -283,10 +322,13 @@ impl Shared {
             self.removed.store(true, Ordering::Release);
         }
         self.is_leader.store(false, Ordering::Release);
+        // It follows no leader either: nothing is redirected to one it no longer hears.
+        self.leader_id.store(0, Ordering::Release);
         {
             let mut st = lock(&self.status);
             st.failure = Some(reason);
             st.role = Role::Stopped;
+            st.leader_id = 0;
         }
         self.push(
             failure.map_or(ApplyItem::Removed, ApplyItem::Stopped),
@@ -411,6 +453,8 @@ impl Node {
             leaving: AtomicBool::new(false),
             membership: Mutex::new((0, SnapshotMembership::default())),
             lease: LeaseDeadline::default(),
+            log_full: Mutex::new(None),
+            log_full_flag: AtomicBool::new(false),
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
@@ -451,6 +495,7 @@ impl Node {
             leaving: None,
             snapshot_path: spec.snapshot_path.clone(),
             lost_log_warned: false,
+            log_full: None,
             incarnation,
             read_epoch: incarnation,
             stall_clock: StallClock::new(Instant::now()),
@@ -598,6 +643,12 @@ impl Node {
         self.store.set_cache_max_bytes(bytes);
     }
 
+    /// Tests only (`RAFT.DEBUG LOG-FAULT`): the log's next write or fsync fails as a failing
+    /// or full disk would make it fail (None clears a full-disk fault).
+    pub fn set_log_fault(&self, fault: Option<LogFault>) {
+        self.store.set_fault(fault);
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.transport.peers()
     }
@@ -667,6 +718,29 @@ struct RaftThread {
     leaving: Option<Instant>,
     snapshot_path: std::path::PathBuf,
     lost_log_warned: bool,
+    /// The log found the disk full: what raft-rs was handed unpersisted since.
+    log_full: Option<LogFull>,
+}
+
+/// A node whose log cannot be written for lack of space. raft-rs was handed the Readies
+/// since with `advance_append_async` (their records stay in the store's buffer), so it does
+/// not count them as persisted: no vote is granted and no entry acknowledged from them, and
+/// a leader does not count itself in their quorum. A successful `sync` reports them all
+/// persisted (`on_persist_ready`) and sends what was held.
+struct LogFull {
+    since: Instant,
+    /// The store's error, for the logs.
+    error: String,
+    next_try: Instant,
+    /// The number of the last Ready handed over unpersisted.
+    ready: u64,
+    /// The last entry among them.
+    appended: Option<u64>,
+    /// raft-rs's persisted messages of those Readies (votes, append responses...), oldest
+    /// first, at most `LOG_FULL_HELD_MAX`.
+    held: VecDeque<Message>,
+    /// Held messages dropped for the bound.
+    dropped: u64,
 }
 
 /// Points the transport at `members` (but this node) and refuses the ids `book` says were
@@ -1012,6 +1086,9 @@ impl RaftThread {
             if let Some(e) = self.early_election {
                 wake = wake.min(e.at);
             }
+            if let Some(full) = &self.log_full {
+                wake = wake.min(full.next_try);
+            }
             let asleep = Instant::now();
             let timeout = wake.saturating_duration_since(asleep);
             let (input, batch) = select! {
@@ -1082,10 +1159,8 @@ impl RaftThread {
             self.early_election(now);
             self.look_after_lease(now);
             self.tell_commit(now);
-            if let Err(e) = self.on_ready() {
-                let msg = format!("raft log write failed, this node stopped taking part in the cluster (its data is intact; fix the cause and restart it): {e}");
-                error!("{msg}");
-                self.shared.stop(Some(msg), &self.waker, &self.transport);
+            if let Err(e) = self.retry_full_log(now).and_then(|()| self.on_ready()) {
+                self.stop_on_error(e);
                 return;
             }
             self.track_leadership();
@@ -1158,6 +1233,7 @@ impl RaftThread {
                 self.shared.push(
                     ApplyItem::ReadFailed {
                         rounds: vec![round],
+                        error: NO_QUORUM_FOR_READ.into(),
                     },
                     &self.waker,
                 );
@@ -1216,6 +1292,9 @@ impl RaftThread {
     fn change_membership(&mut self, tag: ProposalTag, req: ChangeRequest) -> Result<(), String> {
         if self.leaving.is_some() {
             return Err("ERR this node was removed from the cluster".into());
+        }
+        if let Some(error) = self.shared.log_full() {
+            return Err(error);
         }
         if self.node.raft.state != StateRole::Leader {
             return Err(match self.shared.member(self.node.raft.leader_id) {
@@ -1288,7 +1367,11 @@ impl RaftThread {
     /// The leader promotes one caught-up learner at a time to voter.
     fn promote_learners(&mut self) {
         let r = &self.node.raft;
-        if r.state != StateRole::Leader || r.has_pending_conf() || self.leaving.is_some() {
+        if r.state != StateRole::Leader
+            || r.has_pending_conf()
+            || self.leaving.is_some()
+            || self.log_full.is_some()
+        {
             return;
         }
         let committed = r.raft_log.committed;
@@ -1585,8 +1668,13 @@ impl RaftThread {
         if self.leaving.is_some() {
             // Removed: nothing is asked of raft-rs any more.
             let rounds: Vec<u64> = self.reads.drain().map(|(r, _)| r).collect();
-            self.shared
-                .push(ApplyItem::ReadFailed { rounds }, &self.waker);
+            self.shared.push(
+                ApplyItem::ReadFailed {
+                    rounds,
+                    error: NO_QUORUM_FOR_READ.into(),
+                },
+                &self.waker,
+            );
             return;
         }
         let mut failed = Vec::new();
@@ -1612,8 +1700,13 @@ impl RaftThread {
             for r in &failed {
                 self.reads.remove(r);
             }
-            self.shared
-                .push(ApplyItem::ReadFailed { rounds: failed }, &self.waker);
+            self.shared.push(
+                ApplyItem::ReadFailed {
+                    rounds: failed,
+                    error: NO_QUORUM_FOR_READ.into(),
+                },
+                &self.waker,
+            );
         }
     }
 
@@ -1631,8 +1724,12 @@ impl RaftThread {
 
     fn propose(&mut self, tag: ProposalTag, data: Vec<u8>, dropped: &mut Vec<ProposalTag>) {
         // A leader that applied its own removal is no longer in its configuration: raft-rs
-        // cannot append for it (it would abort), and it is about to step down anyway.
-        if self.node.raft.state != StateRole::Leader || self.leaving.is_some() {
+        // cannot append for it (it would abort), and it is about to step down anyway. One
+        // whose log is full could not persist it (the main thread says why: redirect_error).
+        if self.node.raft.state != StateRole::Leader
+            || self.leaving.is_some()
+            || self.log_full.is_some()
+        {
             dropped.push(tag);
             return;
         }
@@ -1659,6 +1756,17 @@ impl RaftThread {
                 m.from,
                 m.term
             );
+            return;
+        }
+        if self.log_full.is_some()
+            && matches!(
+                m.get_msg_type(),
+                raft::eraftpb::MessageType::MsgAppend | raft::eraftpb::MessageType::MsgSnapshot
+            )
+        {
+            // Could not be written: dropped as a network would drop it, so memory does not
+            // grow with the leader's writes. The leader sends them again once this node
+            // answers (heartbeat responses go on: they claim nothing about the log).
             return;
         }
         if let Some(report) = Report::of(&m) {
@@ -1729,6 +1837,22 @@ impl RaftThread {
                 }
                 if id == self.shared.node_id
                     && epoch == self.read_epoch
+                    && self.log_full.is_some()
+                    && rs.index > self.node.raft.raft_log.persisted
+                    && self.reads.remove(&round).is_some()
+                {
+                    // This node cannot apply that far until its log is written again.
+                    self.shared.push(
+                        ApplyItem::ReadFailed {
+                            rounds: vec![round],
+                            error: full_log_read_error(&self.store),
+                        },
+                        &self.waker,
+                    );
+                    continue;
+                }
+                if id == self.shared.node_id
+                    && epoch == self.read_epoch
                     && self.reads.remove(&round).is_some()
                 {
                     tracing::debug!(
@@ -1754,7 +1878,19 @@ impl RaftThread {
         if let Some(hs) = rd.hs() {
             self.store.set_hard_state(hs)?;
         }
-        self.store.sync()?;
+        if self.log_full.is_some() {
+            // Written by the next retry (retry_full_log), not now.
+            self.defer_persist(rd, appended);
+            return Ok(());
+        }
+        if let Err(e) = self.store.sync() {
+            if !e.is_no_space() {
+                return Err(e.into());
+            }
+            self.log_became_full(&e);
+            self.defer_persist(rd, appended);
+            return Ok(());
+        }
         if let Some(index) = appended {
             self.batches.persisted(index);
         }
@@ -1774,6 +1910,156 @@ impl RaftThread {
         self.deliver(committed)?;
         self.node.advance_apply();
         Ok(())
+    }
+
+    /// Hands `rd` back to raft-rs without claiming it persisted (its records are in the
+    /// store's buffer, where raft-rs reads them), and holds the messages that may only leave
+    /// once it is.
+    fn defer_persist(&mut self, mut rd: raft::Ready, appended: Option<u64>) {
+        let number = rd.number();
+        let msgs = rd.take_persisted_messages();
+        self.node.advance_append_async(rd);
+        // The committed entries of `rd` were delivered (persisted ones only: raft-rs hands
+        // out nothing past its persisted index).
+        self.node.advance_apply();
+        let Some(full) = self.log_full.as_mut() else {
+            return;
+        };
+        full.ready = number;
+        full.appended = appended.or(full.appended);
+        for m in msgs {
+            // A forwarded read asks and claims nothing: it need not wait (follower reads
+            // are refused anyway while full; a round already asked may still complete).
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeatResponse
+                || m.get_msg_type() == raft::eraftpb::MessageType::MsgReadIndex
+            {
+                self.transport.send(vec![m]);
+                continue;
+            }
+            full.held.push_back(m);
+        }
+        while full.held.len() > LOG_FULL_HELD_MAX {
+            full.held.pop_front();
+            full.dropped += 1;
+        }
+    }
+
+    /// The log's write found no space: this node stops taking new writes, and its vote and
+    /// acknowledgements wait until the log is written again (see `LogFull`). A leader hands
+    /// leadership over: it cannot count itself in a quorum nor apply what it could not write.
+    fn log_became_full(&mut self, e: &StorageError) {
+        let error = e.short();
+        let leading = self.node.raft.state == StateRole::Leader;
+        warn!(
+            "{error}: this node takes no new writes, grants no vote and acknowledges no entry until its raft log can be written again (tried every {} ms){}; it still serves local reads. Free space on that file system: the node resumes by itself",
+            LOG_FULL_RETRY.as_millis(),
+            if leading {
+                "; as leader it hands leadership to another node"
+            } else {
+                ""
+            }
+        );
+        self.shared.set_log_full(Some(format!("ERR {e}")));
+        self.log_full = Some(LogFull {
+            since: Instant::now(),
+            error: error.clone(),
+            next_try: Instant::now() + LOG_FULL_RETRY,
+            ready: 0,
+            appended: None,
+            held: VecDeque::new(),
+            dropped: 0,
+        });
+        self.shared.push(
+            ApplyItem::LogFull {
+                writes: format!(
+                    "TIMEOUT {error}: this node could not persist the write, its outcome is unknown; writes resume when space is freed"
+                ),
+                reads: full_log_read_error(&self.store),
+            },
+            &self.waker,
+        );
+        self.hand_over_for_full_log();
+    }
+
+    /// A leader whose log is full gives leadership to the most up-to-date voter, so the
+    /// other nodes keep the cluster writable. Asked again at each retry while it leads.
+    fn hand_over_for_full_log(&mut self) {
+        let r = &self.node.raft;
+        if r.state != StateRole::Leader || r.lead_transferee.is_some() || self.leaving.is_some() {
+            return;
+        }
+        let me = self.shared.node_id;
+        let best = r
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me && r.prs().conf().voters().contains(**id))
+            .max_by_key(|(_, p)| p.matched)
+            .map(|(id, _)| *id);
+        let Some(id) = best else { return };
+        info!("raft log full: transferring leadership to node {id}");
+        self.give_up_lease();
+        self.node.transfer_leader(id);
+    }
+
+    /// While the log is full: tries to write it again; once that works, raft-rs learns that
+    /// everything handed over since is persisted, and the held messages leave.
+    fn retry_full_log(&mut self, now: Instant) -> Result<(), NodeError> {
+        let Some(full) = self.log_full.as_mut() else {
+            return Ok(());
+        };
+        if now < full.next_try {
+            return Ok(());
+        }
+        full.next_try = now + LOG_FULL_RETRY;
+        match self.store.sync() {
+            Ok(()) => {}
+            Err(e) if e.is_no_space() => {
+                self.hand_over_for_full_log();
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let Some(full) = self.log_full.take() else {
+            return Ok(());
+        };
+        self.shared.set_log_full(None);
+        if full.ready > 0 {
+            self.node.on_persist_ready(full.ready);
+        }
+        if let Some(index) = full.appended {
+            self.batches.persisted(index);
+        }
+        self.transport.send(full.held.into());
+        info!(
+            "raft log {} written again after {:.1} s without space ({}); this node takes part in the cluster again{}",
+            self.store.path().display(),
+            full.since.elapsed().as_secs_f64(),
+            full.error,
+            if full.dropped > 0 {
+                format!(" ({} held messages were dropped)", full.dropped)
+            } else {
+                String::new()
+            }
+        );
+        Ok(())
+    }
+
+    /// The raft thread cannot go on: this node stops taking part (no votes, no
+    /// acknowledgements, no entries), every waiting client gets the reason, the bus closes.
+    fn stop_on_error(&self, e: NodeError) {
+        let msg = match &e {
+            NodeError::Storage(se) => {
+                let msg = format!("{se}; this node stopped taking part in the cluster and acknowledges nothing it could not persist (the log is not written again: after a failed write or fsync its contents are suspect); check the disk, then restart the node");
+                lock(&self.shared.status).log_failed = Some(se.to_string());
+                msg
+            }
+            other => format!(
+                "the raft thread stopped: {other}; this node no longer takes part in the cluster; restart it"
+            ),
+        };
+        error!("{msg}");
+        self.shared.set_log_full(None);
+        self.shared.stop(Some(msg), &self.waker, &self.transport);
     }
 
     fn deliver(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
@@ -2033,9 +2319,19 @@ impl RaftThread {
             },
             log: self.store.stats(),
             failure: None,
+            log_full: self.log_full.as_ref().map(|f| f.error.clone()),
+            log_failed: None,
         };
         *lock(&self.shared.status) = st;
     }
+}
+
+/// What a read gets on a node whose log is full and whose data trails what the read needs.
+fn full_log_read_error(store: &LogStore) -> String {
+    format!(
+        "TIMEOUT the raft log {} of this node is full: it cannot catch up to serve this read; read from another node",
+        store.path().display()
+    )
 }
 
 #[cfg(test)]

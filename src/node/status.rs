@@ -54,4 +54,8 @@ pub struct NodeStatus {
     pub progress: Vec<(u64, u64, u64)>,
     pub log: LogStats,
     pub failure: Option<String>,
+    /// The log's last write found no space; it is tried again (the error).
+    pub log_full: Option<String>,
+    /// A write or fsync of the log failed; the node stopped (the error).
+    pub log_failed: Option<String>,
 }

@@ -109,6 +109,7 @@ impl TestCluster {
                     ApplyItem::Dropped(tags) => self.dropped[i].extend(tags),
                     ApplyItem::ReadReady { round, index } => self.reads[i].push((round, index)),
                     ApplyItem::LeadershipLost
+                    | ApplyItem::LogFull { .. }
                     | ApplyItem::Stopped(_)
                     | ApplyItem::ReadFailed { .. }
                     | ApplyItem::TransferDone(_)
@@ -261,4 +262,114 @@ fn entries_commit_in_one_order_survive_leader_loss_and_replay_on_restart() {
         .map(|(k, (i, _))| (*i, k))
         .collect();
     assert_eq!(ids.len(), 150, "each entry applied once");
+}
+
+/// Polls until node `i` has been handed exactly what node `j` was.
+fn wait_same_applied(c: &mut TestCluster, i: usize, j: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        c.collect();
+        if c.applied[i] == c.applied[j] {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i} applied {} entries, node {j} {}",
+            c.applied[i].len(),
+            c.applied[j].len()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_leader_whose_log_is_full_hands_over_applies_nothing_unwritten_and_catches_up() {
+    let mut c = TestCluster::new(3);
+    let l = c.leader(Duration::from_secs(5));
+    c.node(l)
+        .propose(proposals(l as u64 + 1, 0, 20))
+        .expect("propose");
+    c.wait_applied(&[0, 1, 2], 20);
+
+    // The leader's next write finds no space: its batch is not applied here (the others
+    // may commit it without this node), and leadership moves to another node.
+    c.node(l).set_log_fault(Some(LogFault::NoSpace));
+    c.node(l)
+        .propose(proposals(l as u64 + 1, 20, 5))
+        .expect("propose");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let nl = loop {
+        let nl = c.leader(Duration::from_secs(10));
+        if nl != l {
+            break nl;
+        }
+        assert!(Instant::now() < deadline, "the full leader kept leading");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let st = c.node(l).shared().status();
+    assert!(
+        st.log_full
+            .as_deref()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "{:?}",
+        st.log_full
+    );
+    assert!(c.node(l).shared().log_full().is_some());
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    c.node(nl)
+        .propose(proposals(nl as u64 + 1, 100, 30))
+        .expect("propose");
+    c.wait_applied(&rest, 50);
+    c.collect();
+    assert_eq!(c.applied[l].len(), 20, "applied past what its log holds");
+    assert_eq!(c.applied[rest[0]], c.applied[rest[1]]);
+
+    // Space again: it writes what it held, takes the rest from the leader, and applies
+    // exactly what the others did.
+    c.node(l).set_log_fault(None);
+    wait_same_applied(&mut c, l, nl);
+    assert_eq!(c.node(l).shared().status().log_full, None);
+    assert_eq!(c.node(l).shared().log_full(), None);
+    c.node(nl)
+        .propose(proposals(nl as u64 + 1, 200, 10))
+        .expect("propose");
+    c.wait_applied(&rest, 60);
+    wait_same_applied(&mut c, l, nl);
+
+    // Its log on disk holds it all: a restart replays the same entries.
+    c.stop(l);
+    c.start(l);
+    wait_same_applied(&mut c, l, nl);
+}
+
+#[test]
+fn a_follower_whose_log_write_fails_stops_and_the_others_go_on() {
+    let mut c = TestCluster::new(3);
+    let l = c.leader(Duration::from_secs(5));
+    let f = (l + 1) % 3;
+    c.node(f).set_log_fault(Some(LogFault::WriteEio));
+    c.node(l)
+        .propose(proposals(l as u64 + 1, 0, 20))
+        .expect("propose");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.node(f).shared().status().role != Role::Stopped {
+        assert!(Instant::now() < deadline, "the follower did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = c.node(f).shared().status();
+    assert!(
+        st.log_failed
+            .as_deref()
+            .is_some_and(|e| e.contains("write failed") && e.contains("os error 5")),
+        "{:?}",
+        st.log_failed
+    );
+    assert!(st
+        .failure
+        .as_deref()
+        .is_some_and(|e| e.contains("check the disk, then restart the node")));
+    let rest: Vec<usize> = (0..3).filter(|&i| i != f).collect();
+    c.wait_applied(&rest, 20);
+    c.collect();
+    assert!(c.applied[f].is_empty(), "{:?}", c.applied[f]);
 }

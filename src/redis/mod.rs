@@ -475,14 +475,20 @@ impl Module {
             ReadMode::Stale => {
                 node.shared().is_ready_leader() || configs::FOLLOWER_READS.load(Ordering::Relaxed)
             }
-            ReadMode::Lease => node.shared().holds_read_lease(),
+            // A leader whose log is full may not have applied what the others committed.
+            ReadMode::Lease => node.shared().holds_read_lease() && !node.shared().is_log_full(),
             ReadMode::Linearizable => false,
         }
     }
 
     /// Whether this node may start a ReadIndex round for a read: a leader whose data is
     /// current, or a follower with follower reads that knows a leader.
+    /// Not while its log is full: it could not apply as far as a round needs (the read goes
+    /// to the leader, or gets the log's error on a leader about to hand over).
     pub fn serves_reads_by_index(&self, node: &Node) -> bool {
+        if node.shared().is_log_full() {
+            return false;
+        }
         node.shared().is_ready_leader()
             || (!node.shared().is_leader()
                 && configs::FOLLOWER_READS.load(Ordering::Relaxed)
@@ -554,6 +560,12 @@ pub fn redirect_error(m: &Module) -> String {
     if leader != 0 && leader != node.shared().node_id {
         if let Some(l) = node.shared().member(leader) {
             return format!("MOVED 0 {}", l.redis_addr);
+        }
+    }
+    if leader == node.shared().node_id {
+        // The leader refuses what it cannot log while its disk is full (and hands over).
+        if let Some(e) = node.shared().log_full() {
+            return e;
         }
     }
     "CLUSTERDOWN No raft leader".into()
@@ -1200,6 +1212,11 @@ fn apply_committed() {
                     "TIMEOUT leadership changed before the write was committed; its outcome is unknown",
                 )
             }
+            ApplyItem::LogFull { writes, reads } => {
+                blocking::leadership_lost(&writes);
+                fail_all_pending(&writes);
+                fail_all_reads(&reads);
+            }
             ApplyItem::Stopped(msg) => {
                 let msg = format!("ERR {msg}");
                 blocking::leadership_lost(&msg);
@@ -1240,7 +1257,7 @@ fn apply_committed() {
                     unblock(bc as *mut RedisModuleBlockedClient, reply);
                 }
             }
-            ApplyItem::ReadFailed { rounds } => {
+            ApplyItem::ReadFailed { rounds, error } => {
                 for round in rounds {
                     let waiters = MAIN
                         .get_mut()
@@ -1251,7 +1268,7 @@ fn apply_committed() {
                         if let Some(id) = w.blocking {
                             blocking::forget(id);
                         }
-                        unblock(w.bc, Reply::Error("TIMEOUT no quorum for read".into()));
+                        unblock(w.bc, Reply::Error(error.clone()));
                     }
                 }
             }

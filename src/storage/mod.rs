@@ -42,7 +42,10 @@
 //!
 //! After a failed write or fsync the store refuses all further writes (`StorageError::Failed`):
 //! after a failed fsync the kernel may have dropped the dirty pages, so retrying could report
-//! success for data that never reached the disk.
+//! success for data that never reached the disk. The one exception is a *write* that found
+//! the file system full (ENOSPC, EDQUOT: `StorageError::NoSpace`): the buffer is kept, and
+//! the next `sync` writes it again from the same offset, so a log recovers by itself once
+//! space is freed. raft-rs is told nothing is persisted until a `sync` returns Ok.
 //!
 //! Entry cache (`raft.log-max-cache-size`): every entry has a slot in memory (term, and the
 //! offset and length of its record in the current file), so `term()` never reads the disk.
@@ -119,12 +122,59 @@ pub enum StorageError {
     /// The caller asked for something that would break the log's invariants (a bug upstream).
     #[error("raft log {}: {reason}", .path.display())]
     Invalid { path: PathBuf, reason: String },
+    /// The file system had no room for a write (ENOSPC, or EDQUOT: a quota). Nothing was
+    /// lost: the records stay buffered, and the next `sync` writes them again from the same
+    /// offset. The store keeps accepting changes meanwhile.
+    #[error(
+        "raft log {}: {source}; writes resume when space is freed",
+        .path.display()
+    )]
+    NoSpace {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// An earlier write or fsync failed; the store accepts no more writes.
     #[error(
         "raft log {} is unusable after an earlier failure ({cause}); restart the node",
         .path.display()
     )]
     Failed { path: PathBuf, cause: String },
+}
+
+impl StorageError {
+    /// A full file system: `sync` may succeed later, once space is freed (see `NoSpace`).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StorageError::NoSpace { .. })
+    }
+
+    /// `raft log <file>: <the OS's error>`: what failed, without advice.
+    pub fn short(&self) -> String {
+        match self {
+            StorageError::NoSpace { path, source } => {
+                format!("raft log {}: {source}", path.display())
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// A write error the store may retry: the file system was full (or the user's quota used
+/// up). Only a failed *write*: a failed fsync is never retried, whatever its error.
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Test-only fault injection (`RAFT.DEBUG LOG-FAULT`): the store's next write or fsync
+/// fails as a failing or full disk would make it fail, without touching the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFault {
+    /// The next write fails with EIO (once: the store refuses writes after it anyway).
+    WriteEio,
+    /// The next fsync fails with EIO (once, likewise).
+    FsyncEio,
+    /// Every write fails with ENOSPC until the fault is cleared.
+    NoSpace,
 }
 
 /// What `open` found and did.
@@ -257,8 +307,11 @@ struct Writer {
     /// Preallocation stops here (`raft.log-max-file-size`: the disk use it promises);
     /// 0 for no bound.
     size_cap: u64,
-    /// Set by a failed write or fsync; every later write is refused.
+    /// Set by a failed write or fsync; every later write is refused. Not by a write that
+    /// found no space (see `StorageError::NoSpace`).
     failed: Option<String>,
+    /// A test-only fault for the next write or fsync (`LogStore::set_fault`).
+    fault: Option<LogFault>,
     fsync_count: u64,
     fsync_total_us: u64,
     fsync_max_us: u64,
@@ -717,6 +770,7 @@ impl LogStore {
                     allocated: file_bytes,
                     size_cap: 0,
                     failed: None,
+                    fault: None,
                     fsync_count: 0,
                     fsync_total_us: 0,
                     fsync_max_us: 0,
@@ -1153,7 +1207,25 @@ impl LogStore {
         if w.fsync && end > w.allocated {
             preallocate(w, end);
         }
-        if let Err(source) = w.file.write_all_at(&w.buf, w.file_bytes) {
+        let written = match w.fault {
+            Some(LogFault::WriteEio) => {
+                w.fault = None;
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            Some(LogFault::NoSpace) => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            _ => w.file.write_all_at(&w.buf, w.file_bytes),
+        };
+        if let Err(source) = written {
+            if is_no_space(&source) {
+                // Part of the buffer may be in the file: the retry writes all of it again at
+                // the same offset (the same bytes), and nothing after `file_bytes` counts
+                // until then (a crash leaves a torn tail, dropped on open). No fsync failed,
+                // so nothing the kernel may have dropped is trusted. The buffer is kept.
+                return Err(StorageError::NoSpace {
+                    path: self.inner.path.clone(),
+                    source,
+                });
+            }
             w.failed = Some(format!("write failed: {source}"));
             return Err(StorageError::Io {
                 path: self.inner.path.clone(),
@@ -1168,7 +1240,16 @@ impl LogStore {
         }
         if w.fsync && std::mem::take(&mut w.needs_fsync) {
             let started = Instant::now();
-            if let Err(source) = w.file.sync_data() {
+            let synced = if w.fault == Some(LogFault::FsyncEio) {
+                w.fault = None;
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                w.file.sync_data()
+            };
+            // Whatever the error (EIO, ENOSPC from writeback, ...): the kernel may have
+            // dropped the dirty pages and cleared the error, so a second fsync could succeed
+            // for data that is not on the disk. Never retried.
+            if let Err(source) = synced {
                 w.failed = Some(format!("fsync failed: {source}"));
                 return Err(StorageError::Io {
                     path: self.inner.path.clone(),
@@ -1182,6 +1263,17 @@ impl LogStore {
             w.fsync_max_us = w.fsync_max_us.max(took_us);
         }
         Ok(Some(w.file_bytes))
+    }
+
+    /// Tests only (`RAFT.DEBUG LOG-FAULT`): makes the next write or fsync fail (None: clears
+    /// a `NoSpace` fault).
+    pub fn set_fault(&self, fault: Option<LogFault>) {
+        mutex_lock(&self.inner.writer).fault = fault;
+    }
+
+    /// Why the store refuses all writes, after a failed write or fsync (None: it does not).
+    pub fn failure(&self) -> Option<String> {
+        mutex_lock(&self.inner.writer).failed.clone()
     }
 
     /// Zeros are written ahead of the records only up to this file size (0: no bound), so

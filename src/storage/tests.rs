@@ -1026,7 +1026,7 @@ fn clones_share_one_store_across_threads() {
 
 #[cfg(target_os = "linux")]
 #[test]
-fn after_a_failed_write_the_store_refuses_further_writes() {
+fn a_write_into_a_full_disk_is_kept_and_written_once_space_returns() {
     let full = Path::new("/dev/full");
     if !full.exists() {
         return;
@@ -1034,24 +1034,95 @@ fn after_a_failed_write_the_store_refuses_further_writes() {
     let dir = tempfile::tempdir().unwrap();
     let path = log_path(&dir);
     let (store, _) = open(&path);
+    let real = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap()
+    };
     // Swap the file for one whose writes fail with ENOSPC, as a full disk would.
     super::mutex_lock(&store.inner.writer).file =
-        OpenOptions::new().append(true).open(full).unwrap();
+        OpenOptions::new().write(true).open(full).unwrap();
+    store.append(&three_entries()).unwrap();
+    store.set_hard_state(&hard_state(1, 1, 2)).unwrap();
+
+    let err = store.sync().unwrap_err();
+    assert!(err.is_no_space(), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "raft log {}: {}; writes resume when space is freed",
+            path.display(),
+            std::io::Error::from_raw_os_error(libc::ENOSPC)
+        )
+    );
+    assert_eq!(store.failure(), None);
+    // Still full: the same, and the store keeps taking changes (raft-rs reads them).
+    assert!(store.sync().unwrap_err().is_no_space());
+    store.append(&[entry(4, 1, b"four")]).unwrap();
+    assert_eq!(store.last_index().unwrap(), 4);
+    assert_eq!(store.stats().bytes, 9, "nothing counts as written");
+
+    // Space again: everything buffered is written, at the offset the first attempt used.
+    super::mutex_lock(&store.inner.writer).file = real();
+    store.sync().unwrap();
+    drop(store);
+    let (store, rec) = open(&path);
+    assert_eq!(rec.torn_tail_bytes_dropped, 0);
+    let mut want = three_entries();
+    want.push(entry(4, 1, b"four"));
+    assert_eq!(all_entries(&store), want);
+    assert_eq!(
+        store.initial_state().unwrap().hard_state,
+        hard_state(1, 1, 2)
+    );
+}
+
+#[test]
+fn a_partial_write_into_a_full_disk_is_overwritten_by_the_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    append_one_per_sync(&store, &three_entries()[..1]);
+    let at = store.stats().bytes;
+    store.append(&three_entries()[1..]).unwrap();
+    store.set_fault(Some(super::LogFault::NoSpace));
+    assert!(store.sync().unwrap_err().is_no_space());
+    // What a short write before ENOSPC leaves: the start of the buffer, cut short.
+    let head = super::mutex_lock(&store.inner.writer).buf[..7].to_vec();
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &head, at).unwrap();
+    store.set_fault(None);
+    store.sync().unwrap();
+    drop(store);
+    let (store, rec) = open(&path);
+    assert_eq!(rec.torn_tail_bytes_dropped, 0);
+    assert_eq!(all_entries(&store), three_entries());
+}
+
+#[test]
+fn after_a_failed_write_the_store_refuses_further_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = open(&path);
+    store.set_fault(Some(super::LogFault::WriteEio));
     store.append(&three_entries()).unwrap();
 
     let err = store.sync().unwrap_err();
     match &err {
         StorageError::Io { what, source, .. } => {
             assert_eq!(*what, "write");
-            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull);
+            assert_eq!(source.raw_os_error(), Some(libc::EIO));
         }
         other => panic!("expected Io, got {other:?}"),
     }
     let want = format!(
         "raft log {} is unusable after an earlier failure (write failed: {}); restart the node",
         path.display(),
-        std::io::Error::from_raw_os_error(28)
+        std::io::Error::from_raw_os_error(libc::EIO)
     );
+    assert!(store.failure().is_some());
     assert_eq!(store.sync().unwrap_err().to_string(), want);
     assert_eq!(
         store.append(&[entry(4, 1, b"")]).unwrap_err().to_string(),
@@ -1059,6 +1130,35 @@ fn after_a_failed_write_the_store_refuses_further_writes() {
     );
     assert_eq!(store.set_commit(1).unwrap_err().to_string(), want);
     assert_eq!(store.stats().bytes, 9);
+}
+
+#[test]
+fn after_a_failed_fsync_the_store_never_fsyncs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    append_one_per_sync(&store, &three_entries()[..1]);
+    let fsyncs = store.stats().fsync_count;
+    store.set_fault(Some(super::LogFault::FsyncEio));
+    store.append(&three_entries()[1..]).unwrap();
+    let err = store.sync().unwrap_err();
+    assert!(
+        matches!(&err, StorageError::Io { what: "fsync", .. }),
+        "{err:?}"
+    );
+    assert!(!err.is_no_space());
+    // Refused before any I/O: no second fsync could report the lost pages as durable.
+    for _ in 0..3 {
+        assert!(matches!(
+            store.sync().unwrap_err(),
+            StorageError::Failed { .. }
+        ));
+    }
+    assert_eq!(store.stats().fsync_count, fsyncs);
+    assert!(matches!(
+        store.append(&[entry(4, 1, b"")]).unwrap_err(),
+        StorageError::Failed { .. }
+    ));
 }
 
 fn committed_log(path: &Path, n: u64) -> LogStore {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{info_num, q, wait_for, Cluster, Value};
+use common::{assert_same_data_with, info_num, q, wait_for, Cluster, Value};
 
 /// A tmpfs mounted for the test's lifetime; unmounted (lazily: a node may still hold files
 /// open) however the test ends.
@@ -96,40 +96,6 @@ fn write_through_leader(
             l = c.wait_leader(Duration::from_secs(15));
         }
         acked.insert(k, v);
-    }
-}
-
-/// Node `i`'s whole dataset, read locally.
-fn dataset(c: &Cluster, i: usize) -> BTreeMap<String, String> {
-    let keys = match c.local(i, &["KEYS", "*"]) {
-        Value::Array(v) => v,
-        other => panic!("KEYS on node {i}: {other:?}"),
-    };
-    keys.into_iter()
-        .map(|k| {
-            let Value::BulkString(k) = k else {
-                panic!("key {k:?}")
-            };
-            let k = String::from_utf8_lossy(&k).into_owned();
-            let Value::BulkString(v) = c.local(i, &["GET", &k]) else {
-                panic!("GET {k} on node {i}")
-            };
-            (k, String::from_utf8_lossy(&v).into_owned())
-        })
-        .collect()
-}
-
-/// Every acknowledged write is on every node, and all nodes hold the same data.
-fn assert_same_data_with(c: &Cluster, acked: &BTreeMap<String, String>) {
-    let first = dataset(c, 0);
-    for (k, v) in acked {
-        assert_eq!(first.get(k), Some(v), "acknowledged key {k} on node 0");
-    }
-    for i in 1..c.nodes.len() {
-        assert!(
-            dataset(c, i) == first,
-            "node {i}'s data differs from node 0's"
-        );
     }
 }
 

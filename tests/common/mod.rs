@@ -4,12 +4,15 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use redis::Value;
+
+pub mod proxy;
 
 pub const ELECTION_MS: u64 = 500;
 pub const HEARTBEAT_MS: u64 = 50;
@@ -144,6 +147,35 @@ impl Cluster {
             nodes,
             cluster_nodes,
         }
+    }
+
+    /// Defines `n` nodes whose bus traffic passes through proxies that can cut links
+    /// (proxy.rs), starts them, waits for a leader and tells the proxies who is who.
+    pub fn start_partitionable(n: usize, extra: &[&str]) -> (Cluster, proxy::Partitions) {
+        let mut c = Cluster::define(n);
+        let real: Vec<u16> = c.nodes.iter().map(|n| n.def.bus_port).collect();
+        let parts = proxy::Partitions::start(&real);
+        c.cluster_nodes = c
+            .nodes
+            .iter()
+            .zip(&parts.ports)
+            .map(|(n, p)| format!("{}=127.0.0.1:{}@{p}", n.def.name, n.def.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (node, port) in c.nodes.iter_mut().zip(&real) {
+            node.extra = vec!["--raft.bus-port".into(), port.to_string()];
+            node.extra.extend(extra.iter().map(|s| s.to_string()));
+        }
+        for i in 0..n {
+            c.start_node(i);
+            let id = c
+                .info_field(i, "raft_node_id")
+                .and_then(|v| v.parse().ok())
+                .expect("raft_node_id");
+            parts.learn(id, i);
+        }
+        c.wait_leader(Duration::from_secs(15));
+        (c, parts)
     }
 
     /// Defines and starts `n` nodes, and waits for a leader.
@@ -654,4 +686,38 @@ pub fn q(c: &Cluster, i: usize, args: &[&str]) -> Result<Value, String> {
         cmd.arg(*a);
     }
     cmd.query(&mut conn).map_err(|e| err_text(&e))
+}
+
+/// Node `i`'s whole dataset, read locally.
+pub fn dataset(c: &Cluster, i: usize) -> BTreeMap<String, String> {
+    let keys = match c.local(i, &["KEYS", "*"]) {
+        Value::Array(v) => v,
+        other => panic!("KEYS on node {i}: {other:?}"),
+    };
+    keys.into_iter()
+        .map(|k| {
+            let Value::BulkString(k) = k else {
+                panic!("key {k:?}")
+            };
+            let k = String::from_utf8_lossy(&k).into_owned();
+            let Value::BulkString(v) = c.local(i, &["GET", &k]) else {
+                panic!("GET {k} on node {i}")
+            };
+            (k, String::from_utf8_lossy(&v).into_owned())
+        })
+        .collect()
+}
+
+/// Every acknowledged write is on every node, and all nodes hold the same data.
+pub fn assert_same_data_with(c: &Cluster, acked: &BTreeMap<String, String>) {
+    let first = dataset(c, 0);
+    for (k, v) in acked {
+        assert_eq!(first.get(k), Some(v), "acknowledged key {k} on node 0");
+    }
+    for i in 1..c.nodes.len() {
+        assert!(
+            dataset(c, i) == first,
+            "node {i}'s data differs from node 0's"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! Linearizability under failures: concurrent clients run SET/GET/INCR on register keys and
 //! RPUSH/LRANGE on list keys against a 3-node cluster while a nemesis SIGKILLs and restarts,
-//! or SIGSTOPs and SIGCONTs, the current leader. Every command is recorded with its
+//! SIGSTOPs and SIGCONTs, or cuts off from the others (bus proxies: tests/common/proxy.rs)
+//! and lets back, the current leader. Every command is recorded with its
 //! invocation and completion times and its outcome; afterwards every key's sub-history is
 //! checked (registers: WGL search; lists: against the final contents, read through the
 //! leader and compared with each node's own copy), and the test fails on any anomaly.
@@ -81,7 +82,7 @@ impl Settings {
             .map_or(0, |d| d.as_nanos() as u64);
         Settings {
             seconds,
-            rounds: (seconds * 2 / 5).max(2) as usize,
+            rounds: (seconds * 2 / 5).max(3) as usize,
             writes_only: std::env::var("LIN_WRITES_ONLY").is_ok_and(|v| v == "1"),
             seed: env_u64("LIN_SEED", clock % 1_000_000_007),
             clients: env_u64("LIN_CLIENTS", 8) as usize,
@@ -104,7 +105,7 @@ struct Run {
 }
 
 /// Clients and nemesis together; returns once the nemesis is done and the clients stopped.
-fn run_workload(c: &mut Cluster, s: &Settings) -> Run {
+fn run_workload(c: &mut Cluster, parts: &common::proxy::Partitions, s: &Settings) -> Run {
     let start = Instant::now();
     println!(
         "run started at {} UTC (times below are seconds since then; node logs use wall time)",
@@ -133,7 +134,7 @@ fn run_workload(c: &mut Cluster, s: &Settings) -> Run {
         client: s.clients,
         writes_only: s.writes_only,
     }
-    .run(c);
+    .run(c, parts);
     // Calm at the end: in-flight commands settle under a stable leader.
     std::thread::sleep(Duration::from_secs(1));
     plan.stop.store(true, Ordering::Relaxed);
@@ -257,30 +258,11 @@ fn utc_time_of_day(t: SystemTime) -> String {
     )
 }
 
-/// `Cluster::start(3)` with `node_args` added to every node's command line, except that it never uses the same port twice: `free_port` closes
-/// its listener, so the OS may hand the same port out again, and a node refuses to start
-/// when two entries of `raft.cluster-nodes` share an address.
-fn start_cluster(node_args: &[String]) -> Cluster {
-    for _ in 0..10 {
-        let mut c = Cluster::define(3);
-        for n in &mut c.nodes {
-            n.extra = node_args.to_vec();
-        }
-        let ports: BTreeSet<u16> = c
-            .nodes
-            .iter()
-            .flat_map(|n| [n.def.port, n.def.bus_port])
-            .collect();
-        if ports.len() < 2 * c.nodes.len() {
-            continue;
-        }
-        for i in 0..c.nodes.len() {
-            c.start_node(i);
-        }
-        c.wait_leader(Duration::from_secs(15));
-        return c;
-    }
-    panic!("no distinct free ports in 10 tries");
+/// A 3-node cluster with `node_args` added to every node's command line, its bus links
+/// through proxies that can cut them.
+fn start_cluster(node_args: &[String]) -> (Cluster, common::proxy::Partitions) {
+    let args: Vec<&str> = node_args.iter().map(String::as_str).collect();
+    Cluster::start_partitionable(3, &args)
 }
 
 fn resp_int(r: &Resp) -> Option<i64> {
@@ -301,9 +283,9 @@ fn show_resp(r: &Resp) -> String {
 fn print_counts(run: &Run) {
     let n = &run.nemesis;
     println!(
-        "nemesis: {} SIGKILL+restart, {} SIGSTOP+SIGCONT of the leader ({} stale-read probes \
-         sent to a frozen old leader), over {:.1}s",
-        n.kills, n.pauses, n.probes, run.secs
+        "nemesis: {} SIGKILL+restart, {} SIGSTOP+SIGCONT, {} partitions of the leader ({} \
+         stale-read probes sent to a frozen old leader), over {:.1}s",
+        n.kills, n.pauses, n.partitions, n.probes, run.secs
     );
     for l in &n.lines {
         println!("  {l}");
@@ -325,7 +307,7 @@ fn print_counts(run: &Run) {
 }
 
 #[test]
-fn registers_and_lists_stay_linearizable_while_the_leader_is_killed_and_paused() {
+fn registers_and_lists_stay_linearizable_while_the_leader_is_killed_paused_or_cut_off() {
     let s = Settings::from_env();
     println!(
         "linearizability: seed {}, {} nemesis rounds (~{}s), {} clients, {}",
@@ -339,7 +321,7 @@ fn registers_and_lists_stay_linearizable_while_the_leader_is_killed_and_paused()
             "reads and writes"
         }
     );
-    let mut c = start_cluster(&s.node_args);
+    let (mut c, parts) = start_cluster(&s.node_args);
     let legend: Vec<String> = c
         .nodes
         .iter()
@@ -347,7 +329,7 @@ fn registers_and_lists_stay_linearizable_while_the_leader_is_killed_and_paused()
         .collect();
     println!("nodes: {}", legend.join(" "));
 
-    let mut run = run_workload(&mut c, &s);
+    let mut run = run_workload(&mut c, &parts, &s);
     let fin = read_final_state(&mut c, &mut run);
     run.ops.sort_by_key(|o| o.call);
     // One fixed name, overwritten by each run: a long run's history is large.
@@ -432,7 +414,7 @@ fn registers_and_lists_stay_linearizable_while_the_leader_is_killed_and_paused()
         .filter(|o| o.is_ok() && !o.cmd.is_read())
         .count();
     assert!(ok_writes >= 100, "only {ok_writes} acknowledged writes");
-    assert!(run.nemesis.kills >= 1 && run.nemesis.pauses >= 1);
+    assert!(run.nemesis.kills >= 1 && run.nemesis.pauses >= 1 && run.nemesis.partitions >= 1);
     let problems =
         found.anomalies.len() + found.undecided.len() + fin.divergent.len() + run.unexpected.len();
     assert_eq!(

@@ -152,9 +152,23 @@ impl Cluster {
     /// Defines `n` nodes whose bus traffic passes through proxies that can cut links
     /// (proxy.rs), starts them, waits for a leader and tells the proxies who is who.
     pub fn start_partitionable(n: usize, extra: &[&str]) -> (Cluster, proxy::Partitions) {
-        let mut c = Cluster::define(n);
+        // `free_port` closes its listener, so the OS may hand a port out twice: a node
+        // refuses to start when two of its addresses are the same.
+        let (mut c, parts) = (0..10)
+            .find_map(|_| {
+                let c = Cluster::define(n);
+                let real: Vec<u16> = c.nodes.iter().map(|n| n.def.bus_port).collect();
+                let parts = proxy::Partitions::start(&real);
+                let mut all: Vec<u16> = c.nodes.iter().map(|n| n.def.port).collect();
+                all.extend(&real);
+                all.extend(&parts.ports);
+                let count = all.len();
+                all.sort_unstable();
+                all.dedup();
+                (all.len() == count).then_some((c, parts))
+            })
+            .expect("distinct free ports in 10 tries");
         let real: Vec<u16> = c.nodes.iter().map(|n| n.def.bus_port).collect();
-        let parts = proxy::Partitions::start(&real);
         c.cluster_nodes = c
             .nodes
             .iter()

@@ -1,7 +1,8 @@
 //! The nemesis: a fixed number of rounds, each aimed at the current leader and bounded in
-//! time. Even rounds SIGKILL it and restart it; odd rounds SIGSTOP it for longer than an
-//! election timeout, so that a new leader takes over, then SIGCONT it: it resumes still
-//! believing it leads. Each round ends with some calm time under a leader.
+//! time, in turn: SIGKILL it and restart it; SIGSTOP it for longer than an election
+//! timeout, so that a new leader takes over, then SIGCONT it: it resumes still believing it
+//! leads; cut it off from both other nodes (the bus proxies) for as long, then let it back.
+//! Each round ends with some calm time under a leader.
 //!
 //! A pause round also probes for stale reads, as a client of its own (its ops go into the
 //! history like any other client's): before the pause it opens connections to the leader;
@@ -12,6 +13,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::proxy::Partitions;
 use crate::common::{Cluster, ELECTION_MS};
 use crate::history::{unique_value, Cmd, Op, Outcome};
 use crate::resp::Conn;
@@ -31,6 +33,7 @@ const PROBE_REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct NemesisLog {
     pub kills: usize,
     pub pauses: usize,
+    pub partitions: usize,
     /// Stale-read probes sent to a frozen old leader.
     pub probes: usize,
     /// One line per action, with times since the start of the run.
@@ -61,7 +64,11 @@ impl Nemesis {
 
     /// Runs the rounds against `c`. Returns the log, or an error (with the log so far) if
     /// the cluster had no leader within `LEADER_WAIT`.
-    pub fn run(&self, c: &mut Cluster) -> Result<NemesisLog, (String, NemesisLog)> {
+    pub fn run(
+        &self,
+        c: &mut Cluster,
+        parts: &Partitions,
+    ) -> Result<NemesisLog, (String, NemesisLog)> {
         let ports: Vec<u16> = c.nodes.iter().map(|n| n.def.port).collect();
         let all: Vec<usize> = (0..ports.len()).collect();
         let mut rng = Rng::new(self.seed ^ 0x6e65_6d65_7369_7321);
@@ -76,7 +83,18 @@ impl Nemesis {
                 return Err((msg, log));
             };
             let name = format!("{} (:{})", c.nodes[l].def.name, ports[l]);
-            if round % 2 == 0 {
+            if round % 3 == 2 {
+                let cut = ms(&mut rng, ELECTION_MS * 3, ELECTION_MS * 6);
+                log.lines.push(format!(
+                    "{} partition: leader {name}, term {term}, cut off from the others for {cut:?}",
+                    self.at()
+                ));
+                parts.isolate(l, ports.len());
+                std::thread::sleep(cut);
+                parts.heal_all();
+                log.lines.push(format!("{} healed", self.at()));
+                log.partitions += 1;
+            } else if round % 3 == 0 {
                 let down = ms(&mut rng, 100, 800);
                 log.lines.push(format!(
                     "{} SIGKILL leader {name}, term {term}; restart in {down:?}",

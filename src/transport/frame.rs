@@ -326,6 +326,12 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the largest frame body accepted from the next frame on (the bus raises it
+    /// once a connection's handshake is complete).
+    pub fn set_max_body_bytes(&mut self, max_body_bytes: usize) {
+        self.max_body_bytes = max_body_bytes;
+    }
+
     /// Appends bytes read from the socket.
     pub fn push(&mut self, data: &[u8]) {
         if self.start > 0 {

@@ -6,7 +6,8 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET [TARGET...]]     (default: 60 s, every target)
 #
 # Each target starts from its seeds (fuzz/seeds/<target>, made by the real encoders) and what
-# earlier runs kept (fuzz/corpus/<target>, not committed). A crash, a hang (an input taking
+# earlier runs kept (fuzz/corpus/<target>, not committed), and the inputs that once failed
+# (fuzz/regressions/<target>). A crash, a hang (an input taking
 # over 5 s), an allocation over 8 MiB (fuzz/src/lib.rs) or an RSS over 1 GiB fails the run;
 # the input is left in fuzz/artifacts/<target>/ (reproduce it with
 # `cargo +nightly fuzz run -s none <target> <file>` in fuzz/). Prints one line per target
@@ -22,6 +23,10 @@ seconds=${1:-60}
 shift || true
 
 scripts/setup.sh
+# libFuzzer is C++, built by the cc crate with `c++`; where only clang is installed, use it.
+if [[ -z "${CXX:-}" ]] && ! command -v c++ >/dev/null 2>&1; then
+    export CXX=clang++
+fi
 cd fuzz
 if (($#)); then
     targets=("$@")
@@ -44,7 +49,9 @@ failed=()
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     log="$scratch/$t.log"
-    if TMPDIR="$scratch" cargo +nightly fuzz run -s none "$t" "corpus/$t" "seeds/$t" -- \
+    dirs=("corpus/$t" "seeds/$t")
+    [[ -d "regressions/$t" ]] && dirs+=("regressions/$t")
+    if TMPDIR="$scratch" cargo +nightly fuzz run -s none "$t" "${dirs[@]}" -- \
         -max_total_time="$seconds" -timeout=5 -rss_limit_mb=1024 -max_len=16384 \
         -print_final_stats=1 >"$log" 2>&1; then
         runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)

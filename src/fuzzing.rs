@@ -472,6 +472,25 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds")
     }
 
+    /// Inputs that once made a target fail (`fuzz/regressions/<target>/`, each also a unit
+    /// test beside its decoder) go through it now.
+    #[test]
+    fn regressions_pass() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+        let mut ran = 0;
+        for (target, run) in TARGETS {
+            let Ok(files) = std::fs::read_dir(dir.join(target)) else {
+                continue;
+            };
+            for f in files {
+                let path = f.unwrap().path();
+                run(&std::fs::read(&path).unwrap());
+                ran += 1;
+            }
+        }
+        assert!(ran >= 2, "fuzz/regressions/ holds {ran} inputs");
+    }
+
     /// Every seed goes through its target without a panic, and `fuzz/seeds/` holds exactly
     /// what the encoders make today (rewritten with REDIS_RAFT_WRITE_SEEDS=1).
     #[test]

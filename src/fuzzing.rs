@@ -198,8 +198,11 @@ fn scratch_dir() -> &'static Path {
     })
 }
 
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, each with its entry point.
-pub const TARGETS: [(&str, fn(&[u8])); 7] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("bus_frames", bus_frames),
     ("bus_handshake", bus_handshake),
     ("log_file", log_file),
@@ -265,7 +268,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     .encode();
     let conf_change = ConfChangeV2 {
-        context: bootstrap.clone().into(),
+        context: bootstrap.clone(),
         ..Default::default()
     }
     .encode_to_vec();
@@ -287,8 +290,8 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         entry_type: EntryType::EntryNormal as i32,
         term: 2,
         index,
-        data: data.to_vec().into(),
-        context: tag.clone().into(),
+        data: data.to_vec(),
+        context: tag.clone(),
         ..Default::default()
     };
     let append = Message {
@@ -299,7 +302,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         log_term: 2,
         index: 4,
         commit: 4,
-        entries: vec![entry(5, &set), entry(6, &multi)].into(),
+        entries: vec![entry(5, &set), entry(6, &multi)],
         ..Default::default()
     };
     let heartbeat = Message {
@@ -381,7 +384,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             entry_type: EntryType::EntryConfChangeV2 as i32,
             term: 1,
             index: 1,
-            data: conf_change.clone().into(),
+            data: conf_change.clone(),
             ..Default::default()
         };
         store

@@ -74,7 +74,7 @@ fn a_flood_of_unauthenticated_bus_connections_does_not_stop_the_cluster() {
             while !stop.load(Ordering::Relaxed) {
                 for &port in &ports {
                     if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                        if opened % 3 == 0 {
+                        if opened.is_multiple_of(3) {
                             let _ = s.write_all(b"\x52\x52\x01\x10\x00\x00\x00garbage");
                         }
                         held.push(s);

@@ -126,6 +126,7 @@ pub(crate) struct Acceptor {
     /// When each node last had a failed password check warned about.
     pub(crate) auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
     pub(crate) unauth_warn: Arc<WarnLimit>,
+    pub(crate) refusal_warn: Arc<WarnLimit>,
 }
 
 impl Acceptor {
@@ -220,6 +221,7 @@ impl Acceptor {
                 local: Arc::clone(&self.local),
                 auth_warned: Arc::clone(&self.auth_warned),
                 unauth_warn: Arc::clone(&self.unauth_warn),
+                refusal_warn: Arc::clone(&self.refusal_warn),
                 phase: Arc::clone(&phase),
             },
             inbound: self.inbound.clone(),
@@ -263,7 +265,11 @@ pub(crate) struct Handler {
     pub(crate) addr: SocketAddr,
     pub(crate) local: Arc<LocalIdentity>,
     pub(crate) auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// Connections that are not (yet) peers: garbage, timeouts, evictions, a full table.
     pub(crate) unauth_warn: Arc<WarnLimit>,
+    /// Hellos refused (wrong cluster, removed node...) and failed password checks: limited
+    /// on their own, so a flood of the above does not hide a misconfigured peer.
+    pub(crate) refusal_warn: Arc<WarnLimit>,
     /// Set to `PHASE_OPEN` at Welcome, unless the acceptor evicted the connection first.
     pub(crate) phase: Arc<AtomicU8>,
 }
@@ -501,7 +507,7 @@ impl Handler {
                         return false;
                     }
                     if let Err(why) = check_hello(&h, &self.local) {
-                        self.unauth_warn.warn(addr, format_args!(
+                        self.refusal_warn.warn(addr, format_args!(
                             "refusing connection from {addr} (claims node {} of cluster {:?}): {why}",
                             h.from, h.cluster_id));
                         // Tell the peer why, so its log says it too (best effort).
@@ -709,7 +715,7 @@ impl Handler {
         };
         if warn {
             // Also under the global limit: node ids are the peer's word, anyone may vary them.
-            self.unauth_warn.warn(
+            self.refusal_warn.warn(
                 addr,
                 format_args!(
                     "refusing connection from node {from} at {addr}: {AUTH_FAILED} ({detail})"

@@ -231,6 +231,7 @@ impl Transport {
             conns: Arc::clone(&inbound_conns),
             auth_warned: Arc::new(Mutex::new(HashMap::new())),
             unauth_warn: Arc::new(inbound::WarnLimit::default()),
+            refusal_warn: Arc::new(inbound::WarnLimit::default()),
         };
         let acceptor = std::thread::Builder::new()
             .name("raft-bus-accept".into())
@@ -433,6 +434,7 @@ pub(crate) fn fuzz_inbound<'a>(
         }),
         auth_warned: Arc::new(Mutex::new(HashMap::new())),
         unauth_warn: Arc::new(inbound::WarnLimit::default()),
+        refusal_warn: Arc::new(inbound::WarnLimit::default()),
         phase: Arc::new(std::sync::atomic::AtomicU8::new(0)),
     };
     let mut decoder = frame::FrameDecoder::new(inbound::HANDSHAKE_FRAME_BYTES_MAX);

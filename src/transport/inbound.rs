@@ -49,9 +49,10 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest frame body before the handshake is complete: a Hello is at most 276 bytes, a
 /// Response 32. Raised to `max_frame_bytes` at Welcome.
 pub(crate) const HANDSHAKE_FRAME_BYTES_MAX: usize = 1024;
-/// Connections that never completed a handshake (garbage, timeouts, refused Hellos, a full
-/// table) are warned about at most this often; the others log at debug level and are
-/// counted in the next warning.
+/// Connections that never completed a handshake (garbage, timeouts, evictions, a full table)
+/// are warned about at most this often, and so are refused Hellos and failed password checks
+/// (on a limit of their own); the others log at debug level and are counted in the next
+/// warning.
 const UNAUTH_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Bounds each handshake write (the frames are tiny; only a stuck peer trips this).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);

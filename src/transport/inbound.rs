@@ -771,3 +771,24 @@ fn check_hello(hello: &Hello, local: &LocalIdentity) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warn_limit_warns_once_per_period_and_counts_the_rest() {
+        let limit = WarnLimit::default();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        for _ in 0..3 {
+            limit.warn(addr, format_args!("x"));
+        }
+        let (at, suppressed) = *lock(&limit.state);
+        assert!(at.is_some());
+        assert_eq!(suppressed, 2);
+        // Once the period is over, the next one warns (and reports the count).
+        lock(&limit.state).0 = Some(Instant::now() - UNAUTH_WARN_EVERY);
+        limit.warn(addr, format_args!("x"));
+        assert_eq!(lock(&limit.state).1, 0);
+    }
+}

@@ -7,9 +7,9 @@
 #
 # Each target starts from its seeds (fuzz/seeds/<target>, made by the real encoders) and what
 # earlier runs kept (fuzz/corpus/<target>, not committed), and the inputs that once failed
-# (fuzz/regressions/<target>). A crash, a hang (an input taking
-# over 20 s; the slowest take milliseconds), an allocation over 8 MiB (fuzz/src/lib.rs) or an RSS over 1 GiB fails the run;
-# the input is left in fuzz/artifacts/<target>/ (reproduce it with
+# (fuzz/regressions/<target>). A crash, a hang (an input taking over 20 s; the slowest
+# take milliseconds), an allocation over 8 MiB (fuzz/src/lib.rs) or an RSS over 1 GiB fails
+# the run; the input is left in fuzz/artifacts/<target>/ (reproduce it with
 # `cargo +nightly fuzz run -s none <target> <file>` in fuzz/; keep it in
 # fuzz/regressions/<target>/ and as a unit test once fixed). Prints one line per target
 # with its executions and execs/s. Exits non-zero if any target failed.

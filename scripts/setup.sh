@@ -5,7 +5,9 @@
 #
 # On Debian/Ubuntu it installs the missing packages with apt-get (through sudo when not
 # root); `apt-get update` runs only when something has to be installed. It never installs
-# Rust: it checks that `cargo` is on PATH and says how to get it if not.
+# Rust itself: it checks that `cargo` is on PATH and says how to get it if not. For the fuzz
+# targets (scripts/fuzz.sh, and test.sh's short run) it adds rustup's nightly toolchain and
+# cargo-fuzz when they are missing.
 # Silent when everything is present, so other scripts can call it on every run.
 set -euo pipefail
 
@@ -57,4 +59,16 @@ if ! command -v cargo >/dev/null 2>&1; then
     [[ -x "$HOME/.cargo/bin/cargo" ]] &&
         die "cargo is in $HOME/.cargo/bin but not on PATH: run 'source \$HOME/.cargo/env' (or add it to PATH) and retry"
     die "cargo not found: install a Rust toolchain (https://rustup.rs: curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), then retry"
+fi
+
+# Fuzzing: libFuzzer's instrumentation needs a nightly compiler; cargo-fuzz drives it.
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    command -v rustup >/dev/null 2>&1 ||
+        die "the fuzz targets need a nightly Rust toolchain, and rustup is not here to install one"
+    echo "setup.sh: installing the nightly Rust toolchain (rustup, minimal profile)" >&2
+    rustup toolchain install nightly --profile minimal >/dev/null
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup.sh: installing cargo-fuzz (cargo install --locked)" >&2
+    cargo install cargo-fuzz --locked --quiet
 fi

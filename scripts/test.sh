@@ -8,6 +8,10 @@
 # REDIS_SERVER=/path/to/redis-server (or valkey-server) runs the integration tests against
 # that server instead of the redis-server on PATH (Debian's 7.0.15 is the reference).
 #
+# Then, when no filter was given, every fuzz target runs for FUZZ_SECONDS (default 3; 0
+# skips it) from its seeds and saved corpus: a short bounded smoke run (scripts/fuzz.sh;
+# the first build of fuzz/ takes a few minutes, later ones seconds).
+#
 # Exits non-zero if the build or any test fails.
 set -euo pipefail
 
@@ -18,3 +22,6 @@ cargo build --release
 # Two threads: each integration test runs a cluster of redis-servers, and the machine may
 # have only two cores; more in parallel makes elections time out.
 cargo test --release "$@" -- --test-threads=2
+if (($# == 0)) && ((${FUZZ_SECONDS:-3} > 0)); then
+    scripts/fuzz.sh "${FUZZ_SECONDS:-3}"
+fi

@@ -15,6 +15,8 @@ use crate::codec::Member;
 /// Bytes of one reply we accept from a peer: bounds what a confused or hostile peer can make
 /// us allocate.
 const REPLY_BYTES_MAX: usize = 1 << 20;
+/// Elements an array reply's vector is made with before they arrive.
+const ARRAY_PREALLOC_MAX: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before asking again when the cluster cannot take the change yet.
@@ -251,10 +253,12 @@ pub fn read_reply<R: BufRead>(r: &mut R, budget: &mut usize, depth: u32) -> Resu
             if n < 0 {
                 return Ok(Resp::Array(None));
             }
-            if n as usize > *budget {
+            // Every element takes at least 3 bytes (a type byte and CRLF).
+            if n as usize > *budget / 3 {
                 return Err("reply too large".into());
             }
-            let mut items = Vec::with_capacity(n as usize);
+            // The count is the peer's word: grow as elements arrive, not from it.
+            let mut items = Vec::with_capacity((n as usize).min(ARRAY_PREALLOC_MAX));
             for _ in 0..n {
                 items.push(read_reply(r, budget, depth + 1)?);
             }
@@ -298,6 +302,14 @@ mod tests {
         assert!(parse(b":x\r\n").is_err());
         let mut budget = 4;
         assert!(read_reply(&mut std::io::Cursor::new(b"$100\r\n"), &mut budget, 0).is_err());
+        // Found by fuzzing (join_reply): a count the budget allows, but not as elements,
+        // allocated 13 MB before the first element was read.
+        assert_eq!(
+            parse(b"*424444\r\n1\r\n"),
+            Err("reply too large".to_string())
+        );
+        // Within the bound: refused when the elements do not come (made with room for 64).
+        assert!(parse(b"*300000\r\n").is_err());
     }
 
     #[test]

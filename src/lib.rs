@@ -6,6 +6,8 @@
 pub mod codec;
 pub mod commands;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod join;
 pub mod latency;
 pub mod node;

@@ -147,7 +147,8 @@ fn run_workload(c: &mut Cluster, parts: &common::proxy::Partitions, s: &Settings
     }
     let mut nemesis = match nemesis {
         Ok(log) => log,
-        Err((msg, log)) => {
+        Err(e) => {
+            let (msg, log) = *e;
             for l in &log.lines {
                 println!("  {l}");
             }

@@ -326,6 +326,12 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the largest frame body accepted from the next frame on (the bus raises it
+    /// once a connection's handshake is complete).
+    pub fn set_max_body_bytes(&mut self, max_body_bytes: usize) {
+        self.max_body_bytes = max_body_bytes;
+    }
+
     /// Appends bytes read from the socket.
     pub fn push(&mut self, data: &[u8]) {
         if self.start > 0 {
@@ -375,7 +381,7 @@ impl FrameDecoder {
         }
         let frame = match kind {
             FrameKind::Hello => Frame::Hello(decode_hello(body)?),
-            FrameKind::Raft => Frame::Raft(Message::decode(body)?),
+            FrameKind::Raft => Frame::Raft(decode_message(body)?),
             FrameKind::Challenge => Frame::Challenge(fixed(kind, body)?),
             FrameKind::Response => Frame::Response(fixed(kind, body)?),
             FrameKind::Welcome if body.is_empty() => Frame::Welcome,
@@ -417,6 +423,35 @@ impl FrameDecoder {
         }
         Ok(Some(frame))
     }
+}
+
+/// A Raft message as a peer may send it. raft-rs's accessors (`get_msg_type`,
+/// `get_entry_type`) panic on an enum value they do not know, which in the raft thread would
+/// stop the node, so such a message is refused here; so are the kinds only made inside a node
+/// (MsgHup, MsgBeat, MsgCheckQuorum, and MsgUnreachable and MsgSnapStatus, which the node
+/// takes as its own transport's reports).
+fn decode_message(body: &[u8]) -> Result<Message, FrameError> {
+    use raft::eraftpb::{EntryType, MessageType};
+    let bad = |why| FrameError::BadBody {
+        kind: FrameKind::Raft,
+        why,
+    };
+    let msg = Message::decode(body)?;
+    match MessageType::from_i32(msg.msg_type) {
+        None => return Err(bad("unknown message type")),
+        Some(kind) if super::local_only(kind) => {
+            return Err(bad("a message type a node only makes for itself"))
+        }
+        Some(_) => {}
+    }
+    let entry_types_known = msg
+        .entries
+        .iter()
+        .all(|e| EntryType::from_i32(e.entry_type).is_some());
+    if !entry_types_known {
+        return Err(bad("entry of unknown type"));
+    }
+    Ok(msg)
 }
 
 fn decode_hello(body: &[u8]) -> Result<Hello, FrameError> {
@@ -718,6 +753,51 @@ mod tests {
         assert!(!verify_auth_tag("secret", &nonce, "d", 1, 2, &tag));
         assert!(!verify_auth_tag("secret", &nonce, "c", 2, 1, &tag));
         assert_ne!(new_nonce().unwrap(), new_nonce().unwrap());
+    }
+
+    fn raft_frame(msg: &Message) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let start = begin_frame(FrameKind::Raft, &mut buf);
+        msg.encode(&mut buf).unwrap();
+        finish_frame(&mut buf, start, usize::MAX).unwrap();
+        buf
+    }
+
+    /// Found by fuzzing (bus_handshake): a message type raft-rs does not know made the
+    /// reader's `get_msg_type` panic, and would have stopped the node in the raft thread.
+    #[test]
+    fn messages_raft_rs_would_panic_on_or_only_makes_itself_are_rejected() {
+        let mut unknown_type = message();
+        unknown_type.msg_type = 63;
+        let mut unknown_entry = message();
+        unknown_entry.entries[0].entry_type = 9;
+        let mut unreachable = message();
+        unreachable.msg_type = MessageType::MsgUnreachable as i32;
+        let mut snap_status = message();
+        snap_status.msg_type = MessageType::MsgSnapStatus as i32;
+        let mut hup = message();
+        hup.msg_type = MessageType::MsgHup as i32;
+        for (case, msg) in [
+            ("unknown type", unknown_type),
+            ("unknown entry type", unknown_entry),
+            ("unreachable", unreachable),
+            ("snap status", snap_status),
+            ("hup", hup),
+        ] {
+            let mut dec = FrameDecoder::new(1 << 20);
+            dec.push(&raft_frame(&msg));
+            let err = dec.next_frame().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    FrameError::BadBody {
+                        kind: FrameKind::Raft,
+                        ..
+                    }
+                ),
+                "{case}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -7,15 +7,24 @@
 //! The reader also answers the handshake: a valid Hello gets Welcome, or, with a cluster
 //! password set, a Challenge whose Response must verify before Welcome is sent (see frame.rs).
 //!
+//! Anyone who reaches the bus port can connect, so until a connection has completed its
+//! handshake it is held to little: frames of at most `HANDSHAKE_FRAME_BYTES_MAX` (an
+//! announced length beyond is refused from the header, before any of it is buffered),
+//! `HANDSHAKE_TIMEOUT` from accept to Welcome, and at most `MAX_HANDSHAKING_CONNS` such
+//! connections at once: another one closes the oldest of them, so a flood of idle or slow
+//! connections cannot keep a real peer out (it would have to outpace a handshake, one round
+//! trip). What such connections do wrong is warned about at most every `UNAUTH_WARN_EVERY`.
+//!
 //! Invariants: a connection forwards nothing before a valid Hello for this cluster and this
 //! node, and, with a password set, nothing before a verified Response; any framing error
-//! closes that connection only; at most `MAX_INBOUND_CONNS` readers
-//! exist at once; every blocking call is bounded by a timeout so `stop` is seen promptly.
+//! closes that connection only; at most `MAX_INBOUND_CONNS` readers (of which at most
+//! `MAX_HANDSHAKING_CONNS` in their handshake) exist at once, plus evicted ones on their way
+//! out; every blocking call is bounded by a timeout so `stop` is seen promptly.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,10 +41,19 @@ pub(crate) const MAX_INBOUND_CONNS: usize = 64;
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 /// Bounds each blocking read, so readers notice `stop`.
 const READ_TIMEOUT: Duration = Duration::from_millis(100);
-/// A connection that has not sent a valid Hello by then is closed.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// A challenged connection that has not answered by then is refused.
-const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections still in their handshake at once; one more closes the oldest of them.
+pub(crate) const MAX_HANDSHAKING_CONNS: usize = 16;
+/// From accept to Welcome (Hello, and with a password the Response): a connection still in
+/// its handshake then is closed (a challenged one with a Reject saying why).
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest frame body before the handshake is complete: a Hello is at most 276 bytes, a
+/// Response 32. Raised to `max_frame_bytes` at Welcome.
+pub(crate) const HANDSHAKE_FRAME_BYTES_MAX: usize = 1024;
+/// Connections that never completed a handshake (garbage, timeouts, evictions, a full table)
+/// are warned about at most this often, and so are refused Hellos and failed password checks
+/// (on a limit of their own); the others log at debug level and are counted in the next
+/// warning.
+const UNAUTH_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Bounds each handshake write (the frames are tiny; only a stuck peer trips this).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that keeps failing the password check is warned about at most this often; its
@@ -53,6 +71,43 @@ const FORWARD_TIMEOUT: Duration = Duration::from_millis(100);
 pub(crate) struct InboundConn {
     stream: TcpStream,
     thread: JoinHandle<()>,
+    phase: Arc<AtomicU8>,
+}
+
+/// `InboundConn::phase`: in the handshake, welcomed, or closed by the acceptor to make room.
+const PHASE_HANDSHAKE: u8 = 0;
+const PHASE_OPEN: u8 = 1;
+const PHASE_EVICTED: u8 = 2;
+
+/// One warning per `UNAUTH_WARN_EVERY` about connections that are not (yet) peers.
+#[derive(Default)]
+pub(crate) struct WarnLimit {
+    /// When the last warning was logged, and how many were not since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl WarnLimit {
+    /// Logs `msg` as a warning if one is due, else at debug level.
+    fn warn(&self, addr: SocketAddr, msg: std::fmt::Arguments<'_>) {
+        let suppressed = {
+            let mut st = lock(&self.state);
+            let due = st.0.is_none_or(|at| at.elapsed() >= UNAUTH_WARN_EVERY);
+            if due {
+                let n = st.1;
+                *st = (Some(Instant::now()), 0);
+                Some(n)
+            } else {
+                st.1 += 1;
+                None
+            }
+        };
+        match suppressed {
+            Some(0) => tracing::warn!(peer = %addr, "raft bus: {msg}"),
+            Some(n) => tracing::warn!(peer = %addr, suppressed = n,
+                "raft bus: {msg} (and {n} similar since the last such warning, logged at debug level)"),
+            None => tracing::debug!(peer = %addr, "raft bus: {msg}"),
+        }
+    }
 }
 
 impl InboundConn {
@@ -71,6 +126,8 @@ pub(crate) struct Acceptor {
     pub(crate) conns: Arc<Mutex<Vec<InboundConn>>>,
     /// When each node last had a failed password check warned about.
     pub(crate) auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
+    pub(crate) unauth_warn: Arc<WarnLimit>,
+    pub(crate) refusal_warn: Arc<WarnLimit>,
 }
 
 impl Acceptor {
@@ -98,10 +155,57 @@ impl Acceptor {
         for c in done {
             let _ = c.thread.join();
         }
-        if conns.len() >= MAX_INBOUND_CONNS {
-            tracing::warn!(peer = %addr,
-                "raft bus: refusing connection from {addr}: already {MAX_INBOUND_CONNS} inbound connections");
+        let phase_of = |c: &InboundConn| c.phase.load(Ordering::Acquire);
+        let handshaking = conns
+            .iter()
+            .filter(|c| phase_of(c) == PHASE_HANDSHAKE)
+            .count();
+        let counted = conns
+            .iter()
+            .filter(|c| phase_of(c) != PHASE_EVICTED)
+            .count();
+        // Evicted readers leave within a read; this bounds them if they are slow to.
+        if conns.len() >= 2 * MAX_INBOUND_CONNS {
+            self.unauth_warn.warn(
+                addr,
+                format_args!(
+                    "refusing connection from {addr}: {} inbound connections still closing",
+                    conns.len()
+                ),
+            );
             return;
+        }
+        if handshaking >= MAX_HANDSHAKING_CONNS || counted >= MAX_INBOUND_CONNS {
+            // Make room by closing the oldest connection still in its handshake (they are in
+            // accept order): idle connections cannot keep a peer out for long.
+            let evicted = conns.iter().find(|c| {
+                c.phase
+                    .compare_exchange(
+                        PHASE_HANDSHAKE,
+                        PHASE_EVICTED,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_ok()
+            });
+            match evicted {
+                Some(old) => {
+                    let _ = old.stream.shutdown(Shutdown::Both);
+                    let old_addr = old
+                        .stream
+                        .peer_addr()
+                        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+                    self.unauth_warn.warn(addr, format_args!(
+                        "closing connection from {old_addr} (still in its handshake) to admit one from {addr}: \
+                         {handshaking} connections in their handshake, {counted} in all (limits \
+                         {MAX_HANDSHAKING_CONNS} and {MAX_INBOUND_CONNS})"));
+                }
+                None => {
+                    self.unauth_warn.warn(addr, format_args!(
+                        "refusing connection from {addr}: already {MAX_INBOUND_CONNS} inbound connections"));
+                    return;
+                }
+            }
         }
         let clone = match prepare(&stream) {
             Ok(clone) => clone,
@@ -110,13 +214,19 @@ impl Acceptor {
                 return;
             }
         };
+        let phase = Arc::new(AtomicU8::new(PHASE_HANDSHAKE));
         let reader = Reader {
             stream,
-            addr,
-            local: Arc::clone(&self.local),
+            handler: Handler {
+                addr,
+                local: Arc::clone(&self.local),
+                auth_warned: Arc::clone(&self.auth_warned),
+                unauth_warn: Arc::clone(&self.unauth_warn),
+                refusal_warn: Arc::clone(&self.refusal_warn),
+                phase: Arc::clone(&phase),
+            },
             inbound: self.inbound.clone(),
             stop: Arc::clone(&self.stop),
-            auth_warned: Arc::clone(&self.auth_warned),
         };
         match std::thread::Builder::new()
             .name(format!("raft-bus-r{addr}"))
@@ -125,6 +235,7 @@ impl Acceptor {
             Ok(thread) => conns.push(InboundConn {
                 stream: clone,
                 thread,
+                phase,
             }),
             Err(e) => {
                 tracing::warn!(peer = %addr, error = %e, "raft bus: cannot start a reader for {addr}: {e}");
@@ -144,27 +255,39 @@ fn prepare(stream: &TcpStream) -> io::Result<TcpStream> {
 
 struct Reader {
     stream: TcpStream,
-    addr: SocketAddr,
-    local: Arc<LocalIdentity>,
+    handler: Handler,
     inbound: Sender<Vec<Message>>,
     stop: Arc<AtomicBool>,
-    auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
+}
+
+/// What an inbound connection's frames are checked against and what they change, apart
+/// from its socket (so the handshake can be fuzzed without one: `fuzz_inbound`).
+pub(crate) struct Handler {
+    pub(crate) addr: SocketAddr,
+    pub(crate) local: Arc<LocalIdentity>,
+    pub(crate) auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// Connections that are not (yet) peers: garbage, timeouts, evictions, a full table.
+    pub(crate) unauth_warn: Arc<WarnLimit>,
+    /// Hellos refused (wrong cluster, removed node...) and failed password checks: limited
+    /// on their own, so a flood of the above does not hide a misconfigured peer.
+    pub(crate) refusal_warn: Arc<WarnLimit>,
+    /// Set to `PHASE_OPEN` at Welcome, unless the acceptor evicted the connection first.
+    pub(crate) phase: Arc<AtomicU8>,
 }
 
 /// Where a connection is in the handshake.
-enum Auth {
+pub(crate) enum Auth {
     AwaitHello,
-    /// Challenged with `nonce` at `since`; waiting for the Response.
+    /// Challenged with `nonce`; waiting for the Response.
     AwaitResponse {
         nonce: [u8; frame::AUTH_BYTES],
-        since: Instant,
     },
     /// Welcomed: Raft messages are forwarded.
     Open,
 }
 
 /// Per-connection state the frame handling updates.
-struct ConnState {
+pub(crate) struct ConnState {
     hello: Option<Hello>,
     auth: Auth,
     /// Messages dropped because their from/to does not match the Hello.
@@ -173,7 +296,18 @@ struct ConnState {
     snapshot: Option<SnapshotRecv>,
 }
 
-struct SnapshotRecv {
+impl ConnState {
+    pub(crate) fn new() -> ConnState {
+        ConnState {
+            hello: None,
+            auth: Auth::AwaitHello,
+            misrouted: 0,
+            snapshot: None,
+        }
+    }
+}
+
+pub(crate) struct SnapshotRecv {
     index: u64,
     total: u64,
     received: u64,
@@ -262,17 +396,12 @@ impl Drop for Reader {
 
 impl Reader {
     fn run(mut self) {
-        let mut conn = ConnState {
-            hello: None,
-            auth: Auth::AwaitHello,
-            misrouted: 0,
-            snapshot: None,
-        };
+        let mut conn = ConnState::new();
         self.serve(&mut conn);
         if let (Some(h), Auth::Open) = (&conn.hello, &conn.auth) {
             if !self.stop.load(Ordering::Acquire) {
                 // The raft thread may check whether the peer's process is gone.
-                let m = super::Report::InboundClosed(h.from).message(self.local.node_id);
+                let m = super::Report::InboundClosed(h.from).message(self.handler.local.node_id);
                 let _ = self.inbound.try_send(vec![m]);
             }
         }
@@ -280,11 +409,26 @@ impl Reader {
 
     /// Reads and forwards until the connection ends or must be closed.
     fn serve(&mut self, conn: &mut ConnState) {
-        let addr = self.addr;
-        let mut decoder = FrameDecoder::new(self.local.max_frame_bytes);
+        let addr = self.handler.addr;
+        let mut decoder = FrameDecoder::new(HANDSHAKE_FRAME_BYTES_MAX);
         let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         let accepted_at = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
+            // Checked on every pass, not only when a read times out: a peer trickling bytes
+            // must not stretch its handshake.
+            if !matches!(conn.auth, Auth::Open) && accepted_at.elapsed() > HANDSHAKE_TIMEOUT {
+                if matches!(conn.auth, Auth::AwaitResponse { .. }) {
+                    self.handler.refuse(
+                        &mut &self.stream,
+                        conn,
+                        &format!("no response to the challenge within {HANDSHAKE_TIMEOUT:?}"),
+                    );
+                } else {
+                    self.handler.unauth_warn.warn(addr, format_args!(
+                        "closing connection from {addr}: no valid hello within {HANDSHAKE_TIMEOUT:?}"));
+                }
+                return;
+            }
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     tracing::debug!(peer = %addr, "raft bus: connection from {addr} closed by peer");
@@ -293,32 +437,20 @@ impl Reader {
                 Ok(n) => decoder.push(&chunk[..n]),
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::TimedOut =>
+                        || e.kind() == io::ErrorKind::TimedOut
+                        || e.kind() == io::ErrorKind::Interrupted =>
                 {
-                    if conn.hello.is_none() && accepted_at.elapsed() > HELLO_TIMEOUT {
-                        tracing::warn!(peer = %addr,
-                            "raft bus: closing connection from {addr}: no hello within {HELLO_TIMEOUT:?}");
-                        return;
-                    }
-                    if let Auth::AwaitResponse { since, .. } = conn.auth {
-                        if since.elapsed() > AUTH_TIMEOUT {
-                            self.refuse(
-                                conn,
-                                &format!("no response to the challenge within {AUTH_TIMEOUT:?}"),
-                            );
-                            return;
-                        }
-                    }
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::debug!(peer = %addr, error = %e, "raft bus: connection from {addr} failed: {e}");
                     return;
                 }
             }
             let mut batch = Vec::new();
-            let keep = self.decode_all(&mut decoder, conn, &mut batch);
+            let keep = self
+                .handler
+                .decode_all(&mut &self.stream, &mut decoder, conn, &mut batch);
             // Messages that came before a bad frame are valid: the node gets them either way.
             if !batch.is_empty() && !self.forward(batch) {
                 return;
@@ -329,10 +461,34 @@ impl Reader {
         }
     }
 
+    /// Hands a batch to the node, waiting while its channel is full (back-pressure onto TCP).
+    /// False when the node is gone or the transport stops.
+    fn forward(&self, batch: Vec<Message>) -> bool {
+        let mut batch = batch;
+        loop {
+            match self.inbound.send_timeout(batch, FORWARD_TIMEOUT) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Timeout(back)) => {
+                    if self.stop.load(Ordering::Acquire) {
+                        return false;
+                    }
+                    batch = back;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => {
+                    tracing::debug!(peer = %self.handler.addr, "raft bus: inbound channel closed; dropping connection");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+impl Handler {
     /// Moves every complete frame out of `decoder`, appending the valid messages to `batch`.
     /// False when the connection must be closed (the reason is logged here).
-    fn decode_all(
+    pub(crate) fn decode_all(
         &self,
+        out: &mut impl Write,
         decoder: &mut FrameDecoder,
         conn: &mut ConnState,
         batch: &mut Vec<Message>,
@@ -344,33 +500,40 @@ impl Reader {
                 Ok(None) => return true,
                 Err(e) => {
                     let who = describe(&conn.hello);
-                    tracing::warn!(peer = %addr, error = %e,
-                        "raft bus: closing connection from {addr}{who}: {e}");
+                    self.close_warn(
+                        conn,
+                        format_args!("closing connection from {addr}{who}: {e}"),
+                    );
                     return false;
                 }
             };
             match frame {
                 Frame::Hello(h) => {
                     if conn.hello.is_some() {
-                        tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: second hello",
-                            describe(&conn.hello));
+                        self.close_warn(
+                            conn,
+                            format_args!(
+                                "closing connection from {addr}{}: second hello",
+                                describe(&conn.hello)
+                            ),
+                        );
                         return false;
                     }
                     if let Err(why) = check_hello(&h, &self.local) {
-                        tracing::warn!(peer = %addr, from = h.from, cluster_id = %h.cluster_id,
-                            "raft bus: refusing connection from {addr} (claims node {} of cluster {:?}): {why}",
-                            h.from, h.cluster_id);
+                        self.refusal_warn.warn(addr, format_args!(
+                            "refusing connection from {addr} (claims node {} of cluster {:?}): {why}",
+                            h.from, h.cluster_id));
                         // Tell the peer why, so its log says it too (best effort).
-                        self.send(conn, |out| frame::encode_reject(&why, out));
+                        self.send(out, conn, |buf| frame::encode_reject(&why, buf));
                         return false;
                     }
                     let from = h.from;
                     conn.hello = Some(h);
                     if self.local.password.is_empty() {
-                        if !self.send(conn, frame::encode_welcome) {
+                        if !self.send(out, conn, frame::encode_welcome) || !self.open(decoder, conn)
+                        {
                             return false;
                         }
-                        conn.auth = Auth::Open;
                         tracing::info!(peer = %addr, from,
                             "raft bus: accepted connection from node {from} at {addr}");
                         continue;
@@ -383,19 +546,21 @@ impl Reader {
                             return false;
                         }
                     };
-                    if !self.send(conn, |out| frame::encode_challenge(&nonce, out)) {
+                    if !self.send(out, conn, |buf| frame::encode_challenge(&nonce, buf)) {
                         return false;
                     }
-                    conn.auth = Auth::AwaitResponse {
-                        nonce,
-                        since: Instant::now(),
-                    };
+                    conn.auth = Auth::AwaitResponse { nonce };
                 }
                 Frame::Response(tag) => {
                     let (Some(h), Auth::AwaitResponse { nonce, .. }) = (&conn.hello, &conn.auth)
                     else {
-                        tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: unexpected response frame",
-                            describe(&conn.hello));
+                        self.close_warn(
+                            conn,
+                            format_args!(
+                                "closing connection from {addr}{}: unexpected response frame",
+                                describe(&conn.hello)
+                            ),
+                        );
                         return false;
                     };
                     let verified = frame::verify_auth_tag(
@@ -407,20 +572,19 @@ impl Reader {
                         &tag,
                     );
                     if !verified {
-                        self.refuse(conn, "response does not match");
-                        return false;
-                    }
-                    if !self.send(conn, frame::encode_welcome) {
+                        self.refuse(out, conn, "response does not match");
                         return false;
                     }
                     let from = h.from;
-                    conn.auth = Auth::Open;
+                    if !self.send(out, conn, frame::encode_welcome) || !self.open(decoder, conn) {
+                        return false;
+                    }
                     tracing::info!(peer = %addr, from,
                         "raft bus: accepted connection from node {from} at {addr} (cluster password verified)");
                 }
                 Frame::SnapshotChunk(c) => {
                     if conn.hello.is_none() || !matches!(conn.auth, Auth::Open) {
-                        self.refuse(conn, "snapshot data before the handshake");
+                        self.refuse(out, conn, "snapshot data before the handshake");
                         return false;
                     }
                     if let Err(why) = conn.receive_chunk(&self.local, c) {
@@ -431,18 +595,27 @@ impl Reader {
                     }
                 }
                 Frame::Challenge(_) | Frame::Welcome | Frame::Reject(_) => {
-                    tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: unexpected handshake frame",
-                        describe(&conn.hello));
+                    self.close_warn(
+                        conn,
+                        format_args!(
+                            "closing connection from {addr}{}: unexpected handshake frame",
+                            describe(&conn.hello)
+                        ),
+                    );
                     return false;
                 }
                 Frame::Raft(msg) => {
                     let Some(h) = &conn.hello else {
-                        tracing::warn!(peer = %addr,
-                            "raft bus: closing connection from {addr}: raft message before hello");
+                        self.unauth_warn.warn(
+                            addr,
+                            format_args!(
+                                "closing connection from {addr}: raft message before hello"
+                            ),
+                        );
                         return false;
                     };
                     if !matches!(conn.auth, Auth::Open) {
-                        self.refuse(conn, "raft message before the challenge was answered");
+                        self.refuse(out, conn, "raft message before the challenge was answered");
                         return false;
                     }
                     if self
@@ -466,11 +639,6 @@ impl Reader {
                         tracing::info!(peer = %addr, from = h.from,
                             "raft bus: received snapshot file for index {index} from node {}", h.from);
                     }
-                    if super::local_only(msg.get_msg_type()) {
-                        tracing::debug!(peer = %addr, from = h.from, msg_type = msg.msg_type,
-                            "raft bus: dropping a local-only raft message type from node {}", h.from);
-                        continue;
-                    }
                     if msg.to != self.local.node_id || msg.from != h.from {
                         conn.misrouted += 1;
                         // Warn once per connection; a flood of these is one problem.
@@ -491,11 +659,45 @@ impl Reader {
         }
     }
 
+    /// The handshake is complete: full-size frames from now on. False when the acceptor
+    /// closed this connection meanwhile to make room (it is not a peer's then).
+    fn open(&self, decoder: &mut FrameDecoder, conn: &mut ConnState) -> bool {
+        let admitted = self
+            .phase
+            .compare_exchange(
+                PHASE_HANDSHAKE,
+                PHASE_OPEN,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if admitted {
+            conn.auth = Auth::Open;
+            decoder.set_max_body_bytes(self.local.max_frame_bytes);
+        }
+        admitted
+    }
+
+    /// Warns about a connection being closed: always for a peer past its handshake, at most
+    /// every `UNAUTH_WARN_EVERY` for the others (anyone can open those).
+    fn close_warn(&self, conn: &ConnState, msg: std::fmt::Arguments<'_>) {
+        if matches!(conn.auth, Auth::Open) {
+            tracing::warn!(peer = %self.addr, "raft bus: {msg}");
+        } else {
+            self.unauth_warn.warn(self.addr, msg);
+        }
+    }
+
     /// Writes one handshake frame built by `encode`. False (logged) when the write fails.
-    fn send(&self, conn: &ConnState, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+    fn send(
+        &self,
+        out: &mut impl Write,
+        conn: &ConnState,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> bool {
         let mut buf = Vec::new();
         encode(&mut buf);
-        match (&self.stream).write_all(&buf) {
+        match out.write_all(&buf) {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(peer = %self.addr, error = %e,
@@ -508,7 +710,7 @@ impl Reader {
 
     /// A failed password check: warn (rate-limited per node) and tell the peer why, so its
     /// own log says so too. The caller then closes the connection.
-    fn refuse(&self, conn: &ConnState, detail: &str) {
+    pub(crate) fn refuse(&self, out: &mut impl Write, conn: &ConnState, detail: &str) {
         let addr = self.addr;
         let from = conn.hello.as_ref().map_or(0, |h| h.from);
         let warn = {
@@ -525,34 +727,18 @@ impl Reader {
             due
         };
         if warn {
-            tracing::warn!(peer = %addr, from,
-                "raft bus: refusing connection from node {from} at {addr}: {AUTH_FAILED} ({detail})");
+            // Also under the global limit: node ids are the peer's word, anyone may vary them.
+            self.refusal_warn.warn(
+                addr,
+                format_args!(
+                    "refusing connection from node {from} at {addr}: {AUTH_FAILED} ({detail})"
+                ),
+            );
         } else {
             tracing::debug!(peer = %addr, from,
                 "raft bus: refusing connection from node {from} at {addr}: {AUTH_FAILED} ({detail})");
         }
-        self.send(conn, |out| frame::encode_reject(AUTH_FAILED, out));
-    }
-
-    /// Hands a batch to the node, waiting while its channel is full (back-pressure onto TCP).
-    /// False when the node is gone or the transport stops.
-    fn forward(&self, batch: Vec<Message>) -> bool {
-        let mut batch = batch;
-        loop {
-            match self.inbound.send_timeout(batch, FORWARD_TIMEOUT) {
-                Ok(()) => return true,
-                Err(SendTimeoutError::Timeout(back)) => {
-                    if self.stop.load(Ordering::Acquire) {
-                        return false;
-                    }
-                    batch = back;
-                }
-                Err(SendTimeoutError::Disconnected(_)) => {
-                    tracing::debug!(peer = %self.addr, "raft bus: inbound channel closed; dropping connection");
-                    return false;
-                }
-            }
-        }
+        self.send(out, conn, |out| frame::encode_reject(AUTH_FAILED, out));
     }
 }
 
@@ -596,4 +782,25 @@ fn check_hello(hello: &Hello, local: &LocalIdentity) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warn_limit_warns_once_per_period_and_counts_the_rest() {
+        let limit = WarnLimit::default();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        for _ in 0..3 {
+            limit.warn(addr, format_args!("x"));
+        }
+        let (at, suppressed) = *lock(&limit.state);
+        assert!(at.is_some());
+        assert_eq!(suppressed, 2);
+        // Once the period is over, the next one warns (and reports the count).
+        lock(&limit.state).0 = Some(Instant::now() - UNAUTH_WARN_EVERY);
+        limit.warn(addr, format_args!("x"));
+        assert_eq!(lock(&limit.state).1, 0);
+    }
 }

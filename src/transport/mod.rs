@@ -24,7 +24,7 @@
 //! password (see frame.rs); the password never crosses the network. Without one, the bus trusts
 //! anyone who knows the cluster id. Not yet done: TLS, so traffic itself is not encrypted.
 
-mod frame;
+pub(crate) mod frame;
 mod inbound;
 mod peer;
 
@@ -217,7 +217,7 @@ impl Report {
 }
 
 /// Raft message types that only ever come from inside a node (ticks, elections it starts
-/// itself, the transport's reports): a reader drops them when a peer sends them.
+/// itself, the transport's reports): a frame carrying one is refused (frame.rs).
 pub(crate) fn local_only(kind: raft::eraftpb::MessageType) -> bool {
     use raft::eraftpb::MessageType as T;
     matches!(
@@ -299,6 +299,8 @@ impl Transport {
             stop: Arc::clone(&stop),
             conns: Arc::clone(&inbound_conns),
             auth_warned: Arc::new(Mutex::new(HashMap::new())),
+            unauth_warn: Arc::new(inbound::WarnLimit::default()),
+            refusal_warn: Arc::new(inbound::WarnLimit::default()),
         };
         let acceptor = std::thread::Builder::new()
             .name("raft-bus-accept".into())
@@ -479,6 +481,55 @@ fn join_until(threads: Vec<JoinHandle<()>>, deadline: Instant) -> usize {
         }
     }
     left
+}
+
+/// Runs the inbound side's frame handling (handshake included) over `reads`, the bytes a
+/// connection to node `node_id` of `cluster_id` receives, one socket read each, as a reader
+/// would, without a socket or threads; what it would write back is dropped. For
+/// `crate::fuzzing`.
+pub(crate) fn fuzz_inbound<'a>(
+    node_id: u64,
+    cluster_id: &str,
+    password: &str,
+    reads: impl Iterator<Item = &'a [u8]>,
+) {
+    let (reports, _rx) = crossbeam_channel::unbounded();
+    let handler = inbound::Handler {
+        addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+        local: Arc::new(LocalIdentity {
+            node_id,
+            cluster_id: cluster_id.to_owned(),
+            max_frame_bytes: 64 * 1024,
+            password: password.to_owned(),
+            removed: RwLock::new([9].into_iter().collect()),
+            any_removed: AtomicBool::new(true),
+            told_removed: AtomicBool::new(false),
+            snapshot_send: None,
+            snapshot_recv: None,
+            reports,
+        }),
+        auth_warned: Arc::new(Mutex::new(HashMap::new())),
+        unauth_warn: Arc::new(inbound::WarnLimit::default()),
+        refusal_warn: Arc::new(inbound::WarnLimit::default()),
+        phase: Arc::new(std::sync::atomic::AtomicU8::new(0)),
+    };
+    let mut decoder = frame::FrameDecoder::new(inbound::HANDSHAKE_FRAME_BYTES_MAX);
+    let mut conn = inbound::ConnState::new();
+    for read in reads {
+        decoder.push(read);
+        let mut batch = Vec::new();
+        let keep = handler.decode_all(&mut std::io::sink(), &mut decoder, &mut conn, &mut batch);
+        // What is forwarded reaches raft-rs, whose accessors panic on unknown enum values.
+        for m in &batch {
+            let _ = m.get_msg_type();
+            for e in &m.entries {
+                let _ = e.get_entry_type();
+            }
+        }
+        if !keep {
+            return;
+        }
+    }
 }
 
 /// Locks ignoring poison: no lock here guards an invariant a panic could break halfway, and

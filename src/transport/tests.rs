@@ -491,20 +491,93 @@ fn misaddressed_messages_are_dropped_and_the_connection_kept() {
 }
 
 #[test]
-fn inbound_connections_beyond_the_limit_are_refused() {
+fn a_connection_beyond_the_handshake_limit_closes_the_oldest_idle_one() {
+    let (b, mut b_rx) = start(2);
+    let mut idle: Vec<TcpStream> = (0..inbound::MAX_HANDSHAKING_CONNS)
+        .map(|_| TcpStream::connect(b.local_addr()).unwrap())
+        .collect();
+    // Let the acceptor admit them in this order.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut newest = TcpStream::connect(b.local_addr()).unwrap();
+    assert_closed_by_peer(idle.remove(0), "oldest connection in its handshake");
+    // The newcomer is served: a peer is not kept out by idle connections.
+    let msg = append(3, 2, 1);
+    newest
+        .write_all(&[hello_bytes(CLUSTER, 3, 2), message_bytes(&msg)].concat())
+        .unwrap();
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), msg);
+    // The others were left alone.
+    idle[0]
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let e = idle[0].read(&mut [0u8; 16]).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn open_connections_beyond_the_limit_are_refused() {
     let (b, mut b_rx) = start(2);
     let mut held: Vec<TcpStream> = (0..inbound::MAX_INBOUND_CONNS)
-        .map(|_| TcpStream::connect(b.local_addr()).unwrap())
+        .map(|_| {
+            let mut s = TcpStream::connect(b.local_addr()).unwrap();
+            s.write_all(&hello_bytes(CLUSTER, 3, 2)).unwrap();
+            assert_eq!(read_frames(&mut s, 1), vec![Frame::Welcome]);
+            s
+        })
         .collect();
     let extra = TcpStream::connect(b.local_addr()).unwrap();
     assert_closed_by_peer(extra, "connection over the limit");
     // The admitted ones still work.
     let msg = append(3, 2, 1);
-    let first = &mut held[0];
-    first
-        .write_all(&[hello_bytes(CLUSTER, 3, 2), message_bytes(&msg)].concat())
-        .unwrap();
+    held[0].write_all(&message_bytes(&msg)).unwrap();
     assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), msg);
+}
+
+#[test]
+fn a_connection_without_a_handshake_is_closed_after_the_timeout() {
+    let (b, _b_rx) = start(2);
+    let silent = TcpStream::connect(b.local_addr()).unwrap();
+    // Sends a valid Hello a byte every 250 ms (too slow to finish in time): its reads never
+    // time out, and the deadline holds all the same.
+    let trickle = TcpStream::connect(b.local_addr()).unwrap();
+    let hello = hello_bytes(CLUSTER, 3, 2);
+    let writer = {
+        let mut t = trickle.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for byte in &hello {
+                if t.write_all(std::slice::from_ref(byte)).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
+    let started = Instant::now();
+    let limit = inbound::HANDSHAKE_TIMEOUT + Duration::from_secs(2);
+    closed_by_peer_within(silent, limit, "silent connection");
+    let _ = closed_by_peer_within(trickle, limit, "trickling connection");
+    assert!(started.elapsed() >= inbound::HANDSHAKE_TIMEOUT - Duration::from_millis(200));
+    writer.join().unwrap();
+}
+
+#[test]
+fn a_large_frame_before_the_handshake_is_refused_from_its_header() {
+    // Full-size frames are allowed after Welcome only.
+    let (b, _b_rx) = start(2);
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    let mut header = Vec::new();
+    header.extend_from_slice(&MAGIC.to_le_bytes());
+    header.push(FrameKind::Hello as u8);
+    header.extend_from_slice(&((inbound::HANDSHAKE_FRAME_BYTES_MAX + 1) as u32).to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    raw.write_all(&header).unwrap();
+    assert_closed_by_peer(raw, "large frame before the handshake");
 }
 
 #[test]
@@ -758,32 +831,29 @@ fn a_peer_whose_process_is_gone_is_reported_closed_then_refusing() {
 }
 
 #[test]
-fn local_only_message_types_from_the_network_are_dropped() {
-    let (b, mut b_rx) = start(2);
+fn local_only_message_types_from_the_network_are_refused() {
     let mut hup = Message::default();
     hup.set_msg_type(MessageType::MsgHup);
     hup.from = 3;
     hup.to = 2;
     let mut forged = Report::Refused(7).message(2);
     forged.from = 3;
-    let good = append(3, 2, 1);
-    let bytes = [
-        hello_bytes(CLUSTER, 3, 2),
-        message_bytes(&hup),
-        message_bytes(&forged),
-        message_bytes(&good),
-    ]
-    .concat();
-    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
-    raw.write_all(&bytes).unwrap();
-    // Only the append arrives, and the connection stays open.
-    assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), good);
-    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
-    drop(raw);
-    assert!(wait_until(|| {
-        let _ = b_rx.try_recv();
-        b_rx.closed.contains(&3)
-    }));
+    for (case, bad) in [("MsgHup", hup), ("a forged report", forged)] {
+        let (b, mut b_rx) = start(2);
+        let good = append(3, 2, 1);
+        let bytes = [
+            hello_bytes(CLUSTER, 3, 2),
+            message_bytes(&good),
+            message_bytes(&bad),
+        ]
+        .concat();
+        let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+        raw.write_all(&bytes).unwrap();
+        // What came before it arrives; it does not, and the connection is closed.
+        assert_closed_by_peer(raw, case);
+        assert_eq!(b_rx.recv_timeout(WAIT).unwrap(), good, "{case}");
+        assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty), "{case}");
+    }
 }
 
 #[test]

@@ -68,7 +68,7 @@ impl Nemesis {
         &self,
         c: &mut Cluster,
         parts: &Partitions,
-    ) -> Result<NemesisLog, (String, NemesisLog)> {
+    ) -> Result<NemesisLog, Box<(String, NemesisLog)>> {
         let ports: Vec<u16> = c.nodes.iter().map(|n| n.def.port).collect();
         let all: Vec<usize> = (0..ports.len()).collect();
         let mut rng = Rng::new(self.seed ^ 0x6e65_6d65_7369_7321);
@@ -80,7 +80,7 @@ impl Nemesis {
                     "{} no leader within {LEADER_WAIT:?} (round {round})",
                     self.at()
                 );
-                return Err((msg, log));
+                return Err(Box::new((msg, log)));
             };
             let name = format!("{} (:{})", c.nodes[l].def.name, ports[l]);
             if round % 3 == 2 {

@@ -1,0 +1,5 @@
+#![no_main]
+//! See `redis_raft::fuzzing::log_file`.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| redis_raft_fuzz::run(data, redis_raft::fuzzing::log_file));

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{SendTimeoutError, Sender};
 use raft::eraftpb::Message;
 
+use super::conn::{self, Conn, FirstBytes};
 use super::frame::{self, Frame, FrameDecoder, Hello};
 use super::{lock, LocalIdentity};
 
@@ -111,7 +112,7 @@ impl Acceptor {
             }
         };
         let reader = Reader {
-            stream,
+            stream: Conn::Plain(stream),
             addr,
             local: Arc::clone(&self.local),
             inbound: self.inbound.clone(),
@@ -143,7 +144,7 @@ fn prepare(stream: &TcpStream) -> io::Result<TcpStream> {
 }
 
 struct Reader {
-    stream: TcpStream,
+    stream: Conn,
     addr: SocketAddr,
     local: Arc<LocalIdentity>,
     inbound: Sender<Vec<Message>>,
@@ -256,12 +257,92 @@ fn finish_snapshot(
 impl Drop for Reader {
     fn drop(&mut self) {
         // The registry holds a clone of this socket, so dropping ours alone would not close it.
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.tcp().shutdown(Shutdown::Both);
     }
 }
 
+/// Why a plain-TCP node is refused by a TLS bus, in our log and in the Reject it is sent.
+pub(crate) const TLS_REQUIRED: &str =
+    "this node's bus requires TLS (raft.tls-enabled yes), and this connection is plain TCP";
+
 impl Reader {
+    /// Looks at what the peer speaks before anything is decoded and, on a TLS bus, runs the
+    /// TLS handshake. False (logged) when the connection must close.
+    fn open(&mut self) -> bool {
+        let addr = self.addr;
+        let deadline = Instant::now() + HELLO_TIMEOUT;
+        let stop = Arc::clone(&self.stop);
+        let stopping = move || stop.load(Ordering::Acquire);
+        let first = match conn::sniff(self.stream.tcp(), deadline, &stopping) {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::debug!(peer = %addr, error = %e, "raft bus: connection from {addr} failed: {e}");
+                return false;
+            }
+        };
+        let Some(tls) = &self.local.tls else {
+            if let FirstBytes::Tls = first {
+                tracing::warn!(peer = %addr,
+                    "raft bus: refusing connection from {addr}: it speaks TLS, and this node's bus is plain TCP (raft.tls-enabled no here; set it alike on every node)");
+                return false;
+            }
+            return true;
+        };
+        match first {
+            FirstBytes::Tls => {}
+            FirstBytes::Bus => {
+                tracing::warn!(peer = %addr, "raft bus: refusing connection from {addr}: {TLS_REQUIRED}");
+                // In plain frames, so the peer's log says why too (best effort). What it
+                // sent is read first: closing over unread bytes resets the connection, and
+                // the peer could lose the Reject.
+                let mut sink = vec![0u8; READ_CHUNK_BYTES];
+                let _ = self.stream.read(&mut sink);
+                let mut buf = Vec::new();
+                frame::encode_reject(TLS_REQUIRED, &mut buf);
+                let _ = self.stream.send_all(&buf);
+                return false;
+            }
+            FirstBytes::Other => {
+                tracing::warn!(peer = %addr,
+                    "raft bus: refusing connection from {addr}: not a TLS record (this node's bus requires TLS)");
+                return false;
+            }
+            FirstBytes::Nothing => {
+                tracing::debug!(peer = %addr, "raft bus: connection from {addr} sent nothing");
+                return false;
+            }
+        }
+        let Some(cfg) = tls.current() else {
+            tracing::warn!(peer = %addr,
+                "raft bus: refusing connection from {addr}: raft.tls-enabled is on but no TLS configuration is loaded");
+            return false;
+        };
+        let tcp = match self.stream.tcp().try_clone() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(peer = %addr, error = %e, "raft bus: cannot set up connection from {addr}: {e}");
+                return false;
+            }
+        };
+        let stop = Arc::clone(&self.stop);
+        match conn::accept_tls(tcp, &cfg, deadline, &move || stop.load(Ordering::Acquire)) {
+            Ok(tls) => {
+                self.stream = tls;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(peer = %addr, error = %e,
+                    "raft bus: refusing connection from {addr}: TLS handshake failed: {}",
+                    crate::tls::describe_failure(&e));
+                false
+            }
+        }
+    }
+
     fn run(mut self) {
+        if !self.open() {
+            return;
+        }
         let mut conn = ConnState {
             hello: None,
             auth: Auth::AwaitHello,
@@ -332,7 +413,7 @@ impl Reader {
     /// Moves every complete frame out of `decoder`, appending the valid messages to `batch`.
     /// False when the connection must be closed (the reason is logged here).
     fn decode_all(
-        &self,
+        &mut self,
         decoder: &mut FrameDecoder,
         conn: &mut ConnState,
         batch: &mut Vec<Message>,
@@ -492,10 +573,10 @@ impl Reader {
     }
 
     /// Writes one handshake frame built by `encode`. False (logged) when the write fails.
-    fn send(&self, conn: &ConnState, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+    fn send(&mut self, conn: &ConnState, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
         let mut buf = Vec::new();
         encode(&mut buf);
-        match (&self.stream).write_all(&buf) {
+        match self.stream.send_all(&buf) {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(peer = %self.addr, error = %e,
@@ -508,7 +589,7 @@ impl Reader {
 
     /// A failed password check: warn (rate-limited per node) and tell the peer why, so its
     /// own log says so too. The caller then closes the connection.
-    fn refuse(&self, conn: &ConnState, detail: &str) {
+    fn refuse(&mut self, conn: &ConnState, detail: &str) {
         let addr = self.addr;
         let from = conn.hello.as_ref().map_or(0, |h| h.from);
         let warn = {

@@ -72,6 +72,8 @@ pub(crate) struct Acceptor {
     pub(crate) conns: Arc<Mutex<Vec<InboundConn>>>,
     /// When each node last had a failed password check warned about.
     pub(crate) auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// When each (peer address, reason) of a refused TLS connection was last warned about.
+    pub(crate) tls_warned: Arc<Mutex<HashMap<(std::net::IpAddr, String), Instant>>>,
 }
 
 impl Acceptor {
@@ -118,6 +120,7 @@ impl Acceptor {
             inbound: self.inbound.clone(),
             stop: Arc::clone(&self.stop),
             auth_warned: Arc::clone(&self.auth_warned),
+            tls_warned: Arc::clone(&self.tls_warned),
         };
         match std::thread::Builder::new()
             .name(format!("raft-bus-r{addr}"))
@@ -150,6 +153,7 @@ struct Reader {
     inbound: Sender<Vec<Message>>,
     stop: Arc<AtomicBool>,
     auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
+    tls_warned: Arc<Mutex<HashMap<(std::net::IpAddr, String), Instant>>>,
 }
 
 /// Where a connection is in the handshake.
@@ -282,8 +286,9 @@ impl Reader {
         };
         let Some(tls) = &self.local.tls else {
             if let FirstBytes::Tls = first {
-                tracing::warn!(peer = %addr,
-                    "raft bus: refusing connection from {addr}: it speaks TLS, and this node's bus is plain TCP (raft.tls-enabled no here; set it alike on every node)");
+                self.warn_refused(
+                    "it speaks TLS, and this node's bus is plain TCP (raft.tls-enabled no here; set it alike on every node)",
+                );
                 return false;
             }
             return true;
@@ -291,7 +296,7 @@ impl Reader {
         match first {
             FirstBytes::Tls => {}
             FirstBytes::Bus => {
-                tracing::warn!(peer = %addr, "raft bus: refusing connection from {addr}: {TLS_REQUIRED}");
+                self.warn_refused(TLS_REQUIRED);
                 // In plain frames, so the peer's log says why too (best effort). What it
                 // sent is read first: closing over unread bytes resets the connection, and
                 // the peer could lose the Reject.
@@ -303,8 +308,7 @@ impl Reader {
                 return false;
             }
             FirstBytes::Other => {
-                tracing::warn!(peer = %addr,
-                    "raft bus: refusing connection from {addr}: not a TLS record (this node's bus requires TLS)");
+                self.warn_refused("not a TLS record (this node's bus requires TLS)");
                 return false;
             }
             FirstBytes::Nothing => {
@@ -331,11 +335,37 @@ impl Reader {
                 true
             }
             Err(e) => {
-                tracing::warn!(peer = %addr, error = %e,
-                    "raft bus: refusing connection from {addr}: TLS handshake failed: {}",
-                    crate::tls::describe_failure(&e));
+                self.warn_refused(&format!(
+                    "TLS handshake failed: {}",
+                    crate::tls::describe_failure(&e)
+                ));
                 false
             }
+        }
+    }
+
+    /// A refused connection: warned about once per peer address and reason every
+    /// `AUTH_WARN_EVERY` (a refused peer reconnects every second); in between at debug level.
+    fn warn_refused(&self, why: &str) {
+        let addr = self.addr;
+        let due = {
+            let mut warned = lock(&self.tls_warned);
+            let key = (addr.ip(), why.to_owned());
+            let due = warned
+                .get(&key)
+                .is_none_or(|at| at.elapsed() >= AUTH_WARN_EVERY);
+            if due {
+                if warned.len() >= AUTH_WARN_NODES_MAX {
+                    warned.clear();
+                }
+                warned.insert(key, Instant::now());
+            }
+            due
+        };
+        if due {
+            tracing::warn!(peer = %addr, "raft bus: refusing connection from {addr}: {why}");
+        } else {
+            tracing::debug!(peer = %addr, "raft bus: refusing connection from {addr}: {why}");
         }
     }
 

@@ -310,6 +310,7 @@ impl Transport {
             stop: Arc::clone(&stop),
             conns: Arc::clone(&inbound_conns),
             auth_warned: Arc::new(Mutex::new(HashMap::new())),
+            tls_warned: Arc::new(Mutex::new(HashMap::new())),
         };
         let acceptor = std::thread::Builder::new()
             .name("raft-bus-accept".into())

@@ -211,3 +211,56 @@ fn bus_exposed_beyond_loopback_without_password_or_tls_is_warned_about() {
     });
     assert_log(&c, 0, "set raft.cluster-password or raft.tls-enabled yes");
 }
+
+fn tls_port_of(args: &[String]) -> String {
+    let at = args.iter().position(|a| a == "--tls-port").unwrap();
+    args[at + 1].clone()
+}
+
+fn reply_text(r: Result<Value, String>) -> String {
+    match r {
+        Ok(Value::Okay) => "OK".into(),
+        Ok(Value::SimpleString(s)) => s,
+        Ok(other) => format!("{other:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn join_over_tls_to_the_tls_port_and_a_foreign_certificate_is_refused() {
+    let mut c = Cluster::define(0);
+    let dir = c.tmp.path().to_path_buf();
+    let ca = Ca::new(&dir, "cluster");
+    let foreign = Ca::new(&dir, "foreign");
+    for k in 0..3 {
+        let i = c.add_dynamic_node();
+        let name = c.nodes[i].def.name.clone();
+        let mut args = if k < 2 {
+            ca.node_args(&dir, &name, false)
+        } else {
+            foreign.node_args(&dir, &name, false)
+        };
+        args.extend(["--raft.join-timeout".to_string(), "3000".into()]);
+        c.nodes[i].extra = args;
+        c.start_node(i);
+    }
+    assert!(reply_text(q(&c, 0, &["RAFT.CLUSTER", "INIT"])).starts_with("OK"));
+    let via = format!("127.0.0.1:{}", tls_port_of(&c.nodes[0].extra));
+    assert_eq!(reply_text(q(&c, 1, &["RAFT.CLUSTER", "JOIN", &via])), "OK");
+    assert_eq!(q(&c, 0, &["SET", "k", "v"]), Ok(Value::Okay));
+    wait_for("k on the joined node", Duration::from_secs(10), || {
+        c.local(1, &["GET", "k"]) == Value::BulkString(b"v".to_vec())
+    });
+
+    // A node whose certificate the cluster's CA did not sign cannot join.
+    let e = reply_text(q(&c, 2, &["RAFT.CLUSTER", "JOIN", &via]));
+    assert!(
+        e.starts_with("ERR failed to connect to cluster for join") && e.contains("TLS"),
+        "{e}"
+    );
+    assert_eq!(
+        c.info_field(2, "raft_state").as_deref(),
+        Some("uninitialized")
+    );
+    assert_eq!(info_num(&c, 0, "raft_num_nodes"), 2);
+}

@@ -100,7 +100,7 @@ fn local_get(c: &Cluster, i: usize, k: &str) -> Value {
 
 #[test]
 fn three_nodes_over_tls_replicate_through_a_leader_kill() {
-    let (mut c, _ca) = tls_cluster(3, 3);
+    let (mut c, ca) = tls_cluster(3, 3);
     for i in 0..3 {
         c.start_node(i);
     }
@@ -113,6 +113,22 @@ fn three_nodes_over_tls_replicate_through_a_leader_kill() {
         assert!(log.contains("(TLS)"), "node {i} bus not on TLS:\n{log}");
         assert!(!log.contains("anyone who can reach"), "{log}");
     }
+
+    // New certificate files (same CA) by CONFIG SET: read again, used by new connections.
+    let f = (l + 1) % 3;
+    let dir = c.tmp.path().to_path_buf();
+    let renewed = ca.node_args(&dir, "renewed", false);
+    let file = |flag: &str| renewed[renewed.iter().position(|a| a == flag).unwrap() + 1].clone();
+    let (crt, key) = (file("--tls-cert-file"), file("--tls-key-file"));
+    assert_eq!(
+        q(
+            &c,
+            f,
+            &["CONFIG", "SET", "tls-cert-file", &crt, "tls-key-file", &key]
+        ),
+        Ok(Value::Okay)
+    );
+    assert_log(&c, f, "TLS certificates reloaded after CONFIG SET");
 
     c.kill(l);
     let l2 = c.wait_leader(Duration::from_secs(15));

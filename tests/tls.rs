@@ -280,3 +280,13 @@ fn join_over_tls_to_the_tls_port_and_a_foreign_certificate_is_refused() {
     );
     assert_eq!(info_num(&c, 0, "raft_num_nodes"), 2);
 }
+
+#[test]
+fn tls_enabled_without_certificate_files_refuses_to_start_and_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = start_expecting_failure(dir.path(), &["--raft.tls-enabled", "yes"]);
+    assert!(
+        out.contains("raft.tls-enabled needs Redis's tls-cert-file and tls-key-file"),
+        "{out}"
+    );
+}

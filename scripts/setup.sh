@@ -14,7 +14,8 @@ set -euo pipefail
 # redis-server/redis-tools: the server the module loads into, redis-cli, redis-benchmark.
 # libclang-dev/clang: bindgen (redis-module's build). protobuf-compiler: raft-proto's build.
 # python3-venv: a venv (target/pyvenv) with redis-py from PyPI for the cluster-client test.
-PACKAGES=(redis-server redis-tools libclang-dev clang protobuf-compiler python3-venv)
+# openssl: certificates for scripts/tls-bench.sh (the build needs none: rustls with ring).
+PACKAGES=(redis-server redis-tools libclang-dev clang protobuf-compiler python3-venv openssl)
 
 die() {
     echo "setup.sh: $*" >&2

@@ -48,6 +48,10 @@ pub struct Options {
     /// `raft.snapshot-delay` (RedisRaft's hidden test option): the snapshot child waits this
     /// many seconds before writing, so tests can kill a node mid-save.
     pub snapshot_delay_secs: u64,
+    /// `raft.tls-enabled` (RedisRaft's): TLS 1.3 with mutual authentication on the bus and
+    /// on RAFT.CLUSTER JOIN's connections, certificates from Redis's tls-* settings. Fixed
+    /// at start.
+    pub tls_enabled: bool,
 }
 
 impl Default for Options {
@@ -73,6 +77,7 @@ impl Default for Options {
             log_max_cache_bytes: 64_000_000,
             snapshot_fail: false,
             snapshot_delay_secs: 0,
+            tls_enabled: false,
         }
     }
 }

@@ -3,9 +3,13 @@
 //! no leader, until `raft.join-timeout`. Runs on its own thread; never calls the Redis API.
 //! With `raft.cluster-user` / `raft.cluster-password` set, every connection starts with
 //! `AUTH <user> <password>` (nodes run with `requirepass` or ACL users).
+//! With `raft.tls-enabled yes` every connection is TLS 1.3 (the addresses given, and those
+//! -MOVED names, must then be the nodes' `tls-port`s), presenting this node's client
+//! certificate and checking the other's against the CA, as the bus does (crate::tls).
 
 use std::io::{BufRead, BufReader, Read as _, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -70,12 +74,56 @@ pub struct Joined {
     pub members: Vec<Member>,
 }
 
-/// Asks the cluster at `addrs` to add `me` until it does or `timeout` passes.
+/// A connection to another node's Redis port: plain, or TLS (`raft.tls-enabled`).
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl std::io::Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// An I/O error in words; a TLS failure with its reason (crate::tls::describe_failure).
+fn io_text(e: &std::io::Error) -> String {
+    if e.get_ref()
+        .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+    {
+        format!("TLS: {}", crate::tls::describe_failure(e))
+    } else {
+        e.to_string()
+    }
+}
+
+/// Asks the cluster at `addrs` to add `me` until it does or `timeout` passes. With `tls`,
+/// every connection is TLS with that configuration.
 pub fn join(
     addrs: &[String],
     me: &Member,
     timeout: Duration,
     auth: Option<&Credentials>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Joined, String> {
     let deadline = Instant::now() + timeout;
     let mut targets: Vec<String> = addrs.to_vec();
@@ -95,7 +143,7 @@ pub fn join(
     ];
     while Instant::now() < deadline {
         let target = targets[i % targets.len()].clone();
-        match ask(&target, &add, auth) {
+        match ask(&target, &add, auth, tls.as_ref()) {
             Ok((Resp::Array(Some(items)), mut conn)) if items.len() == 2 => {
                 let (Resp::Int(id), Resp::Simple(cluster_id)) = (&items[0], &items[1]) else {
                     return Err(format!("unexpected reply from {target}: {items:?}"));
@@ -173,7 +221,8 @@ fn ask(
     target: &str,
     args: &[String],
     auth: Option<&Credentials>,
-) -> Result<(Resp, BufReader<TcpStream>), String> {
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<(Resp, BufReader<Conn>), String> {
     let addr = target
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve: {e}"))?
@@ -184,6 +233,14 @@ fn ask(
         .set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| e.to_string())?;
+    let stream = match tls {
+        None => Conn::Plain(stream),
+        Some(cfg) => {
+            let session = rustls::ClientConnection::new(cfg.clone(), crate::tls::server_name())
+                .map_err(|e| format!("TLS: {e}"))?;
+            Conn::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
+        }
+    };
     let mut conn = BufReader::new(stream);
     if let Some(a) = auth {
         let auth_args = ["AUTH".to_string(), a.user.clone(), a.password.clone()];
@@ -197,14 +254,17 @@ fn ask(
     Ok((r, conn))
 }
 
-fn request(conn: &mut BufReader<TcpStream>, args: &[String]) -> Result<Resp, String> {
+fn request(conn: &mut BufReader<Conn>, args: &[String]) -> Result<Resp, String> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {
         out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
         out.extend_from_slice(a.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    conn.get_mut().write_all(&out).map_err(|e| e.to_string())?;
+    let w = conn.get_mut();
+    w.write_all(&out)
+        .and_then(|()| w.flush())
+        .map_err(|e| io_text(&e))?;
     let mut budget = REPLY_BYTES_MAX;
     read_reply(conn, &mut budget, 0)
 }
@@ -217,7 +277,7 @@ pub fn read_reply<R: BufRead>(r: &mut R, budget: &mut usize, depth: u32) -> Resu
     let mut line = Vec::new();
     r.take(*budget as u64 + 2)
         .read_until(b'\n', &mut line)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| io_text(&e))?;
     if !line.ends_with(b"\r\n") {
         return Err("connection closed or reply too large".into());
     }
@@ -243,7 +303,7 @@ pub fn read_reply<R: BufRead>(r: &mut R, budget: &mut usize, depth: u32) -> Resu
                 return Err("reply too large".into());
             }
             let mut buf = vec![0u8; n + 2];
-            r.read_exact(&mut buf).map_err(|e| e.to_string())?;
+            r.read_exact(&mut buf).map_err(|e| io_text(&e))?;
             *budget -= n + 2;
             buf.truncate(n);
             Ok(Resp::Bulk(Some(buf)))

@@ -14,6 +14,7 @@ pub mod node;
 pub mod redis;
 pub mod snapshot;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 
 use std::ffi::c_int;
@@ -70,6 +71,7 @@ fn load(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     redis::logging::init();
     redis::configs::register(ctx)?;
     let bootstrap = config::validate(&redis::configs::options()).map_err(|e| e.to_string())?;
+    redis::tls::load(ctx, redis::configs::options().tls_enabled)?;
     commands::register(ctx)?;
     redis::start(ctx, bootstrap)?;
     redis::subscribe_events(ctx)?;

@@ -222,6 +222,9 @@ fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
     let opts = configs::options();
     let timeout = Duration::from_millis(opts.join_timeout_ms);
     let auth = crate::join::Credentials::from_options(&opts.cluster_user, &opts.cluster_password);
+    let tls = crate::redis::tls::handle()
+        .and_then(|h| h.current())
+        .map(|c| c.client.clone());
     let bc = r::block(ctx);
     if bc.is_null() {
         return api::reply_error(ctx, "ERR could not block the client");
@@ -235,7 +238,7 @@ fn join(ctx: *mut RedisModuleCtx, addrs: &[Vec<u8>], me: Member) -> c_int {
                 "RAFT.CLUSTER JOIN: asking {targets:?} to add this node ('{}', id {})",
                 me.name, me.id
             );
-            let result = crate::join::join(&targets, &me, timeout, auth.as_ref());
+            let result = crate::join::join(&targets, &me, timeout, auth.as_ref(), tls);
             let done = Box::new(JoinDone {
                 bc: bc_addr,
                 me,

@@ -86,6 +86,8 @@ pub struct NodeSpec {
     pub cluster_password: String,
     /// This node's snapshot file (`<raft.log-filename>.snapshot`).
     pub snapshot_path: std::path::PathBuf,
+    /// `raft.tls-enabled`: the bus's TLS configuration; None: plain TCP.
+    pub tls: Option<crate::tls::TlsHandle>,
 }
 
 /// Where a snapshot received from the leader waits for the raft thread to take it.
@@ -398,6 +400,7 @@ impl Node {
                 password: spec.cluster_password.clone(),
                 snapshot_send: Some(spec.snapshot_path.clone()),
                 snapshot_recv: Some(recv_path(&spec.snapshot_path)),
+                tls: spec.tls.clone(),
             },
             in_tx,
         )?);

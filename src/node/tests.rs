@@ -76,6 +76,7 @@ impl TestCluster {
             advertise_addr: None,
             lease_reads: false,
             cluster_password: String::new(),
+            tls: None,
             snapshot_path: self.logs[i].with_extension("snapshot"),
         };
         let waker: Waker = Arc::new(|| {});

@@ -71,6 +71,7 @@ fn key(name: &str) -> &'static str {
         "cluster-user" => "cluster-user",
         "snapshot-fail" => "snapshot-fail",
         "snapshot-delay" => "snapshot-delay",
+        "tls-enabled" => "tls-enabled",
         _ => "",
     }
 }
@@ -212,6 +213,7 @@ extern "C" fn get_bool(name: *const c_char, _p: *mut c_void) -> c_int {
         "quorum-reads" => c_int::from(o.effective_read_mode() != ReadMode::Stale),
         "follower-reads" => c_int::from(o.follower_reads),
         "snapshot-fail" => c_int::from(o.snapshot_fail),
+        "tls-enabled" => c_int::from(o.tls_enabled),
         _ => 0,
     })
 }
@@ -239,6 +241,7 @@ extern "C" fn set_bool(
                     with_options(|o| o.follower_reads = on);
                     FOLLOWER_READS.store(on, Ordering::Relaxed);
                 }
+                "tls-enabled" => with_options(|o| o.tls_enabled = on),
                 "snapshot-fail" => {
                     with_options(|o| o.snapshot_fail = on);
                     crate::snapshot::save::FAIL_FORK.store(on, Ordering::Relaxed);
@@ -404,10 +407,12 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         check(r, name)?;
     }
     // The read mode picks raft-rs's read-only option at start: fixed while running.
-    let bools: [(&CStr, bool, u32); 4] = [
+    let bools: [(&CStr, bool, u32); 5] = [
         (c"log-fsync", d.log_fsync, DEFAULT),
         (c"quorum-reads", d.read_mode != ReadMode::Stale, IMMUTABLE),
         (c"follower-reads", d.follower_reads, DEFAULT),
+        // Fixed at start: the bus's sockets are set up once.
+        (c"tls-enabled", d.tls_enabled, IMMUTABLE),
         // Test knob.
         (c"snapshot-fail", false, DEFAULT | HIDDEN),
     ];

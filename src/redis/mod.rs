@@ -21,6 +21,7 @@ pub mod rewrite;
 pub mod scripts;
 pub mod snapshots;
 pub mod streams;
+pub mod tls;
 pub mod watch;
 
 use std::cell::UnsafeCell;
@@ -405,6 +406,7 @@ pub fn start_node(
         lease_reads: opts.effective_read_mode() == ReadMode::Lease,
         cluster_password: opts.cluster_password.clone(),
         snapshot_path: snapshot_path(opts),
+        tls: tls::handle(),
     };
     info!(
         "starting raft node {} (cluster {:?}), bus on {}, {} known member(s)",

@@ -66,5 +66,12 @@ pub extern "C" fn config_changed(
     _subevent: u64,
     _data: *mut std::ffi::c_void,
 ) {
-    api::guard("config change", || (), || refresh(ctx));
+    api::guard(
+        "config change",
+        || (),
+        || {
+            refresh(ctx);
+            super::tls::refresh(ctx);
+        },
+    );
 }

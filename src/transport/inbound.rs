@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{SendTimeoutError, Sender};
 use raft::eraftpb::Message;
 
+use super::conn::{self, Conn, FirstBytes};
 use super::frame::{self, Frame, FrameDecoder, Hello};
 use super::{lock, LocalIdentity};
 
@@ -128,6 +129,8 @@ pub(crate) struct Acceptor {
     pub(crate) auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
     pub(crate) unauth_warn: Arc<WarnLimit>,
     pub(crate) refusal_warn: Arc<WarnLimit>,
+    /// When each (peer address, reason) of a refused TLS connection was last warned about.
+    pub(crate) tls_warned: Arc<Mutex<HashMap<(std::net::IpAddr, String), Instant>>>,
 }
 
 impl Acceptor {
@@ -216,7 +219,9 @@ impl Acceptor {
         };
         let phase = Arc::new(AtomicU8::new(PHASE_HANDSHAKE));
         let reader = Reader {
-            stream,
+            stream: Conn::Plain(stream),
+            accepted_at: Instant::now(),
+            tls_warned: Arc::clone(&self.tls_warned),
             handler: Handler {
                 addr,
                 local: Arc::clone(&self.local),
@@ -254,10 +259,13 @@ fn prepare(stream: &TcpStream) -> io::Result<TcpStream> {
 }
 
 struct Reader {
-    stream: TcpStream,
+    stream: Conn,
     handler: Handler,
     inbound: Sender<Vec<Message>>,
     stop: Arc<AtomicBool>,
+    /// The TLS and bus handshakes together must end within `HANDSHAKE_TIMEOUT` of this.
+    accepted_at: Instant,
+    tls_warned: Arc<Mutex<HashMap<(std::net::IpAddr, String), Instant>>>,
 }
 
 /// What an inbound connection's frames are checked against and what they change, apart
@@ -390,12 +398,118 @@ fn finish_snapshot(
 impl Drop for Reader {
     fn drop(&mut self) {
         // The registry holds a clone of this socket, so dropping ours alone would not close it.
-        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.stream.tcp().shutdown(Shutdown::Both);
     }
 }
 
+/// Why a plain-TCP node is refused by a TLS bus, in our log and in the Reject it is sent.
+pub(crate) const TLS_REQUIRED: &str =
+    "this node's bus requires TLS (raft.tls-enabled yes), and this connection is plain TCP";
+
 impl Reader {
+    /// Looks at what the peer speaks before anything is decoded and, on a TLS bus, runs the
+    /// TLS handshake. False (logged) when the connection must close.
+    fn open(&mut self) -> bool {
+        let addr = self.handler.addr;
+        let deadline = self.accepted_at + HANDSHAKE_TIMEOUT;
+        let stop = Arc::clone(&self.stop);
+        let stopping = move || stop.load(Ordering::Acquire);
+        let first = match conn::sniff(self.stream.tcp(), deadline, &stopping) {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::debug!(peer = %addr, error = %e, "raft bus: connection from {addr} failed: {e}");
+                return false;
+            }
+        };
+        let Some(tls) = &self.handler.local.tls else {
+            if let FirstBytes::Tls = first {
+                self.warn_refused(
+                    "it speaks TLS, and this node's bus is plain TCP (raft.tls-enabled no here; set it alike on every node)",
+                );
+                return false;
+            }
+            return true;
+        };
+        match first {
+            FirstBytes::Tls => {}
+            FirstBytes::Bus => {
+                self.warn_refused(TLS_REQUIRED);
+                // In plain frames, so the peer's log says why too (best effort). What it
+                // sent is read first: closing over unread bytes resets the connection, and
+                // the peer could lose the Reject.
+                let mut sink = vec![0u8; READ_CHUNK_BYTES];
+                let _ = self.stream.read(&mut sink);
+                let mut buf = Vec::new();
+                frame::encode_reject(TLS_REQUIRED, &mut buf);
+                let _ = self.stream.send_all(&buf);
+                return false;
+            }
+            FirstBytes::Other => {
+                self.warn_refused("not a TLS record (this node's bus requires TLS)");
+                return false;
+            }
+            FirstBytes::Nothing => {
+                tracing::debug!(peer = %addr, "raft bus: connection from {addr} sent nothing");
+                return false;
+            }
+        }
+        let Some(cfg) = tls.current() else {
+            tracing::warn!(peer = %addr,
+                "raft bus: refusing connection from {addr}: raft.tls-enabled is on but no TLS configuration is loaded");
+            return false;
+        };
+        let tcp = match self.stream.tcp().try_clone() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(peer = %addr, error = %e, "raft bus: cannot set up connection from {addr}: {e}");
+                return false;
+            }
+        };
+        let stop = Arc::clone(&self.stop);
+        match conn::accept_tls(tcp, &cfg, deadline, &move || stop.load(Ordering::Acquire)) {
+            Ok(tls) => {
+                self.stream = tls;
+                true
+            }
+            Err(e) => {
+                self.warn_refused(&format!(
+                    "TLS handshake failed: {}",
+                    crate::tls::describe_failure(&e)
+                ));
+                false
+            }
+        }
+    }
+
+    /// A refused connection: warned about once per peer address and reason every
+    /// `AUTH_WARN_EVERY` (a refused peer reconnects every second); in between at debug level.
+    fn warn_refused(&self, why: &str) {
+        let addr = self.handler.addr;
+        let due = {
+            let mut warned = lock(&self.tls_warned);
+            let key = (addr.ip(), why.to_owned());
+            let due = warned
+                .get(&key)
+                .is_none_or(|at| at.elapsed() >= AUTH_WARN_EVERY);
+            if due {
+                if warned.len() >= AUTH_WARN_NODES_MAX {
+                    warned.clear();
+                }
+                warned.insert(key, Instant::now());
+            }
+            due
+        };
+        if due {
+            tracing::warn!(peer = %addr, "raft bus: refusing connection from {addr}: {why}");
+        } else {
+            tracing::debug!(peer = %addr, "raft bus: refusing connection from {addr}: {why}");
+        }
+    }
+
     fn run(mut self) {
+        if !self.open() {
+            return;
+        }
         let mut conn = ConnState::new();
         self.serve(&mut conn);
         if let (Some(h), Auth::Open) = (&conn.hello, &conn.auth) {
@@ -412,14 +526,14 @@ impl Reader {
         let addr = self.handler.addr;
         let mut decoder = FrameDecoder::new(HANDSHAKE_FRAME_BYTES_MAX);
         let mut chunk = vec![0u8; READ_CHUNK_BYTES];
-        let accepted_at = Instant::now();
+        let accepted_at = self.accepted_at;
         while !self.stop.load(Ordering::Acquire) {
             // Checked on every pass, not only when a read times out: a peer trickling bytes
             // must not stretch its handshake.
             if !matches!(conn.auth, Auth::Open) && accepted_at.elapsed() > HANDSHAKE_TIMEOUT {
                 if matches!(conn.auth, Auth::AwaitResponse { .. }) {
                     self.handler.refuse(
-                        &mut &self.stream,
+                        &mut self.stream,
                         conn,
                         &format!("no response to the challenge within {HANDSHAKE_TIMEOUT:?}"),
                     );
@@ -450,7 +564,7 @@ impl Reader {
             let mut batch = Vec::new();
             let keep = self
                 .handler
-                .decode_all(&mut &self.stream, &mut decoder, conn, &mut batch);
+                .decode_all(&mut self.stream, &mut decoder, conn, &mut batch);
             // Messages that came before a bad frame are valid: the node gets them either way.
             if !batch.is_empty() && !self.forward(batch) {
                 return;
@@ -697,7 +811,8 @@ impl Handler {
     ) -> bool {
         let mut buf = Vec::new();
         encode(&mut buf);
-        match out.write_all(&buf) {
+        // Flushed: over TLS, rustls holds records until then.
+        match out.write_all(&buf).and_then(|()| out.flush()) {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(peer = %self.addr, error = %e,

@@ -22,8 +22,11 @@
 //! Authentication: with a password (`raft.cluster-password`) set, an acceptor forwards nothing
 //! from a connection until the peer has answered a random challenge with an HMAC keyed by the
 //! password (see frame.rs); the password never crosses the network. Without one, the bus trusts
-//! anyone who knows the cluster id. Not yet done: TLS, so traffic itself is not encrypted.
+//! anyone who knows the cluster id. With `raft.tls-enabled yes` every connection is TLS 1.3 and
+//! both ends present certificates signed by the configured CA (conn.rs, crate::tls); the
+//! Hello and the challenge then run inside TLS.
 
+mod conn;
 pub(crate) mod frame;
 mod inbound;
 mod peer;
@@ -86,6 +89,9 @@ pub struct TransportConfig {
     pub snapshot_send: Option<PathBuf>,
     /// Where a snapshot from the leader is kept once complete; None: refused.
     pub snapshot_recv: Option<PathBuf>,
+    /// `raft.tls-enabled`: every connection is TLS 1.3 with certificates checked both ways
+    /// (see conn.rs); None: plain TCP.
+    pub tls: Option<crate::tls::TlsHandle>,
 }
 
 impl std::fmt::Debug for TransportConfig {
@@ -104,6 +110,7 @@ impl std::fmt::Debug for TransportConfig {
                     "<set>"
                 },
             )
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -118,6 +125,7 @@ impl TransportConfig {
             password: String::new(),
             snapshot_send: None,
             snapshot_recv: None,
+            tls: None,
         }
     }
 }
@@ -155,6 +163,8 @@ pub(crate) struct LocalIdentity {
     /// Where the writers report how sending a snapshot went (as MsgSnapStatus, which the
     /// raft thread turns into `report_snapshot`).
     pub(crate) reports: crossbeam_channel::Sender<Vec<Message>>,
+    /// Some: TLS on every connection (`TransportConfig::tls`).
+    pub(crate) tls: Option<crate::tls::TlsHandle>,
 }
 
 /// What the transport tells the raft thread about its links. Reports travel on the inbound
@@ -289,6 +299,7 @@ impl Transport {
             snapshot_recv: cfg.snapshot_recv,
             reports: inbound.clone(),
             told_removed: AtomicBool::new(false),
+            tls: cfg.tls,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let inbound_conns = Arc::new(Mutex::new(Vec::new()));
@@ -301,12 +312,17 @@ impl Transport {
             auth_warned: Arc::new(Mutex::new(HashMap::new())),
             unauth_warn: Arc::new(inbound::WarnLimit::default()),
             refusal_warn: Arc::new(inbound::WarnLimit::default()),
+            tls_warned: Arc::new(Mutex::new(HashMap::new())),
         };
         let acceptor = std::thread::Builder::new()
             .name("raft-bus-accept".into())
             .spawn(move || acceptor.run())
             .map_err(TransportError::Thread)?;
-        tracing::info!(addr = %local_addr, node_id = local.node_id, "raft bus: listening on {local_addr}");
+        if let Some(warning) = exposure_warning(local_addr, &local.password, local.tls.is_some()) {
+            tracing::warn!(addr = %local_addr, "{warning}");
+        }
+        let tls = if local.tls.is_some() { " (TLS)" } else { "" };
+        tracing::info!(addr = %local_addr, node_id = local.node_id, "raft bus: listening on {local_addr}{tls}");
         Ok(Transport {
             local,
             local_addr,
@@ -447,6 +463,20 @@ impl Drop for Transport {
     }
 }
 
+/// Redis's protected mode, for the bus: a bus that listens beyond loopback with neither a
+/// cluster password nor TLS lets anyone who reaches its port take part in the cluster.
+pub fn exposure_warning(listen: SocketAddr, password: &str, tls: bool) -> Option<String> {
+    if listen.ip().is_loopback() || !password.is_empty() || tls {
+        return None;
+    }
+    Some(format!(
+        "raft bus: listening on {listen} with neither raft.cluster-password nor raft.tls-enabled: \
+         anyone who can reach this port can take part in the cluster (vote, replicate, read \
+         every write); set raft.cluster-password or raft.tls-enabled yes on every node, or \
+         keep the port behind a firewall"
+    ))
+}
+
 /// Splits `msgs` by destination, keeping each destination's order. A `Ready` addresses a few
 /// peers, so a linear scan over the groups is cheaper than hashing; the usual case of a single
 /// destination hands the `Vec` on as it is.
@@ -507,6 +537,7 @@ pub(crate) fn fuzz_inbound<'a>(
             snapshot_send: None,
             snapshot_recv: None,
             reports,
+            tls: None,
         }),
         auth_warned: Arc::new(Mutex::new(HashMap::new())),
         unauth_warn: Arc::new(inbound::WarnLimit::default()),

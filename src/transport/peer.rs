@@ -16,7 +16,7 @@
 //! a disconnected peer holds at most `QUEUE_MSGS_MAX` messages (queued, or taken from the queue
 //! but not yet encoded); senders shed the rest.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use raft::eraftpb::Message;
 
+use super::conn::{self, Conn};
 use super::frame::{self, Frame, FrameDecoder, Hello};
 use super::{lock, LocalIdentity, PeerState, PeerStatus, Report};
 
@@ -449,7 +450,7 @@ impl Writer {
     }
 
     /// Resolves `addr` (so host names follow DNS changes), connects, and sends the Hello.
-    fn connect(&mut self, addr: &str) -> io::Result<TcpStream> {
+    fn connect(&mut self, addr: &str) -> io::Result<Conn> {
         let candidates: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
         let mut last_err = io::Error::new(
             io::ErrorKind::NotFound,
@@ -460,17 +461,14 @@ impl Writer {
                 return Err(io::Error::new(io::ErrorKind::Interrupted, "shutting down"));
             }
             match TcpStream::connect_timeout(&candidate, CONNECT_TIMEOUT) {
-                Ok(stream) => {
-                    self.handshake(&stream)?;
-                    return Ok(stream);
-                }
+                Ok(stream) => return self.handshake(stream),
                 Err(e) => last_err = e,
             }
         }
         Err(last_err)
     }
 
-    fn handshake(&mut self, stream: &TcpStream) -> io::Result<()> {
+    fn handshake(&mut self, stream: TcpStream) -> io::Result<Conn> {
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         // Register before the first write so `stop` can unblock it.
@@ -478,6 +476,28 @@ impl Writer {
         if self.shared.stopping() {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "shutting down"));
         }
+        let mut conn = match &self.local.tls {
+            None => Conn::Plain(stream),
+            Some(tls) => {
+                let cfg = tls.current().ok_or_else(|| {
+                    io::Error::other("raft.tls-enabled is on but no TLS configuration is loaded")
+                })?;
+                let shared = Arc::clone(&self.shared);
+                let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+                conn::connect_tls(stream, &cfg, deadline, &|| shared.stopping()).map_err(|e| {
+                    // Keeps the kind of a reset or closed connection (a dying peer is
+                    // retried at once), with the reason in words.
+                    let kind = match e.kind() {
+                        io::ErrorKind::InvalidData | io::ErrorKind::Other => {
+                            io::ErrorKind::PermissionDenied
+                        }
+                        kind => kind,
+                    };
+                    let why = crate::tls::describe_failure(&e);
+                    io::Error::new(kind, format!("failed the TLS handshake: {why}"))
+                })?
+            }
+        };
         let hello = Hello {
             version: frame::PROTOCOL_VERSION,
             cluster_id: self.local.cluster_id.clone(),
@@ -487,19 +507,18 @@ impl Writer {
         self.buf.clear();
         frame::encode_hello(&hello, &mut self.buf)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let mut writer = stream;
-        writer.write_all(&self.buf)?;
-        self.await_welcome(stream)
+        conn.send_all(&self.buf).map_err(tls_failure)?;
+        self.await_welcome(&mut conn).map_err(tls_failure)?;
+        Ok(conn)
     }
 
     /// Reads the acceptor's answer to the Hello: Welcome, or a Challenge to answer first.
     /// Bounded by `HANDSHAKE_TIMEOUT`; a Reject becomes a `PermissionDenied` error.
-    fn await_welcome(&mut self, stream: &TcpStream) -> io::Result<()> {
+    fn await_welcome(&mut self, stream: &mut Conn) -> io::Result<()> {
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let mut decoder = FrameDecoder::new(HANDSHAKE_FRAME_BYTES_MAX);
         let mut chunk = [0u8; 256];
         let mut answered = false;
-        let mut reader = stream;
         let result = loop {
             let frame = match decoder.next_frame() {
                 Ok(Some(frame)) => frame,
@@ -511,8 +530,8 @@ impl Writer {
                             format!("no answer to our hello within {HANDSHAKE_TIMEOUT:?}"),
                         ));
                     }
-                    stream.set_read_timeout(Some(left))?;
-                    match reader.read(&mut chunk) {
+                    stream.tcp().set_read_timeout(Some(left))?;
+                    match stream.read(&mut chunk) {
                         Ok(0) => {
                             break Err(io::Error::new(
                                 io::ErrorKind::ConnectionAborted,
@@ -550,8 +569,7 @@ impl Writer {
                     );
                     self.buf.clear();
                     frame::encode_response(&tag, &mut self.buf);
-                    let mut writer = stream;
-                    writer.write_all(&self.buf)?;
+                    stream.send_all(&self.buf)?;
                 }
                 Frame::Reject(reason) => {
                     if reason.ends_with(super::REMOVED_REASON) {
@@ -573,13 +591,13 @@ impl Writer {
             }
         };
         // Back to plain blocking reads: the idle check uses non-blocking reads of its own.
-        stream.set_read_timeout(None)?;
+        stream.tcp().set_read_timeout(None)?;
         result
     }
 
     /// Sends queued messages until an error, a stop, or an address change; the socket is
     /// never left lent when it returns.
-    fn pump(&mut self, stream: TcpStream, generation: u64) -> PumpEnd {
+    fn pump(&mut self, stream: Conn, generation: u64) -> PumpEnd {
         let end = self.pump_lending(stream, generation);
         let mut direct = lock(&self.shared.direct);
         direct.stream = None;
@@ -592,7 +610,7 @@ impl Writer {
     }
 
     /// Takes the socket back from senders, and sends what they could not.
-    fn reclaim(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+    fn reclaim(&mut self, stream: &mut Conn) -> io::Result<()> {
         let (leftover, msgs) = {
             let mut direct = lock(&self.shared.direct);
             direct.stream = None;
@@ -604,14 +622,17 @@ impl Writer {
         if leftover.is_empty() {
             return Ok(());
         }
-        stream.write_all(&leftover).inspect_err(|_| {
+        stream.send_all(&leftover).inspect_err(|_| {
             self.shared.dropped_msgs.fetch_add(msgs, Ordering::Relaxed);
         })
     }
 
     /// Lends the socket to senders if nothing waits to be sent (decided under the lock
-    /// `enqueue` holds while it chooses).
-    fn lend(&mut self, stream: &TcpStream) -> io::Result<()> {
+    /// `enqueue` holds while it chooses). A TLS session is never lent (see conn.rs).
+    fn lend(&mut self, stream: &Conn) -> io::Result<()> {
+        let Conn::Plain(stream) = stream else {
+            return Ok(());
+        };
         let mut direct = lock(&self.shared.direct);
         if self.pending.len() == 0
             && self.shared.queued_msgs.load(Ordering::Relaxed) == 0
@@ -622,7 +643,7 @@ impl Writer {
         Ok(())
     }
 
-    fn pump_lending(&mut self, mut stream: TcpStream, generation: u64) -> PumpEnd {
+    fn pump_lending(&mut self, mut stream: Conn, generation: u64) -> PumpEnd {
         // Until when the connection is looked at every `CHECK_POLL` (after `check_link`).
         let mut checking: Option<Instant> = None;
         loop {
@@ -686,7 +707,7 @@ impl Writer {
 
     /// Encodes `pending` and then whatever else is queued into one buffer, one write, up to
     /// `BATCH_MSGS_MAX` messages or `BATCH_BYTES_MAX` bytes; the rest stays in `pending`.
-    fn write_batch(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+    fn write_batch(&mut self, stream: &mut Conn) -> io::Result<()> {
         self.buf.clear();
         let mut batched: u64 = 0;
         let mut taken: usize = 0;
@@ -721,7 +742,7 @@ impl Writer {
         let result = if self.buf.is_empty() {
             Ok(())
         } else {
-            stream.write_all(&self.buf)
+            stream.send_all(&self.buf)
         };
         if result.is_err() {
             // Some of these may have reached the peer; Raft copes with loss and duplicates.
@@ -749,7 +770,7 @@ impl Writer {
     /// Streams this node's snapshot file in chunks, then the MsgSnapshot itself. The file
     /// must be the one the message describes (a newer one replaced it: Err, and raft-rs asks
     /// again with the new one).
-    fn send_snapshot(&mut self, stream: &mut TcpStream, msg: &Message) -> io::Result<()> {
+    fn send_snapshot(&mut self, stream: &mut Conn, msg: &Message) -> io::Result<()> {
         let index = msg.get_snapshot().get_metadata().index;
         let path = self
             .local
@@ -785,13 +806,13 @@ impl Writer {
             self.buf.clear();
             frame::encode_snapshot_chunk(index, offset, total, &data[..want], &mut self.buf)
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            stream.write_all(&self.buf)?;
+            stream.send_all(&self.buf)?;
             offset += want as u64;
         }
         self.buf.clear();
         frame::encode_message(msg, self.local.max_frame_bytes, &mut self.buf)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        stream.write_all(&self.buf)?;
+        stream.send_all(&self.buf)?;
         tracing::info!(
             peer_id = self.shared.id,
             index,
@@ -839,8 +860,8 @@ fn frame_name(frame: &Frame) -> &'static str {
 }
 
 /// After the handshake the peer never sends on this connection, so readable-with-EOF means it closed.
-fn peer_closed(stream: &mut TcpStream) -> io::Result<()> {
-    stream.set_nonblocking(true)?;
+fn peer_closed(stream: &mut Conn) -> io::Result<()> {
+    stream.tcp().set_nonblocking(true)?;
     let mut byte = [0u8; 1];
     let result = match stream.read(&mut byte) {
         Ok(0) => Err(io::Error::new(
@@ -854,6 +875,25 @@ fn peer_closed(stream: &mut TcpStream) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
         Err(e) => Err(e),
     };
-    stream.set_nonblocking(false)?;
+    stream.tcp().set_nonblocking(false)?;
     result
+}
+
+/// A TLS failure (a rustls error inside `e`) as a refusal with the reason in words, so the
+/// connect loop warns about it once per cause; other errors pass unchanged.
+fn tls_failure(e: io::Error) -> io::Error {
+    let is_tls = e
+        .get_ref()
+        .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some());
+    if is_tls {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "failed the TLS handshake: {}",
+                crate::tls::describe_failure(&e)
+            ),
+        )
+    } else {
+        e
+    }
 }

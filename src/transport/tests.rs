@@ -872,3 +872,197 @@ fn reports_survive_the_trip_as_messages() {
     }
     assert_eq!(Report::of(&append(1, 2, 3)), None);
 }
+
+/// A CA and the certificates it signs, written as PEM files into a temp dir.
+struct TestCa {
+    dir: tempfile::TempDir,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    name: &'static str,
+}
+
+impl TestCa {
+    fn new(name: &'static str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), cert.pem()).unwrap();
+        TestCa {
+            dir,
+            cert,
+            key,
+            name,
+        }
+    }
+
+    /// A node certificate signed by this CA (expired when `expired`), and the files of a
+    /// node that trusts this CA.
+    fn node(&self, node: &str, expired: bool) -> crate::tls::TlsFiles {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
+                .unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let base = self.dir.path().join(format!("{}-{node}", self.name));
+        let cert_file = base.with_extension("crt");
+        let key_file = base.with_extension("key");
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        crate::tls::TlsFiles {
+            cert_file: cert_file.display().to_string(),
+            key_file: key_file.display().to_string(),
+            ca_cert_file: self.dir.path().join("ca.crt").display().to_string(),
+            ..Default::default()
+        }
+    }
+}
+
+fn start_tls(node_id: u64, files: &crate::tls::TlsFiles, password: &str) -> (Transport, Inbox) {
+    let tls = crate::tls::build(files).unwrap();
+    start_cfg(TransportConfig {
+        password: password.to_owned(),
+        tls: Some(crate::tls::TlsHandle::new(tls)),
+        ..TransportConfig::new(node_id, CLUSTER, any_port())
+    })
+}
+
+/// Neither side ever connects and nothing reaches the inboxes.
+fn assert_refused_both_ways(a: &Transport, b: &Transport, b_rx: &mut Inbox, a_rx: &mut Inbox) {
+    a.set_peer(2, &b.local_addr().to_string());
+    b.set_peer(1, &a.local_addr().to_string());
+    a.send(vec![append(1, 2, 1)]);
+    b.send(vec![append(2, 1, 1)]);
+    assert!(wait_until(|| peer_status(a, 2).conn_errors >= 2));
+    assert!(wait_until(|| peer_status(b, 1).conn_errors >= 2));
+    for (t, peer) in [(a, 2), (b, 1)] {
+        let status = peer_status(t, peer);
+        assert_eq!(status.conn_oks, 0, "{status:?}");
+        assert_ne!(status.state, PeerState::Connected, "{status:?}");
+    }
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+    assert_eq!(a_rx.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn tls_transports_exchange_messages_both_ways_with_a_password() {
+    let ca = TestCa::new("cluster");
+    let (a, mut a_rx) = start_tls(1, &ca.node("a", false), "s3cret");
+    let (b, mut b_rx) = start_tls(2, &ca.node("b", false), "s3cret");
+    a.set_peer(2, &b.local_addr().to_string());
+    b.set_peer(1, &a.local_addr().to_string());
+    // Many, so some go while the writer is busy: order must hold without direct sends.
+    let to_b: Vec<Message> = (1..=500).map(|i| append(1, 2, i)).collect();
+    for m in &to_b {
+        a.send(vec![m.clone()]);
+    }
+    let to_a = append(2, 1, 20);
+    b.send(vec![to_a.clone()]);
+    for m in &to_b {
+        assert_eq!(&b_rx.recv_timeout(WAIT).unwrap(), m);
+    }
+    assert_eq!(a_rx.recv_timeout(WAIT).unwrap(), to_a);
+    for (t, peer) in [(&a, 2), (&b, 1)] {
+        let status = peer_status(t, peer);
+        assert_eq!(status.state, PeerState::Connected);
+        assert_eq!(status.conn_oks, 1, "{status:?}");
+    }
+}
+
+#[test]
+fn tls_certificate_from_a_foreign_ca_is_refused_both_ways() {
+    let ours = TestCa::new("cluster");
+    let foreign = TestCa::new("foreign");
+    let (a, mut a_rx) = start_tls(1, &ours.node("a", false), "");
+    let (b, mut b_rx) = start_tls(2, &foreign.node("b", false), "");
+    assert_refused_both_ways(&a, &b, &mut b_rx, &mut a_rx);
+}
+
+#[test]
+fn tls_expired_certificate_is_refused_both_ways() {
+    let ca = TestCa::new("cluster");
+    let (a, mut a_rx) = start_tls(1, &ca.node("a", false), "");
+    let (b, mut b_rx) = start_tls(2, &ca.node("b", true), "");
+    assert_refused_both_ways(&a, &b, &mut b_rx, &mut a_rx);
+}
+
+#[test]
+fn plain_tcp_and_tls_buses_refuse_each_other() {
+    let ca = TestCa::new("cluster");
+    let (a, mut a_rx) = start(1);
+    let (b, mut b_rx) = start_tls(2, &ca.node("b", false), "");
+    assert_refused_both_ways(&a, &b, &mut b_rx, &mut a_rx);
+}
+
+#[test]
+fn plain_hello_on_a_tls_bus_gets_a_reject_saying_tls_is_required() {
+    let ca = TestCa::new("cluster");
+    let (b, mut b_rx) = start_tls(2, &ca.node("b", false), "");
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&hello_bytes(CLUSTER, 3, 2)).unwrap();
+    raw.write_all(&message_bytes(&append(3, 2, 1))).unwrap();
+    let frames = closed_by_peer_within(raw, Duration::from_secs(3), "plain on TLS");
+    assert_eq!(
+        frames,
+        vec![Frame::Reject(inbound::TLS_REQUIRED.to_owned())]
+    );
+    assert_eq!(b_rx.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn tls_files_that_are_missing_or_wrong_are_refused_with_the_setting() {
+    let ca = TestCa::new("cluster");
+    let good = ca.node("a", false);
+    let no_ca = crate::tls::TlsFiles {
+        ca_cert_file: String::new(),
+        ..good.clone()
+    };
+    assert!(crate::tls::build(&no_ca)
+        .unwrap_err()
+        .contains("tls-ca-cert-file"));
+    let missing = crate::tls::TlsFiles {
+        cert_file: "/nonexistent/node.crt".into(),
+        ..good.clone()
+    };
+    let e = crate::tls::build(&missing).unwrap_err();
+    assert!(e.contains("tls-cert-file /nonexistent/node.crt"), "{e}");
+    let key_as_cert = crate::tls::TlsFiles {
+        cert_file: good.key_file.clone(),
+        ..good.clone()
+    };
+    assert!(crate::tls::build(&key_as_cert)
+        .unwrap_err()
+        .contains("tls-cert-file"));
+    let ca_dir = crate::tls::TlsFiles {
+        ca_cert_file: String::new(),
+        ca_cert_dir: ca.dir.path().display().to_string(),
+        ..good
+    };
+    crate::tls::build(&ca_dir).unwrap();
+}
+
+#[test]
+fn exposed_bus_without_password_or_tls_is_warned_about() {
+    let any: SocketAddr = "0.0.0.0:16379".parse().unwrap();
+    let lo: SocketAddr = "127.0.0.1:16379".parse().unwrap();
+    let w = exposure_warning(any, "", false).unwrap();
+    assert!(
+        w.contains("raft.cluster-password") && w.contains("raft.tls-enabled"),
+        "{w}"
+    );
+    assert_eq!(exposure_warning(lo, "", false), None);
+    assert_eq!(exposure_warning(any, "pw", false), None);
+    assert_eq!(exposure_warning(any, "", true), None);
+}

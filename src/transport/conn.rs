@@ -76,13 +76,7 @@ fn drive<C>(
     while conn.is_handshaking() {
         match conn.complete_io(tcp) {
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if transient(&e) => {}
             Err(e) => return Err(e),
         }
         if stop() {
@@ -137,13 +131,7 @@ pub(crate) fn sniff(
             Ok(0) => return Ok(FirstBytes::Nothing),
             Ok(n) if n >= 2 => break,
             Ok(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if transient(&e) => {}
             Err(e) => return Err(e),
         }
         if stop() || Instant::now() >= deadline {
@@ -171,4 +159,12 @@ pub(crate) fn accept_tls(
         ServerConnection::new(cfg.server.clone()).map_err(|e| io::Error::other(e.to_string()))?;
     drive(&mut session, &mut tcp, deadline, stop)?;
     Ok(Conn::Server(Box::new(StreamOwned::new(session, tcp))))
+}
+
+/// A read or write that timed out or was interrupted: try again (after checking deadlines).
+pub(crate) fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
 }

@@ -485,21 +485,7 @@ impl Reader {
     /// `AUTH_WARN_EVERY` (a refused peer reconnects every second); in between at debug level.
     fn warn_refused(&self, why: &str) {
         let addr = self.handler.addr;
-        let due = {
-            let mut warned = lock(&self.tls_warned);
-            let key = (addr.ip(), why.to_owned());
-            let due = warned
-                .get(&key)
-                .is_none_or(|at| at.elapsed() >= AUTH_WARN_EVERY);
-            if due {
-                if warned.len() >= AUTH_WARN_NODES_MAX {
-                    warned.clear();
-                }
-                warned.insert(key, Instant::now());
-            }
-            due
-        };
-        if due {
+        if warn_due(&self.tls_warned, (addr.ip(), why.to_owned())) {
             tracing::warn!(peer = %addr, "raft bus: refusing connection from {addr}: {why}");
         } else {
             tracing::debug!(peer = %addr, "raft bus: refusing connection from {addr}: {why}");
@@ -828,20 +814,7 @@ impl Handler {
     pub(crate) fn refuse(&self, out: &mut impl Write, conn: &ConnState, detail: &str) {
         let addr = self.addr;
         let from = conn.hello.as_ref().map_or(0, |h| h.from);
-        let warn = {
-            let mut warned = lock(&self.auth_warned);
-            let due = warned
-                .get(&from)
-                .is_none_or(|at| at.elapsed() >= AUTH_WARN_EVERY);
-            if due {
-                if warned.len() >= AUTH_WARN_NODES_MAX {
-                    warned.clear();
-                }
-                warned.insert(from, Instant::now());
-            }
-            due
-        };
-        if warn {
+        if warn_due(&self.auth_warned, from) {
             // Also under the global limit: node ids are the peer's word, anyone may vary them.
             self.refusal_warn.warn(
                 addr,
@@ -855,6 +828,22 @@ impl Handler {
         }
         self.send(out, conn, |out| frame::encode_reject(AUTH_FAILED, out));
     }
+}
+
+/// Whether `key` is due a warning (none in the last `AUTH_WARN_EVERY`); if so, notes it now.
+/// At most `AUTH_WARN_NODES_MAX` keys are remembered.
+fn warn_due<K: std::hash::Hash + Eq>(warned: &Mutex<HashMap<K, Instant>>, key: K) -> bool {
+    let mut warned = lock(warned);
+    let due = warned
+        .get(&key)
+        .is_none_or(|at| at.elapsed() >= AUTH_WARN_EVERY);
+    if due {
+        if warned.len() >= AUTH_WARN_NODES_MAX {
+            warned.clear();
+        }
+        warned.insert(key, Instant::now());
+    }
+    due
 }
 
 fn describe(hello: &Option<Hello>) -> String {

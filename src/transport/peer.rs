@@ -540,13 +540,7 @@ impl Writer {
                         }
                         Ok(n) => decoder.push(&chunk[..n]),
                         // Timed out: the deadline check above reports it clearly.
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                io::ErrorKind::Interrupted
-                                    | io::ErrorKind::WouldBlock
-                                    | io::ErrorKind::TimedOut
-                            ) => {}
+                        Err(e) if super::conn::transient(&e) => {}
                         Err(e) => break Err(e),
                     }
                     if self.shared.stopping() {

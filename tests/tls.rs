@@ -98,8 +98,45 @@ fn local_get(c: &Cluster, i: usize, k: &str) -> Value {
     c.local(i, &["GET", k])
 }
 
+/// Whether the redis-server under test was built with TLS (Debian's is; the servers in
+/// ../shared/servers were built with BUILD_TLS=no). Without it, the tests that need a
+/// `tls-port` print why they are skipped and pass.
+fn server_has_tls(test: &str) -> bool {
+    let port = free_port().to_string();
+    let out = std::process::Command::new(redis_server())
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            "/nonexistent",
+        ])
+        .args([
+            "--tls-key-file",
+            "/nonexistent",
+            "--tls-ca-cert-file",
+            "/nonexistent",
+        ])
+        .output();
+    let has = match out {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned();
+            !text.contains("Failed finding TLS support")
+        }
+        Err(_) => true,
+    };
+    if !has {
+        println!("{test}: skipped: {} was built without TLS", redis_server());
+    }
+    has
+}
+
 #[test]
 fn three_nodes_over_tls_replicate_through_a_leader_kill() {
+    if !server_has_tls("three_nodes_over_tls_replicate_through_a_leader_kill") {
+        return;
+    }
     let (mut c, ca) = tls_cluster(3, 3);
     for i in 0..3 {
         c.start_node(i);
@@ -185,6 +222,9 @@ fn assert_log(c: &Cluster, i: usize, what: &str) {
 
 #[test]
 fn node_with_a_certificate_from_a_foreign_ca_is_refused_and_told_why() {
+    if !server_has_tls("node_with_a_certificate_from_a_foreign_ca_is_refused_and_told_why") {
+        return;
+    }
     let (c, l) = fourth_node_is_kept_out(|dir, _| {
         let foreign = Ca::new(dir, "foreign");
         foreign.node_args(dir, "n4", false)
@@ -199,6 +239,9 @@ fn node_with_a_certificate_from_a_foreign_ca_is_refused_and_told_why() {
 
 #[test]
 fn node_with_an_expired_certificate_is_refused_and_told_why() {
+    if !server_has_tls("node_with_an_expired_certificate_is_refused_and_told_why") {
+        return;
+    }
     let (c, l) = fourth_node_is_kept_out(|dir, ca| ca.node_args(dir, "n4", true));
     assert_log(&c, l, "its certificate has expired");
     assert_log(&c, 3, "our certificate has expired");
@@ -206,6 +249,9 @@ fn node_with_an_expired_certificate_is_refused_and_told_why() {
 
 #[test]
 fn plain_tcp_node_and_tls_bus_refuse_each_other_with_the_reason() {
+    if !server_has_tls("plain_tcp_node_and_tls_bus_refuse_each_other_with_the_reason") {
+        return;
+    }
     let (c, l) = fourth_node_is_kept_out(|_, _| Vec::new());
     assert_log(&c, l, "this node's bus requires TLS (raft.tls-enabled yes)");
     assert_log(&c, 3, "refused us: this node's bus requires TLS");
@@ -244,6 +290,9 @@ fn reply_text(r: Result<Value, String>) -> String {
 
 #[test]
 fn join_over_tls_to_the_tls_port_and_a_foreign_certificate_is_refused() {
+    if !server_has_tls("join_over_tls_to_the_tls_port_and_a_foreign_certificate_is_refused") {
+        return;
+    }
     let mut c = Cluster::define(0);
     let dir = c.tmp.path().to_path_buf();
     let ca = Ca::new(&dir, "cluster");

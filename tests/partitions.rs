@@ -268,3 +268,26 @@ fn the_proxy_learns_the_sender_from_the_hello() {
     hello[2] = HELLO_KIND + 1;
     assert_eq!(hello_from(&hello), None);
 }
+
+/// A soak reconnects thousands of times (a killed node's peers retry every few ms): the
+/// proxy's ended threads must not pile up (each keeps its stack mapped until joined; the
+/// first hour-long soak ran out of memory maps after 37 minutes).
+#[test]
+fn the_proxy_joins_the_threads_of_ended_connections() {
+    // Nothing listens on the target: every connection ends at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = closed.local_addr().unwrap().port();
+    drop(closed);
+    let p = Partitions::start(&[target]);
+    for _ in 0..300 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", p.ports[0])).unwrap();
+        // The proxy closes it once its connection to the target is refused.
+        let mut b = [0u8; 1];
+        let _ = std::io::Read::read(&mut s, &mut b);
+    }
+    assert!(
+        p.threads() < 20,
+        "{} proxy threads kept after 300 short connections",
+        p.threads()
+    );
+}

@@ -8,6 +8,7 @@ mod batches;
 mod failover;
 mod lease;
 mod status;
+mod syncer;
 
 pub use lease::LeaseDeadline;
 pub use status::{NodeStatus, Role};
@@ -15,6 +16,7 @@ pub use status::{NodeStatus, Role};
 use batches::Batches;
 use failover::{EarlyElection, StallClock};
 use lease::{LeaderState, Lease, LEASE_ROUND};
+use syncer::{Synced, Syncer};
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -461,6 +463,16 @@ impl Node {
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
+        let syncer = match Syncer::start(store.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("could not start the log's fsync thread ({e}); the raft thread fsyncs the log itself");
+                None
+            }
+        };
+        let synced_bell = syncer
+            .as_ref()
+            .map_or_else(crossbeam_channel::never, |s| s.bell.clone());
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -499,6 +511,10 @@ impl Node {
             snapshot_path: spec.snapshot_path.clone(),
             lost_log_warned: false,
             log_full: None,
+            syncer,
+            synced_bell,
+            persisting: VecDeque::new(),
+            synced: 0,
             incarnation,
             read_epoch: incarnation,
             stall_clock: StallClock::new(Instant::now()),
@@ -723,6 +739,27 @@ struct RaftThread {
     lost_log_warned: bool,
     /// The log found the disk full: what raft-rs was handed unpersisted since.
     log_full: Option<LogFull>,
+    /// The leader's fsyncs (node/syncer.rs); None if its thread could not start (then the
+    /// raft thread fsyncs, as followers do).
+    syncer: Option<Syncer>,
+    /// Rung by the syncer after each fsync (`never` without one).
+    synced_bell: Receiver<()>,
+    /// Readies handed to raft-rs unpersisted while the syncer fsyncs them, oldest first.
+    persisting: VecDeque<Persisting>,
+    /// The highest Ready number the syncer reported durable.
+    synced: u64,
+}
+
+/// A Ready whose records are written but not yet fsynced (node/syncer.rs).
+struct Persisting {
+    number: u64,
+    /// It holds records that must be durable (false: commit indexes only); one that need
+    /// not be is done as soon as the Readies before it are.
+    owed: bool,
+    /// Its last entry.
+    appended: Option<u64>,
+    /// raft-rs's persisted messages of it, sent once it is durable.
+    held: Vec<Message>,
 }
 
 /// A node whose log cannot be written for lack of space. raft-rs was handed the Readies
@@ -1097,11 +1134,16 @@ impl RaftThread {
             let (input, batch) = select! {
                 recv(self.input) -> m => (Some(m), None),
                 recv(self.inbound) -> batch => (None, batch.ok()),
+                recv(self.synced_bell) -> _ => (None, None),
                 default(timeout) => (None, None),
             };
             let stall = self.stall_clock.woke(asleep, timeout, Instant::now());
             if stall > self.read_timeout {
                 self.after_stall(stall);
+            }
+            if let Err(e) = self.take_synced() {
+                self.stop_on_error(e);
+                return;
             }
             let mut stop = false;
             match input {
@@ -1886,13 +1928,28 @@ impl RaftThread {
             self.defer_persist(rd, appended);
             return Ok(());
         }
-        if let Err(e) = self.store.sync() {
-            if !e.is_no_space() {
-                return Err(e.into());
+        let owed = match self.store.write() {
+            Ok(owed) => owed,
+            Err(e) if e.is_no_space() => {
+                self.log_became_full(&e);
+                self.defer_persist(rd, appended);
+                return Ok(());
             }
-            self.log_became_full(&e);
-            self.defer_persist(rd, appended);
+            Err(e) => return Err(e.into()),
+        };
+        let in_order = !self.persisting.is_empty();
+        if (owed || in_order)
+            && self.syncer.is_some()
+            && self.node.raft.state == StateRole::Leader
+            && rd.snapshot().is_empty()
+        {
+            self.persist_async(rd, appended, owed);
             return Ok(());
+        }
+        if owed || in_order {
+            // This fsync also covers the Readies still with the syncer.
+            self.store.fdatasync()?;
+            self.release_persisting(u64::MAX);
         }
         if let Some(index) = appended {
             self.batches.persisted(index);
@@ -1913,6 +1970,75 @@ impl RaftThread {
         self.deliver(committed)?;
         self.node.advance_apply();
         Ok(())
+    }
+
+    /// A leader's Ready whose records are written: raft-rs takes it unpersisted and the
+    /// syncer fsyncs it, while this thread goes on (node/syncer.rs).
+    fn persist_async(&mut self, mut rd: raft::Ready, appended: Option<u64>, owed: bool) {
+        let number = rd.number();
+        let held = rd.take_persisted_messages();
+        self.node.advance_append_async(rd);
+        // Its committed entries were delivered (persisted ones only, as raft-rs hands out).
+        self.node.advance_apply();
+        self.persisting.push_back(Persisting {
+            number,
+            owed,
+            appended,
+            held,
+        });
+        if owed {
+            if let Some(syncer) = &self.syncer {
+                syncer.ask(number);
+            }
+        }
+    }
+
+    /// Learns what the syncer made durable since the last look.
+    fn take_synced(&mut self) -> Result<(), NodeError> {
+        if self.persisting.is_empty() {
+            return Ok(());
+        }
+        let Some(syncer) = &self.syncer else {
+            return Ok(());
+        };
+        match syncer.take(self.synced) {
+            None => Ok(()),
+            Some(Synced::Upto(number)) => {
+                self.synced = number;
+                self.release_persisting(number);
+                Ok(())
+            }
+            Some(Synced::Failed(e)) => Err(e.into()),
+        }
+    }
+
+    /// Every Ready up to `number` is durable (and those after it that owed no fsync): raft-rs
+    /// is told, and their held messages leave.
+    fn release_persisting(&mut self, number: u64) {
+        let mut last = None;
+        let mut appended = None;
+        let mut msgs = Vec::new();
+        while let Some(p) = self.persisting.front() {
+            if p.number > number && p.owed {
+                break;
+            }
+            let Some(p) = self.persisting.pop_front() else {
+                break;
+            };
+            last = Some(p.number);
+            appended = p.appended.or(appended);
+            msgs.extend(p.held);
+        }
+        let Some(last) = last else {
+            return;
+        };
+        self.node.on_persist_ready(last);
+        if let Some(index) = appended {
+            self.batches.persisted(index);
+        }
+        if !msgs.is_empty() {
+            self.transport.send(msgs);
+        }
     }
 
     /// Hands `rd` back to raft-rs without claiming it persisted (its records are in the
@@ -2014,7 +2140,13 @@ impl RaftThread {
             return Ok(());
         }
         full.next_try = now + LOG_FULL_RETRY;
-        match self.store.sync() {
+        let in_order = !self.persisting.is_empty();
+        let synced = self.store.write().and_then(|owed| match owed || in_order {
+            // Also covers the Readies still with the syncer.
+            true => self.store.fdatasync(),
+            false => Ok(()),
+        });
+        match synced {
             Ok(()) => {}
             Err(e) if e.is_no_space() => {
                 self.hand_over_for_full_log();
@@ -2026,6 +2158,8 @@ impl RaftThread {
             return Ok(());
         };
         self.shared.set_log_full(None);
+        // That fsync covered the Readies still with the syncer too; they go first.
+        self.release_persisting(u64::MAX);
         if full.ready > 0 {
             self.node.on_persist_ready(full.ready);
         }

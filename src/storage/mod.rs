@@ -4,7 +4,8 @@
 //! `[len: u32 LE][crc32 of payload: u32 LE][payload: len bytes]`; payload's first byte
 //! is the record kind (entry, hard state, conf state, ...). See ARCHITECTURE.md.
 //!
-//! Invariant: nothing is handed to raft-rs as persisted until `sync()` returned Ok.
+//! Invariant: nothing is handed to raft-rs as persisted until `sync()` returned Ok, or
+//! `write()` and after it `fdatasync()` (which the raft thread leaves to its syncer thread).
 //!
 //! INTERFACE (fixed; the node layer is written against it):
 //!   LogStore::open(path: &Path, fsync: bool) -> Result<(LogStore, Recovery), StorageError>
@@ -17,6 +18,8 @@
 //!   fn set_commit(&self, commit: u64) -> Result<(), StorageError>
 //!   fn set_conf_state(&self, cs: &ConfState) -> Result<(), StorageError>
 //!   fn sync(&self) -> Result<(), StorageError>                        // write buffered records + one fsync (if enabled)
+//!   fn write(&self) -> Result<bool, StorageError>                     // sync's first half: true when an fsync is owed
+//!   fn fdatasync(&self) -> Result<(), StorageError>                   // sync's second half, from any thread
 //!   fn set_fsync(&self, on: bool)
 //!   fn set_cache_max_bytes(&self, bytes: u64)                        // raft.log-max-cache-size
 //!   fn stats(&self) -> LogStats
@@ -295,7 +298,8 @@ struct Core {
 }
 
 struct Writer {
-    file: File,
+    /// Shared with an fsync in progress on another thread (`LogStore::fdatasync`).
+    file: Arc<File>,
     buf: Vec<u8>,
     fsync: bool,
     /// Where the next record goes: the end of the last one written.
@@ -763,7 +767,7 @@ impl LogStore {
                 snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
                 core: RwLock::new(core),
                 writer: Mutex::new(Writer {
-                    file,
+                    file: Arc::new(file),
                     buf: Vec::new(),
                     fsync,
                     file_bytes,
@@ -1129,7 +1133,7 @@ impl LogStore {
         };
         next.records = 1 + next.slots.len() as u64;
         next.file = Arc::new(reader);
-        w.file = file;
+        w.file = Arc::new(file);
         w.file_bytes = bytes.len() as u64;
         w.allocated = w.file_bytes;
         next.evict(w.file_bytes);
@@ -1182,16 +1186,29 @@ impl LogStore {
     /// Writes every buffered record with one `write_all` and, if fsync is on, one
     /// `fdatasync`. Only after this returns Ok may the records be treated as persisted.
     pub fn sync(&self) -> Result<(), StorageError> {
-        if let Some(written_end) = self.write_buffered()? {
-            // After the writer lock is released (lock order: core first). The records just
-            // written can be read back now, so their payloads may leave the cache.
-            write_lock(&self.inner.core).evict(written_end);
+        if self.write()? {
+            self.fdatasync()?;
         }
         Ok(())
     }
 
-    /// `sync`'s I/O: the file's size after it, or None when nothing was buffered.
-    fn write_buffered(&self) -> Result<Option<u64>, StorageError> {
+    /// The first half of `sync`: writes every buffered record with one `write_all`, not
+    /// waiting for the disk. True when they must still be fsynced (`fdatasync`, from any
+    /// thread) before they count as persisted: fsync is on and one of them is an entry, a
+    /// term or vote, or membership.
+    pub fn write(&self) -> Result<bool, StorageError> {
+        let Some((written_end, owed)) = self.write_buffered()? else {
+            return Ok(false);
+        };
+        // After the writer lock is released (lock order: core first). The records just
+        // written can be read back now, so their payloads may leave the cache.
+        write_lock(&self.inner.core).evict(written_end);
+        Ok(owed)
+    }
+
+    /// `write`'s I/O: the file's size after it and whether an fsync is owed, or None when
+    /// nothing was buffered.
+    fn write_buffered(&self) -> Result<Option<(u64, bool)>, StorageError> {
         let mut guard = mutex_lock(&self.inner.writer);
         let w = &mut *guard;
         if let Some(cause) = &w.failed {
@@ -1238,31 +1255,52 @@ impl LogStore {
         if w.buf.capacity() > WRITE_BUFFER_KEEP_BYTES {
             w.buf.shrink_to(WRITE_BUFFER_KEEP_BYTES);
         }
-        if w.fsync && std::mem::take(&mut w.needs_fsync) {
-            let started = Instant::now();
-            let synced = if w.fault == Some(LogFault::FsyncEio) {
-                w.fault = None;
-                Err(io::Error::from_raw_os_error(libc::EIO))
-            } else {
-                w.file.sync_data()
-            };
-            // Whatever the error (EIO, ENOSPC from writeback, ...): the kernel may have
-            // dropped the dirty pages and cleared the error, so a second fsync could succeed
-            // for data that is not on the disk. Never retried.
-            if let Err(source) = synced {
-                w.failed = Some(format!("fsync failed: {source}"));
-                return Err(StorageError::Io {
+        let owed = w.fsync && std::mem::take(&mut w.needs_fsync);
+        Ok(Some((w.file_bytes, owed)))
+    }
+
+    /// The second half of `sync`: one `fdatasync` of the log, which makes durable every
+    /// record `write` wrote before it was called. Safe from any thread and alongside `write`
+    /// (the writer's lock is not held while the disk works). A rewrite since the write
+    /// (compaction, an installed snapshot) fsynced its new file itself, records included.
+    pub fn fdatasync(&self) -> Result<(), StorageError> {
+        let file = {
+            let mut w = mutex_lock(&self.inner.writer);
+            if let Some(cause) = &w.failed {
+                return Err(StorageError::Failed {
                     path: self.inner.path.clone(),
-                    what: "fsync",
-                    source,
+                    cause: cause.clone(),
                 });
             }
-            let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            w.fsync_count += 1;
-            w.fsync_total_us = w.fsync_total_us.saturating_add(took_us);
-            w.fsync_max_us = w.fsync_max_us.max(took_us);
+            if w.fault == Some(LogFault::FsyncEio) {
+                w.fault = None;
+                None
+            } else {
+                Some(Arc::clone(&w.file))
+            }
+        };
+        let started = Instant::now();
+        let synced = match file {
+            Some(file) => file.sync_data(),
+            None => Err(io::Error::from_raw_os_error(libc::EIO)),
+        };
+        let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut w = mutex_lock(&self.inner.writer);
+        // Whatever the error (EIO, ENOSPC from writeback, ...): the kernel may have dropped
+        // the dirty pages and cleared the error, so a second fsync could succeed for data
+        // that is not on the disk. Never retried.
+        if let Err(source) = synced {
+            w.failed = Some(format!("fsync failed: {source}"));
+            return Err(StorageError::Io {
+                path: self.inner.path.clone(),
+                what: "fsync",
+                source,
+            });
         }
-        Ok(Some(w.file_bytes))
+        w.fsync_count += 1;
+        w.fsync_total_us = w.fsync_total_us.saturating_add(took_us);
+        w.fsync_max_us = w.fsync_max_us.max(took_us);
+        Ok(())
     }
 
     /// Tests only (`RAFT.DEBUG LOG-FAULT`): makes the next write or fsync fail (None: clears

@@ -299,6 +299,84 @@ fn a_commit_index_alone_is_written_without_an_fsync() {
 }
 
 #[test]
+fn records_written_while_another_thread_fsyncs_are_all_there_after_its_next_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    store.initialize(conf_state(&[1, 2, 3], &[])).unwrap();
+    store.sync().unwrap();
+    let fsyncs = store.stats().fsync_count;
+    // A commit index alone owes no fsync; an entry does.
+    store.set_commit(0).unwrap();
+    assert!(!store.write().unwrap());
+    store.append(&[entry(1, 1, b"a")]).unwrap();
+    assert!(store.write().unwrap(), "an entry owes an fsync");
+    assert_eq!(
+        store.stats().fsync_count,
+        fsyncs,
+        "write alone does not fsync"
+    );
+    // The raft thread goes on writing while the syncer fsyncs.
+    let syncer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for _ in 0..50 {
+                store.fdatasync().unwrap();
+            }
+        })
+    };
+    for i in 2..=200u64 {
+        store
+            .append(&[entry(i, 1, format!("e{i}").as_bytes())])
+            .unwrap();
+        assert!(store.write().unwrap());
+    }
+    syncer.join().unwrap();
+    store.fdatasync().unwrap();
+    assert_eq!(store.stats().fsync_count, fsyncs + 51);
+    assert_eq!(store.last_index().unwrap(), 200);
+    drop(store);
+    let (store, _) = open(&path);
+    assert_eq!(store.last_index().unwrap(), 200);
+    let back = store
+        .entries(1, 201, None, raft::GetEntriesContext::empty(false))
+        .unwrap();
+    for (i, e) in back.iter().enumerate() {
+        let want = if i == 0 {
+            "a".to_string()
+        } else {
+            format!("e{}", i + 1)
+        };
+        assert_eq!(&e.data[..], want.as_bytes());
+    }
+}
+
+#[test]
+fn an_fsync_that_fails_on_another_thread_stops_every_later_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let (store, _) = LogStore::open(&path, true).unwrap();
+    store.initialize(conf_state(&[1, 2, 3], &[])).unwrap();
+    store.append(&[entry(1, 1, b"a")]).unwrap();
+    assert!(store.write().unwrap());
+    store.set_fault(Some(crate::storage::LogFault::FsyncEio));
+    let failed = {
+        let store = store.clone();
+        std::thread::spawn(move || store.fdatasync())
+            .join()
+            .unwrap()
+    };
+    let err = failed.expect_err("the injected EIO");
+    assert!(err.to_string().contains("fsync"), "{err}");
+    store.append(&[entry(2, 1, b"b")]).unwrap_err();
+    assert!(store.write().is_err());
+    assert!(
+        store.fdatasync().is_err(),
+        "never fsynced again after a failure"
+    );
+}
+
+#[test]
 fn initialize_only_on_an_empty_log() {
     let dir = tempfile::tempdir().unwrap();
     let path = log_path(&dir);
@@ -1043,7 +1121,7 @@ fn a_write_into_a_full_disk_is_kept_and_written_once_space_returns() {
     };
     // Swap the file for one whose writes fail with ENOSPC, as a full disk would.
     super::mutex_lock(&store.inner.writer).file =
-        OpenOptions::new().write(true).open(full).unwrap();
+        OpenOptions::new().write(true).open(full).unwrap().into();
     store.append(&three_entries()).unwrap();
     store.set_hard_state(&hard_state(1, 1, 2)).unwrap();
 
@@ -1065,7 +1143,7 @@ fn a_write_into_a_full_disk_is_kept_and_written_once_space_returns() {
     assert_eq!(store.stats().bytes, 9, "nothing counts as written");
 
     // Space again: everything buffered is written, at the offset the first attempt used.
-    super::mutex_lock(&store.inner.writer).file = real();
+    super::mutex_lock(&store.inner.writer).file = real().into();
     store.sync().unwrap();
     drop(store);
     let (store, rec) = open(&path);

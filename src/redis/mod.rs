@@ -24,7 +24,6 @@ pub mod streams;
 pub mod tls;
 pub mod watch;
 
-use std::cell::UnsafeCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +33,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use raft::eraftpb::{Entry, EntryType};
 use tracing::{error, info, warn};
 
+pub use self::api::MainThread;
 use self::api::{
     guard, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx,
 };
@@ -42,30 +42,6 @@ use crate::codec::{decode_command, encode_command, LogCommand, ProposalTag, ENTR
 use crate::config::{Bootstrap, ReadMode};
 use crate::node::{ApplyItem, Member, Node, NodeSpec, Proposal, ProposeError};
 use crate::storage::LogStore;
-
-/// A value only ever touched on Redis's main thread (command callbacks, filter, event-loop
-/// callbacks, INFO). Redis runs those one at a time, so no lock is needed; callers keep the
-/// `&mut` short and never hold it across a call back into Redis that could re-enter.
-pub struct MainThread<T> {
-    cell: UnsafeCell<Option<T>>,
-}
-
-// SAFETY: see the type's doc: only the main thread touches the value.
-unsafe impl<T> Sync for MainThread<T> {}
-
-impl<T: Default> MainThread<T> {
-    pub const fn new_lazy() -> Self {
-        MainThread {
-            cell: UnsafeCell::new(None),
-        }
-    }
-
-    #[allow(clippy::mut_from_ref)]
-    pub fn get_mut(&self) -> &mut T {
-        // SAFETY: main thread only, accesses not overlapping (see the type's doc).
-        unsafe { (*self.cell.get()).get_or_insert_with(T::default) }
-    }
-}
 
 /// A client blocked on its write, waiting for the entry to be applied.
 struct Pending {

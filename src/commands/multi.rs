@@ -83,7 +83,7 @@ pub fn route_local(name: &[u8], sub: Option<&[u8]>) -> bool {
     if IN_MULTI.get_mut().is_empty() || ours {
         return false;
     }
-    if super::conn::routable(name, sub) {
+    if crate::redis::conn::routable(name, sub) {
         return true;
     }
     if is_connection(name) {

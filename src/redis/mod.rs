@@ -14,6 +14,7 @@ pub mod blocking;
 pub mod busy;
 pub mod classify;
 pub mod configs;
+pub mod conn;
 pub mod filter;
 pub mod logging;
 pub mod replicas;
@@ -905,7 +906,7 @@ fn flush_proposals() {
     if let Some(m) = module() {
         crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
     }
-    crate::commands::conn::release_waits();
+    conn::release_waits();
     let Some(node) = module().and_then(|m| m.node()) else {
         return;
     };
@@ -1084,7 +1085,7 @@ extern "C" fn reply_blocked(
                                 api::reply_simple(ctx, s);
                             }
                             Part::Client(argv) => {
-                                crate::commands::conn::run_client_op(ctx, argv);
+                                conn::run_client_op(ctx, argv);
                             }
                             Part::Error(e) => {
                                 api::reply_error(ctx, e);
@@ -1343,7 +1344,7 @@ fn apply_transaction(
 ) -> Vec<Part> {
     cmds.iter()
         .map(|(db, argv)| {
-            if proposer && crate::commands::conn::is_client_op(argv) {
+            if proposer && conn::is_client_op(argv) {
                 return Part::Client(argv.clone());
             }
             // Node-local commands (PING, CONFIG ...) run only where the client is; the

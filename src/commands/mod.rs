@@ -133,7 +133,7 @@ extern "C" fn raft_cmd(
                 .table()
                 .classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
             let client = unsafe { rm!(RedisModule_GetClientId)(ctx) };
-            if multi::in_multi(client) {
+            if crate::redis::multi::in_multi(client) {
                 return multi::handle(ctx, m, cmd, class);
             }
             if class == Class::Transaction {

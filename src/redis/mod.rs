@@ -17,6 +17,7 @@ pub mod configs;
 pub mod conn;
 pub mod filter;
 pub mod logging;
+pub mod multi;
 pub mod replicas;
 pub mod rewrite;
 pub mod scripts;
@@ -904,7 +905,7 @@ fn flush_proposals() {
     }
     release_parked(false);
     if let Some(m) = module() {
-        crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
+        multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
     }
     conn::release_waits();
     let Some(node) = module().and_then(|m| m.node()) else {
@@ -1008,7 +1009,7 @@ extern "C" fn client_change(
         || {
             // RedisModuleClientInfo starts with version, flags, id (all u64).
             let id = unsafe { *(data as *const u64).add(2) };
-            crate::commands::multi::forget(id);
+            multi::forget(id);
             watch::unwatch(id);
         },
     );

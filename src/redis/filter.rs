@@ -65,7 +65,7 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         b"RAFT._CLUSTER"
     } else if name.eq_ignore_ascii_case(b"info") {
         b"RAFT._INFO"
-    } else if reroute && class == Class::Read && crate::commands::has_acl_categories() {
+    } else if reroute && class == Class::Read && has_acl_categories() {
         b"RAFT._READ"
     } else if reroute {
         b"RAFT"
@@ -74,4 +74,10 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     };
     let s = api::create_string(std::ptr::null_mut(), prefix);
     rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);
+}
+
+/// Whether the server lets a module give its commands ACL categories (Redis 7.2+): then
+/// reads are routed to RAFT._READ (@read) and writes to RAFT (@write).
+fn has_acl_categories() -> bool {
+    unsafe { api::raw::RedisModule_SetCommandACLCategories }.is_some()
 }

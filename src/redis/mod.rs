@@ -99,6 +99,15 @@ impl Part {
     }
 }
 
+/// A JOIN is running (on its own thread): no INIT or second JOIN meanwhile.
+pub static JOINING: AtomicBool = AtomicBool::new(false);
+
+/// True while RAFT.CLUSTER JOIN is under way (INFO raft says `joining`; its address and log
+/// file are fixed already).
+pub fn is_joining() -> bool {
+    JOINING.load(Ordering::Acquire)
+}
+
 /// The module's process-wide state, set once at load.
 pub struct Module {
     /// Set at load when the node belongs to a cluster, or later by RAFT.CLUSTER INIT/JOIN.

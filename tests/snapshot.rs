@@ -363,7 +363,7 @@ fn every_data_type_survives_save_and_load_key_by_key() {
 }
 
 fn format_tmp(path: &Path) -> PathBuf {
-    redis_raft::snapshot::save::tmp_path(path)
+    redis_raft::snapshot::format::tmp_path(path)
 }
 
 /// B's data, to check a refused load left it alone.

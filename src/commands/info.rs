@@ -53,7 +53,7 @@ fn fill(i: &Info) {
         i.str("node_name", &opts.node_id);
         let state = if m.is_removed() {
             "removed"
-        } else if super::membership::is_joining() {
+        } else if crate::redis::is_joining() {
             "joining"
         } else {
             "uninitialized"

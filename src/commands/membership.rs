@@ -2,7 +2,7 @@
 //! `RAFT.NODE ADD|REMOVE`, and `RAFT._MEMBERS` (what a joining node asks its new leader).
 
 use std::ffi::{c_int, c_void, CStr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
@@ -11,16 +11,8 @@ use crate::codec::Member;
 use crate::config::{node_id_for_name, parse_host_port, BUS_PORT_OFFSET};
 use crate::node::ChangeRequest;
 use crate::redis::api::{self, guard, rm, CallOpts, RedisModuleCtx, RedisModuleString, Value};
-use crate::redis::{self as r, configs, module, redirect_error};
+use crate::redis::{self as r, configs, module, redirect_error, JOINING};
 use crate::storage::LogStore;
-
-/// A JOIN is running (on its own thread): no INIT or second JOIN meanwhile.
-static JOINING: AtomicBool = AtomicBool::new(false);
-
-/// True while RAFT.CLUSTER JOIN is under way (INFO raft says `joining`).
-pub fn is_joining() -> bool {
-    JOINING.load(Ordering::Acquire)
-}
 
 /// The commands this file answers, for `commands::register`.
 pub fn commands() -> [(&'static CStr, api::raw::RedisModuleCmdFunc, &'static CStr); 3] {

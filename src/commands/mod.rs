@@ -74,17 +74,6 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     Ok(())
 }
 
-/// A RAFT.CLUSTER JOIN is under way (its address and log file are fixed already).
-pub fn membership_joining() -> bool {
-    membership::is_joining()
-}
-
-/// Whether the server lets a module give its commands ACL categories (Redis 7.2+): then
-/// reads are routed to RAFT._READ (@read) and writes to RAFT (@write).
-pub fn has_acl_categories() -> bool {
-    unsafe { api::raw::RedisModule_SetCommandACLCategories }.is_some()
-}
-
 fn set_acl_categories(ctx: *mut RedisModuleCtx) {
     let Some(set) = (unsafe { api::raw::RedisModule_SetCommandACLCategories }) else {
         return;
@@ -133,7 +122,7 @@ extern "C" fn raft_cmd(
                 .table()
                 .classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
             let client = unsafe { rm!(RedisModule_GetClientId)(ctx) };
-            if multi::in_multi(client) {
+            if crate::redis::multi::in_multi(client) {
                 return multi::handle(ctx, m, cmd, class);
             }
             if class == Class::Transaction {

@@ -10,135 +10,16 @@
 //! node-local. Commands Redis refuses inside MULTI (`no_multi`: SHUTDOWN, SAVE ...) are
 //! refused with Redis's error, and abort the transaction as in Redis.
 //!
-//! Commands that act on the connection itself (`CONN_STATE`: AUTH, HELLO, SUBSCRIBE, CLIENT
-//! ...) cannot be routed here (an RM_Call would act on the module's own client, and the
-//! filter cannot tell whether their sender is in MULTI), so they run at once; but those
-//! redis-raft can run for a client itself (conn.rs: CLIENT ID/GETNAME/SETNAME, ACL, WAIT,
-//! DEBUG, MODULE ...) are routed and queued as Redis queues them. Afterwards the
-//! client's last command (CLIENT LIST's `cmd=`, read before that client's next command gets
-//! to the filter) shows which client in MULTI ran one: RESET ends its transaction, as in
-//! Redis; an unknown subcommand (`cmd=NULL`) aborts it, as in Redis; any other makes EXEC
-//! refuse the transaction with an error naming it, since Redis would have queued it.
+//! The per-client queues, and the connection commands that run at once meanwhile, are in
+//! redis/multi.rs (the filter and the apply path use them too).
 
-use std::collections::HashMap;
 use std::ffi::c_int;
 
 use crate::codec::LogCommand;
 use crate::redis::api::{self, rm, RedisModuleCtx};
 use crate::redis::classify::Class;
-use crate::redis::{
-    admit, leader_rewrite, propose_then_select, redirect_error, watch, MainThread, Module,
-};
-
-/// A transaction being queued by one client.
-#[derive(Default)]
-struct Queued {
-    cmds: Vec<(i32, Vec<Vec<u8>>)>,
-    /// The database a queued SELECT switched to: later commands run there.
-    db: Option<i32>,
-    /// A command was refused at queue time: EXEC answers EXECABORT.
-    failed: bool,
-    /// A connection command that ran at once while the client was in MULTI.
-    ran_at_once: Option<String>,
-}
-
-/// A connection command passed the filter while some client was in MULTI: the clients in
-/// MULTI are checked before the next command gets to the filter, or before Redis sleeps.
-static CHECK_PENDING: MainThread<bool> = MainThread::new_lazy();
-
-/// Whether `check_connection_commands` has anything to do (cheap: asked on every command).
-pub fn check_pending() -> bool {
-    *CHECK_PENDING.get_mut()
-}
-
-/// Clients inside MULTI, by client id.
-static IN_MULTI: MainThread<HashMap<u64, Queued>> = MainThread::new_lazy();
-
-/// Node-local commands that act on the client's connection: never routed through RAFT (an
-/// RM_Call would act on the module's own client), so they run at once even inside MULTI.
-const CONN_STATE: &[&str] = &[
-    "auth",
-    "hello",
-    "client",
-    "reset",
-    "quit",
-    "subscribe",
-    "psubscribe",
-    "ssubscribe",
-    "unsubscribe",
-    "punsubscribe",
-    "sunsubscribe",
-    "monitor",
-];
-
-pub fn in_multi(client_id: u64) -> bool {
-    IN_MULTI.get_mut().contains_key(&client_id)
-}
-
-/// Whether the filter must route node-local command `name [sub]` to RAFT: only while some
-/// client is in MULTI (it might be the sender), and never for connection-state commands
-/// (but those redis-raft can run for a client itself: conn.rs).
-pub fn route_local(name: &[u8], sub: Option<&[u8]>) -> bool {
-    let ours = name.len() >= 4 && name[..4].eq_ignore_ascii_case(b"raft");
-    if IN_MULTI.get_mut().is_empty() || ours {
-        return false;
-    }
-    if super::conn::routable(name, sub) {
-        return true;
-    }
-    if is_connection(name) {
-        *CHECK_PENDING.get_mut() = true;
-        return false;
-    }
-    true
-}
-
-fn is_connection(name: &[u8]) -> bool {
-    CONN_STATE
-        .iter()
-        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
-}
-
-/// Finds the clients in MULTI that ran a connection command at once since the last check
-/// (see the module doc). `ctx` is any context of this module; only CLIENT LIST is called.
-pub fn check_connection_commands(ctx: *mut RedisModuleCtx) {
-    if !std::mem::take(CHECK_PENDING.get_mut()) || IN_MULTI.get_mut().is_empty() {
-        return;
-    }
-    let mut argv = vec![b"CLIENT".to_vec(), b"LIST".to_vec(), b"ID".to_vec()];
-    argv.extend(
-        IN_MULTI
-            .get_mut()
-            .keys()
-            .map(|id| id.to_string().into_bytes()),
-    );
-    let r = api::call(ctx, &argv, api::CallOpts::default());
-    let list = api::call_reply_value(r);
-    api::free_call_reply(r);
-    let api::Value::Str(list) = list else { return };
-    for (id, cmd) in last_commands(&String::from_utf8_lossy(&list)) {
-        let cmd = cmd.as_str();
-        let base = cmd.split('|').next().unwrap_or(cmd);
-        if cmd == "reset" {
-            // RESET discards the transaction and unwatches, as in Redis.
-            forget(id);
-            watch::unwatch(id);
-        } else if cmd == "NULL" {
-            // An unknown subcommand of a connection command: Redis refuses it at queue time.
-            fail(id);
-        } else if is_connection(base.as_bytes()) {
-            if let Some(q) = IN_MULTI.get_mut().get_mut(&id) {
-                q.ran_at_once
-                    .get_or_insert_with(|| base.to_ascii_uppercase());
-            }
-        }
-    }
-}
-
-/// The client disconnected: forget its transaction.
-pub fn forget(client_id: u64) {
-    IN_MULTI.get_mut().remove(&client_id);
-}
+use crate::redis::multi::{fail, forget, Queued, IN_MULTI};
+use crate::redis::{admit, leader_rewrite, propose_then_select, redirect_error, watch, Module};
 
 fn client_id(ctx: *mut RedisModuleCtx) -> u64 {
     unsafe { rm!(RedisModule_GetClientId)(ctx) }
@@ -261,19 +142,6 @@ pub fn handle(ctx: *mut RedisModuleCtx, m: &Module, cmd: Vec<Vec<u8>>, class: Cl
     }
 }
 
-/// Each client's id and last command (`cmd=`) in CLIENT LIST's text.
-fn last_commands(list: &str) -> Vec<(u64, String)> {
-    list.lines()
-        .filter_map(|line| {
-            let field = |k: &str| {
-                line.split(' ')
-                    .find_map(|f| f.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-            };
-            Some((field("id")?.parse().ok()?, field("cmd")?.to_string()))
-        })
-        .collect()
-}
-
 /// Redis's reply to a `no_multi` command inside MULTI.
 const NO_MULTI: &str = "ERR Command not allowed inside a transaction";
 
@@ -298,12 +166,6 @@ pub fn select_now(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
         return api::reply_error(ctx, "ERR DB index is out of range");
     }
     api::reply_simple(ctx, "OK")
-}
-
-fn fail(id: u64) {
-    if let Some(q) = IN_MULTI.get_mut().get_mut(&id) {
-        q.failed = true;
-    }
 }
 
 fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
@@ -352,19 +214,4 @@ fn exec(ctx: *mut RedisModuleCtx, m: &Module, id: u64) -> c_int {
         }
     };
     propose_then_select(ctx, m, node, entry, q.db)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_list_gives_each_clients_last_command() {
-        let list = "id=7 addr=127.0.0.1:5000 fd=8 name= age=3 idle=0 flags=N db=0 multi=-1 argv-mem=0 cmd=client|setname user=default resp=2\n\
-                    id=9 addr=127.0.0.1:5001 idle=4 cmd=raft user=default\n";
-        assert_eq!(
-            last_commands(list),
-            vec![(7, "client|setname".to_string()), (9, "raft".to_string())]
-        );
-    }
 }

@@ -817,7 +817,7 @@ fn remove_unfinished_snapshots(store: &LogStore, path: &std::path::Path) {
         )
     };
     let leftovers = [
-        (crate::snapshot::save::tmp_path(path), "a snapshot save"),
+        (crate::snapshot::format::tmp_path(path), "a snapshot save"),
         (
             crate::transport::snapshot_recv_tmp(&recv_path(path)),
             "a snapshot being received",

@@ -3,6 +3,7 @@
 //! Invariant: every `extern "C"` function Redis calls goes through `guard`, so a panic
 //! becomes a log line (and an error reply where there is a client), never an abort.
 
+use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_int, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -31,6 +32,30 @@ macro_rules! rm {
     }};
 }
 pub(crate) use rm;
+
+/// A value only ever touched on Redis's main thread (command callbacks, filter, event-loop
+/// callbacks, INFO). Redis runs those one at a time, so no lock is needed; callers keep the
+/// `&mut` short and never hold it across a call back into Redis that could re-enter.
+pub struct MainThread<T> {
+    cell: UnsafeCell<Option<T>>,
+}
+
+// SAFETY: see the type's doc: only the main thread touches the value.
+unsafe impl<T> Sync for MainThread<T> {}
+
+impl<T: Default> MainThread<T> {
+    pub const fn new_lazy() -> Self {
+        MainThread {
+            cell: UnsafeCell::new(None),
+        }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    pub fn get_mut(&self) -> &mut T {
+        // SAFETY: main thread only, accesses not overlapping (see the type's doc).
+        unsafe { (*self.cell.get()).get_or_insert_with(T::default) }
+    }
+}
 
 /// The module API functions this module needs; returns those the server lacks.
 pub fn missing_apis() -> Vec<&'static str> {

@@ -115,7 +115,7 @@ extern "C" fn set_string(
             if let Err(e) = check_string(k, &v) {
                 return set_err(err, &e.to_string());
             }
-            let in_cluster = crate::commands::membership_joining()
+            let in_cluster = super::is_joining()
                 || super::module().is_some_and(|m| m.node().is_some() || m.is_removed());
             if matches!(k, "addr" | "log-filename") && in_cluster {
                 let now = with_options(|o| {

@@ -17,10 +17,10 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     let Some(m) = module() else { return };
     let ctx = m.apply_ctx as *mut api::RedisModuleCtx;
-    if crate::commands::multi::check_pending() && !super::busy::inside_command(ctx) {
+    if super::multi::check_pending() && !super::busy::inside_command(ctx) {
         // Before this command runs: which client in MULTI ran a connection command just now.
         // (Not from inside a script or a load: nothing is called there, see busy.rs.)
-        crate::commands::multi::check_connection_commands(ctx);
+        super::multi::check_connection_commands(ctx);
     }
     let argc: c_int = rm!(RedisModule_CommandFilterArgsCount)(fctx);
     if argc < 1 {
@@ -58,14 +58,14 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         Class::Transaction => true,
         // Redis 7.0 does not tell a filter which client sent the command: while any client is
         // in MULTI, node-local commands go to RAFT, which queues them for that client.
-        Class::Local | Class::Container => crate::commands::multi::route_local(name, sub),
+        Class::Local | Class::Container => super::multi::route_local(name, sub),
     };
     // CLUSTER and INFO are answered by redis-raft (commands/cluster.rs).
     let prefix: &[u8] = if name.eq_ignore_ascii_case(b"cluster") {
         b"RAFT._CLUSTER"
     } else if name.eq_ignore_ascii_case(b"info") {
         b"RAFT._INFO"
-    } else if reroute && class == Class::Read && crate::commands::has_acl_categories() {
+    } else if reroute && class == Class::Read && has_acl_categories() {
         b"RAFT._READ"
     } else if reroute {
         b"RAFT"
@@ -74,4 +74,10 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     };
     let s = api::create_string(std::ptr::null_mut(), prefix);
     rm!(RedisModule_CommandFilterArgInsert)(fctx, 0, s);
+}
+
+/// Whether the server lets a module give its commands ACL categories (Redis 7.2+): then
+/// reads are routed to RAFT._READ (@read) and writes to RAFT (@write).
+fn has_acl_categories() -> bool {
+    unsafe { api::raw::RedisModule_SetCommandACLCategories }.is_some()
 }

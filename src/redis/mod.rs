@@ -14,8 +14,10 @@ pub mod blocking;
 pub mod busy;
 pub mod classify;
 pub mod configs;
+pub mod conn;
 pub mod filter;
 pub mod logging;
+pub mod multi;
 pub mod replicas;
 pub mod rewrite;
 pub mod scripts;
@@ -24,7 +26,6 @@ pub mod streams;
 pub mod tls;
 pub mod watch;
 
-use std::cell::UnsafeCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use raft::eraftpb::{Entry, EntryType};
 use tracing::{error, info, warn};
 
+pub use self::api::MainThread;
 use self::api::{
     guard, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx,
 };
@@ -42,30 +44,6 @@ use crate::codec::{decode_command, encode_command, LogCommand, ProposalTag, ENTR
 use crate::config::{Bootstrap, ReadMode};
 use crate::node::{ApplyItem, Member, Node, NodeSpec, Proposal, ProposeError};
 use crate::storage::LogStore;
-
-/// A value only ever touched on Redis's main thread (command callbacks, filter, event-loop
-/// callbacks, INFO). Redis runs those one at a time, so no lock is needed; callers keep the
-/// `&mut` short and never hold it across a call back into Redis that could re-enter.
-pub struct MainThread<T> {
-    cell: UnsafeCell<Option<T>>,
-}
-
-// SAFETY: see the type's doc: only the main thread touches the value.
-unsafe impl<T> Sync for MainThread<T> {}
-
-impl<T: Default> MainThread<T> {
-    pub const fn new_lazy() -> Self {
-        MainThread {
-            cell: UnsafeCell::new(None),
-        }
-    }
-
-    #[allow(clippy::mut_from_ref)]
-    pub fn get_mut(&self) -> &mut T {
-        // SAFETY: main thread only, accesses not overlapping (see the type's doc).
-        unsafe { (*self.cell.get()).get_or_insert_with(T::default) }
-    }
-}
 
 /// A client blocked on its write, waiting for the entry to be applied.
 struct Pending {
@@ -119,6 +97,15 @@ impl Part {
             api::free_call_reply(r);
         }
     }
+}
+
+/// A JOIN is running (on its own thread): no INIT or second JOIN meanwhile.
+pub static JOINING: AtomicBool = AtomicBool::new(false);
+
+/// True while RAFT.CLUSTER JOIN is under way (INFO raft says `joining`; its address and log
+/// file are fixed already).
+pub fn is_joining() -> bool {
+    JOINING.load(Ordering::Acquire)
 }
 
 /// The module's process-wide state, set once at load.
@@ -927,9 +914,9 @@ fn flush_proposals() {
     }
     release_parked(false);
     if let Some(m) = module() {
-        crate::commands::multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
+        multi::check_connection_commands(m.apply_ctx as *mut RedisModuleCtx);
     }
-    crate::commands::conn::release_waits();
+    conn::release_waits();
     let Some(node) = module().and_then(|m| m.node()) else {
         return;
     };
@@ -1031,7 +1018,7 @@ extern "C" fn client_change(
         || {
             // RedisModuleClientInfo starts with version, flags, id (all u64).
             let id = unsafe { *(data as *const u64).add(2) };
-            crate::commands::multi::forget(id);
+            multi::forget(id);
             watch::unwatch(id);
         },
     );
@@ -1108,7 +1095,7 @@ extern "C" fn reply_blocked(
                                 api::reply_simple(ctx, s);
                             }
                             Part::Client(argv) => {
-                                crate::commands::conn::run_client_op(ctx, argv);
+                                conn::run_client_op(ctx, argv);
                             }
                             Part::Error(e) => {
                                 api::reply_error(ctx, e);
@@ -1367,7 +1354,7 @@ fn apply_transaction(
 ) -> Vec<Part> {
     cmds.iter()
         .map(|(db, argv)| {
-            if proposer && crate::commands::conn::is_client_op(argv) {
+            if proposer && conn::is_client_op(argv) {
                 return Part::Client(argv.clone());
             }
             // Node-local commands (PING, CONFIG ...) run only where the client is; the

@@ -277,6 +277,13 @@ impl SnapshotWriter {
     }
 }
 
+/// The temporary file a save writes before it is installed as `dest`.
+pub fn tmp_path(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
 /// Publishes a finished snapshot: renames `tmp` over `dest` and fsyncs the directory, so
 /// after a crash `dest` is either the previous file or this one, never a mix.
 pub fn install(tmp: &Path, dest: &Path) -> Result<(), SnapshotError> {

@@ -34,8 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::format::{self, KeyRecord, SnapshotError, SnapshotHeader, SnapshotReader};
-use crate::redis::api::{self, guard, log_raw, rm, CallOpts, RedisModuleCtx};
-use crate::redis::MainThread;
+use crate::redis::api::{self, guard, log_raw, rm, CallOpts, MainThread, RedisModuleCtx};
 
 /// How much one slice may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

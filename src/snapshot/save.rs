@@ -32,9 +32,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::format::{self, SnapshotHeader, SnapshotWriter};
-use crate::redis::api::{self, guard, log_raw, rm, CallOpts, RedisModuleCtx, RedisModuleString};
-use crate::redis::MainThread;
+use super::format::{self, tmp_path, SnapshotHeader, SnapshotWriter};
+use crate::redis::api::{
+    self, guard, log_raw, rm, CallOpts, MainThread, RedisModuleCtx, RedisModuleString,
+};
 
 /// Exit status of a child that failed (255 means "killed on purpose" to Redis).
 const CHILD_FAILED: c_int = 1;
@@ -97,13 +98,6 @@ struct Running {
 }
 
 static SAVE: MainThread<Option<Running>> = MainThread::new_lazy();
-
-/// The temporary file a save writes before it is installed as `dest`.
-pub fn tmp_path(dest: &Path) -> PathBuf {
-    let mut s = dest.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
 
 /// Whether a save is running.
 pub fn save_in_progress() -> bool {

@@ -57,8 +57,9 @@ impl Shared {
     fn spawn(self: &Arc<Self>, f: impl FnOnce() + Send + 'static) {
         let t = std::thread::spawn(f);
         let mut threads = self.threads.lock().unwrap();
-        let (ended, live): (Vec<_>, Vec<_>) =
-            threads.drain(..).partition(|t: &JoinHandle<()>| t.is_finished());
+        let (ended, live): (Vec<_>, Vec<_>) = threads
+            .drain(..)
+            .partition(|t: &JoinHandle<()>| t.is_finished());
         *threads = live;
         threads.push(t);
         drop(threads);
@@ -66,7 +67,6 @@ impl Shared {
             let _ = t.join();
         }
     }
-
 }
 
 /// The proxies of one cluster, and which links are cut.

@@ -135,8 +135,8 @@ pub fn show_values(vs: &[i64]) -> String {
 pub enum Outcome {
     /// A definite reply: the command happened, between invocation and completion.
     Ok(Reply),
-    /// A definite refusal (`-MOVED`, `-CLUSTERDOWN`, `-NOCLUSTER`, `-TRYAGAIN`): the command
-    /// did not happen.
+    /// A definite refusal (`-MOVED`, `-CLUSTERDOWN`, `-NOCLUSTER`, `-TRYAGAIN`, `-LOADING`):
+    /// the command did not happen.
     Failed(String),
     /// `-TIMEOUT`, a connection error, a read timeout, anything unexpected: the command may
     /// or may not happen, at any time after its invocation.

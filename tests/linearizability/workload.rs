@@ -187,7 +187,10 @@ pub fn classify(
                 };
                 (Outcome::Failed(e.clone()), route)
             }
-            "CLUSTERDOWN" | "NOCLUSTER" | "TRYAGAIN" => {
+            // LOADING: a node that restarted is loading its snapshot, and refuses data
+            // commands before they reach the log (commands/mod.rs), as Redis does while it
+            // loads. Only long runs see it: short ones compact no log, so no snapshot loads.
+            "CLUSTERDOWN" | "NOCLUSTER" | "TRYAGAIN" | "LOADING" => {
                 (Outcome::Failed(e.clone()), Route::Next(true))
             }
             "TIMEOUT" => (Outcome::Unknown(e.clone()), Route::Next(false)),
@@ -313,4 +316,22 @@ pub fn call_leader(ports: &[u16], args: &[&str], timeout: Duration) -> Option<(R
         std::thread::sleep(Duration::from_millis(50));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_loading_its_snapshot_refuses_the_command_and_the_client_moves_on() {
+        let mut unexpected = Vec::new();
+        let reply = Ok(Resp::Error("LOADING Raft module is loading data".into()));
+        let (outcome, route) = classify(&Cmd::Incr, reply, &[1, 2, 3], 0, &mut unexpected);
+        assert_eq!(
+            outcome,
+            Outcome::Failed("LOADING Raft module is loading data".into())
+        );
+        assert!(matches!(route, Route::Next(true)));
+        assert!(unexpected.is_empty());
+    }
 }

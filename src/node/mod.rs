@@ -1994,10 +1994,9 @@ impl RaftThread {
     }
 
     /// Learns what the syncer made durable since the last look.
+    /// Looked at on every turn, also with nothing in `persisting` (the synchronous path may
+    /// have released it all): a failed fsync stops the node at once.
     fn take_synced(&mut self) -> Result<(), NodeError> {
-        if self.persisting.is_empty() {
-            return Ok(());
-        }
         let Some(syncer) = &self.syncer else {
             return Ok(());
         };

@@ -125,6 +125,11 @@ fn run(inner: &Inner, store: &LogStore, ring: &Sender<()>) {
         // A full slot means the raft thread has yet to look: it will see this too.
         let _ = ring.try_send(());
         if failed {
+            // Nothing is fsynced again. Waits for the stop without dropping `ring`: a
+            // disconnected doorbell would wake the raft thread's select over and over.
+            while !st.stop {
+                st = inner.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
             return;
         }
     }

@@ -244,6 +244,11 @@ struct Inner {
     /// changes reach memory.
     core: RwLock<Core>,
     writer: Mutex<Writer>,
+    /// Held by `fdatasync` from its check of `Writer::failed` until it recorded its result:
+    /// one fsync at a time. Linux reports a writeback error to one fsync of the file only,
+    /// so a second fsync running alongside (or right after, before the failure is recorded)
+    /// could return Ok for pages that never reached the disk. Lock order: before `writer`.
+    fsync: Mutex<()>,
 }
 
 /// Room for this many entries the cache queue keeps however small it gets (~72 kB).
@@ -780,6 +785,7 @@ impl LogStore {
                     fsync_max_us: 0,
                     needs_fsync: false,
                 }),
+                fsync: Mutex::new(()),
             }),
         };
         Ok((store, recovery))
@@ -1264,6 +1270,7 @@ impl LogStore {
     /// (the writer's lock is not held while the disk works). A rewrite since the write
     /// (compaction, an installed snapshot) fsynced its new file itself, records included.
     pub fn fdatasync(&self) -> Result<(), StorageError> {
+        let _one_at_a_time = mutex_lock(&self.inner.fsync);
         let file = {
             let mut w = mutex_lock(&self.inner.writer);
             if let Some(cause) = &w.failed {

@@ -1946,11 +1946,7 @@ impl RaftThread {
             self.persist_async(rd, appended, owed);
             return Ok(());
         }
-        if owed || in_order {
-            // This fsync also covers the Readies still with the syncer.
-            self.store.fdatasync()?;
-            self.release_persisting(u64::MAX);
-        }
+        self.fsync_now(owed)?;
         if let Some(index) = appended {
             self.batches.persisted(index);
         }
@@ -1993,8 +1989,17 @@ impl RaftThread {
         }
     }
 
-    /// Learns what the syncer made durable since the last look.
-    /// Looked at on every turn, also with nothing in `persisting` (the synchronous path may
+    /// Fsyncs on this thread what `LogStore::write` left owed; that fsync also covers the
+    /// Readies still with the syncer, released first (Readies are persisted in order).
+    fn fsync_now(&mut self, owed: bool) -> Result<(), StorageError> {
+        if owed || !self.persisting.is_empty() {
+            self.store.fdatasync()?;
+            self.release_persisting(u64::MAX);
+        }
+        Ok(())
+    }
+
+    /// Learns what the syncer made durable since the last look. Looked at on every turn, also with nothing in `persisting` (the synchronous path may
     /// have released it all): a failed fsync stops the node at once.
     fn take_synced(&mut self) -> Result<(), NodeError> {
         let Some(syncer) = &self.syncer else {
@@ -2139,12 +2144,7 @@ impl RaftThread {
             return Ok(());
         }
         full.next_try = now + LOG_FULL_RETRY;
-        let in_order = !self.persisting.is_empty();
-        let synced = self.store.write().and_then(|owed| match owed || in_order {
-            // Also covers the Readies still with the syncer.
-            true => self.store.fdatasync(),
-            false => Ok(()),
-        });
+        let synced = self.store.write().and_then(|owed| self.fsync_now(owed));
         match synced {
             Ok(()) => {}
             Err(e) if e.is_no_space() => {
@@ -2157,8 +2157,6 @@ impl RaftThread {
             return Ok(());
         };
         self.shared.set_log_full(None);
-        // That fsync covered the Readies still with the syncer too; they go first.
-        self.release_persisting(u64::MAX);
         if full.ready > 0 {
             self.node.on_persist_ready(full.ready);
         }

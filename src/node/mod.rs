@@ -9,6 +9,7 @@ mod failover;
 mod lease;
 mod status;
 mod syncer;
+mod wait;
 
 pub use lease::LeaseDeadline;
 pub use status::{NodeStatus, Role};
@@ -17,6 +18,7 @@ use batches::Batches;
 use failover::{EarlyElection, StallClock};
 use lease::{LeaderState, Lease, LEASE_ROUND};
 use syncer::{Synced, Syncer};
+use wait::InputTx;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -25,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, TryRecvError, TrySendError};
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
 };
@@ -38,7 +40,7 @@ use crate::codec::{
     SnapshotMembership, StoredMembership,
 };
 use crate::storage::{LogFault, LogStore, StorageError};
-use crate::transport::{PeerStatus, Report, Transport, TransportConfig};
+use crate::transport::{Bell, InboundPoll, PeerStatus, Report, Transport, TransportConfig};
 
 /// How many proposal batches (one per Redis event-loop turn) may wait for the raft thread;
 /// past that a write is refused with `-TRYAGAIN` rather than queued without bound.
@@ -376,7 +378,7 @@ pub struct Node {
     /// main thread loads it before applying anything.
     pub snapshot_at_start: crate::storage::SnapshotMeta,
     pub snapshot_path: std::path::PathBuf,
-    input: Sender<Input>,
+    input: InputTx,
     transport: Arc<Transport>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -392,6 +394,7 @@ impl Node {
         let (book, book_index) = open_membership(&spec, &store)?;
         let cluster_id = book.cluster_id.clone();
 
+        let bell = Bell::new().map_err(NodeError::Thread)?;
         let (in_tx, in_rx) = bounded(INBOUND_QUEUE_MAX);
         let transport = Arc::new(Transport::start(
             TransportConfig {
@@ -403,9 +406,13 @@ impl Node {
                 snapshot_send: Some(spec.snapshot_path.clone()),
                 snapshot_recv: Some(recv_path(&spec.snapshot_path)),
                 tls: spec.tls.clone(),
+                bell: Some(Arc::clone(&bell)),
             },
             in_tx,
         )?);
+        let inbound_poll = transport.inbound_poll().ok_or_else(|| {
+            NodeError::Thread(std::io::Error::other("the bus lends no connections"))
+        })?;
         // The log's members, and the configured ones it does not know (a joining node
         // must answer its leader before its log names anyone).
         let mut members: HashMap<u64, Member> =
@@ -463,7 +470,7 @@ impl Node {
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
-        let syncer = match Syncer::start(store.clone()) {
+        let syncer = match Syncer::start(store.clone(), Arc::clone(&bell)) {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!("could not start the log's fsync thread ({e}); the raft thread fsyncs the log itself");
@@ -486,6 +493,8 @@ impl Node {
             waker,
             input: rx,
             inbound: in_rx,
+            inbound_poll,
+            polled: Vec::new(),
             tick: Duration::from_millis(spec.heartbeat_interval_ms),
             election_ticks: election_tick as u64,
             next_tick: Instant::now(),
@@ -558,7 +567,7 @@ impl Node {
             store: store_handle,
             snapshot_at_start,
             snapshot_path,
-            input: tx,
+            input: InputTx::new(tx, bell),
             transport,
             thread: Mutex::new(Some(thread)),
         })
@@ -690,6 +699,11 @@ struct RaftThread {
     waker: Waker,
     input: Receiver<Input>,
     inbound: Receiver<Vec<Message>>,
+    /// The peer connections this thread reads itself, and its bell, rung after every send
+    /// on the channels above and the syncer's (wait.rs).
+    inbound_poll: InboundPoll,
+    /// What the polled connections delivered this turn (kept for its allocation).
+    polled: Vec<Message>,
     /// One raft-rs tick. The election timeout is `election_ticks` ticks (fixed when the
     /// node starts: raft-rs cannot change it), so a new election timeout changes the tick.
     tick: Duration,
@@ -1131,12 +1145,9 @@ impl RaftThread {
             }
             let asleep = Instant::now();
             let timeout = wake.saturating_duration_since(asleep);
-            let (input, batch) = select! {
-                recv(self.input) -> m => (Some(m), None),
-                recv(self.inbound) -> batch => (None, batch.ok()),
-                recv(self.synced_bell) -> _ => (None, None),
-                default(timeout) => (None, None),
-            };
+            let mut polled = std::mem::take(&mut self.polled);
+            self.wait(timeout, &mut polled);
+            let _ = self.synced_bell.try_recv();
             let stall = self.stall_clock.woke(asleep, timeout, Instant::now());
             if stall > self.read_timeout {
                 self.after_stall(stall);
@@ -1146,20 +1157,16 @@ impl RaftThread {
                 return;
             }
             let mut stop = false;
-            match input {
-                Some(Ok(i)) => stop |= self.on_input(i),
-                Some(Err(_)) => stop = true,
-                None => {}
-            }
-            for m in batch.into_iter().flatten() {
-                self.on_message(m);
-            }
             let mut dropped = Vec::new();
             for _ in 0..DRAIN_MAX {
                 match self.input.try_recv() {
                     Ok(Input::Propose(batch)) => self.propose_batch(batch, &mut dropped),
                     Ok(i) => stop |= self.on_input(i),
-                    Err(_) => break,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        stop = true;
+                        break;
+                    }
                 }
             }
             for _ in 0..DRAIN_MAX {
@@ -1172,6 +1179,11 @@ impl RaftThread {
                     Err(_) => break,
                 }
             }
+            // After the channel: a connection's reader forwarded what came before it lent it.
+            for m in polled.drain(..) {
+                self.on_message(m);
+            }
+            self.polled = polled;
             if !dropped.is_empty() {
                 self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
             }

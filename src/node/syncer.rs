@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::storage::{LogStore, StorageError};
+use crate::transport::Bell;
 
 #[derive(Default)]
 struct State {
@@ -57,7 +58,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl Syncer {
-    pub(super) fn start(store: LogStore) -> std::io::Result<Syncer> {
+    pub(super) fn start(store: LogStore, wake: Arc<Bell>) -> std::io::Result<Syncer> {
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -66,7 +67,7 @@ impl Syncer {
         let worker = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
             .name("raft-fsync".into())
-            .spawn(move || run(&worker, &store, &ring))?;
+            .spawn(move || run(&worker, &store, &ring, &wake))?;
         Ok(Syncer {
             inner,
             bell,
@@ -103,7 +104,7 @@ impl Drop for Syncer {
     }
 }
 
-fn run(inner: &Inner, store: &LogStore, ring: &Sender<()>) {
+fn run(inner: &Inner, store: &LogStore, ring: &Sender<()>, wake: &Bell) {
     let mut st = lock(&inner.state);
     loop {
         while st.asked <= st.done && !st.stop {
@@ -124,6 +125,7 @@ fn run(inner: &Inner, store: &LogStore, ring: &Sender<()>) {
         let failed = st.failed.is_some();
         // A full slot means the raft thread has yet to look: it will see this too.
         let _ = ring.try_send(());
+        wake.ring();
         if failed {
             // Nothing is fsynced again. Waits for the stop without dropping `ring`: a
             // disconnected doorbell would wake the raft thread's select over and over.

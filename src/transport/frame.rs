@@ -348,6 +348,11 @@ impl FrameDecoder {
         self.buf.len() - self.start
     }
 
+    /// The kind byte of the next frame, once its header has begun to arrive.
+    pub fn next_kind(&self) -> Option<u8> {
+        self.buf.get(self.start + 2).copied()
+    }
+
     /// The next complete frame, `Ok(None)` if more bytes are needed. After an error the
     /// stream is unusable; close the connection.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {

@@ -3,6 +3,9 @@
 //! A reader decodes every complete frame a socket read made available and forwards the valid
 //! messages as one batch, so the node is woken once per read, not once per message. A batch is
 //! bounded by what one read completes: `READ_CHUNK_BYTES` plus the partial frame before it.
+//! When the node polls (a transport with a bell), a reader lends its connection to the raft
+//! thread once the peer is welcomed on plain TCP, and ends (polled.rs); it is started again
+//! for the connection while a snapshot file arrives.
 //!
 //! The reader also answers the handshake: a valid Hello gets Welcome, or, with a cluster
 //! password set, a Challenge whose Response must verify before Welcome is sent (see frame.rs).
@@ -17,9 +20,9 @@
 //!
 //! Invariants: a connection forwards nothing before a valid Hello for this cluster and this
 //! node, and, with a password set, nothing before a verified Response; any framing error
-//! closes that connection only; at most `MAX_INBOUND_CONNS` readers (of which at most
-//! `MAX_HANDSHAKING_CONNS` in their handshake) exist at once, plus evicted ones on their way
-//! out; every blocking call is bounded by a timeout so `stop` is seen promptly.
+//! closes that connection only; at most `MAX_INBOUND_CONNS` connections, read by readers or
+//! lent (of which at most `MAX_HANDSHAKING_CONNS` in their handshake), exist at once, plus
+//! evicted ones on their way out; every blocking call is bounded by a timeout so `stop` is seen promptly.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -29,11 +32,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::SendTimeoutError;
 use raft::eraftpb::Message;
 
+use super::bell::ToNode;
 use super::conn::{self, Conn, FirstBytes};
-use super::frame::{self, Frame, FrameDecoder, Hello};
+use super::frame::{self, Frame, FrameDecoder, FrameKind, Hello};
+use super::polled::{Lending, LentConn};
 use super::{lock, LocalIdentity};
 
 /// Inbound connections served at once; a healthy cluster needs one per peer.
@@ -64,7 +69,7 @@ const AUTH_WARN_EVERY: Duration = Duration::from_secs(60);
 const AUTH_WARN_NODES_MAX: usize = 1024;
 /// Why an unauthenticated peer is refused, in our log and in the Reject it is sent.
 pub(crate) const AUTH_FAILED: &str = "wrong or missing raft.cluster-password";
-const READ_CHUNK_BYTES: usize = 64 * 1024;
+pub(crate) const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Bounds each attempt to hand a batch to the node, so readers notice `stop`.
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -119,18 +124,22 @@ impl InboundConn {
     }
 }
 
+/// When each (peer address, reason) of a refused TLS connection was last warned about.
+pub(crate) type TlsWarned = Arc<Mutex<HashMap<(std::net::IpAddr, String), Instant>>>;
+
 pub(crate) struct Acceptor {
     pub(crate) listener: TcpListener,
     pub(crate) local: Arc<LocalIdentity>,
-    pub(crate) inbound: Sender<Vec<Message>>,
+    pub(crate) inbound: ToNode,
+    /// Some: open plain-TCP connections are lent to the raft thread (polled.rs).
+    pub(crate) lending: Option<Arc<Lending>>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) conns: Arc<Mutex<Vec<InboundConn>>>,
     /// When each node last had a failed password check warned about.
     pub(crate) auth_warned: Arc<Mutex<HashMap<u64, Instant>>>,
     pub(crate) unauth_warn: Arc<WarnLimit>,
     pub(crate) refusal_warn: Arc<WarnLimit>,
-    /// When each (peer address, reason) of a refused TLS connection was last warned about.
-    pub(crate) tls_warned: Arc<Mutex<HashMap<(std::net::IpAddr, String), Instant>>>,
+    pub(crate) tls_warned: TlsWarned,
 }
 
 impl Acceptor {
@@ -163,10 +172,15 @@ impl Acceptor {
             .iter()
             .filter(|c| phase_of(c) == PHASE_HANDSHAKE)
             .count();
-        let counted = conns
-            .iter()
-            .filter(|c| phase_of(c) != PHASE_EVICTED)
-            .count();
+        let lent = self
+            .lending
+            .as_ref()
+            .map_or(0, |l| l.count.load(Ordering::Acquire));
+        let counted = lent
+            + conns
+                .iter()
+                .filter(|c| phase_of(c) != PHASE_EVICTED)
+                .count();
         // Evicted readers leave within a read; this bounds them if they are slow to.
         if conns.len() >= 2 * MAX_INBOUND_CONNS {
             self.unauth_warn.warn(
@@ -231,6 +245,8 @@ impl Acceptor {
                 phase: Arc::clone(&phase),
             },
             inbound: self.inbound.clone(),
+            lending: self.lending.clone(),
+            lent: false,
             stop: Arc::clone(&self.stop),
         };
         match std::thread::Builder::new()
@@ -249,6 +265,48 @@ impl Acceptor {
     }
 }
 
+/// Starts a reader thread for a connection the raft thread lent back (a snapshot chunk is
+/// next), registered with the acceptor's connections so shutdown joins it.
+pub(crate) fn resume_reader(
+    c: LentConn,
+    inbound: ToNode,
+    lending: Arc<Lending>,
+    stop: Arc<AtomicBool>,
+    tls_warned: TlsWarned,
+    registry: &Mutex<Vec<InboundConn>>,
+) -> io::Result<()> {
+    let LentConn {
+        stream,
+        decoder,
+        conn,
+        handler,
+        pending,
+    } = c;
+    stream.set_nonblocking(false)?;
+    let clone = stream.try_clone()?;
+    let addr = handler.addr;
+    let phase = Arc::clone(&handler.phase);
+    let reader = Reader {
+        stream: Conn::Plain(stream),
+        handler,
+        inbound,
+        lending: Some(lending),
+        lent: false,
+        stop,
+        accepted_at: Instant::now(),
+        tls_warned,
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("raft-bus-r{addr}"))
+        .spawn(move || reader.resume(decoder, conn, pending))?;
+    lock(registry).push(InboundConn {
+        stream: clone,
+        thread,
+        phase,
+    });
+    Ok(())
+}
+
 fn prepare(stream: &TcpStream) -> io::Result<TcpStream> {
     // Accepted sockets must block (with a timeout) whatever the listener's mode.
     stream.set_nonblocking(false)?;
@@ -261,15 +319,20 @@ fn prepare(stream: &TcpStream) -> io::Result<TcpStream> {
 struct Reader {
     stream: Conn,
     handler: Handler,
-    inbound: Sender<Vec<Message>>,
+    inbound: ToNode,
+    /// Some: the connection is lent to the raft thread once open (polled.rs).
+    lending: Option<Arc<Lending>>,
+    /// The socket went to the raft thread: not closed on drop.
+    lent: bool,
     stop: Arc<AtomicBool>,
     /// The TLS and bus handshakes together must end within `HANDSHAKE_TIMEOUT` of this.
     accepted_at: Instant,
-    tls_warned: Arc<Mutex<HashMap<(std::net::IpAddr, String), Instant>>>,
+    tls_warned: TlsWarned,
 }
 
 /// What an inbound connection's frames are checked against and what they change, apart
 /// from its socket (so the handshake can be fuzzed without one: `fuzz_inbound`).
+#[derive(Clone)]
 pub(crate) struct Handler {
     pub(crate) addr: SocketAddr,
     pub(crate) local: Arc<LocalIdentity>,
@@ -313,6 +376,31 @@ impl ConnState {
             snapshot: None,
         }
     }
+
+    /// The peer's node id, once it is welcomed.
+    pub(crate) fn peer(&self) -> Option<u64> {
+        match (&self.hello, &self.auth) {
+            (Some(h), Auth::Open) => Some(h.from),
+            _ => None,
+        }
+    }
+}
+
+/// What a reader does after decoding.
+enum Step {
+    Go,
+    Lend(Vec<Message>),
+    Close,
+}
+
+/// What `Handler::decode` left the connection as.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    Keep,
+    /// Must be closed (the reason is logged).
+    Close,
+    /// Stopped before a snapshot chunk, as asked.
+    ChunkNext,
 }
 
 pub(crate) struct SnapshotRecv {
@@ -397,6 +485,9 @@ fn finish_snapshot(
 
 impl Drop for Reader {
     fn drop(&mut self) {
+        if self.lent {
+            return;
+        }
         // The registry holds a clone of this socket, so dropping ours alone would not close it.
         let _ = self.stream.tcp().shutdown(Shutdown::Both);
     }
@@ -496,23 +587,86 @@ impl Reader {
         if !self.open() {
             return;
         }
-        let mut conn = ConnState::new();
-        self.serve(&mut conn);
-        if let (Some(h), Auth::Open) = (&conn.hello, &conn.auth) {
+        let decoder = FrameDecoder::new(HANDSHAKE_FRAME_BYTES_MAX);
+        self.resume(decoder, ConnState::new(), Vec::new());
+    }
+
+    /// Serves the connection from where `decoder` and `conn` are: delivers `pending` first,
+    /// then reads until the connection ends or is lent to the raft thread.
+    fn resume(mut self, mut decoder: FrameDecoder, mut conn: ConnState, pending: Vec<Message>) {
+        if !pending.is_empty() && !self.forward(pending) {
+            return;
+        }
+        let lend = self.serve(&mut decoder, &mut conn);
+        let peer = conn.peer();
+        if let Some(batch) = lend {
+            if self.lend(decoder, conn, batch) {
+                return;
+            }
+            // Not lent (logged): the connection closes, and the node hears it below.
+        }
+        if let Some(from) = peer {
             if !self.stop.load(Ordering::Acquire) {
                 // The raft thread may check whether the peer's process is gone.
-                let m = super::Report::InboundClosed(h.from).message(self.handler.local.node_id);
+                let m = super::Report::InboundClosed(from).message(self.handler.local.node_id);
                 let _ = self.inbound.try_send(vec![m]);
             }
         }
     }
 
-    /// Reads and forwards until the connection ends or must be closed.
-    fn serve(&mut self, conn: &mut ConnState) {
+    /// Whether the connection goes to the raft thread now: it is open, plain TCP, between
+    /// snapshots, and the node polls lent connections.
+    fn lendable(&self, conn: &ConnState) -> bool {
+        self.lending.is_some()
+            && matches!(self.stream, Conn::Plain(_))
+            && matches!(conn.auth, Auth::Open)
+            && conn.snapshot.is_none()
+    }
+
+    /// Hands the connection to the raft thread, with `pending` (decoded, not yet delivered).
+    /// `conn` is consumed either way; false when it could not be lent (the caller closes).
+    fn lend(&mut self, decoder: FrameDecoder, conn: ConnState, pending: Vec<Message>) -> bool {
+        let Some(lending) = &self.lending else {
+            return false;
+        };
         let addr = self.handler.addr;
-        let mut decoder = FrameDecoder::new(HANDSHAKE_FRAME_BYTES_MAX);
+        let stream = match self
+            .stream
+            .tcp()
+            .try_clone()
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(peer = %addr, error = %e, "raft bus: cannot hand the connection from {addr} to the raft thread: {e}");
+                return false;
+            }
+        };
+        lending.count.fetch_add(1, Ordering::AcqRel);
+        lock(&lending.arriving).push(LentConn {
+            stream,
+            decoder,
+            conn,
+            handler: self.handler.clone(),
+            pending,
+        });
+        self.lent = true;
+        self.inbound.ring();
+        true
+    }
+
+    /// Reads and forwards until the connection ends or must be closed (None), or may be lent
+    /// to the raft thread (Some: the messages decoded last, not yet forwarded).
+    fn serve(&mut self, decoder: &mut FrameDecoder, conn: &mut ConnState) -> Option<Vec<Message>> {
+        let addr = self.handler.addr;
         let mut chunk = vec![0u8; READ_CHUNK_BYTES];
         let accepted_at = self.accepted_at;
+        // A connection the raft thread lent back holds its next frames already.
+        match self.decode_buffered(decoder, conn) {
+            Step::Go => {}
+            Step::Lend(batch) => return Some(batch),
+            Step::Close => return None,
+        }
         while !self.stop.load(Ordering::Acquire) {
             // Checked on every pass, not only when a read times out: a peer trickling bytes
             // must not stretch its handshake.
@@ -527,12 +681,12 @@ impl Reader {
                     self.handler.unauth_warn.warn(addr, format_args!(
                         "closing connection from {addr}: no valid hello within {HANDSHAKE_TIMEOUT:?}"));
                 }
-                return;
+                return None;
             }
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     tracing::debug!(peer = %addr, "raft bus: connection from {addr} closed by peer");
-                    return;
+                    return None;
                 }
                 Ok(n) => decoder.push(&chunk[..n]),
                 Err(e)
@@ -544,20 +698,36 @@ impl Reader {
                 }
                 Err(e) => {
                     tracing::debug!(peer = %addr, error = %e, "raft bus: connection from {addr} failed: {e}");
-                    return;
+                    return None;
                 }
             }
-            let mut batch = Vec::new();
-            let keep = self
-                .handler
-                .decode_all(&mut self.stream, &mut decoder, conn, &mut batch);
-            // Messages that came before a bad frame are valid: the node gets them either way.
-            if !batch.is_empty() && !self.forward(batch) {
-                return;
+            match self.decode_buffered(decoder, conn) {
+                Step::Go => {}
+                Step::Lend(batch) => return Some(batch),
+                Step::Close => return None,
             }
-            if !keep {
-                return;
-            }
+        }
+        None
+    }
+
+    /// Decodes every complete frame buffered and forwards the messages, unless the
+    /// connection is to be lent now (they go with it).
+    fn decode_buffered(&mut self, decoder: &mut FrameDecoder, conn: &mut ConnState) -> Step {
+        let mut batch = Vec::new();
+        let keep = self
+            .handler
+            .decode_all(&mut self.stream, decoder, conn, &mut batch);
+        if keep && self.lendable(conn) {
+            return Step::Lend(batch);
+        }
+        // Messages that came before a bad frame are valid: the node gets them either way.
+        if !batch.is_empty() && !self.forward(batch) {
+            return Step::Close;
+        }
+        if keep {
+            Step::Go
+        } else {
+            Step::Close
         }
     }
 
@@ -593,18 +763,34 @@ impl Handler {
         conn: &mut ConnState,
         batch: &mut Vec<Message>,
     ) -> bool {
+        self.decode(out, decoder, conn, batch, false) != Decoded::Close
+    }
+
+    /// `decode_all`, which with `chunk_stops` stops before a snapshot chunk (left in
+    /// `decoder`).
+    pub(crate) fn decode(
+        &self,
+        out: &mut impl Write,
+        decoder: &mut FrameDecoder,
+        conn: &mut ConnState,
+        batch: &mut Vec<Message>,
+        chunk_stops: bool,
+    ) -> Decoded {
         let addr = self.addr;
         loop {
+            if chunk_stops && decoder.next_kind() == Some(FrameKind::SnapshotChunk as u8) {
+                return Decoded::ChunkNext;
+            }
             let frame = match decoder.next_frame() {
                 Ok(Some(frame)) => frame,
-                Ok(None) => return true,
+                Ok(None) => return Decoded::Keep,
                 Err(e) => {
                     let who = describe(&conn.hello);
                     self.close_warn(
                         conn,
                         format_args!("closing connection from {addr}{who}: {e}"),
                     );
-                    return false;
+                    return Decoded::Close;
                 }
             };
             match frame {
@@ -617,7 +803,7 @@ impl Handler {
                                 describe(&conn.hello)
                             ),
                         );
-                        return false;
+                        return Decoded::Close;
                     }
                     if let Err(why) = check_hello(&h, &self.local) {
                         self.refusal_warn.warn(addr, format_args!(
@@ -625,14 +811,14 @@ impl Handler {
                             h.from, h.cluster_id));
                         // Tell the peer why, so its log says it too (best effort).
                         self.send(out, conn, |buf| frame::encode_reject(&why, buf));
-                        return false;
+                        return Decoded::Close;
                     }
                     let from = h.from;
                     conn.hello = Some(h);
                     if self.local.password.is_empty() {
                         if !self.send(out, conn, frame::encode_welcome) || !self.open(decoder, conn)
                         {
-                            return false;
+                            return Decoded::Close;
                         }
                         tracing::info!(peer = %addr, from,
                             "raft bus: accepted connection from node {from} at {addr}");
@@ -643,11 +829,11 @@ impl Handler {
                         Err(e) => {
                             tracing::warn!(peer = %addr, from, error = %e,
                                 "raft bus: closing connection from {addr} (node {from}): no random nonce for the challenge: {e}");
-                            return false;
+                            return Decoded::Close;
                         }
                     };
                     if !self.send(out, conn, |buf| frame::encode_challenge(&nonce, buf)) {
-                        return false;
+                        return Decoded::Close;
                     }
                     conn.auth = Auth::AwaitResponse { nonce };
                 }
@@ -661,7 +847,7 @@ impl Handler {
                                 describe(&conn.hello)
                             ),
                         );
-                        return false;
+                        return Decoded::Close;
                     };
                     let verified = frame::verify_auth_tag(
                         &self.local.password,
@@ -673,11 +859,11 @@ impl Handler {
                     );
                     if !verified {
                         self.refuse(out, conn, "response does not match");
-                        return false;
+                        return Decoded::Close;
                     }
                     let from = h.from;
                     if !self.send(out, conn, frame::encode_welcome) || !self.open(decoder, conn) {
-                        return false;
+                        return Decoded::Close;
                     }
                     tracing::info!(peer = %addr, from,
                         "raft bus: accepted connection from node {from} at {addr} (cluster password verified)");
@@ -685,13 +871,13 @@ impl Handler {
                 Frame::SnapshotChunk(c) => {
                     if conn.hello.is_none() || !matches!(conn.auth, Auth::Open) {
                         self.refuse(out, conn, "snapshot data before the handshake");
-                        return false;
+                        return Decoded::Close;
                     }
                     if let Err(why) = conn.receive_chunk(&self.local, c) {
                         tracing::warn!(peer = %addr, "raft bus: closing connection from {addr}{}: {why}",
                             describe(&conn.hello));
                         conn.snapshot = None;
-                        return false;
+                        return Decoded::Close;
                     }
                 }
                 Frame::Challenge(_) | Frame::Welcome | Frame::Reject(_) => {
@@ -702,7 +888,7 @@ impl Handler {
                             describe(&conn.hello)
                         ),
                     );
-                    return false;
+                    return Decoded::Close;
                 }
                 Frame::Raft(msg) => {
                     let Some(h) = &conn.hello else {
@@ -712,11 +898,11 @@ impl Handler {
                                 "closing connection from {addr}: raft message before hello"
                             ),
                         );
-                        return false;
+                        return Decoded::Close;
                     };
                     if !matches!(conn.auth, Auth::Open) {
                         self.refuse(out, conn, "raft message before the challenge was answered");
-                        return false;
+                        return Decoded::Close;
                     }
                     if self
                         .local
@@ -727,7 +913,7 @@ impl Handler {
                         // It reconnects, and its Hello is refused with the reason.
                         tracing::info!(peer = %addr, from = h.from,
                             "raft bus: closing the connection of node {} (removed from the cluster)", h.from);
-                        return false;
+                        return Decoded::Close;
                     }
                     if msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
                         let index = msg.get_snapshot().get_metadata().index;

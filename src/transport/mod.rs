@@ -3,7 +3,9 @@
 //! ```text
 //! Transport::send ──► per-peer bounded queue ──► writer thread (peer.rs) ──► TCP ──┐
 //!                                                                                  │
-//! inbound channel ◄── reader thread per connection (inbound.rs) ◄── acceptor ◄─────┘
+//! inbound channel ◄── reader thread per connection (inbound.rs) ◄── acceptor ◄─────┤
+//!                          │ open, plain TCP: lent (polled.rs)                         │
+//! raft thread's poll ◄── InboundPoll ◄─────────────────────────────────────────────────┘
 //! ```
 //!
 //! Both channels carry batches (`Vec<Message>`), not single messages: `send` pushes one batch
@@ -14,6 +16,8 @@
 //! - `frame.rs`: the wire format (the only place bytes are encoded or decoded), versioned.
 //! - `peer.rs`: one writer per peer: connect, handshake, batched writes, reconnect with backoff.
 //! - `inbound.rs`: acceptor and readers: Hello check, password challenge, decoding, forwarding.
+//! - `polled.rs`: open plain-TCP connections the raft thread reads itself (given a `Bell`).
+//! - `bell.rs`: the raft thread's wake-up (an eventfd) and the inbound channel's sender.
 //!
 //! Invariants: nothing here calls Redis; every queue, buffer and connection count is bounded;
 //! bad input from the network closes that one connection with a warning and never panics;
@@ -26,10 +30,15 @@
 //! both ends present certificates signed by the configured CA (conn.rs, crate::tls); the
 //! Hello and the challenge then run inside TLS.
 
+mod bell;
 mod conn;
 pub(crate) mod frame;
 mod inbound;
 mod peer;
+mod polled;
+
+pub use bell::Bell;
+pub use polled::InboundPoll;
 
 pub(crate) use inbound::snapshot_recv_tmp;
 
@@ -92,6 +101,9 @@ pub struct TransportConfig {
     /// `raft.tls-enabled`: every connection is TLS 1.3 with certificates checked both ways
     /// (see conn.rs); None: plain TCP.
     pub tls: Option<crate::tls::TlsHandle>,
+    /// Rung after every send on the inbound channel. Some: open plain-TCP connections are
+    /// lent to the caller's thread, which polls them (`Transport::inbound_poll`).
+    pub bell: Option<Arc<Bell>>,
 }
 
 impl std::fmt::Debug for TransportConfig {
@@ -126,6 +138,7 @@ impl TransportConfig {
             snapshot_send: None,
             snapshot_recv: None,
             tls: None,
+            bell: None,
         }
     }
 }
@@ -162,7 +175,7 @@ pub(crate) struct LocalIdentity {
     pub(crate) snapshot_recv: Option<PathBuf>,
     /// Where the writers report how sending a snapshot went (as MsgSnapStatus, which the
     /// raft thread turns into `report_snapshot`).
-    pub(crate) reports: crossbeam_channel::Sender<Vec<Message>>,
+    pub(crate) reports: bell::ToNode,
     /// Some: TLS on every connection (`TransportConfig::tls`).
     pub(crate) tls: Option<crate::tls::TlsHandle>,
 }
@@ -249,6 +262,9 @@ pub struct Transport {
     retired: Mutex<Vec<JoinHandle<()>>>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
     inbound_conns: Arc<Mutex<Vec<InboundConn>>>,
+    /// Some with a bell: connections lent to the raft thread, and its side until taken.
+    lending: Option<Arc<polled::Lending>>,
+    inbound_poll: Mutex<Option<InboundPoll>>,
     unknown_peer_drops: AtomicU64,
 }
 
@@ -288,6 +304,7 @@ impl Transport {
         // Polled, so the acceptor sees `stop` without a wake-up connection.
         listener.set_nonblocking(true).map_err(bind_err)?;
 
+        let inbound = bell::ToNode::new(inbound, cfg.bell);
         let local = Arc::new(LocalIdentity {
             node_id: cfg.node_id,
             cluster_id: cfg.cluster_id,
@@ -303,16 +320,29 @@ impl Transport {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let inbound_conns = Arc::new(Mutex::new(Vec::new()));
+        let tls_warned: inbound::TlsWarned = Arc::new(Mutex::new(HashMap::new()));
+        let lending = inbound.bell().map(|_| Arc::new(polled::Lending::default()));
+        let inbound_poll = lending.as_ref().zip(inbound.bell()).map(|(l, bell)| {
+            InboundPoll::new(
+                Arc::clone(bell),
+                Arc::clone(l),
+                inbound.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&inbound_conns),
+                Arc::clone(&tls_warned),
+            )
+        });
         let acceptor = Acceptor {
             listener,
             local: Arc::clone(&local),
             inbound,
+            lending: lending.clone(),
             stop: Arc::clone(&stop),
             conns: Arc::clone(&inbound_conns),
             auth_warned: Arc::new(Mutex::new(HashMap::new())),
             unauth_warn: Arc::new(inbound::WarnLimit::default()),
             refusal_warn: Arc::new(inbound::WarnLimit::default()),
-            tls_warned: Arc::new(Mutex::new(HashMap::new())),
+            tls_warned,
         };
         let acceptor = std::thread::Builder::new()
             .name("raft-bus-accept".into())
@@ -331,8 +361,15 @@ impl Transport {
             retired: Mutex::new(Vec::new()),
             acceptor: Mutex::new(Some(acceptor)),
             inbound_conns,
+            lending,
+            inbound_poll: Mutex::new(inbound_poll),
             unknown_peer_drops: AtomicU64::new(0),
         })
+    }
+
+    /// The raft thread's side of the lent connections (once; None without a bell).
+    pub fn inbound_poll(&self) -> Option<InboundPoll> {
+        lock(&self.inbound_poll).take()
     }
 
     /// The address the listener is bound to (useful with port 0).
@@ -446,6 +483,13 @@ impl Transport {
         let mut left = join_until(lock(&self.acceptor).take().into_iter().collect(), deadline);
         let conns = std::mem::take(&mut *lock(&self.inbound_conns));
         threads.extend(conns.into_iter().map(InboundConn::close));
+        if let Some(l) = &self.lending {
+            // Those the raft thread holds close when it ends (InboundPoll's drop).
+            for c in std::mem::take(&mut *lock(&l.arriving)) {
+                l.count.fetch_sub(1, Ordering::AcqRel);
+                c.close();
+            }
+        }
         left += join_until(threads, deadline);
         if left > 0 {
             tracing::warn!(
@@ -524,6 +568,7 @@ pub(crate) fn fuzz_inbound<'a>(
     reads: impl Iterator<Item = &'a [u8]>,
 ) {
     let (reports, _rx) = crossbeam_channel::unbounded();
+    let reports = bell::ToNode::new(reports, None);
     let handler = inbound::Handler {
         addr: SocketAddr::from(([127, 0, 0, 1], 1)),
         local: Arc::new(LocalIdentity {

@@ -24,6 +24,10 @@ struct Inbox {
     batches: usize,
     /// Peers whose connection to us closed (`Report::InboundClosed`, kept out of `pending`).
     closed: Vec<u64>,
+    /// With a bell: the lent connections, read here as the raft thread reads them.
+    poll: Option<InboundPoll>,
+    /// Messages that came from `poll` rather than the channel.
+    polled: usize,
 }
 
 impl Inbox {
@@ -33,6 +37,8 @@ impl Inbox {
             pending: VecDeque::new(),
             batches: 0,
             closed: Vec::new(),
+            poll: None,
+            polled: 0,
         }
     }
 
@@ -40,6 +46,27 @@ impl Inbox {
         let deadline = Instant::now() + timeout;
         while self.pending.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(poll) = &mut self.poll {
+                // The raft thread's order: the channel, then what the poll read.
+                if let Ok(batch) = self.rx.try_recv() {
+                    self.take(batch);
+                    continue;
+                }
+                if left.is_zero() {
+                    return Err(RecvTimeoutError::Timeout);
+                }
+                let rx = &self.rx;
+                let mut out = Vec::new();
+                poll.wait(left, || !rx.is_empty(), &mut out);
+                while let Ok(batch) = self.rx.try_recv() {
+                    self.take(batch);
+                }
+                if !out.is_empty() {
+                    self.polled += out.len();
+                    self.take(out);
+                }
+                continue;
+            }
             let batch = self.rx.recv_timeout(left)?;
             self.take(batch);
         }
@@ -79,7 +106,25 @@ fn start_on(node_id: u64, listen: SocketAddr, max_frame_bytes: usize) -> (Transp
 
 fn start_cfg(cfg: TransportConfig) -> (Transport, Inbox) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    (Transport::start(cfg, tx).unwrap(), Inbox::new(rx))
+    let t = Transport::start(cfg, tx).unwrap();
+    let mut inbox = Inbox::new(rx);
+    inbox.poll = t.inbound_poll();
+    (t, inbox)
+}
+
+/// A transport that lends its open connections, as a node's does.
+fn start_polled(node_id: u64, snapshot_recv: Option<std::path::PathBuf>) -> (Transport, Inbox) {
+    start_cfg(TransportConfig {
+        bell: Some(Bell::new().unwrap()),
+        snapshot_recv,
+        ..TransportConfig::new(node_id, CLUSTER, any_port())
+    })
+}
+
+fn lent(t: &Transport) -> usize {
+    t.lending
+        .as_ref()
+        .map_or(0, |l| l.count.load(std::sync::atomic::Ordering::Acquire))
 }
 
 fn start_with_password(node_id: u64, password: &str) -> (Transport, Inbox) {
@@ -1065,4 +1110,107 @@ fn exposed_bus_without_password_or_tls_is_warned_about() {
     assert_eq!(exposure_warning(lo, "", false), None);
     assert_eq!(exposure_warning(any, "pw", false), None);
     assert_eq!(exposure_warning(any, "", true), None);
+}
+
+#[test]
+fn open_connections_are_lent_to_the_polling_thread_and_keep_their_order() {
+    let (a, _a_rx) = start(1);
+    let (b, mut b_rx) = start_polled(2, None);
+    a.set_peer(2, &b.local_addr().to_string());
+    for i in 0..2000u64 {
+        a.send(vec![append(1, 2, i)]);
+    }
+    for i in 0..2000u64 {
+        let m = b_rx.recv_timeout(WAIT).unwrap();
+        assert_eq!(m.index, i, "out of order");
+    }
+    assert!(
+        b_rx.polled > 1900,
+        "only {} of 2000 messages were read by the polling thread",
+        b_rx.polled
+    );
+    assert_eq!(lent(&b), 1);
+    // The polling side notices the connection close, as a reader would.
+    drop(a);
+    let closed = wait_until(|| {
+        let _ = b_rx.recv_timeout(Duration::from_millis(10));
+        b_rx.closed.contains(&1)
+    });
+    assert!(closed, "the closed lent connection was not reported");
+    assert_eq!(lent(&b), 0);
+}
+
+#[test]
+fn a_lent_connection_goes_back_to_a_reader_for_a_snapshot_and_is_lent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let recv = dir.path().join("snap");
+    let (b, mut b_rx) = start_polled(2, Some(recv.clone()));
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    raw.write_all(&hello_bytes(CLUSTER, 1, 2)).unwrap();
+    assert_eq!(read_frames(&mut raw, 1), vec![Frame::Welcome]);
+    raw.write_all(&message_bytes(&append(1, 2, 1))).unwrap();
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap().index, 1);
+    assert!(wait_until(|| lent(&b) == 1));
+    let polled_before = b_rx.polled;
+
+    // In one write: a message, the whole file in two chunks, its MsgSnapshot, a message.
+    let file = vec![7u8; 100_000];
+    let mut buf = message_bytes(&append(1, 2, 2));
+    frame::encode_snapshot_chunk(40, 0, 100_000, &file[..60_000], &mut buf).unwrap();
+    frame::encode_snapshot_chunk(40, 60_000, 100_000, &file[60_000..], &mut buf).unwrap();
+    let mut snap = Message {
+        msg_type: MessageType::MsgSnapshot as i32,
+        to: 2,
+        from: 1,
+        term: 3,
+        ..Default::default()
+    };
+    snap.mut_snapshot().mut_metadata().index = 40;
+    buf.extend(message_bytes(&snap));
+    buf.extend(message_bytes(&append(1, 2, 41)));
+    raw.write_all(&buf).unwrap();
+    let got: Vec<(MessageType, u64)> = (0..3)
+        .map(|_| {
+            let m = b_rx.recv_timeout(WAIT).unwrap();
+            (m.get_msg_type(), m.index)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (MessageType::MsgAppend, 2),
+            (MessageType::MsgSnapshot, 0),
+            (MessageType::MsgAppend, 41)
+        ]
+    );
+    assert_eq!(std::fs::read(&recv).unwrap(), file, "the snapshot file");
+    assert_eq!(
+        lock(&b.inbound_conns).len(),
+        2,
+        "the handshake's reader and the snapshot's"
+    );
+    // Lent again once the snapshot is complete: later messages come through the poll.
+    assert!(wait_until(|| lent(&b) == 1), "not lent again");
+    raw.write_all(&message_bytes(&append(1, 2, 42))).unwrap();
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap().index, 42);
+    assert!(b_rx.polled > polled_before + 1);
+}
+
+#[test]
+fn tls_connections_are_not_lent() {
+    let ca = TestCa::new("lend");
+    let fa = ca.node("a", false);
+    let fb = ca.node("b", false);
+    let (a, _a_rx) = start_tls(1, &fa, "");
+    let (b, mut b_rx) = start_cfg(TransportConfig {
+        tls: Some(crate::tls::TlsHandle::new(crate::tls::build(&fb).unwrap())),
+        bell: Some(Bell::new().unwrap()),
+        ..TransportConfig::new(2, CLUSTER, any_port())
+    });
+    assert!(b_rx.poll.is_some());
+    a.set_peer(2, &b.local_addr().to_string());
+    a.send(vec![append(1, 2, 5)]);
+    assert_eq!(b_rx.recv_timeout(WAIT).unwrap().index, 5);
+    assert_eq!(b_rx.polled, 0);
+    assert_eq!(lent(&b), 0);
 }

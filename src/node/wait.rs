@@ -1,0 +1,48 @@
+//! Where the raft thread sleeps: in poll(2) on its bell (rung after anything is put on its
+//! channels: the main thread's input, the transport's inbound batches and reports, the
+//! syncer's doorbell) and on the peer connections it reads itself
+//! (`transport::InboundPoll`), until the next timer. A peer's message then wakes this thread
+//! alone, not a reader thread first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{SendError, Sender, TrySendError};
+use raft::eraftpb::Message;
+
+use super::{Input, RaftThread};
+use crate::transport::Bell;
+
+/// The main thread's sender to the raft thread: every send rings the bell.
+pub(super) struct InputTx {
+    tx: Sender<Input>,
+    bell: Arc<Bell>,
+}
+
+impl InputTx {
+    pub(super) fn new(tx: Sender<Input>, bell: Arc<Bell>) -> InputTx {
+        InputTx { tx, bell }
+    }
+
+    pub(super) fn try_send(&self, i: Input) -> Result<(), TrySendError<Input>> {
+        self.tx.try_send(i)?;
+        self.bell.ring();
+        Ok(())
+    }
+
+    pub(super) fn send(&self, i: Input) -> Result<(), SendError<Input>> {
+        self.tx.send(i)?;
+        self.bell.ring();
+        Ok(())
+    }
+}
+
+impl RaftThread {
+    /// Sleeps until something arrives or `timeout` passes; appends what the polled peer
+    /// connections delivered to `polled`. Returns at once when anything is already waiting.
+    pub(super) fn wait(&mut self, timeout: Duration, polled: &mut Vec<Message>) {
+        let (input, inbound, synced) = (&self.input, &self.inbound, &self.synced_bell);
+        let waiting = || !input.is_empty() || !inbound.is_empty() || !synced.is_empty();
+        self.inbound_poll.wait(timeout, waiting, polled);
+    }
+}

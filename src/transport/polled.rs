@@ -1,0 +1,243 @@
+//! Inbound connections the raft thread reads itself.
+//!
+//! A reader thread (inbound.rs) runs a connection's handshake. Once the peer is welcomed, on
+//! plain TCP, it lends the socket here and ends: from then on the raft thread polls it
+//! together with its bell (bell.rs) and decodes what arrives in its own loop, so a peer's
+//! message reaches raft-rs without a wake-up of a reader and then of the raft thread. The
+//! frame handling is the reader's (`Handler::decode`), so every check holds alike.
+//!
+//! A connection goes back to a reader thread of its own when a snapshot chunk is next
+//! (writing and fsyncing a snapshot file must not hold up the raft thread); that reader lends
+//! it again once the snapshot is complete. TLS connections stay with their readers (a rustls
+//! session is one thread's).
+//!
+//! Invariants: a lent connection's frames are decoded in order, after whatever its reader
+//! decoded before lending it (those messages come along as `pending`); a connection that ends
+//! is reported (`Report::InboundClosed`) as its reader would; lent connections count towards
+//! `MAX_INBOUND_CONNS`.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raft::eraftpb::Message;
+
+use super::bell::{Bell, ToNode};
+use super::frame::FrameDecoder;
+use super::inbound::{self, ConnState, Decoded, Handler, InboundConn};
+use super::lock;
+
+/// An open connection a reader handed over.
+pub(crate) struct LentConn {
+    pub(crate) stream: TcpStream,
+    pub(crate) decoder: FrameDecoder,
+    pub(crate) conn: ConnState,
+    pub(crate) handler: Handler,
+    /// Decoded by the reader in the read that completed the handshake, not yet delivered.
+    pub(crate) pending: Vec<Message>,
+}
+
+impl LentConn {
+    /// Closes the connection for real: the acceptor's registry may still hold a clone of
+    /// the socket, so dropping this one alone would not.
+    pub(crate) fn close(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// What readers and the raft thread share.
+#[derive(Default)]
+pub(crate) struct Lending {
+    /// Lent by readers, not yet taken by the raft thread.
+    pub(crate) arriving: Mutex<Vec<LentConn>>,
+    /// Lent connections alive (arriving or polled), for the acceptor's limit.
+    pub(crate) count: AtomicUsize,
+}
+
+/// The raft thread's side: owns the lent connections.
+pub struct InboundPoll {
+    bell: Arc<Bell>,
+    lending: Arc<Lending>,
+    conns: Vec<LentConn>,
+    fds: Vec<libc::pollfd>,
+    chunk: Vec<u8>,
+    to_node: ToNode,
+    stop: Arc<AtomicBool>,
+    registry: Arc<Mutex<Vec<InboundConn>>>,
+    tls_warned: inbound::TlsWarned,
+}
+
+impl InboundPoll {
+    pub(crate) fn new(
+        bell: Arc<Bell>,
+        lending: Arc<Lending>,
+        to_node: ToNode,
+        stop: Arc<AtomicBool>,
+        registry: Arc<Mutex<Vec<InboundConn>>>,
+        tls_warned: inbound::TlsWarned,
+    ) -> InboundPoll {
+        InboundPoll {
+            bell,
+            lending,
+            conns: Vec::new(),
+            fds: Vec::new(),
+            chunk: vec![0u8; inbound::READ_CHUNK_BYTES],
+            to_node,
+            stop,
+            registry,
+            tls_warned,
+        }
+    }
+
+    /// Sleeps until the bell rings, a lent connection has something, or `timeout` passes;
+    /// appends what the connections delivered to `out`. Does not sleep when `waiting`, asked
+    /// once the thread counts as asleep, says something is queued already.
+    pub fn wait(
+        &mut self,
+        timeout: Duration,
+        waiting: impl FnOnce() -> bool,
+        out: &mut Vec<Message>,
+    ) {
+        self.bell.going_to_sleep();
+        let adopted = self.adopt(out);
+        let ms = if adopted || waiting() {
+            0
+        } else {
+            // Rounded up: waking before a timer is due would only come back here.
+            i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        };
+        let mut fds = std::mem::take(&mut self.fds);
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd: self.bell.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.extend(self.conns.iter().map(|c| libc::pollfd {
+            fd: c.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        // SAFETY: `fds` is a live, initialized slice of pollfds of the length passed.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        self.bell.awake(fds[0].revents != 0);
+        if n > 0 {
+            self.read(&fds[1..], out);
+        }
+        self.fds = fds;
+    }
+
+    /// Takes the connections lent since the last call, appending what their readers decoded
+    /// to `out`. True if there were any.
+    fn adopt(&mut self, out: &mut Vec<Message>) -> bool {
+        let arrived = std::mem::take(&mut *lock(&self.lending.arriving));
+        let any = !arrived.is_empty();
+        for mut c in arrived {
+            out.append(&mut c.pending);
+            self.conns.push(c);
+        }
+        any
+    }
+
+    /// Reads once from every connection `fds` (one per connection, in order, polled) says
+    /// is readable or closed, appending the valid messages to `out`, in order per connection.
+    fn read(&mut self, fds: &[libc::pollfd], out: &mut Vec<Message>) {
+        let mut i = 0;
+        let mut polled = fds.iter();
+        while i < self.conns.len() {
+            let Some(pfd) = polled.next() else {
+                return;
+            };
+            if pfd.revents == 0 {
+                i += 1;
+                continue;
+            }
+            match self.read_one(i, out) {
+                Next::Keep => i += 1,
+                Next::Close => {
+                    let c = self.conns.remove(i);
+                    self.lending.count.fetch_sub(1, Ordering::AcqRel);
+                    if let Some(from) = c.conn.peer() {
+                        if !self.stop.load(Ordering::Acquire) {
+                            // The raft thread may check whether the peer's process is gone.
+                            out.push(
+                                super::Report::InboundClosed(from).message(c.handler.local.node_id),
+                            );
+                        }
+                    }
+                    c.close();
+                }
+                Next::HandBack => {
+                    let c = self.conns.remove(i);
+                    self.lending.count.fetch_sub(1, Ordering::AcqRel);
+                    self.hand_back(c);
+                }
+            }
+        }
+    }
+
+    fn read_one(&mut self, i: usize, out: &mut Vec<Message>) -> Next {
+        let c = &mut self.conns[i];
+        let addr = c.handler.addr;
+        match c.stream.read(&mut self.chunk) {
+            Ok(0) => {
+                tracing::debug!(peer = %addr, "raft bus: connection from {addr} closed by peer");
+                return Next::Close;
+            }
+            Ok(n) => c.decoder.push(&self.chunk[..n]),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                return Next::Keep;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %addr, error = %e, "raft bus: connection from {addr} failed: {e}");
+                return Next::Close;
+            }
+        }
+        let mut stream = &c.stream;
+        match c
+            .handler
+            .decode(&mut stream, &mut c.decoder, &mut c.conn, out, true)
+        {
+            Decoded::Keep => Next::Keep,
+            Decoded::Close => Next::Close,
+            Decoded::ChunkNext => Next::HandBack,
+        }
+    }
+
+    /// A snapshot chunk is next on `c`: a reader thread of its own takes the connection over.
+    fn hand_back(&mut self, c: LentConn) {
+        let addr = c.handler.addr;
+        let started = inbound::resume_reader(
+            c,
+            self.to_node.clone(),
+            Arc::clone(&self.lending),
+            Arc::clone(&self.stop),
+            Arc::clone(&self.tls_warned),
+            &self.registry,
+        );
+        if let Err(e) = started {
+            tracing::warn!(peer = %addr, error = %e, "raft bus: cannot start a reader for the snapshot from {addr}: {e}");
+        }
+    }
+}
+
+impl Drop for InboundPoll {
+    fn drop(&mut self) {
+        for c in self.conns.drain(..) {
+            self.lending.count.fetch_sub(1, Ordering::AcqRel);
+            c.close();
+        }
+    }
+}
+
+enum Next {
+    Keep,
+    Close,
+    HandBack,
+}

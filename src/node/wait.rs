@@ -37,6 +37,13 @@ impl InputTx {
     }
 }
 
+impl Drop for InputTx {
+    fn drop(&mut self) {
+        // The channel is now disconnected: the raft thread should see it at once.
+        self.bell.ring();
+    }
+}
+
 impl RaftThread {
     /// Sleeps until something arrives or `timeout` passes; appends what the polled peer
     /// connections delivered to `polled`. Returns at once when anything is already waiting.

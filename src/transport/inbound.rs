@@ -282,10 +282,29 @@ pub(crate) fn resume_reader(
         handler,
         pending,
     } = c;
-    stream.set_nonblocking(false)?;
-    let clone = stream.try_clone()?;
+    let clone = match stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.try_clone())
+    {
+        Ok(clone) => clone,
+        Err(e) => {
+            let _ = stream.shutdown(Shutdown::Both);
+            let mut last = pending;
+            if let Some(from) = conn.peer() {
+                last.push(super::Report::InboundClosed(from).message(handler.local.node_id));
+            }
+            if !last.is_empty() {
+                let _ = inbound.try_send(last);
+            }
+            return Err(e);
+        }
+    };
     let addr = handler.addr;
     let phase = Arc::clone(&handler.phase);
+    let closed = conn
+        .peer()
+        .map(|from| super::Report::InboundClosed(from).message(handler.local.node_id));
+    let on_fail = inbound.clone();
     let reader = Reader {
         stream: Conn::Plain(stream),
         handler,
@@ -298,7 +317,13 @@ pub(crate) fn resume_reader(
     };
     let thread = std::thread::Builder::new()
         .name(format!("raft-bus-r{addr}"))
-        .spawn(move || reader.resume(decoder, conn, pending))?;
+        .spawn(move || reader.resume(decoder, conn, pending))
+        .inspect_err(|_| {
+            // The reader was dropped unstarted, closing the socket.
+            if let Some(m) = closed {
+                let _ = on_fail.try_send(vec![m]);
+            }
+        })?;
     lock(registry).push(InboundConn {
         stream: clone,
         thread,
@@ -639,17 +664,27 @@ impl Reader {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(peer = %addr, error = %e, "raft bus: cannot hand the connection from {addr} to the raft thread: {e}");
+                if !pending.is_empty() {
+                    self.forward(pending);
+                }
                 return false;
             }
         };
-        lending.count.fetch_add(1, Ordering::AcqRel);
-        lock(&lending.arriving).push(LentConn {
-            stream,
-            decoder,
-            conn,
-            handler: self.handler.clone(),
-            pending,
-        });
+        {
+            let mut arriving = lock(&lending.arriving);
+            // Checked under the lock shutdown empties `arriving` under: nothing lent after.
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            lending.count.fetch_add(1, Ordering::AcqRel);
+            arriving.push(LentConn {
+                stream,
+                decoder,
+                conn,
+                handler: self.handler.clone(),
+                pending,
+            });
+        }
         self.lent = true;
         self.inbound.ring();
         true

@@ -30,6 +30,9 @@ use super::frame::FrameDecoder;
 use super::inbound::{self, ConnState, Decoded, Handler, InboundConn};
 use super::lock;
 
+/// At most this much is read from one connection per turn of the raft thread.
+const READ_BUDGET_BYTES: usize = 1 << 20;
+
 /// An open connection a reader handed over.
 pub(crate) struct LentConn {
     pub(crate) stream: TcpStream,
@@ -155,6 +158,7 @@ impl InboundPoll {
                 i += 1;
                 continue;
             }
+            let before = out.len();
             match self.read_one(i, out) {
                 Next::Keep => i += 1,
                 Next::Close => {
@@ -171,42 +175,58 @@ impl InboundPoll {
                     c.close();
                 }
                 Next::HandBack => {
-                    let c = self.conns.remove(i);
+                    let mut c = self.conns.remove(i);
                     self.lending.count.fetch_sub(1, Ordering::AcqRel);
+                    // Its reader delivers them first, so nothing it forwards overtakes them.
+                    c.pending = out.split_off(before);
                     self.hand_back(c);
                 }
             }
         }
     }
 
+    /// Reads what the socket holds (up to `READ_BUDGET_BYTES`: a follower fsyncs on this
+    /// thread, and a burst read at once is one batch, one fsync), then decodes it.
     fn read_one(&mut self, i: usize, out: &mut Vec<Message>) -> Next {
         let c = &mut self.conns[i];
         let addr = c.handler.addr;
-        match c.stream.read(&mut self.chunk) {
-            Ok(0) => {
-                tracing::debug!(peer = %addr, "raft bus: connection from {addr} closed by peer");
-                return Next::Close;
-            }
-            Ok(n) => c.decoder.push(&self.chunk[..n]),
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
-                return Next::Keep;
-            }
-            Err(e) => {
-                tracing::debug!(peer = %addr, error = %e, "raft bus: connection from {addr} failed: {e}");
-                return Next::Close;
+        let mut total = 0;
+        let mut ended = false;
+        loop {
+            match c.stream.read(&mut self.chunk) {
+                Ok(0) => {
+                    tracing::debug!(peer = %addr, "raft bus: connection from {addr} closed by peer");
+                    ended = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.decoder.push(&self.chunk[..n]);
+                    total += n;
+                    // A short read emptied the socket: spare the read that says so.
+                    if n < self.chunk.len() || total >= READ_BUDGET_BYTES {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(peer = %addr, error = %e, "raft bus: connection from {addr} failed: {e}");
+                    ended = true;
+                    break;
+                }
             }
         }
+        // What arrived before the end is delivered, as a reader would.
         let mut stream = &c.stream;
         match c
             .handler
             .decode(&mut stream, &mut c.decoder, &mut c.conn, out, true)
         {
-            Decoded::Keep => Next::Keep,
             Decoded::Close => Next::Close,
+            // Its reader meets the end itself.
             Decoded::ChunkNext => Next::HandBack,
+            Decoded::Keep if ended => Next::Close,
+            Decoded::Keep => Next::Keep,
         }
     }
 

@@ -1214,3 +1214,28 @@ fn tls_connections_are_not_lent() {
     assert_eq!(b_rx.polled, 0);
     assert_eq!(lent(&b), 0);
 }
+
+#[test]
+fn messages_in_the_handshake_read_come_first_and_shutdown_closes_lent_connections() {
+    let (b, mut b_rx) = start_polled(2, None);
+    let mut raw = TcpStream::connect(b.local_addr()).unwrap();
+    // The Hello and three messages in one write: the reader decodes them in the read that
+    // completes the handshake and lends them along with the connection.
+    let mut buf = hello_bytes(CLUSTER, 1, 2);
+    for i in 1..=3 {
+        buf.extend(message_bytes(&append(1, 2, i)));
+    }
+    raw.write_all(&buf).unwrap();
+    assert_eq!(read_frames(&mut raw, 1), vec![Frame::Welcome]);
+    raw.write_all(&message_bytes(&append(1, 2, 4))).unwrap();
+    let got: Vec<u64> = (0..4)
+        .map(|_| b_rx.recv_timeout(WAIT).unwrap().index)
+        .collect();
+    assert_eq!(got, vec![1, 2, 3, 4]);
+    assert_eq!(b_rx.polled, 4, "all came through the lent connection");
+    assert_eq!(lent(&b), 1);
+    // The transport stops; the lent connection is closed with the poll that holds it.
+    b.shutdown();
+    drop(b_rx);
+    assert_closed_by_peer(raw, "lent connection after shutdown");
+}

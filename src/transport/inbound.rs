@@ -290,9 +290,7 @@ pub(crate) fn resume_reader(
         Err(e) => {
             let _ = stream.shutdown(Shutdown::Both);
             let mut last = pending;
-            if let Some(from) = conn.peer() {
-                last.push(super::Report::InboundClosed(from).message(handler.local.node_id));
-            }
+            last.extend(handler.closed_report(&conn));
             if !last.is_empty() {
                 let _ = inbound.try_send(last);
             }
@@ -301,9 +299,7 @@ pub(crate) fn resume_reader(
     };
     let addr = handler.addr;
     let phase = Arc::clone(&handler.phase);
-    let closed = conn
-        .peer()
-        .map(|from| super::Report::InboundClosed(from).message(handler.local.node_id));
+    let closed = handler.closed_report(&conn);
     let on_fail = inbound.clone();
     let reader = Reader {
         stream: Conn::Plain(stream),
@@ -623,17 +619,15 @@ impl Reader {
             return;
         }
         let lend = self.serve(&mut decoder, &mut conn);
-        let peer = conn.peer();
+        let closed = self.handler.closed_report(&conn);
         if let Some(batch) = lend {
             if self.lend(decoder, conn, batch) {
                 return;
             }
             // Not lent (logged): the connection closes, and the node hears it below.
         }
-        if let Some(from) = peer {
+        if let Some(m) = closed {
             if !self.stop.load(Ordering::Acquire) {
-                // The raft thread may check whether the peer's process is gone.
-                let m = super::Report::InboundClosed(from).message(self.handler.local.node_id);
                 let _ = self.inbound.try_send(vec![m]);
             }
         }
@@ -789,6 +783,13 @@ impl Reader {
 }
 
 impl Handler {
+    /// What tells the node that `conn`, once welcomed, has closed (the raft thread may then
+    /// check whether the peer's process is gone); None before Welcome.
+    pub(crate) fn closed_report(&self, conn: &ConnState) -> Option<Message> {
+        conn.peer()
+            .map(|from| super::Report::InboundClosed(from).message(self.local.node_id))
+    }
+
     /// Moves every complete frame out of `decoder`, appending the valid messages to `batch`.
     /// False when the connection must be closed (the reason is logged here).
     pub(crate) fn decode_all(

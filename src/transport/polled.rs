@@ -145,7 +145,7 @@ impl InboundPoll {
         any
     }
 
-    /// Reads once from every connection `fds` (one per connection, in order, polled) says
+    /// Reads (`read_one`) every connection `fds` (one per connection, in order, polled) says
     /// is readable or closed, appending the valid messages to `out`, in order per connection.
     fn read(&mut self, fds: &[libc::pollfd], out: &mut Vec<Message>) {
         let mut i = 0;
@@ -164,12 +164,9 @@ impl InboundPoll {
                 Next::Close => {
                     let c = self.conns.remove(i);
                     self.lending.count.fetch_sub(1, Ordering::AcqRel);
-                    if let Some(from) = c.conn.peer() {
+                    if let Some(m) = c.handler.closed_report(&c.conn) {
                         if !self.stop.load(Ordering::Acquire) {
-                            // The raft thread may check whether the peer's process is gone.
-                            out.push(
-                                super::Report::InboundClosed(from).message(c.handler.local.node_id),
-                            );
+                            out.push(m);
                         }
                     }
                     c.close();

@@ -13,6 +13,12 @@
 //! without a leader it grants them), then they take turns by node id: the lowest campaigns at
 //! once, the next `TURN` later if there is still no leader, and so on.
 //!
+//! A campaigner asks again every `RETRY` while nobody leads: a voter that has not yet seen
+//! the leader go ignores its pre-vote request (raft-rs answers nothing inside a leader's
+//! lease), and without asking again the election would wait for the next voter's turn, a
+//! `TURN` later. It stops asking after an election timeout, when raft-rs's own timer
+//! campaigns anyway.
+//!
 //! Not in lease mode: a lease counts on every follower that acknowledged the leader waiting
 //! an election timeout before voting, and a refused connection does not prove the leader's
 //! process is gone (a firewall that rejects rather than drops looks the same).
@@ -28,6 +34,9 @@ use std::time::{Duration, Instant};
 /// How long each surviving voter waits after the one before it (by node id) to campaign.
 pub(super) const TURN: Duration = Duration::from_millis(100);
 
+/// How often a voter whose early campaign found no leader yet asks again.
+pub(super) const RETRY: Duration = Duration::from_millis(10);
+
 /// An election this follower starts early because its leader's process is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct EarlyElection {
@@ -35,6 +44,8 @@ pub(super) struct EarlyElection {
     pub(super) at: Instant,
     /// The term in which the leader was lost; a newer term means an election already ran.
     pub(super) term: u64,
+    /// Set by the first campaign: asking again stops here.
+    pub(super) retry_until: Option<Instant>,
 }
 
 /// This node's turn among the voters that survive `gone`, by node id (0 campaigns first);

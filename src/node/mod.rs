@@ -2319,6 +2319,7 @@ impl RaftThread {
                 self.early_election = Some(EarlyElection {
                     at: Instant::now() + failover::TURN * turn,
                     term,
+                    retry_until: None,
                 });
             }
             Report::Refused(_) => {}
@@ -2340,13 +2341,32 @@ impl RaftThread {
         if now < e.at {
             return;
         }
-        self.early_election = None;
-        if r.state == StateRole::Follower {
-            info!("no leader since the last one's process went away: starting an election");
-            if let Err(e) = self.node.campaign() {
-                warn!("could not start an election: {e}");
-            }
+        // A pre-candidate asks again: a voter that had not yet seen the leader go ignored
+        // its request (failover.rs).
+        let first = e.retry_until.is_none();
+        if !matches!(r.state, StateRole::Follower | StateRole::PreCandidate) {
+            self.early_election = None;
+            return;
         }
+        let until = e.retry_until.unwrap_or_else(|| {
+            now + self
+                .tick
+                .saturating_mul(u32::try_from(self.election_ticks).unwrap_or(u32::MAX))
+        });
+        if first {
+            info!("no leader since the last one's process went away: starting an election");
+        } else {
+            tracing::debug!("still no leader: asking the other voters for their votes again");
+        }
+        if let Err(e) = self.node.campaign() {
+            warn!("could not start an election: {e}");
+        }
+        let next = now + failover::RETRY;
+        self.early_election = (next < until).then_some(EarlyElection {
+            at: next,
+            term: e.term,
+            retry_until: Some(until),
+        });
     }
 
     /// The raft thread did not run for `stall`, longer than an election timeout: no read

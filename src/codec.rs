@@ -135,6 +135,52 @@ pub struct SnapshotMembership {
     pub book: MemberBook,
 }
 
+/// What WATCH knows, as of a snapshot's index, of which keys the entries before it modified
+/// (redis/watch.rs): written in the snapshot's metadata after its membership, so a node that
+/// loads the snapshot instead of applying those entries decides WATCH as every other node.
+/// Keys are 64-bit fingerprints, each with the index of the entry that last modified it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRecord {
+    /// The newer generation of remembered keys.
+    pub young: Vec<(u64, u64)>,
+    /// The older generation.
+    pub old: Vec<(u64, u64)>,
+    /// Every key in neither counts as modified at this index.
+    pub floor: u64,
+    /// The newest index in `old`.
+    pub old_newest: u64,
+    /// Database → index of its last FLUSHDB.
+    pub flushed: Vec<(i32, u64)>,
+    /// Index of the last FLUSHALL.
+    pub flushed_all: u64,
+}
+
+/// A snapshot header's metadata: the membership, then what WATCH knows (`WatchRecord`).
+/// Files written before the WATCH record existed hold the membership alone; a reader of the
+/// membership ignores what follows it.
+pub fn encode_snapshot_meta(membership: &SnapshotMembership, watch: &WatchRecord) -> Vec<u8> {
+    let mut out = encode(membership);
+    out.extend_from_slice(&encode(watch));
+    out
+}
+
+/// The WATCH record in a snapshot's metadata; None in a file written before it existed.
+pub fn decode_snapshot_watch(meta: &[u8]) -> Result<Option<WatchRecord>, CodecError> {
+    use ::bincode::Options as _;
+    let membership: SnapshotMembership = decode(meta)?;
+    let size = bincode::options_limited()
+        .serialized_size(&membership)
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let used = usize::try_from(size)
+        .ok()
+        .and_then(|n| n.checked_add(1))
+        .ok_or_else(|| CodecError::Decode("membership size out of range".into()))?;
+    match meta.get(used..) {
+        None | Some([]) => Ok(None),
+        Some(rest) => decode(rest).map(Some),
+    }
+}
+
 /// What a node's log stores about membership: the book, and which member the node is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMembership {
@@ -261,6 +307,33 @@ mod tests {
             addr: "10.0.0.1:6379".into(),
         };
         assert_eq!(decode_command(&encode_command(&a)).unwrap(), a);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_membership_readable_and_carries_the_watch_record() {
+        let mut membership = SnapshotMembership {
+            voters: vec![1, 2, 3],
+            learners: vec![9],
+            book: MemberBook::default(),
+        };
+        membership.book.cluster_id = "c1".into();
+        let watch = WatchRecord {
+            young: vec![(11, 40), (12, 41)],
+            old: vec![(13, 30)],
+            floor: 7,
+            old_newest: 30,
+            flushed: vec![(3, 20)],
+            flushed_all: 5,
+        };
+        let meta = encode_snapshot_meta(&membership, &watch);
+        // Readers of the membership alone (the raft thread, older versions) see it as before.
+        assert_eq!(decode::<SnapshotMembership>(&meta).unwrap(), membership);
+        assert_eq!(decode_snapshot_watch(&meta).unwrap(), Some(watch));
+        // A file from before the WATCH record: the membership alone.
+        assert_eq!(decode_snapshot_watch(&encode(&membership)).unwrap(), None);
+        // A damaged record is an error, not a panic.
+        assert!(decode_snapshot_watch(&meta[..meta.len() - 3]).is_err());
+        assert!(decode_snapshot_watch(&[]).is_err());
     }
 
     /// Logs written by any version must decode alike: the bytes of a command are fixed.

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{err_text, info_num, q, wait_for, Cluster, Value};
+use common::{err_text, info_num, q, wait_for, Cluster, RawConn, Value};
 
 /// Writes one key of every data type (in databases 0 and 3, some with TTLs) on the leader.
 fn write_every_type(c: &Cluster, l: usize, tag: &str) {
@@ -564,4 +564,52 @@ fn a_follower_far_behind_catches_up_from_the_log_file_with_a_tiny_cache() {
         Duration::from_secs(5),
         || empty(&c),
     );
+}
+
+/// WATCH is decided on every node from the entries it applied. A node that skipped entries
+/// by loading a snapshot (its own at a restart, or the leader's when it fell behind) must
+/// still know which keys they modified, or it would run a transaction the others abort.
+#[test]
+fn a_node_that_loaded_a_snapshot_aborts_a_watched_transaction_like_the_others() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(15));
+    let (f, g) = ((l + 1) % 3, (l + 2) % 3);
+    let mut a = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(a.cmd(&["SET", "k", "1"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["WATCH", "k"]), "+OK\r\n");
+    // g misses what follows and will catch up from the leader's snapshot.
+    c.kill(g);
+    // Another client modifies k after the WATCH, then more keys change.
+    assert_eq!(q(&c, l, &["SET", "k", "2"]), Ok(Value::Okay));
+    for i in 0..20 {
+        q(&c, l, &["SET", &format!("other{i}"), "v"]).unwrap();
+    }
+    wait_applied(&mut c, &[l, f]);
+    assert_eq!(q(&c, f, &["RAFT.DEBUG", "COMPACT"]), Ok(Value::Okay));
+    assert_eq!(q(&c, l, &["RAFT.DEBUG", "COMPACT"]), Ok(Value::Okay));
+    c.start_node(g);
+    wait_applied(&mut c, &[l, f, g]);
+    assert!(
+        info_num(&c, g, "raft_snapshots_received") >= 1,
+        "node {g} caught up without the leader's snapshot"
+    );
+    // f restarts from its own snapshot.
+    c.kill(f);
+    c.start_node(f);
+    wait_applied(&mut c, &[l, f, g]);
+    assert!(c.nodes[f].log().contains("loading the raft snapshot"));
+    // The transaction aborts on the leader, and so on every node.
+    assert_eq!(c.wait_leader(Duration::from_secs(15)), l);
+    assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(a.cmd(&["SET", "k", "3"]), "+QUEUED\r\n");
+    assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n");
+    assert_eq!(q(&c, l, &["SET", "after", "1"]), Ok(Value::Okay));
+    wait_applied(&mut c, &[l, f, g]);
+    for i in 0..3 {
+        assert_eq!(
+            c.local(i, &["GET", "k"]),
+            Value::BulkString(b"2".to_vec()),
+            "node {i} ran the transaction its leader aborted"
+        );
+    }
 }

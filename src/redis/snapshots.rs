@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::api::{self, RedisModuleBlockedClient, RedisModuleCtx};
 use super::{configs, finish, module, MainThread};
-use crate::codec::encode;
+use crate::codec::encode_snapshot_meta;
 use crate::node::Node;
 use crate::snapshot::format::SnapshotHeader;
 use crate::snapshot::{load, save};
@@ -229,7 +229,7 @@ fn start(ctx: *mut RedisModuleCtx, node: &Node) -> Result<(), String> {
     let header = SnapshotHeader {
         index,
         term,
-        meta: encode(&membership),
+        meta: encode_snapshot_meta(&membership, &super::watch::record()),
     };
     let started = Instant::now();
     save::start_save(
@@ -359,6 +359,7 @@ pub fn start_loading(
                         started.elapsed().as_millis(),
                         o.longest_slice.as_millis()
                     );
+                    super::watch::restore(&o.header.meta, index);
                     if let Some(node) = module().and_then(|m| m.node()) {
                         node.shared().set_applied(index);
                     }

@@ -8,9 +8,15 @@
 //! A key that expires by itself fires no counted event; instead WATCH notes the key's expiry
 //! (absolute ms) and the EXEC entry carries the leader's clock, so a key that existed at
 //! WATCH and has expired by EXEC aborts the transaction (Redis 7.0 does the same).
-//! The record is bounded: the oldest keys are forgotten first, and a forgotten key counts as
-//! modified at the newest index forgotten (`floor`), which only ever aborts more, never less,
-//! and identically everywhere since it depends only on the applied entries.
+//! The record is bounded, in two generations: keys go into the young one; when it holds
+//! `GENERATION_KEYS` keys it becomes the old one and the previous old one is forgotten. A
+//! forgotten key counts as modified at the newest index of its generation (`floor`), which
+//! only ever aborts more, never less, and identically everywhere since it depends only on the
+//! applied entries. At least the `GENERATION_KEYS` most recently modified keys are known.
+//!
+//! A snapshot carries the record as of its index (`codec::WatchRecord`, in its header's
+//! metadata): a node that loads a snapshot, at a restart or to catch up, instead of applying
+//! the entries before it, still decides every later EXEC as the nodes that applied them.
 //!
 //! FLUSHDB and FLUSHALL fire no per-key events: as in Redis 7.0, they trip the watched keys
 //! that existed (a key missing at WATCH and not written since stays missing through the
@@ -21,14 +27,17 @@
 //! the same fingerprint count as one, which again only aborts more, and the same way on
 //! every node (the fingerprint depends on nothing but the key).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int};
+
+use rustc_hash::FxHashMap;
 
 use super::api::{self, guard, rm, RedisModuleCtx, RedisModuleString};
 use super::MainThread;
+use crate::codec::{decode_snapshot_watch, WatchRecord};
 
-/// Keys remembered with their last modification; past this the oldest are forgotten.
-const TRACKED_KEYS_MAX: usize = 100_000;
+/// Keys in one generation of the record; between one and two generations are remembered.
+const GENERATION_KEYS: usize = 100_000;
 
 /// A watched key: database, key, the applied index at WATCH, and its expiry then (absolute
 /// unix ms; -1: none; `MISSING`: the key did not exist; entries logged before that was
@@ -50,12 +59,14 @@ fn fingerprint(db: i32, key: &[u8]) -> u64 {
 
 #[derive(Default)]
 struct Tracker {
-    /// Key fingerprint → index of the entry that last modified it.
-    last: rustc_hash::FxHashMap<u64, u64>,
-    /// Every touch in index order; an entry is stale once `last` holds a newer index for
-    /// its key. Stale entries are skipped when forgetting and dropped when compacting.
-    log: VecDeque<(u64, u64)>,
-    /// Every key not in `last` counts as modified at this index.
+    /// Key fingerprint → index of the entry that last modified it: the keys modified since
+    /// the last change of generation.
+    young: FxHashMap<u64, u64>,
+    /// The generation before; a key in both has its newer index in `young`.
+    old: FxHashMap<u64, u64>,
+    /// The newest index in `old`: what its keys count as once it is forgotten.
+    old_newest: u64,
+    /// Every key in neither generation counts as modified at this index.
     floor: u64,
     /// The entry being applied, while one is.
     applying: Option<u64>,
@@ -66,31 +77,21 @@ struct Tracker {
 
 impl Tracker {
     fn touch(&mut self, db: i32, key: &[u8], index: u64) {
-        let k = fingerprint(db, key);
-        if self.last.insert(k, index) == Some(index) {
-            return;
-        }
-        self.log.push_back((index, k));
-        // Forget the least recently modified keys, oldest first.
-        while self.last.len() > TRACKED_KEYS_MAX {
-            let Some((idx, k)) = self.log.pop_front() else {
-                break;
-            };
-            if self.last.get(&k) == Some(&idx) {
-                self.last.remove(&k);
-                self.floor = self.floor.max(idx);
-            }
-        }
-        // Bounded: drop stale entries once they outnumber the live ones.
-        if self.log.len() > 2 * TRACKED_KEYS_MAX {
-            let last = &self.last;
-            self.log.retain(|(idx, k)| last.get(k) == Some(idx));
+        self.young.insert(fingerprint(db, key), index);
+        if self.young.len() >= GENERATION_KEYS {
+            // The old generation is forgotten; the young one becomes old (entries apply in
+            // index order, so `index` is its newest).
+            self.floor = self.floor.max(self.old_newest);
+            self.old_newest = index;
+            std::mem::swap(&mut self.old, &mut self.young);
+            self.young.clear();
         }
     }
 
     fn touch_all(&mut self, index: u64) {
-        self.last.clear();
-        self.log.clear();
+        self.young.clear();
+        self.old.clear();
+        self.old_newest = index;
         self.floor = index;
     }
 
@@ -100,12 +101,39 @@ impl Tracker {
     }
 
     fn modified_after(&self, db: i32, key: &[u8], since: u64) -> bool {
+        let k = fingerprint(db, key);
         let at = self
-            .last
-            .get(&fingerprint(db, key))
+            .young
+            .get(&k)
+            .or_else(|| self.old.get(&k))
             .copied()
             .unwrap_or(self.floor);
         at > since
+    }
+
+    fn record(&self) -> WatchRecord {
+        let mut flushed: Vec<(i32, u64)> = self.flushed.iter().map(|(d, i)| (*d, *i)).collect();
+        flushed.sort_unstable();
+        WatchRecord {
+            young: self.young.iter().map(|(k, i)| (*k, *i)).collect(),
+            old: self.old.iter().map(|(k, i)| (*k, *i)).collect(),
+            floor: self.floor,
+            old_newest: self.old_newest,
+            flushed,
+            flushed_all: self.flushed_all,
+        }
+    }
+
+    fn restore(&mut self, r: WatchRecord) {
+        *self = Tracker {
+            young: r.young.into_iter().collect(),
+            old: r.old.into_iter().collect(),
+            old_newest: r.old_newest,
+            floor: r.floor,
+            applying: None,
+            flushed: r.flushed.into_iter().collect(),
+            flushed_all: r.flushed_all,
+        };
     }
 }
 
@@ -187,6 +215,29 @@ pub fn tripped(keys: &[WatchedKey], now_ms: i64) -> bool {
     })
 }
 
+/// What WATCH knows now, for a snapshot of the applied index (its header's metadata).
+pub fn record() -> WatchRecord {
+    TRACKER.get_mut().record()
+}
+
+/// A snapshot at `index` was loaded in place of the entries before it: WATCH takes what it
+/// knew from its metadata. A file from before snapshots carried it counts every key as
+/// modified at `index`.
+pub fn restore(meta: &[u8], index: u64) {
+    let t = TRACKER.get_mut();
+    match decode_snapshot_watch(meta) {
+        Ok(Some(r)) => t.restore(r),
+        Ok(None) => {
+            tracing::warn!("the snapshot at index {index} was written by an older version and says nothing of the keys its entries modified: this node counts every key as modified at that index, so it aborts a transaction whose WATCH is older than the snapshot (other nodes may run it)");
+            t.touch_all(index);
+        }
+        Err(e) => {
+            tracing::warn!("the snapshot at index {index} has an unreadable WATCH record ({e}): this node counts every key as modified at that index, so it aborts a transaction whose WATCH is older than the snapshot (other nodes may run it)");
+            t.touch_all(index);
+        }
+    }
+}
+
 /// WATCH: `keys` with their expiry now (absolute unix ms, -1: none).
 pub fn watch(client: u64, db: i32, keys: &[(&[u8], i64)], applied: u64) {
     let w = WATCHES.get_mut().entry(client).or_default();
@@ -220,7 +271,7 @@ mod tests {
         assert!(!t.modified_after(0, b"b", 0), "never modified");
         t.touch(0, b"a", 9);
         assert!(t.modified_after(0, b"a", 5));
-        assert_eq!(t.log.len(), 2, "one entry per touch until compaction");
+        assert_eq!(t.young.len(), 1, "one record per key");
         t.touch_all(12);
         assert!(t.modified_after(0, b"zzz", 11));
         assert!(!t.modified_after(0, b"zzz", 12));
@@ -242,13 +293,74 @@ mod tests {
     #[test]
     fn forgetting_old_keys_only_makes_aborts_more_likely() {
         let mut t = Tracker::default();
-        for i in 0..(TRACKED_KEYS_MAX as u64 + 10) {
+        let n = GENERATION_KEYS as u64;
+        // A full generation becomes the old one; its keys are still known exactly.
+        for i in 0..n {
             t.touch(0, format!("k{i}").as_bytes(), i + 1);
         }
-        assert_eq!(t.last.len(), TRACKED_KEYS_MAX);
-        assert_eq!(t.floor, 10);
-        // k0 was forgotten: a watch from before its modification still trips.
-        assert!(t.modified_after(0, b"k0", 5));
-        assert!(!t.modified_after(0, b"k0", 10));
+        assert_eq!(
+            (t.floor, t.old_newest, t.old.len(), t.young.len()),
+            (0, n, GENERATION_KEYS, 0)
+        );
+        assert!(t.modified_after(0, b"k0", 0));
+        assert!(!t.modified_after(0, b"k0", 1));
+        // k0 is modified again: its newer index counts, from the young generation.
+        t.touch(0, b"k0", n + 1);
+        assert!(t.modified_after(0, b"k0", n));
+        // The young generation fills: the first one is forgotten, and its keys count as
+        // modified at its newest index.
+        for i in 0..n - 1 {
+            t.touch(0, format!("x{i}").as_bytes(), n + 2 + i);
+        }
+        assert_eq!((t.floor, t.old_newest, t.young.len()), (n, 2 * n, 0));
+        assert!(
+            t.modified_after(0, b"k1", n - 1),
+            "forgotten: counts as modified at {n}"
+        );
+        assert!(!t.modified_after(0, b"k1", n));
+        // k0 was modified in the generation still known: its index is exact.
+        assert!(t.modified_after(0, b"k0", n));
+        assert!(!t.modified_after(0, b"k0", n + 1));
+    }
+
+    #[test]
+    fn a_restored_record_decides_like_the_original_and_changes_generation_alike() {
+        let mut a = Tracker::default();
+        let n = GENERATION_KEYS as u64;
+        for i in 0..n + 10 {
+            a.touch(i as i32 % 3, format!("k{i}").as_bytes(), i + 1);
+        }
+        a.flushed.insert(2, 50);
+        a.flushed_all = 40;
+        let mut b = Tracker::default();
+        b.restore(
+            crate::codec::decode_snapshot_watch(&crate::codec::encode_snapshot_meta(
+                &Default::default(),
+                &a.record(),
+            ))
+            .unwrap()
+            .unwrap(),
+        );
+        // The same keys and the same next change of generation.
+        for i in n + 10..2 * n + 20 {
+            a.touch(0, format!("k{i}").as_bytes(), i + 1);
+            b.touch(0, format!("k{i}").as_bytes(), i + 1);
+        }
+        assert_eq!((a.floor, a.old_newest), (b.floor, b.old_newest));
+        for i in (0..2 * n + 20).step_by(997) {
+            let key = format!("k{i}");
+            for since in [0, i, i + 1, n, 2 * n] {
+                assert_eq!(
+                    a.modified_after(i as i32 % 3, key.as_bytes(), since),
+                    b.modified_after(i as i32 % 3, key.as_bytes(), since),
+                    "{key} since {since}"
+                );
+            }
+        }
+        for db in 0..4 {
+            for since in [0, 39, 40, 49, 50] {
+                assert_eq!(a.flushed_after(db, since), b.flushed_after(db, since));
+            }
+        }
     }
 }

@@ -65,7 +65,8 @@ pub struct SnapshotHeader {
     pub index: u64,
     /// Term of that entry.
     pub term: u64,
-    /// Opaque to this module; the Raft side stores membership here.
+    /// Opaque to this module; holds the membership and the WATCH record
+    /// (`codec::encode_snapshot_meta`).
     pub meta: Vec<u8>,
 }
 

@@ -136,9 +136,8 @@ pub struct SnapshotMembership {
 }
 
 /// What WATCH knows, as of a snapshot's index, of which keys the entries before it modified
-/// (redis/watch.rs): written in the snapshot's metadata after its membership, so a node that
-/// loads the snapshot instead of applying those entries decides WATCH as every other node.
-/// Keys are 64-bit fingerprints, each with the index of the entry that last modified it.
+/// (redis/watch.rs). Keys are 64-bit fingerprints, each with the index of the entry that
+/// last modified it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchRecord {
     /// The newer generation of remembered keys.
@@ -155,17 +154,30 @@ pub struct WatchRecord {
     pub flushed_all: u64,
 }
 
-/// A snapshot header's metadata: the membership, then what WATCH knows (`WatchRecord`).
-/// Files written before the WATCH record existed hold the membership alone; a reader of the
-/// membership ignores what follows it.
-pub fn encode_snapshot_meta(membership: &SnapshotMembership, watch: &WatchRecord) -> Vec<u8> {
+/// What applying the entries up to a snapshot's index built besides the keys: a node that
+/// loads the snapshot instead of applying them needs it to go on exactly as the others.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub watch: WatchRecord,
+    /// `FUNCTION DUMP`'s payload: the function libraries.
+    #[serde(with = "serde_bytes")]
+    pub functions: Vec<u8>,
+    /// The scripts in the script cache (SCRIPT LOAD and EVAL bodies), for EVALSHA.
+    #[serde(with = "args")]
+    pub scripts: Vec<Vec<u8>>,
+}
+
+/// A snapshot header's metadata: the membership, then the `SnapshotState`. Files written
+/// before the state existed hold the membership alone; a reader of the membership ignores
+/// what follows it.
+pub fn encode_snapshot_meta(membership: &SnapshotMembership, state: &SnapshotState) -> Vec<u8> {
     let mut out = encode(membership);
-    out.extend_from_slice(&encode(watch));
+    out.extend_from_slice(&encode(state));
     out
 }
 
-/// The WATCH record in a snapshot's metadata; None in a file written before it existed.
-pub fn decode_snapshot_watch(meta: &[u8]) -> Result<Option<WatchRecord>, CodecError> {
+/// The `SnapshotState` in a snapshot's metadata; None in a file written before it existed.
+pub fn decode_snapshot_state(meta: &[u8]) -> Result<Option<SnapshotState>, CodecError> {
     use ::bincode::Options as _;
     let membership: SnapshotMembership = decode(meta)?;
     let size = bincode::options_limited()
@@ -310,30 +322,37 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_keeps_its_membership_readable_and_carries_the_watch_record() {
+    fn a_snapshot_keeps_its_membership_readable_and_carries_its_state() {
         let mut membership = SnapshotMembership {
             voters: vec![1, 2, 3],
             learners: vec![9],
             book: MemberBook::default(),
         };
         membership.book.cluster_id = "c1".into();
-        let watch = WatchRecord {
-            young: vec![(11, 40), (12, 41)],
-            old: vec![(13, 30)],
-            floor: 7,
-            old_newest: 30,
-            flushed: vec![(3, 20)],
-            flushed_all: 5,
+        let state = SnapshotState {
+            watch: WatchRecord {
+                young: vec![(11, 40), (12, 41)],
+                old: vec![(13, 30)],
+                floor: 7,
+                old_newest: 30,
+                flushed: vec![(3, 20)],
+                flushed_all: 5,
+            },
+            functions: vec![0xf5, 0, 1, 2],
+            scripts: vec![
+                b"return 1".to_vec(),
+                b"return redis.call('GET', KEYS[1])".to_vec(),
+            ],
         };
-        let meta = encode_snapshot_meta(&membership, &watch);
+        let meta = encode_snapshot_meta(&membership, &state);
         // Readers of the membership alone (the raft thread, older versions) see it as before.
         assert_eq!(decode::<SnapshotMembership>(&meta).unwrap(), membership);
-        assert_eq!(decode_snapshot_watch(&meta).unwrap(), Some(watch));
-        // A file from before the WATCH record: the membership alone.
-        assert_eq!(decode_snapshot_watch(&encode(&membership)).unwrap(), None);
+        assert_eq!(decode_snapshot_state(&meta).unwrap(), Some(state));
+        // A file from before the state: the membership alone.
+        assert_eq!(decode_snapshot_state(&encode(&membership)).unwrap(), None);
         // A damaged record is an error, not a panic.
-        assert!(decode_snapshot_watch(&meta[..meta.len() - 3]).is_err());
-        assert!(decode_snapshot_watch(&[]).is_err());
+        assert!(decode_snapshot_state(&meta[..meta.len() - 3]).is_err());
+        assert!(decode_snapshot_state(&[]).is_err());
     }
 
     /// Logs written by any version must decode alike: the bytes of a command are fixed.

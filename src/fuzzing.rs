@@ -80,13 +80,13 @@ pub fn log_file(data: &[u8]) {
 }
 
 /// A snapshot file (from this node's disk or received from the leader): checked by `verify`
-/// with every key read, its cheap `inspect`, and the membership and WATCH record the node
+/// with every key read, its cheap `inspect`, and the membership and state the node
 /// reads from its header's metadata.
 pub fn snapshot_file(data: &[u8]) {
     let path = scratch_file("snapshot.rrs", data);
     if let Ok(summary) = snapshot_format::verify(&path) {
         let _ = codec::decode::<SnapshotMembership>(&summary.header.meta);
-        let _ = codec::decode_snapshot_watch(&summary.header.meta);
+        let _ = codec::decode_snapshot_state(&summary.header.meta);
     }
     let _ = snapshot_format::inspect(&path);
     if let Ok(r) = snapshot_format::SnapshotReader::open(&path) {

@@ -566,11 +566,12 @@ fn a_follower_far_behind_catches_up_from_the_log_file_with_a_tiny_cache() {
     );
 }
 
-/// WATCH is decided on every node from the entries it applied. A node that skipped entries
-/// by loading a snapshot (its own at a restart, or the leader's when it fell behind) must
-/// still know which keys they modified, or it would run a transaction the others abort.
+/// A node that skipped entries by loading a snapshot (its own at a restart, or the leader's
+/// when it fell behind) goes on exactly as the nodes that applied them: WATCH knows which keys
+/// they modified, and the functions and scripts they loaded are there for FCALL and EVALSHA.
+/// Otherwise it would run a transaction the others abort, and fail writes the others made.
 #[test]
-fn a_node_that_loaded_a_snapshot_aborts_a_watched_transaction_like_the_others() {
+fn a_node_that_loaded_a_snapshot_goes_on_like_the_others() {
     let mut c = Cluster::start(3);
     let l = c.wait_leader(Duration::from_secs(15));
     let (f, g) = ((l + 1) % 3, (l + 2) % 3);
@@ -579,8 +580,21 @@ fn a_node_that_loaded_a_snapshot_aborts_a_watched_transaction_like_the_others() 
     assert_eq!(a.cmd(&["WATCH", "k"]), "+OK\r\n");
     // g misses what follows and will catch up from the leader's snapshot.
     c.kill(g);
-    // Another client modifies k after the WATCH, then more keys change.
+    // Another client modifies k after the WATCH; a function library and two scripts are
+    // loaded (SCRIPT LOAD, and EVAL, which caches its script too).
     assert_eq!(q(&c, l, &["SET", "k", "2"]), Ok(Value::Okay));
+    let lib = "#!lua name=snaplib\nredis.register_function('setit', function(keys, args) return redis.call('SET', keys[1], args[1]) end)";
+    assert_eq!(
+        q(&c, l, &["FUNCTION", "LOAD", lib]),
+        Ok(Value::BulkString(b"snaplib".to_vec()))
+    );
+    let loaded = "return redis.call('SET', KEYS[1], ARGV[1])";
+    let Ok(Value::BulkString(sha1)) = q(&c, l, &["SCRIPT", "LOAD", loaded]) else {
+        panic!("SCRIPT LOAD gave no sha");
+    };
+    let evaled = "return redis.call('SET', KEYS[1], ARGV[1] .. '!')";
+    assert_eq!(q(&c, l, &["EVAL", evaled, "1", "e", "x"]), Ok(Value::Okay));
+    let sha2 = String::from_utf8(sha1_hex(evaled)).unwrap();
     for i in 0..20 {
         q(&c, l, &["SET", &format!("other{i}"), "v"]).unwrap();
     }
@@ -598,18 +612,64 @@ fn a_node_that_loaded_a_snapshot_aborts_a_watched_transaction_like_the_others() 
     c.start_node(f);
     wait_applied(&mut c, &[l, f, g]);
     assert!(c.nodes[f].log().contains("loading the raft snapshot"));
-    // The transaction aborts on the leader, and so on every node.
+    // The transaction aborts on the leader, and so on every node; FCALL and both EVALSHAs
+    // write everywhere.
     assert_eq!(c.wait_leader(Duration::from_secs(15)), l);
     assert_eq!(a.cmd(&["MULTI"]), "+OK\r\n");
     assert_eq!(a.cmd(&["SET", "k", "3"]), "+QUEUED\r\n");
     assert_eq!(a.cmd(&["EXEC"]), "*-1\r\n");
-    assert_eq!(q(&c, l, &["SET", "after", "1"]), Ok(Value::Okay));
+    let sha1 = String::from_utf8(sha1).unwrap();
+    assert_eq!(
+        q(&c, l, &["FCALL", "setit", "1", "fk", "fv"]),
+        Ok(Value::Okay)
+    );
+    assert_eq!(
+        q(&c, l, &["EVALSHA", &sha1, "1", "s1", "v1"]),
+        Ok(Value::Okay)
+    );
+    assert_eq!(
+        q(&c, l, &["EVALSHA", &sha2, "1", "s2", "v2"]),
+        Ok(Value::Okay)
+    );
     wait_applied(&mut c, &[l, f, g]);
     for i in 0..3 {
+        let get = |k: &str| c.local(i, &["GET", k]);
         assert_eq!(
-            c.local(i, &["GET", "k"]),
+            get("k"),
             Value::BulkString(b"2".to_vec()),
             "node {i} ran the transaction its leader aborted"
         );
+        assert_eq!(
+            get("fk"),
+            Value::BulkString(b"fv".to_vec()),
+            "node {i}: FCALL"
+        );
+        assert_eq!(
+            get("s1"),
+            Value::BulkString(b"v1".to_vec()),
+            "node {i}: EVALSHA of SCRIPT LOAD"
+        );
+        assert_eq!(
+            get("s2"),
+            Value::BulkString(b"v2!".to_vec()),
+            "node {i}: EVALSHA of EVAL"
+        );
     }
+}
+
+/// SHA-1 of a script body, as EVALSHA names it (coreutils' sha1sum).
+fn sha1_hex(body: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut p = std::process::Command::new("sha1sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha1sum");
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write to sha1sum");
+    let out = p.wait_with_output().expect("sha1sum output");
+    out.stdout[..40].to_vec()
 }

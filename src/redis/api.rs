@@ -274,6 +274,23 @@ pub fn call_value(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) -> Value {
     v
 }
 
+/// Runs `argv` on `ctx`: its reply decoded, or the error it answered.
+pub fn call_checked(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) -> Result<Value, String> {
+    let r = call(ctx, argv, CallOpts::default());
+    if r.is_null() {
+        return Err("the command could not be executed".into());
+    }
+    let t = unsafe { rm!(RedisModule_CallReplyType)(r) } as isize;
+    let v = call_reply_value(r);
+    free_call_reply(r);
+    match v {
+        Value::Str(s) if t == raw::REDISMODULE_REPLY_ERROR => {
+            Err(String::from_utf8_lossy(&s).into_owned())
+        }
+        v => Ok(v),
+    }
+}
+
 /// Runs `cmd` for the calling client (its protocol) and replies with what it returned.
 pub fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
     let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;

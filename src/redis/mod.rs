@@ -1558,12 +1558,19 @@ fn apply_multi(
     watch::set_applying(None);
     let woke = blocking::wakes() > wakes;
     for (db, argv) in cmds {
-        watch::note_command(*db, argv, index);
+        note_applied(*db, argv, index);
     }
     match pending {
         Some(p) => reply_after_wakes(p.bc, Reply::Multi(replies, p.select_after), woke),
         None => replies.into_iter().for_each(Part::free),
     }
+}
+
+/// What the keys do not show of an applied command: FLUSHDB, FLUSHALL and SWAPDB for WATCH,
+/// scripts entering or leaving the script cache for snapshots.
+fn note_applied(db: i32, argv: &[Vec<u8>], index: u64) {
+    watch::note_command(db, argv, index);
+    scripts::note_command(argv);
 }
 
 fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &Entry) {
@@ -1626,7 +1633,7 @@ fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &E
             let r = apply_call(ctx, &argv, opts, e.index, false);
             watch::set_applying(None);
             let woke = blocking::wakes() > wakes;
-            watch::note_command(db, &argv, e.index);
+            note_applied(db, &argv, e.index);
             match pending {
                 Some(Pending {
                     waiter: Some(w), ..

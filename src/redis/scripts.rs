@@ -8,12 +8,19 @@
 //! A second command filter, registered without `NOSELF` so it sees the commands a script
 //! runs, does this only while the apply path is executing an entry (`set_applying`); it
 //! routes such commands to `RAFT._REJECT` / `RAFT._SORT` (commands/mod.rs).
+//!
+//! Snapshots carry what the keys do not: the function libraries (FUNCTION DUMP) and the
+//! script cache. Redis cannot list its script cache, so the apply path notes every body an
+//! applied SCRIPT LOAD or EVAL put in it, until SCRIPT FLUSH (`note_command`). A node that
+//! loads a snapshot gets both back (`restore`), so EVALSHA and FCALL entries after it run
+//! there as on the nodes that applied the entries before it.
 
 use std::cell::Cell;
+use std::collections::BTreeSet;
 
-use super::api::{self, guard, raw, rm};
+use super::api::{self, guard, raw, rm, RedisModuleCtx};
 use super::classify::InScript;
-use super::module;
+use super::{module, MainThread};
 
 thread_local! {
     /// The apply path is executing a script (what it runs must be deterministic).
@@ -28,6 +35,67 @@ pub fn set_applying(on: bool) {
 
 pub fn set_sorting(on: bool) {
     SORTING.with(|a| a.set(on));
+}
+
+/// The bodies applied SCRIPT LOAD and EVAL entries put in the script cache, since the last
+/// SCRIPT FLUSH.
+static CACHED: MainThread<BTreeSet<Vec<u8>>> = MainThread::new_lazy();
+
+fn is(arg: Option<&Vec<u8>>, name: &str) -> bool {
+    arg.is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// An entry's command (or one of its transaction's) was applied.
+pub fn note_command(argv: &[Vec<u8>]) {
+    let cached = CACHED.get_mut();
+    let body = if is(argv.first(), "eval") {
+        argv.get(1)
+    } else if is(argv.first(), "script") && is(argv.get(1), "load") {
+        argv.get(2)
+    } else {
+        if is(argv.first(), "script") && is(argv.get(1), "flush") {
+            cached.clear();
+        }
+        None
+    };
+    if let Some(body) = body.filter(|b| !cached.contains(*b)) {
+        cached.insert(body.clone());
+    }
+}
+
+/// The function libraries and the script cache, for a snapshot of the applied index.
+pub fn saved(ctx: *mut RedisModuleCtx) -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
+    let functions = match api::call_checked(ctx, &[b"FUNCTION".to_vec(), b"DUMP".to_vec()])? {
+        api::Value::Str(payload) => payload,
+        other => return Err(format!("FUNCTION DUMP answered {other:?}")),
+    };
+    Ok((functions, CACHED.get_mut().iter().cloned().collect()))
+}
+
+/// A snapshot was loaded: its function libraries and scripts replace this node's.
+pub fn restore(ctx: *mut RedisModuleCtx, functions: &[u8], scripts: Vec<Vec<u8>>) {
+    let call = |argv: &[&[u8]]| {
+        let argv: Vec<Vec<u8>> = argv.iter().map(|a| a.to_vec()).collect();
+        api::call_checked(ctx, &argv)
+    };
+    let mut failed = Vec::new();
+    if let Err(e) = call(&[b"FUNCTION", b"FLUSH", b"SYNC"]) {
+        failed.push(format!("FUNCTION FLUSH: {e}"));
+    }
+    if let Err(e) = call(&[b"FUNCTION", b"RESTORE", functions]) {
+        failed.push(format!("FUNCTION RESTORE: {e}"));
+    }
+    if let Err(e) = call(&[b"SCRIPT", b"FLUSH", b"SYNC"]) {
+        failed.push(format!("SCRIPT FLUSH: {e}"));
+    }
+    for body in &scripts {
+        // A body Redis refused when it was applied is refused again: nothing to restore.
+        let _ = call(&[b"SCRIPT", b"LOAD", body]);
+    }
+    *CACHED.get_mut() = scripts.into_iter().collect();
+    for f in failed {
+        tracing::error!("restoring the snapshot's functions and scripts: {f}; FCALL and EVALSHA entries may fail on this node where they succeed on others");
+    }
 }
 
 pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {

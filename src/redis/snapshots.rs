@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::api::{self, RedisModuleBlockedClient, RedisModuleCtx};
 use super::{configs, finish, module, MainThread};
-use crate::codec::encode_snapshot_meta;
+use crate::codec::{decode_snapshot_state, encode_snapshot_meta};
 use crate::node::Node;
 use crate::snapshot::format::SnapshotHeader;
 use crate::snapshot::{load, save};
@@ -229,7 +229,7 @@ fn start(ctx: *mut RedisModuleCtx, node: &Node) -> Result<(), String> {
     let header = SnapshotHeader {
         index,
         term,
-        meta: encode_snapshot_meta(&membership, &super::watch::record()),
+        meta: encode_snapshot_meta(&membership, &carried(ctx)?),
     };
     let started = Instant::now();
     save::start_save(
@@ -243,6 +243,41 @@ fn start(ctx: *mut RedisModuleCtx, node: &Node) -> Result<(), String> {
     st.in_progress = Some((index, term));
     st.log_at_start = node.log_stats().bytes;
     Ok(())
+}
+
+/// What the snapshot of the applied index carries besides the keys.
+fn carried(ctx: *mut RedisModuleCtx) -> Result<crate::codec::SnapshotState, String> {
+    let (functions, scripts) = super::scripts::saved(ctx)?;
+    Ok(crate::codec::SnapshotState {
+        watch: super::watch::record(),
+        functions,
+        scripts,
+    })
+}
+
+/// A snapshot at `index` was loaded: what it carries besides the keys replaces this node's.
+fn restore_state(meta: &[u8], index: u64) {
+    let state = match decode_snapshot_state(meta) {
+        Ok(Some(state)) => state,
+        Ok(None) => {
+            warn!("the snapshot at index {index} was written by an older version and holds only the keys: this node counts every key as modified at its index for WATCH, and keeps the functions and scripts it has (other nodes may decide a WATCH, an FCALL or an EVALSHA otherwise)");
+            super::watch::restore(None, index);
+            return;
+        }
+        Err(e) => {
+            error!("the snapshot at index {index} holds an unreadable state ({e}): WATCH counts every key as modified at its index, and the functions and scripts stay as they are (other nodes may decide a WATCH, an FCALL or an EVALSHA otherwise)");
+            super::watch::restore(None, index);
+            return;
+        }
+    };
+    super::watch::restore(Some(state.watch), index);
+    if let Some(m) = module() {
+        super::scripts::restore(
+            m.apply_ctx as *mut RedisModuleCtx,
+            &state.functions,
+            state.scripts,
+        );
+    }
 }
 
 fn saved(r: Result<save::SaveOutcome, save::SaveError>, started: Instant) {
@@ -359,7 +394,7 @@ pub fn start_loading(
                         started.elapsed().as_millis(),
                         o.longest_slice.as_millis()
                     );
-                    super::watch::restore(&o.header.meta, index);
+                    restore_state(&o.header.meta, index);
                     if let Some(node) = module().and_then(|m| m.node()) {
                         node.shared().set_applied(index);
                     }

@@ -34,7 +34,7 @@ use rustc_hash::FxHashMap;
 
 use super::api::{self, guard, rm, RedisModuleCtx, RedisModuleString};
 use super::MainThread;
-use crate::codec::{decode_snapshot_watch, WatchRecord};
+use crate::codec::WatchRecord;
 
 /// Keys in one generation of the record; between one and two generations are remembered.
 const GENERATION_KEYS: usize = 100_000;
@@ -221,20 +221,13 @@ pub fn record() -> WatchRecord {
 }
 
 /// A snapshot at `index` was loaded in place of the entries before it: WATCH takes what it
-/// knew from its metadata. A file from before snapshots carried it counts every key as
-/// modified at `index`.
-pub fn restore(meta: &[u8], index: u64) {
+/// knew from it. Without a record (a file from before snapshots carried one), every key
+/// counts as modified at `index`.
+pub fn restore(record: Option<WatchRecord>, index: u64) {
     let t = TRACKER.get_mut();
-    match decode_snapshot_watch(meta) {
-        Ok(Some(r)) => t.restore(r),
-        Ok(None) => {
-            tracing::warn!("the snapshot at index {index} was written by an older version and says nothing of the keys its entries modified: this node counts every key as modified at that index, so it aborts a transaction whose WATCH is older than the snapshot (other nodes may run it)");
-            t.touch_all(index);
-        }
-        Err(e) => {
-            tracing::warn!("the snapshot at index {index} has an unreadable WATCH record ({e}): this node counts every key as modified at that index, so it aborts a transaction whose WATCH is older than the snapshot (other nodes may run it)");
-            t.touch_all(index);
-        }
+    match record {
+        Some(r) => t.restore(r),
+        None => t.touch_all(index),
     }
 }
 
@@ -333,14 +326,14 @@ mod tests {
         a.flushed.insert(2, 50);
         a.flushed_all = 40;
         let mut b = Tracker::default();
-        b.restore(
-            crate::codec::decode_snapshot_watch(&crate::codec::encode_snapshot_meta(
-                &Default::default(),
-                &a.record(),
-            ))
-            .unwrap()
-            .unwrap(),
-        );
+        // Through a snapshot header's bytes, as a node loading it gets it.
+        let state = crate::codec::SnapshotState {
+            watch: a.record(),
+            ..Default::default()
+        };
+        let meta = crate::codec::encode_snapshot_meta(&Default::default(), &state);
+        let got = crate::codec::decode_snapshot_state(&meta).unwrap().unwrap();
+        b.restore(got.watch);
         // The same keys and the same next change of generation.
         for i in n + 10..2 * n + 20 {
             a.touch(0, format!("k{i}").as_bytes(), i + 1);

@@ -65,7 +65,7 @@ pub struct SnapshotHeader {
     pub index: u64,
     /// Term of that entry.
     pub term: u64,
-    /// Opaque to this module; holds the membership and the WATCH record
+    /// Opaque to this module; holds the membership and what applying built
     /// (`codec::encode_snapshot_meta`).
     pub meta: Vec<u8>,
 }

@@ -760,24 +760,13 @@ fn restore(ctx: *mut RedisModuleCtx, rec: KeyRecord) -> Result<(), String> {
         b"ABSTTL".to_vec(),
         b"REPLACE".to_vec(),
     ];
-    let r = api::call(ctx, &argv, CallOpts::default());
-    if r.is_null() {
-        return Err(format!("RESTORE of key '{name}' could not be executed"));
-    }
-    let t = unsafe { rm!(RedisModule_CallReplyType)(r) } as isize;
-    let v = api::call_reply_value(r);
-    api::free_call_reply(r);
-    if t == api::raw::REDISMODULE_REPLY_ERROR {
-        let msg = match v {
-            api::Value::Str(s) => String::from_utf8_lossy(&s).into_owned(),
-            _ => "unknown error".into(),
-        };
-        return Err(format!(
+    match api::call_checked(ctx, &argv) {
+        Ok(_) => Ok(()),
+        Err(msg) => Err(format!(
             "RESTORE of key '{name}' in database {} failed: {msg}",
             rec.db
-        ));
+        )),
     }
-    Ok(())
 }
 
 #[cfg(test)]

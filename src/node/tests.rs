@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::codec::decode_command;
+use raft::eraftpb::EntryType;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

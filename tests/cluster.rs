@@ -317,8 +317,19 @@ fn redis_rdb_data_is_replaced_by_the_log_on_restart() {
     let l = c.wait_leader(Duration::from_secs(10));
     let mut con = c.conn(l).unwrap();
     let _: i64 = redis::cmd("INCR").arg("n").query(&mut con).unwrap();
+    let lib = "#!lua name=loglib\nredis.register_function('incrit', function(keys) return redis.call('INCR', keys[1]) end)";
+    assert_eq!(
+        q(&c, l, &["FUNCTION", "LOAD", lib]),
+        Ok(Value::BulkString(b"loglib".to_vec()))
+    );
     c.wait_applied_everywhere(Duration::from_secs(10));
     let f = (l + 1) % 3;
+    // A library only this node's RDB will hold.
+    let rdb_only = "#!lua name=rdblib\nredis.register_function('one', function() return 1 end)";
+    assert_eq!(
+        c.local(f, &["FUNCTION", "LOAD", rdb_only]),
+        Value::BulkString(b"rdblib".to_vec())
+    );
     let mut fc = c.conn(f).unwrap();
     // SAVE is refused for clients; RAFT.DEBUG EXEC runs it locally, as an operator could.
     let e = redis::cmd("SAVE").query::<String>(&mut fc).unwrap_err();
@@ -340,6 +351,15 @@ fn redis_rdb_data_is_replaced_by_the_log_on_restart() {
         "{}",
         c.nodes[f].log()
     );
+    // The RDB's libraries went with its keys; the log's came back by replay.
+    assert!(c.nodes[f]
+        .log()
+        .contains("discarding 2 function libraries"));
+    let libs = format!("{:?}", c.local(f, &["FUNCTION", "LIST"]));
+    assert!(libs.contains("loglib") && !libs.contains("rdblib"), "{libs}");
+    assert_eq!(q(&c, l, &["FCALL", "incrit", "1", "n"]), Ok(Value::Int(2)));
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    assert_eq!(c.local(f, &["GET", "n"]), Value::BulkString(b"2".to_vec()));
 }
 
 #[test]

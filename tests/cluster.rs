@@ -352,11 +352,12 @@ fn redis_rdb_data_is_replaced_by_the_log_on_restart() {
         c.nodes[f].log()
     );
     // The RDB's libraries went with its keys; the log's came back by replay.
-    assert!(c.nodes[f]
-        .log()
-        .contains("discarding 2 function libraries"));
+    assert!(c.nodes[f].log().contains("discarding 2 function libraries"));
     let libs = format!("{:?}", c.local(f, &["FUNCTION", "LIST"]));
-    assert!(libs.contains("loglib") && !libs.contains("rdblib"), "{libs}");
+    assert!(
+        libs.contains("loglib") && !libs.contains("rdblib"),
+        "{libs}"
+    );
     assert_eq!(q(&c, l, &["FCALL", "incrit", "1", "n"]), Ok(Value::Int(2)));
     c.wait_applied_everywhere(Duration::from_secs(10));
     assert_eq!(c.local(f, &["GET", "n"]), Value::BulkString(b"2".to_vec()));

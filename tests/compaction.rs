@@ -595,6 +595,10 @@ fn a_node_that_loaded_a_snapshot_goes_on_like_the_others() {
     let evaled = "return redis.call('SET', KEYS[1], ARGV[1] .. '!')";
     assert_eq!(q(&c, l, &["EVAL", evaled, "1", "e", "x"]), Ok(Value::Okay));
     let sha2 = String::from_utf8(sha1_hex(evaled)).unwrap();
+    // A script Redis refuses before caching it (more keys than arguments) is in no cache.
+    let refused = "return redis.call('SET', KEYS[1], 'refused')";
+    assert!(q(&c, l, &["EVAL", refused, "5"]).is_err());
+    let sha3 = String::from_utf8(sha1_hex(refused)).unwrap();
     for i in 0..20 {
         q(&c, l, &["SET", &format!("other{i}"), "v"]).unwrap();
     }
@@ -631,6 +635,8 @@ fn a_node_that_loaded_a_snapshot_goes_on_like_the_others() {
         q(&c, l, &["EVALSHA", &sha2, "1", "s2", "v2"]),
         Ok(Value::Okay)
     );
+    let e = q(&c, l, &["EVALSHA", &sha3, "1", "s3"]).unwrap_err();
+    assert!(e.contains("NOSCRIPT"), "{e}");
     wait_applied(&mut c, &[l, f, g]);
     for i in 0..3 {
         let get = |k: &str| c.local(i, &["GET", k]);
@@ -653,6 +659,11 @@ fn a_node_that_loaded_a_snapshot_goes_on_like_the_others() {
             get("s2"),
             Value::BulkString(b"v2!".to_vec()),
             "node {i}: EVALSHA of EVAL"
+        );
+        assert_eq!(
+            get("s3"),
+            Value::Nil,
+            "node {i}: EVALSHA of a refused script"
         );
     }
 }

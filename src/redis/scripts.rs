@@ -11,12 +11,13 @@
 //!
 //! Snapshots carry what the keys do not: the function libraries (FUNCTION DUMP) and the
 //! script cache. Redis cannot list its script cache, so the apply path notes every body an
-//! applied SCRIPT LOAD or EVAL put in it, until SCRIPT FLUSH (`note_command`). A node that
-//! loads a snapshot gets both back (`restore`), so EVALSHA and FCALL entries after it run
-//! there as on the nodes that applied the entries before it.
+//! applied SCRIPT LOAD, EVAL or EVAL_RO offered it, until SCRIPT FLUSH (`note_command`), and
+//! a snapshot keeps those the cache holds (`saved`). A node that loads a snapshot gets both
+//! back (`restore`), so EVALSHA and FCALL entries after it run there as on the nodes that
+//! applied the entries before it.
 
 use std::cell::Cell;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use super::api::{self, guard, raw, rm, RedisModuleCtx};
 use super::classify::InScript;
@@ -39,16 +40,21 @@ pub fn set_sorting(on: bool) {
 
 /// The bodies applied SCRIPT LOAD and EVAL entries put in the script cache, since the last
 /// SCRIPT FLUSH.
-static CACHED: MainThread<BTreeSet<Vec<u8>>> = MainThread::new_lazy();
+static CACHED: MainThread<BTreeMap<String, Vec<u8>>> = MainThread::new_lazy();
 
 fn is(arg: Option<&Vec<u8>>, name: &str) -> bool {
     arg.is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
 }
 
+/// A script's name in the script cache: the SHA-1 of its body, in lower-case hex.
+fn sha1_hex(body: &[u8]) -> String {
+    sha1_smol::Sha1::from(body).digest().to_string()
+}
+
 /// An entry's command (or one of its transaction's) was applied.
 pub fn note_command(argv: &[Vec<u8>]) {
     let cached = CACHED.get_mut();
-    let body = if is(argv.first(), "eval") {
+    let body = if is(argv.first(), "eval") || is(argv.first(), "eval_ro") {
         argv.get(1)
     } else if is(argv.first(), "script") && is(argv.get(1), "load") {
         argv.get(2)
@@ -58,18 +64,33 @@ pub fn note_command(argv: &[Vec<u8>]) {
         }
         None
     };
-    if let Some(body) = body.filter(|b| !cached.contains(*b)) {
-        cached.insert(body.clone());
+    // Noted even if Redis refused it; `saved` keeps only what its cache holds.
+    if let Some(body) = body {
+        cached.entry(sha1_hex(body)).or_insert_with(|| body.clone());
     }
 }
 
-/// The function libraries and the script cache, for a snapshot of the applied index.
+/// The function libraries and the script cache, for a snapshot of the applied index. Of
+/// the noted scripts, those Redis's cache holds (SCRIPT EXISTS): not one it refused, nor
+/// one it evicted (Redis 7.4 and later evict scripts EVAL loaded); the others are forgotten.
 pub fn saved(ctx: *mut RedisModuleCtx) -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
     let functions = match api::call_checked(ctx, &[b"FUNCTION".to_vec(), b"DUMP".to_vec()])? {
         api::Value::Str(payload) => payload,
         other => return Err(format!("FUNCTION DUMP answered {other:?}")),
     };
-    Ok((functions, CACHED.get_mut().iter().cloned().collect()))
+    let cached = CACHED.get_mut();
+    if cached.is_empty() {
+        return Ok((functions, Vec::new()));
+    }
+    let mut argv = vec![b"SCRIPT".to_vec(), b"EXISTS".to_vec()];
+    argv.extend(cached.keys().map(|sha| sha.as_bytes().to_vec()));
+    let exists = match api::call_checked(ctx, &argv)? {
+        api::Value::Array(v) if v.len() == cached.len() => v,
+        other => return Err(format!("SCRIPT EXISTS answered {other:?}")),
+    };
+    let mut held = exists.iter().map(|e| *e == api::Value::Int(1));
+    cached.retain(|_, _| held.next().unwrap_or(false));
+    Ok((functions, cached.values().cloned().collect()))
 }
 
 /// A snapshot was loaded: its function libraries and scripts replace this node's.
@@ -92,7 +113,7 @@ pub fn restore(ctx: *mut RedisModuleCtx, functions: &[u8], scripts: Vec<Vec<u8>>
         // A body Redis refused when it was applied is refused again: nothing to restore.
         let _ = call(&[b"SCRIPT", b"LOAD", body]);
     }
-    *CACHED.get_mut() = scripts.into_iter().collect();
+    *CACHED.get_mut() = scripts.into_iter().map(|b| (sha1_hex(&b), b)).collect();
     for f in failed {
         tracing::error!("restoring the snapshot's functions and scripts: {f}; FCALL and EVALSHA entries may fail on this node where they succeed on others");
     }
@@ -213,6 +234,14 @@ fn key(v: &api::Value) -> &[u8] {
 mod tests {
     use super::*;
     use api::Value::{Array, Int, Str};
+
+    #[test]
+    fn a_script_is_named_as_evalsha_names_it() {
+        assert_eq!(
+            sha1_hex(b"return 1"),
+            "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
+        );
+    }
 
     fn s(x: &str) -> api::Value {
         Str(x.as_bytes().to_vec())

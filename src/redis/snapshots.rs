@@ -260,7 +260,7 @@ fn restore_state(meta: &[u8], index: u64) {
     let state = match decode_snapshot_state(meta) {
         Ok(Some(state)) => state,
         Ok(None) => {
-            warn!("the snapshot at index {index} was written by an older version and holds only the keys: this node counts every key as modified at its index for WATCH, and keeps the functions and scripts it has (other nodes may decide a WATCH, an FCALL or an EVALSHA otherwise)");
+            warn!("the snapshot at index {index} was written by an older version and holds only the keys: this node counts every key as modified at its index for WATCH, and lacks the functions and scripts loaded before it (other nodes may decide a WATCH, an FCALL or an EVALSHA otherwise; a snapshot taken by this version carries them)");
             super::watch::restore(None, index);
             return;
         }

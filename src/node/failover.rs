@@ -13,11 +13,11 @@
 //! without a leader it grants them), then they take turns by node id: the lowest campaigns at
 //! once, the next `TURN` later if there is still no leader, and so on.
 //!
-//! A campaigner asks again every `RETRY` while nobody leads: a voter that has not yet seen
-//! the leader go ignores its pre-vote request (raft-rs answers nothing inside a leader's
-//! lease), and without asking again the election would wait for the next voter's turn, a
-//! `TURN` later. It stops asking after an election timeout, when raft-rs's own timer
-//! campaigns anyway.
+//! A campaigner asks again while nobody leads, `RETRY` later, then twice as long each time:
+//! a voter that has not yet seen the leader go ignores its pre-vote request (raft-rs answers
+//! nothing inside a leader's lease), and without asking again the election would wait for
+//! the next voter's turn, a `TURN` later. It stops asking after an election timeout, when
+//! raft-rs's own timer campaigns anyway.
 //!
 //! Not in lease mode: a lease counts on every follower that acknowledged the leader waiting
 //! an election timeout before voting, and a refused connection does not prove the leader's
@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 /// How long each surviving voter waits after the one before it (by node id) to campaign.
 pub(super) const TURN: Duration = Duration::from_millis(100);
 
-/// How often a voter whose early campaign found no leader yet asks again.
+/// How long a voter whose early campaign found no leader yet waits to ask again (then
+/// twice as long each time).
 pub(super) const RETRY: Duration = Duration::from_millis(10);
 
 /// An election this follower starts early because its leader's process is gone.
@@ -46,6 +47,8 @@ pub(super) struct EarlyElection {
     pub(super) term: u64,
     /// Set by the first campaign: asking again stops here.
     pub(super) retry_until: Option<Instant>,
+    /// Campaigns so far; each waits twice as long as the one before.
+    pub(super) retries: u32,
 }
 
 /// This node's turn among the voters that survive `gone`, by node id (0 campaigns first);

@@ -1341,6 +1341,7 @@ impl RaftThread {
                     at: Instant::now() + failover::TURN * turn,
                     term,
                     retry_until: None,
+                    retries: 0,
                 });
             }
             Report::Refused(_) => {}
@@ -1382,11 +1383,15 @@ impl RaftThread {
         if let Err(e) = self.node.campaign() {
             warn!("could not start an election: {e}");
         }
-        let next = now + failover::RETRY;
+        // Twice as long each time: a voter that did not notice within the first few tries
+        // gets its own turn anyway, and a node that cannot win (its log is behind, or it is
+        // alone) asks a few times, not a hundred.
+        let next = now + failover::RETRY.saturating_mul(1 << e.retries.min(16));
         self.early_election = (next < until).then_some(EarlyElection {
             at: next,
             term: e.term,
             retry_until: Some(until),
+            retries: e.retries + 1,
         });
     }
 

@@ -17,7 +17,7 @@
 //! applied the entries before it.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 
 use super::api::{self, guard, raw, rm, RedisModuleCtx};
 use super::classify::InScript;
@@ -38,9 +38,9 @@ pub fn set_sorting(on: bool) {
     SORTING.with(|a| a.set(on));
 }
 
-/// The bodies applied SCRIPT LOAD and EVAL entries put in the script cache, since the last
-/// SCRIPT FLUSH.
-static CACHED: MainThread<BTreeMap<String, Vec<u8>>> = MainThread::new_lazy();
+/// The bodies applied SCRIPT LOAD, EVAL and EVAL_RO entries offered the script cache, since
+/// the last SCRIPT FLUSH (named by SHA-1 only when a snapshot asks Redis which it holds).
+static CACHED: MainThread<HashSet<Vec<u8>>> = MainThread::new_lazy();
 
 fn is(arg: Option<&Vec<u8>>, name: &str) -> bool {
     arg.is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
@@ -65,8 +65,8 @@ pub fn note_command(argv: &[Vec<u8>]) {
         None
     };
     // Noted even if Redis refused it; `saved` keeps only what its cache holds.
-    if let Some(body) = body {
-        cached.entry(sha1_hex(body)).or_insert_with(|| body.clone());
+    if let Some(body) = body.filter(|b| !cached.contains(b.as_slice())) {
+        cached.insert(body.clone());
     }
 }
 
@@ -82,15 +82,22 @@ pub fn saved(ctx: *mut RedisModuleCtx) -> Result<(Vec<u8>, Vec<Vec<u8>>), String
     if cached.is_empty() {
         return Ok((functions, Vec::new()));
     }
+    let mut named: Vec<(String, &Vec<u8>)> = cached.iter().map(|b| (sha1_hex(b), b)).collect();
+    named.sort_unstable();
     let mut argv = vec![b"SCRIPT".to_vec(), b"EXISTS".to_vec()];
-    argv.extend(cached.keys().map(|sha| sha.as_bytes().to_vec()));
+    argv.extend(named.iter().map(|(sha, _)| sha.as_bytes().to_vec()));
     let exists = match api::call_checked(ctx, &argv)? {
-        api::Value::Array(v) if v.len() == cached.len() => v,
+        api::Value::Array(v) if v.len() == named.len() => v,
         other => return Err(format!("SCRIPT EXISTS answered {other:?}")),
     };
-    let mut held = exists.iter().map(|e| *e == api::Value::Int(1));
-    cached.retain(|_, _| held.next().unwrap_or(false));
-    Ok((functions, cached.values().cloned().collect()))
+    let held: Vec<Vec<u8>> = named
+        .iter()
+        .zip(&exists)
+        .filter(|(_, e)| **e == api::Value::Int(1))
+        .map(|((_, b), _)| (*b).clone())
+        .collect();
+    *cached = held.iter().cloned().collect();
+    Ok((functions, held))
 }
 
 /// A snapshot was loaded: its function libraries and scripts replace this node's.
@@ -113,7 +120,7 @@ pub fn restore(ctx: *mut RedisModuleCtx, functions: &[u8], scripts: Vec<Vec<u8>>
         // A body Redis refused when it was applied is refused again: nothing to restore.
         let _ = call(&[b"SCRIPT", b"LOAD", body]);
     }
-    *CACHED.get_mut() = scripts.into_iter().map(|b| (sha1_hex(&b), b)).collect();
+    *CACHED.get_mut() = scripts.into_iter().collect();
     for f in failed {
         tracing::error!("restoring the snapshot's functions and scripts: {f}; FCALL and EVALSHA entries may fail on this node where they succeed on others");
     }

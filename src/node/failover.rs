@@ -45,8 +45,8 @@ pub(super) struct EarlyElection {
     pub(super) at: Instant,
     /// The term in which the leader was lost; a newer term means an election already ran.
     pub(super) term: u64,
-    /// Set by the first campaign: asking again stops here.
-    pub(super) retry_until: Option<Instant>,
+    /// Asking again stops here: an election timeout after the first campaign is due.
+    pub(super) retry_until: Instant,
     /// Campaigns so far; each waits twice as long as the one before.
     pub(super) retries: u32,
 }

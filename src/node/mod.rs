@@ -1337,10 +1337,14 @@ impl RaftThread {
                 // Without a leader this node grants the others' (pre-)votes at once.
                 self.node.raft.become_follower(term, raft::INVALID_ID);
                 self.leader_gone = Some(term);
+                let at = Instant::now() + failover::TURN * turn;
+                let election_timeout = self
+                    .tick
+                    .saturating_mul(u32::try_from(self.election_ticks).unwrap_or(u32::MAX));
                 self.early_election = Some(EarlyElection {
-                    at: Instant::now() + failover::TURN * turn,
+                    at,
                     term,
-                    retry_until: None,
+                    retry_until: at + election_timeout,
                     retries: 0,
                 });
             }
@@ -1365,17 +1369,11 @@ impl RaftThread {
         }
         // A pre-candidate asks again: a voter that had not yet seen the leader go ignored
         // its request (failover.rs).
-        let first = e.retry_until.is_none();
         if !matches!(r.state, StateRole::Follower | StateRole::PreCandidate) {
             self.early_election = None;
             return;
         }
-        let until = e.retry_until.unwrap_or_else(|| {
-            now + self
-                .tick
-                .saturating_mul(u32::try_from(self.election_ticks).unwrap_or(u32::MAX))
-        });
-        if first {
+        if e.retries == 0 {
             info!("no leader since the last one's process went away: starting an election");
         } else {
             tracing::debug!("still no leader: asking the other voters for their votes again");
@@ -1387,11 +1385,10 @@ impl RaftThread {
         // gets its own turn anyway, and a node that cannot win (its log is behind, or it is
         // alone) asks a few times, not a hundred.
         let next = now + failover::RETRY.saturating_mul(1 << e.retries.min(16));
-        self.early_election = (next < until).then_some(EarlyElection {
+        self.early_election = (next < e.retry_until).then_some(EarlyElection {
             at: next,
-            term: e.term,
-            retry_until: Some(until),
             retries: e.retries + 1,
+            ..e
         });
     }
 

@@ -426,10 +426,7 @@ fn is_error(r: *mut RedisModuleCallReply) -> bool {
 
 /// Runs a helper command (RESP2); None if it failed.
 fn call_value(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) -> Option<Value> {
-    let r = api::call(ctx, argv, CallOpts::default());
-    let v = (!is_error(r)).then(|| api::call_reply_value(r));
-    api::free_call_reply(r);
-    v
+    api::call_checked(ctx, argv).ok()
 }
 
 fn v(s: &str) -> Vec<u8> {

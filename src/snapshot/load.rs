@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::format::{self, KeyRecord, SnapshotError, SnapshotHeader, SnapshotReader};
-use crate::redis::api::{self, guard, log_raw, rm, CallOpts, MainThread, RedisModuleCtx};
+use crate::redis::api::{self, guard, log_raw, rm, MainThread, RedisModuleCtx};
 
 /// How much one slice may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -492,19 +492,7 @@ fn probe_child(ctx: *mut RedisModuleCtx, samples: &[ModuleSample]) -> ! {
                     s.payload.clone(),
                     b"REPLACE".to_vec(),
                 ];
-                let r = api::call(ctx, &argv, CallOpts::default());
-                let t = if r.is_null() {
-                    api::raw::REDISMODULE_REPLY_ERROR
-                } else {
-                    (unsafe { rm!(RedisModule_CallReplyType)(r) }) as isize
-                };
-                let v = api::call_reply_value(r);
-                api::free_call_reply(r);
-                if t == api::raw::REDISMODULE_REPLY_ERROR {
-                    let msg = match v {
-                        api::Value::Str(e) => String::from_utf8_lossy(&e).into_owned(),
-                        _ => "could not be executed".into(),
-                    };
+                if let Err(msg) = api::call_checked(ctx, &argv) {
                     log_raw(
                         "warning",
                         &format!(

@@ -638,33 +638,18 @@ fn a_node_that_loaded_a_snapshot_goes_on_like_the_others() {
     let e = q(&c, l, &["EVALSHA", &sha3, "1", "s3"]).unwrap_err();
     assert!(e.contains("NOSCRIPT"), "{e}");
     wait_applied(&mut c, &[l, f, g]);
+    let bulk = |v: &str| Value::BulkString(v.as_bytes().to_vec());
+    let want = [
+        ("k", bulk("2"), "ran the transaction its leader aborted"),
+        ("fk", bulk("fv"), "FCALL"),
+        ("s1", bulk("v1"), "EVALSHA of SCRIPT LOAD"),
+        ("s2", bulk("v2!"), "EVALSHA of EVAL"),
+        ("s3", Value::Nil, "EVALSHA of a refused script"),
+    ];
     for i in 0..3 {
-        let get = |k: &str| c.local(i, &["GET", k]);
-        assert_eq!(
-            get("k"),
-            Value::BulkString(b"2".to_vec()),
-            "node {i} ran the transaction its leader aborted"
-        );
-        assert_eq!(
-            get("fk"),
-            Value::BulkString(b"fv".to_vec()),
-            "node {i}: FCALL"
-        );
-        assert_eq!(
-            get("s1"),
-            Value::BulkString(b"v1".to_vec()),
-            "node {i}: EVALSHA of SCRIPT LOAD"
-        );
-        assert_eq!(
-            get("s2"),
-            Value::BulkString(b"v2!".to_vec()),
-            "node {i}: EVALSHA of EVAL"
-        );
-        assert_eq!(
-            get("s3"),
-            Value::Nil,
-            "node {i}: EVALSHA of a refused script"
-        );
+        for (key, value, what) in &want {
+            assert_eq!(&c.local(i, &["GET", key]), value, "node {i}: {what}");
+        }
     }
 }
 

@@ -258,17 +258,19 @@ fn carried(ctx: *mut RedisModuleCtx) -> Result<crate::codec::SnapshotState, Stri
 /// A snapshot at `index` was loaded: what it carries besides the keys replaces this node's.
 fn restore_state(meta: &[u8], index: u64) {
     let state = match decode_snapshot_state(meta) {
-        Ok(Some(state)) => state,
+        Ok(Some(state)) => Some(state),
         Ok(None) => {
             warn!("the snapshot at index {index} was written by an older version and holds only the keys: this node counts every key as modified at its index for WATCH, and lacks the functions and scripts loaded before it (other nodes may decide a WATCH, an FCALL or an EVALSHA otherwise; a snapshot taken by this version carries them)");
-            super::watch::restore(None, index);
-            return;
+            None
         }
         Err(e) => {
             error!("the snapshot at index {index} holds an unreadable state ({e}): WATCH counts every key as modified at its index, and the functions and scripts stay as they are (other nodes may decide a WATCH, an FCALL or an EVALSHA otherwise)");
-            super::watch::restore(None, index);
-            return;
+            None
         }
+    };
+    let Some(state) = state else {
+        super::watch::restore(None, index);
+        return;
     };
     super::watch::restore(Some(state.watch), index);
     if let Some(m) = module() {

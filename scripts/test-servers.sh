@@ -29,7 +29,12 @@ for s in redis-7.2.6/redis-server redis-7.4.1/redis-server redis-8.0-m01/redis-s
         fails=$((fails > 0 ? fails : 1))
     fi
     table+=("$s: $passed passed, $fails failed")
-    [[ "$fails" -eq 0 ]] || failed=1
+    if [[ "$fails" -ne 0 ]]; then
+        failed=1
+        # Why: each failed test's panic and the lines after it (its own log is long).
+        echo "-- $s: the failed tests' panics"
+        grep -E -A4 'panicked at' "$log" | cut -c1-400 | head -80 || true
+    fi
     rm -f "$log"
 done
 echo "== integration tests per server"

@@ -229,3 +229,49 @@ fn a_script_that_wrote_stops_only_with_shutdown_nosave_and_then_never_happened()
         );
     }
 }
+
+/// EVAL_RO served as a read caches its script on the node that served it, and nowhere else.
+/// An EVALSHA of that script is an entry every node applies: each answers NOSCRIPT, so the
+/// script writes on no node (before, it wrote on that node alone). A script loaded through
+/// the log runs everywhere, even when its EVALSHA is pipelined right behind its SCRIPT LOAD.
+#[test]
+fn evalsha_of_a_script_only_one_node_holds_writes_nowhere() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(15));
+    let body = "return redis.call('SET', KEYS[1], ARGV[1])";
+    let sha = redis::Script::new(body).get_hash().to_string();
+    // Redis caches the body, then refuses the write from a read-only script.
+    let e = q(&c, l, &["EVAL_RO", body, "1", "k", "v"]).unwrap_err();
+    assert!(e.contains("not allowed from read-only scripts"), "{e}");
+    assert_eq!(
+        c.local(l, &["SCRIPT", "EXISTS", &sha]),
+        Value::Array(vec![Value::Int(1)]),
+        "the leader's cache holds the script"
+    );
+    let e = q(&c, l, &["EVALSHA", &sha, "1", "k", "v"]).unwrap_err();
+    assert!(e.contains("NOSCRIPT"), "{e}");
+    let mut r = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(r.cmd(&["EVALSHA", &sha, "1", "k", "m"]), "+QUEUED\r\n");
+    assert_eq!(
+        r.cmd(&["EXEC"]),
+        "*1\r\n-NOSCRIPT No matching script. Please use EVAL.\r\n"
+    );
+    r.send(&["SCRIPT", "LOAD", body]);
+    r.send(&["EVALSHA", &sha.to_uppercase(), "1", "k2", "loaded"]);
+    assert_eq!(r.read(), format!("${}\r\n{sha}\r\n", sha.len()));
+    assert_eq!(r.read(), "+OK\r\n");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            get(&c, i, "k"),
+            Value::Nil,
+            "node {i} ran the unknown script"
+        );
+        assert_eq!(
+            get(&c, i, "k2"),
+            Value::BulkString(b"loaded".to_vec()),
+            "node {i}"
+        );
+    }
+}

@@ -313,7 +313,8 @@ extern "C" fn kill_cmd(
     )
 }
 
-/// A command with random results, called from a script on the apply path.
+/// A command with random results, called from a script on the apply path; or an EVALSHA
+/// entry of a script no applied entry loaded (redis/scripts.rs).
 extern "C" fn reject_cmd(
     ctx: *mut RedisModuleCtx,
     argv: *mut *mut RedisModuleString,
@@ -324,6 +325,10 @@ extern "C" fn reject_cmd(
         .get(1)
         .map(|n| String::from_utf8_lossy(n).to_uppercase())
         .unwrap_or_default();
+    if name == "EVALSHA" || name == "EVALSHA_RO" {
+        // Redis's own reply when its cache lacks the script.
+        return api::reply_error(ctx, "NOSCRIPT No matching script. Please use EVAL.");
+    }
     if name == "XREADGROUP" {
         return api::reply_error(
             ctx,

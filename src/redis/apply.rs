@@ -224,6 +224,13 @@ pub(super) fn apply_call(
     index: u64,
     in_transaction: bool,
 ) -> *mut RedisModuleCallReply {
+    if scripts::unknown_evalsha(argv) {
+        // NOSCRIPT on every node, even one whose cache holds the script (scripts.rs).
+        let mut rejected = Vec::with_capacity(argv.len() + 1);
+        rejected.push(b"RAFT._REJECT".to_vec());
+        rejected.extend_from_slice(argv);
+        return api::call(ctx, &rejected, opts);
+    }
     let script = is_script(argv);
     scripts::set_applying(script);
     let function = argv[0].len() >= 5 && argv[0][..5].eq_ignore_ascii_case(b"fcall");

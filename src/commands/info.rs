@@ -162,6 +162,9 @@ fn fill(i: &Info) {
     i.num("current_index", st.last_index);
     i.num("commit_index", st.commit_index);
     i.num("last_applied_index", sh.applied());
+    // Applied commands that answered an error here since start (WRONGTYPE ...): nodes that
+    // applied the same entries count alike; logged each at `raft.loglevel verbose`.
+    i.num("apply_errors", crate::redis::apply_errors());
     i.num("file_size", st.log.bytes);
     i.num("cache_memory_size", st.log.cache_bytes);
     i.num("cache_entries", st.log.cache_entries);

@@ -5,7 +5,7 @@
 //! this node proposed gets its reply. A snapshot to load (at start, or sent by the leader)
 //! holds everything after it until it is loaded.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use raft::eraftpb::{Entry, EntryType};
@@ -215,9 +215,50 @@ pub(super) fn apply_transaction(
         .collect()
 }
 
+/// Commands of applied entries that answered an error on this node since it started
+/// (INFO raft `apply_errors`).
+static APPLY_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+pub fn apply_errors() -> u64 {
+    APPLY_ERRORS.load(Ordering::Relaxed)
+}
+
+/// Counts an applied command that answered an error, and logs it at debug level: nodes that
+/// applied the same entries count the same errors, so a count that differs between nodes
+/// points at a command that ran differently (at `raft.loglevel verbose` the log names it).
+fn note_error(r: *mut RedisModuleCallReply, argv: &[Vec<u8>], index: u64) {
+    let failed = r.is_null()
+        || unsafe { rm!(RedisModule_CallReplyType)(r) } as isize
+            == api::raw::REDISMODULE_REPLY_ERROR;
+    if !failed {
+        return;
+    }
+    APPLY_ERRORS.fetch_add(1, Ordering::Relaxed);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let why = match api::call_reply_value(r) {
+            api::Value::Str(s) => String::from_utf8_lossy(&s).into_owned(),
+            _ => "Redis could not run the command".into(),
+        };
+        let name = String::from_utf8_lossy(&argv[0]).to_uppercase();
+        tracing::debug!("raft entry {index}: {name} answered an error here: {why}");
+    }
+}
+
 /// Executes one command of a committed entry. Only what a script runs must be made
 /// deterministic (redis/scripts.rs); a command's own reply goes to one client only.
 pub(super) fn apply_call(
+    ctx: *mut RedisModuleCtx,
+    argv: &[Vec<u8>],
+    opts: CallOpts,
+    index: u64,
+    in_transaction: bool,
+) -> *mut RedisModuleCallReply {
+    let r = run_applied(ctx, argv, opts, index, in_transaction);
+    note_error(r, argv, index);
+    r
+}
+
+fn run_applied(
     ctx: *mut RedisModuleCtx,
     argv: &[Vec<u8>],
     opts: CallOpts,

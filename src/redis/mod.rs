@@ -40,7 +40,7 @@ use self::api::{
     guard, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx,
 };
 use self::apply::apply_committed;
-pub use self::apply::is_script;
+pub use self::apply::{apply_errors, is_script};
 use self::classify::CommandTable;
 use crate::codec::{encode_command, LogCommand, ProposalTag, ENTRY_BYTES_MAX};
 use crate::config::{Bootstrap, ReadMode};

@@ -230,50 +230,50 @@ fn a_script_that_wrote_stops_only_with_shutdown_nosave_and_then_never_happened()
     }
 }
 
-/// EVAL_RO served as a read caches its script on the node that served it, and nowhere else.
-/// An EVALSHA of that script is an entry every node applies: each answers NOSCRIPT, so the
-/// script writes on no node (before, it wrote on that node alone). A script loaded through
-/// the log runs everywhere, even when its EVALSHA is pipelined right behind its SCRIPT LOAD.
+/// EVAL_RO of a script no node has seen goes through the log, though it writes nothing, so
+/// every node's script cache holds it (served as a read, it would sit in one node's cache
+/// only, and a later EVALSHA would write there while the other nodes answered NOSCRIPT). As
+/// on a single Redis, EVALSHA then runs it, on every node; later EVAL_RO are reads again.
+/// Applied commands that answered an error are counted alike on every node.
 #[test]
-fn evalsha_of_a_script_only_one_node_holds_writes_nowhere() {
-    let mut c = Cluster::start(3);
-    let l = c.wait_leader(Duration::from_secs(15));
-    let body = "return redis.call('SET', KEYS[1], ARGV[1])";
-    let sha = redis::Script::new(body).get_hash().to_string();
-    // Redis caches the body, then refuses the write from a read-only script.
-    let e = q(&c, l, &["EVAL_RO", body, "1", "k", "v"]).unwrap_err();
-    assert!(e.contains("not allowed from read-only scripts"), "{e}");
-    assert_eq!(
-        c.local(l, &["SCRIPT", "EXISTS", &sha]),
-        Value::Array(vec![Value::Int(1)]),
-        "the leader's cache holds the script"
-    );
-    let e = q(&c, l, &["EVALSHA", &sha, "1", "k", "v"]).unwrap_err();
-    assert!(e.contains("NOSCRIPT"), "{e}");
-    let mut r = RawConn::open(c.nodes[l].def.port);
-    assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n");
-    assert_eq!(r.cmd(&["EVALSHA", &sha, "1", "k", "m"]), "+QUEUED\r\n");
-    assert_eq!(
-        r.cmd(&["EXEC"]),
-        "*1\r\n-NOSCRIPT No matching script. Please use EVAL.\r\n"
-    );
-    r.send(&["SCRIPT", "LOAD", body]);
-    r.send(&["EVALSHA", &sha.to_uppercase(), "1", "k2", "loaded"]);
-    assert_eq!(r.read(), format!("${}\r\n{sha}\r\n", sha.len()));
-    assert_eq!(r.read(), "+OK\r\n");
-    c.wait_applied_everywhere(Duration::from_secs(10));
-    for i in 0..3 {
-        // The two NOSCRIPT entries are the errors applying met, alike on every node.
-        assert_eq!(info_num(&c, i, "raft_apply_errors"), 2, "node {i}");
+fn eval_ro_of_a_new_script_caches_it_on_every_node() {
+    for mode in ["linearizable", "lease"] {
+        let mut c = Cluster::define(3);
+        for i in 0..3 {
+            c.nodes[i].extra = vec!["--raft.read-mode".into(), mode.into()];
+            c.start_node(i);
+        }
+        let l = c.wait_leader(Duration::from_secs(15));
+        let body = "if ARGV[1] == 'w' then return redis.call('SET', KEYS[1], 'written') end return redis.call('GET', KEYS[1])";
+        let sha = redis::Script::new(body).get_hash().to_string();
+        assert_eq!(q(&c, l, &["EVAL_RO", body, "1", "k", "r"]), Ok(Value::Nil));
+        let applied = info_num(&c, l, "raft_last_applied_index");
+        assert_eq!(q(&c, l, &["EVAL_RO", body, "1", "k", "r"]), Ok(Value::Nil));
         assert_eq!(
-            get(&c, i, "k"),
-            Value::Nil,
-            "node {i} ran the unknown script"
+            info_num(&c, l, "raft_last_applied_index"),
+            applied,
+            "{mode}: the second EVAL_RO of the script went through the log"
         );
         assert_eq!(
-            get(&c, i, "k2"),
-            Value::BulkString(b"loaded".to_vec()),
-            "node {i}"
+            q(&c, l, &["EVALSHA", &sha, "1", "k", "w"]),
+            Ok(Value::Okay),
+            "{mode}"
         );
+        // An applied write that fails (WRONGTYPE-like) fails on every node.
+        assert!(q(&c, l, &["INCR", "k"]).is_err());
+        c.wait_applied_everywhere(Duration::from_secs(10));
+        for i in 0..3 {
+            assert_eq!(
+                c.local(i, &["SCRIPT", "EXISTS", &sha]),
+                Value::Array(vec![Value::Int(1)]),
+                "{mode}: node {i}'s script cache"
+            );
+            assert_eq!(
+                get(&c, i, "k"),
+                Value::BulkString(b"written".to_vec()),
+                "{mode}: node {i}"
+            );
+            assert_eq!(info_num(&c, i, "raft_apply_errors"), 1, "{mode}: node {i}");
+        }
     }
 }

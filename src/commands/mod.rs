@@ -118,9 +118,21 @@ extern "C" fn raft_cmd(
                 return api::reply_error(ctx, "ERR redis-raft is not initialised");
             };
             let cmd: Vec<Vec<u8>> = args[1..].iter().map(|a| a.to_vec()).collect();
-            let class = m
+            let class = match m
                 .table()
-                .classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
+                .classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()))
+            {
+                // EVAL_RO of a new script: logged, so every node caches it (redis/scripts.rs).
+                Class::Read
+                    if crate::redis::scripts::logs_read(
+                        &cmd[0],
+                        cmd.get(1).map(|v| v.as_slice()),
+                    ) =>
+                {
+                    Class::Write
+                }
+                c => c,
+            };
             let client = unsafe { rm!(RedisModule_GetClientId)(ctx) };
             if crate::redis::multi::in_multi(client) {
                 return multi::handle(ctx, m, cmd, class);
@@ -313,8 +325,7 @@ extern "C" fn kill_cmd(
     )
 }
 
-/// A command with random results, called from a script on the apply path; or an EVALSHA
-/// entry of a script no applied entry loaded (redis/scripts.rs).
+/// A command with random results, called from a script on the apply path.
 extern "C" fn reject_cmd(
     ctx: *mut RedisModuleCtx,
     argv: *mut *mut RedisModuleString,
@@ -325,10 +336,6 @@ extern "C" fn reject_cmd(
         .get(1)
         .map(|n| String::from_utf8_lossy(n).to_uppercase())
         .unwrap_or_default();
-    if name == "EVALSHA" || name == "EVALSHA_RO" {
-        // Redis's own reply when its cache lacks the script.
-        return api::reply_error(ctx, "NOSCRIPT No matching script. Please use EVAL.");
-    }
     if name == "XREADGROUP" {
         return api::reply_error(
             ctx,

@@ -200,7 +200,8 @@ pub(super) fn apply_transaction(
             // leader's consumer-group wrapper (a RAFT.* name) runs everywhere.
             let sub = argv.get(1).map(|s| s.as_slice());
             let stream = argv[0].eq_ignore_ascii_case(streams::COMMAND.as_bytes());
-            if !proposer && !stream && m.table().classify(&argv[0], sub) == classify::Class::Local {
+            let local = !stream && m.table().classify(&argv[0], sub) == classify::Class::Local;
+            if !proposer && local {
                 return Part::Error(String::new());
             }
             if unsafe { rm!(RedisModule_SelectDb)(ctx, *db) } != api::OK {
@@ -210,7 +211,11 @@ pub(super) fn apply_transaction(
             if argv[0].eq_ignore_ascii_case(b"select") {
                 return Part::Status("OK");
             }
-            Part::Call(apply_call(ctx, argv, CallOpts { resp3 }, index, true))
+            let r = apply_call(ctx, argv, CallOpts { resp3 }, index, true);
+            if !local {
+                note_error(r, argv, index);
+            }
+            Part::Call(r)
         })
         .collect()
 }
@@ -226,7 +231,12 @@ pub fn apply_errors() -> u64 {
 /// Counts an applied command that answered an error, and logs it at debug level: nodes that
 /// applied the same entries count the same errors, so a count that differs between nodes
 /// points at a command that ran differently (at `raft.loglevel verbose` the log names it).
+/// Not for a node-local command in a transaction (it runs only where its client is), nor a
+/// script a kill stopped (only the nodes that were running it answer).
 fn note_error(r: *mut RedisModuleCallReply, argv: &[Vec<u8>], index: u64) {
+    if busy::killed(index) {
+        return;
+    }
     let failed = r.is_null()
         || unsafe { rm!(RedisModule_CallReplyType)(r) } as isize
             == api::raw::REDISMODULE_REPLY_ERROR;
@@ -253,25 +263,6 @@ pub(super) fn apply_call(
     index: u64,
     in_transaction: bool,
 ) -> *mut RedisModuleCallReply {
-    let r = run_applied(ctx, argv, opts, index, in_transaction);
-    note_error(r, argv, index);
-    r
-}
-
-fn run_applied(
-    ctx: *mut RedisModuleCtx,
-    argv: &[Vec<u8>],
-    opts: CallOpts,
-    index: u64,
-    in_transaction: bool,
-) -> *mut RedisModuleCallReply {
-    if scripts::unknown_evalsha(argv) {
-        // NOSCRIPT on every node, even one whose cache holds the script (scripts.rs).
-        let mut rejected = Vec::with_capacity(argv.len() + 1);
-        rejected.push(b"RAFT._REJECT".to_vec());
-        rejected.extend_from_slice(argv);
-        return api::call(ctx, &rejected, opts);
-    }
     let script = is_script(argv);
     scripts::set_applying(script);
     let function = argv[0].len() >= 5 && argv[0][..5].eq_ignore_ascii_case(b"fcall");
@@ -466,6 +457,7 @@ pub(super) fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me:
             let wakes = blocking::wakes();
             watch::set_applying(Some(e.index));
             let r = apply_call(ctx, &argv, opts, e.index, false);
+            note_error(r, &argv, e.index);
             watch::set_applying(None);
             let woke = blocking::wakes() > wakes;
             note_applied(db, &argv, e.index);

@@ -54,7 +54,10 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         Class::Write | Class::Refused(_) => true,
         // Run natively only when no check is needed (stale mode); otherwise RAFT confirms
         // the read index first, or redirects.
-        Class::Read => !m.node().is_some_and(|n| m.serves_reads_locally(n)),
+        Class::Read => {
+            !m.node().is_some_and(|n| m.serves_reads_locally(n))
+                || (argc > 1 && super::scripts::logs_read(name, sub))
+        }
         Class::Transaction => true,
         // Redis 7.0 does not tell a filter which client sent the command: while any client is
         // in MULTI, node-local commands go to RAFT, which queues them for that client.

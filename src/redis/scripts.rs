@@ -16,13 +16,14 @@
 //! back (`restore`), so EVALSHA and FCALL entries after it run there as on the nodes that
 //! applied the entries before it.
 //!
-//! The noted scripts also decide EVALSHA on the apply path (`known`): a script only one node's
-//! cache holds (EVAL_RO served as a read caches its body on the node that served it) must not
-//! run there while the others answer NOSCRIPT, so an EVALSHA entry of a script no applied
-//! entry offered gets NOSCRIPT on every node alike.
+//! So that every node's cache holds the same scripts, EVAL_RO of a script no applied entry
+//! offered goes through the log like a write (`logs_read`), though it writes nothing: served
+//! as a read on one node, it would put its script in that node's cache only, where a later
+//! EVALSHA entry would run while the other nodes answer NOSCRIPT. Later EVAL_RO of that
+//! script are reads again.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use super::api::{self, guard, raw, rm, RedisModuleCtx};
 use super::classify::InScript;
@@ -44,8 +45,8 @@ pub fn set_sorting(on: bool) {
 }
 
 /// The bodies applied SCRIPT LOAD, EVAL and EVAL_RO entries offered the script cache, since
-/// the last SCRIPT FLUSH, by SHA-1.
-static CACHED: MainThread<HashMap<[u8; 20], Vec<u8>>> = MainThread::new_lazy();
+/// the last SCRIPT FLUSH (named by SHA-1 only when a snapshot asks Redis which it holds).
+static CACHED: MainThread<HashSet<Vec<u8>>> = MainThread::new_lazy();
 
 fn is(arg: Option<&Vec<u8>>, name: &str) -> bool {
     arg.is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
@@ -56,32 +57,10 @@ fn sha1_hex(body: &[u8]) -> String {
     sha1_smol::Sha1::from(body).digest().to_string()
 }
 
-fn sha1(body: &[u8]) -> [u8; 20] {
-    sha1_smol::Sha1::from(body).digest().bytes()
-}
-
-/// An EVALSHA's name for a script (40 hex digits, either case) as SHA-1 bytes.
-fn parse_sha(hex: &[u8]) -> Option<[u8; 20]> {
-    if hex.len() != 40 {
-        return None;
-    }
-    let digit = |c: u8| (c as char).to_digit(16);
-    let mut out = [0u8; 20];
-    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *o = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
-    }
-    Some(out)
-}
-
-/// EVALSHA or EVALSHA_RO of a script that no applied entry offered the script cache since the
-/// last SCRIPT FLUSH: every node answers NOSCRIPT, whatever its own cache holds.
-pub fn unknown_evalsha(argv: &[Vec<u8>]) -> bool {
-    if !(is(argv.first(), "evalsha") || is(argv.first(), "evalsha_ro")) {
-        return false;
-    }
-    argv.get(1)
-        .and_then(|h| parse_sha(h))
-        .is_none_or(|sha| !CACHED.get_mut().contains_key(&sha))
+/// EVAL_RO of a script no applied entry offered the script cache: it must go through the log
+/// (every node caches its script), not be served as a read on one node.
+pub fn logs_read(name: &[u8], body: Option<&[u8]>) -> bool {
+    name.eq_ignore_ascii_case(b"eval_ro") && body.is_some_and(|b| !CACHED.get_mut().contains(b))
 }
 
 /// An entry's command (or one of its transaction's) was applied.
@@ -97,10 +76,9 @@ pub fn note_command(argv: &[Vec<u8>]) {
         }
         None
     };
-    // Noted even if Redis refused it (its EVALSHA gets NOSCRIPT from Redis on every node);
-    // `saved` keeps only what its cache holds.
-    if let Some(body) = body {
-        cached.entry(sha1(body)).or_insert_with(|| body.clone());
+    // Noted even if Redis refused it; `saved` keeps only what its cache holds.
+    if let Some(body) = body.filter(|b| !cached.contains(b.as_slice())) {
+        cached.insert(body.clone());
     }
 }
 
@@ -116,7 +94,7 @@ pub fn saved(ctx: *mut RedisModuleCtx) -> Result<(Vec<u8>, Vec<Vec<u8>>), String
     if cached.is_empty() {
         return Ok((functions, Vec::new()));
     }
-    let mut named: Vec<(String, &Vec<u8>)> = cached.values().map(|b| (sha1_hex(b), b)).collect();
+    let mut named: Vec<(String, &Vec<u8>)> = cached.iter().map(|b| (sha1_hex(b), b)).collect();
     named.sort_unstable();
     let mut argv = vec![b"SCRIPT".to_vec(), b"EXISTS".to_vec()];
     argv.extend(named.iter().map(|(sha, _)| sha.as_bytes().to_vec()));
@@ -130,7 +108,7 @@ pub fn saved(ctx: *mut RedisModuleCtx) -> Result<(Vec<u8>, Vec<Vec<u8>>), String
         .filter(|(_, e)| **e == api::Value::Int(1))
         .map(|((_, b), _)| (*b).clone())
         .collect();
-    *cached = held.iter().map(|b| (sha1(b), b.clone())).collect();
+    *cached = held.iter().cloned().collect();
     Ok((functions, held))
 }
 
@@ -154,7 +132,7 @@ pub fn restore(ctx: *mut RedisModuleCtx, functions: &[u8], scripts: Vec<Vec<u8>>
         // A body Redis refused when it was applied is refused again: nothing to restore.
         let _ = call(&[b"SCRIPT", b"LOAD", body]);
     }
-    *CACHED.get_mut() = scripts.into_iter().map(|b| (sha1(&b), b)).collect();
+    *CACHED.get_mut() = scripts.into_iter().collect();
     for f in failed {
         tracing::error!("restoring the snapshot's functions and scripts: {f}; FCALL and EVALSHA entries may fail on this node where they succeed on others");
     }
@@ -299,17 +277,5 @@ mod tests {
             Array(vec![s("f1"), s("v1"), s("f2"), s("v2")])
         );
         assert_eq!(sort_reply(Int(3), false), Int(3));
-    }
-
-    #[test]
-    fn an_evalsha_names_its_script_by_the_sha1_of_the_body_in_either_case() {
-        let body = b"return 1";
-        let hex = sha1_hex(body);
-        assert_eq!(hex.len(), 40);
-        assert_eq!(parse_sha(hex.as_bytes()), Some(sha1(body)));
-        assert_eq!(parse_sha(hex.to_uppercase().as_bytes()), Some(sha1(body)));
-        assert_eq!(parse_sha(&hex.as_bytes()[..39]), None);
-        assert_eq!(parse_sha(b"zz".repeat(20).as_slice()), None);
-        assert_eq!(parse_sha("é".repeat(20).as_bytes()), None);
     }
 }

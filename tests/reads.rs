@@ -393,3 +393,26 @@ fn a_resumed_old_leader_never_answers_a_read_from_before_its_pause() {
         );
     }
 }
+
+/// A read a node would serve at once (lease and stale modes) is still queued inside MULTI,
+/// and EXEC answers it, as on a single Redis.
+#[test]
+fn reads_served_at_once_are_queued_inside_multi() {
+    for mode in ["lease", "stale"] {
+        let mut c = cluster_with(&["--raft.read-mode", mode]);
+        let l = c.wait_leader(Duration::from_secs(10));
+        set(&c, l, "k", "v1");
+        let mut r = RawConn::open(c.nodes[l].def.port);
+        assert_eq!(r.cmd(&["MULTI"]), "+OK\r\n", "{mode}");
+        assert_eq!(r.cmd(&["GET", "k"]), "+QUEUED\r\n", "{mode}");
+        assert_eq!(r.cmd(&["SET", "k", "v2"]), "+QUEUED\r\n", "{mode}");
+        assert_eq!(r.cmd(&["GET", "k"]), "+QUEUED\r\n", "{mode}");
+        assert_eq!(
+            r.cmd(&["EXEC"]),
+            "*3\r\n$2\r\nv1\r\n+OK\r\n$2\r\nv2\r\n",
+            "{mode}"
+        );
+        // Outside MULTI the read is served at once again.
+        assert_eq!(r.cmd(&["GET", "k"]), "$2\r\nv2\r\n", "{mode}");
+    }
+}

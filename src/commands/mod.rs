@@ -118,21 +118,13 @@ extern "C" fn raft_cmd(
                 return api::reply_error(ctx, "ERR redis-raft is not initialised");
             };
             let cmd: Vec<Vec<u8>> = args[1..].iter().map(|a| a.to_vec()).collect();
-            let class = match m
+            let class = m
                 .table()
-                .classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()))
-            {
-                // EVAL_RO of a new script: logged, so every node caches it (redis/scripts.rs).
-                Class::Read
-                    if crate::redis::scripts::logs_read(
-                        &cmd[0],
-                        cmd.get(1).map(|v| v.as_slice()),
-                    ) =>
-                {
-                    Class::Write
-                }
-                c => c,
-            };
+                .classify(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
+            // EVAL_RO of a new script: logged, so every node caches it (redis/scripts.rs).
+            let logged_read = class == Class::Read
+                && crate::redis::scripts::logs_read(&cmd[0], cmd.get(1).map(|v| v.as_slice()));
+            let class = if logged_read { Class::Write } else { class };
             let client = unsafe { rm!(RedisModule_GetClientId)(ctx) };
             if crate::redis::multi::in_multi(client) {
                 return multi::handle(ctx, m, cmd, class);
@@ -189,7 +181,9 @@ extern "C" fn raft_cmd(
                     if !node.shared().is_leader() {
                         return api::reply_error(ctx, &redirect_error(m));
                     }
-                    if crate::redis::is_script(&cmd) && crate::redis::replicas::writes_refused(ctx)
+                    if crate::redis::is_script(&cmd)
+                        && !logged_read
+                        && crate::redis::replicas::writes_refused(ctx)
                     {
                         // Nothing can be written: run it here as a read (replicas.rs).
                         return queue_read(ctx, cmd);

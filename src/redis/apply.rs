@@ -211,11 +211,14 @@ pub(super) fn apply_transaction(
             if argv[0].eq_ignore_ascii_case(b"select") {
                 return Part::Status("OK");
             }
-            let r = apply_call(ctx, argv, CallOpts { resp3 }, index, true);
-            if !local {
-                note_error(r, argv, index);
-            }
-            Part::Call(r)
+            Part::Call(apply_call(
+                ctx,
+                argv,
+                CallOpts { resp3 },
+                index,
+                true,
+                !local,
+            ))
         })
         .collect()
 }
@@ -234,9 +237,6 @@ pub fn apply_errors() -> u64 {
 /// Not for a node-local command in a transaction (it runs only where its client is), nor a
 /// script a kill stopped (only the nodes that were running it answer).
 fn note_error(r: *mut RedisModuleCallReply, argv: &[Vec<u8>], index: u64) {
-    if busy::killed(index) {
-        return;
-    }
     let failed = r.is_null()
         || unsafe { rm!(RedisModule_CallReplyType)(r) } as isize
             == api::raw::REDISMODULE_REPLY_ERROR;
@@ -254,17 +254,22 @@ fn note_error(r: *mut RedisModuleCallReply, argv: &[Vec<u8>], index: u64) {
     }
 }
 
-/// Executes one command of a committed entry. Only what a script runs must be made
-/// deterministic (redis/scripts.rs); a command's own reply goes to one client only.
+/// Executes one command of a committed entry. Only what a script that may write runs must be
+/// made deterministic (redis/scripts.rs); a command's own reply goes to one client only.
+/// `replicated`: every node runs it (not a node-local command queued in a transaction), so
+/// an error it answers is counted (`note_error`).
 pub(super) fn apply_call(
     ctx: *mut RedisModuleCtx,
     argv: &[Vec<u8>],
     opts: CallOpts,
     index: u64,
     in_transaction: bool,
+    replicated: bool,
 ) -> *mut RedisModuleCallReply {
     let script = is_script(argv);
-    scripts::set_applying(script);
+    // EVAL_RO, EVALSHA_RO, FCALL_RO write nothing: whatever they compute, the nodes' data
+    // stays alike (only the proposer's reply is used).
+    scripts::set_applying(script && !argv[0].to_ascii_lowercase().ends_with(b"_ro"));
     let function = argv[0].len() >= 5 && argv[0][..5].eq_ignore_ascii_case(b"fcall");
     busy::set_running_script(script.then_some(busy::Running {
         index,
@@ -274,8 +279,13 @@ pub(super) fn apply_call(
     streams::set_applying(true);
     let r = api::call(ctx, argv, opts);
     streams::set_applying(false);
+    // A script a kill stopped answers only on the nodes that were running it.
+    let killed = script && (busy::run_killed() || busy::killed(index));
     busy::set_running_script(None);
     scripts::set_applying(false);
+    if replicated && !killed {
+        note_error(r, argv, index);
+    }
     r
 }
 
@@ -369,6 +379,9 @@ pub(super) fn apply_multi(
     if busy::killed(index) {
         // SHUTDOWN NOSAVE stopped one of its scripts on the leader: it never happened.
         info!("raft entry {index}: transaction skipped, one of its scripts was killed");
+        for (_, argv) in cmds {
+            scripts::cache_skipped(ctx, argv);
+        }
         if let Some(p) = pending {
             unblock(
                 p.bc,
@@ -441,6 +454,7 @@ pub(super) fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me:
             if is_script(&argv) && busy::killed(e.index) {
                 // A later entry killed it on the leader before it wrote (busy.rs).
                 info!("raft entry {}: skipped, its script was killed", e.index);
+                scripts::cache_skipped(ctx, &argv);
                 if let Some(p) = pending {
                     unblock(
                         p.bc,
@@ -456,8 +470,7 @@ pub(super) fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me:
             };
             let wakes = blocking::wakes();
             watch::set_applying(Some(e.index));
-            let r = apply_call(ctx, &argv, opts, e.index, false);
-            note_error(r, &argv, e.index);
+            let r = apply_call(ctx, &argv, opts, e.index, false, true);
             watch::set_applying(None);
             let woke = blocking::wakes() > wakes;
             note_applied(db, &argv, e.index);

@@ -137,6 +137,11 @@ pub fn set_running_script(script: Option<Running>) {
     st.running_script = script;
 }
 
+/// Whether the script the apply path is running (or just ran) was killed on this node.
+pub fn run_killed() -> bool {
+    STATE.get_mut().run_killed
+}
+
 /// A wake-up inside a command: `held` keeps what arrived, in order, for the apply after the
 /// command returns; a committed kill of the running script is carried out now.
 pub fn defer(ctx: *mut RedisModuleCtx, arrived: VecDeque<ApplyItem>) {

@@ -54,8 +54,11 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         Class::Write | Class::Refused(_) => true,
         // Run natively only when no check is needed (stale mode); otherwise RAFT confirms
         // the read index first, or redirects.
+        // Also when some client is in MULTI (it might be the sender: its read is queued), and
+        // for an EVAL_RO of a new script (logged: scripts.rs).
         Class::Read => {
             !m.node().is_some_and(|n| m.serves_reads_locally(n))
+                || super::multi::any_in_multi()
                 || (argc > 1 && super::scripts::logs_read(name, sub))
         }
         Class::Transaction => true,

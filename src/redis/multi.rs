@@ -61,6 +61,12 @@ pub fn in_multi(client_id: u64) -> bool {
     IN_MULTI.get_mut().contains_key(&client_id)
 }
 
+/// Whether some client is in MULTI (then the filter routes reads a node would serve at once
+/// to RAFT, which queues them for a client in MULTI).
+pub fn any_in_multi() -> bool {
+    !IN_MULTI.get_mut().is_empty()
+}
+
 /// Whether the filter must route node-local command `name [sub]` to RAFT: only while some
 /// client is in MULTI (it might be the sender), and never for connection-state commands
 /// (but those redis-raft can run for a client itself: conn.rs).

@@ -63,6 +63,20 @@ pub fn logs_read(name: &[u8], body: Option<&[u8]>) -> bool {
     name.eq_ignore_ascii_case(b"eval_ro") && body.is_some_and(|b| !CACHED.get_mut().contains(b))
 }
 
+/// An entry's EVAL or EVAL_RO is skipped on this node: a kill stopped it on the leader
+/// before it wrote (busy.rs). The nodes that were running it had cached its script (Redis
+/// caches it before running it), so this node caches it too, without running it.
+pub fn cache_skipped(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) {
+    if !(is(argv.first(), "eval") || is(argv.first(), "eval_ro")) {
+        return;
+    }
+    if let Some(body) = argv.get(1) {
+        // A body Redis refuses is refused alike where it ran.
+        let _ = api::call_checked(ctx, &[b"SCRIPT".to_vec(), b"LOAD".to_vec(), body.clone()]);
+    }
+    note_command(argv);
+}
+
 /// An entry's command (or one of its transaction's) was applied.
 pub fn note_command(argv: &[Vec<u8>]) {
     let cached = CACHED.get_mut();

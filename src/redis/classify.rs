@@ -130,8 +130,23 @@ impl Lower {
     }
 }
 
+/// A command name as a client spelled it, and its class, for `CommandTable::recent`.
+#[derive(Clone, Copy, Default)]
+struct Recent {
+    len: u8,
+    name: [u8; 15],
+    class: Option<Class>,
+}
+
+/// Slots of `CommandTable::recent` (a power of two).
+const RECENT_SLOTS: usize = 8;
+
 #[derive(Default)]
 pub struct CommandTable {
+    /// The classes of recently classified names whose class does not depend on a
+    /// subcommand, by their exact bytes: the filter classifies every command, mostly the same
+    /// few names, and this skips lower-casing and hashing them. Rebuilt with the table.
+    recent: [std::cell::Cell<Recent>; RECENT_SLOTS],
     /// Lower-case name (`name|sub` for subcommands) to class and Redis's arity (negative:
     /// at least that many).
     map: rustc_hash::FxHashMap<Vec<u8>, (Class, i64)>,
@@ -268,6 +283,38 @@ impl CommandTable {
 
     /// Classifies a command line (name and, for containers, the subcommand).
     pub fn classify(&self, name: &[u8], sub: Option<&[u8]>) -> Class {
+        let slot = match (name.first(), name.last()) {
+            (Some(&a), Some(&b)) if name.len() <= 15 => {
+                (usize::from(a) ^ usize::from(b) ^ name.len()) & (RECENT_SLOTS - 1)
+            }
+            _ => return self.classify_uncached(name, sub),
+        };
+        let r = self.recent[slot].get();
+        if let Some(class) = r.class.filter(|_| &r.name[..usize::from(r.len)] == name) {
+            return class;
+        }
+        let class = self.classify_uncached(name, sub);
+        // A container's class, and DEBUG's (REFUSED_SUB), depend on the subcommand.
+        let by_name_alone = !REFUSED_SUB
+            .iter()
+            .any(|(n, _, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+            && !matches!(
+                self.map.get(Lower::new(name).as_slice()),
+                Some((Class::Container, _))
+            );
+        if by_name_alone {
+            let mut e = Recent {
+                len: name.len() as u8,
+                class: Some(class),
+                ..Recent::default()
+            };
+            e.name[..name.len()].copy_from_slice(name);
+            self.recent[slot].set(e);
+        }
+        class
+    }
+
+    fn classify_uncached(&self, name: &[u8], sub: Option<&[u8]>) -> Class {
         let mut key = Lower::new(name);
         if let Some(sub) = sub {
             for (n, s, why) in REFUSED_SUB {
@@ -532,5 +579,56 @@ mod tests {
         assert_eq!(t.classify(b"xgroup", Some(b"create")), Class::Local);
         assert_eq!(t.classify(b"get", None), Class::Read);
         assert!(!t.denies_oom(&argv(&["GET", "k"])));
+    }
+
+    #[test]
+    fn remembered_classes_match_the_table_whatever_the_order_and_subcommand() {
+        let long = "x".repeat(40);
+        let reply = Value::Array(vec![
+            cmd_arity("set", -3, &["write", "denyoom"]),
+            cmd_arity("get", 2, &["readonly", "fast"]),
+            cmd("ping", &["fast"], vec![]),
+            cmd(
+                "xgroup",
+                &[],
+                vec![
+                    cmd("xgroup|create", &["write"], vec![]),
+                    cmd("xgroup|help", &["loading"], vec![]),
+                ],
+            ),
+            cmd("debug", &["admin"], vec![]),
+            cmd(&long, &["write"], vec![]),
+        ]);
+        let t = CommandTable::from_command_reply(&reply);
+        let lines: [(&[u8], Option<&[u8]>); 12] = [
+            (b"get", Some(b"k")),
+            (b"SET", Some(b"k")),
+            (b"xgroup", Some(b"create")),
+            (b"xgroup", Some(b"help")),
+            (b"XGROUP", None),
+            (b"debug", Some(b"reload")),
+            (b"debug", Some(b"sleep")),
+            (b"ping", None),
+            (long.as_bytes(), None),
+            (b"GET", None),
+            (b"nosuch", None),
+            (b"", None),
+        ];
+        for round in 0..3 {
+            for (i, (name, sub)) in lines.iter().enumerate() {
+                assert_eq!(
+                    t.classify(name, *sub),
+                    t.classify_uncached(name, *sub),
+                    "round {round}, line {i}"
+                );
+            }
+        }
+        assert_eq!(t.classify(b"xgroup", Some(b"create")), Class::Write);
+        assert!(matches!(
+            t.classify(b"debug", Some(b"reload")),
+            Class::Refused(_)
+        ));
+        assert_eq!(t.classify(b"debug", Some(b"sleep")), Class::Local);
+        assert_eq!(t.classify(long.as_bytes(), None), Class::Write);
     }
 }

@@ -518,14 +518,12 @@ mod tests {
         Value::Array(v)
     }
 
-    #[test]
-    fn classifies_from_flags_and_subcommands() {
-        let reply = Value::Array(vec![
+    /// SET, GET, PING, XGROUP (a container) and DEBUG, as COMMAND describes them.
+    fn common_commands() -> Vec<Value> {
+        vec![
             cmd_arity("set", -3, &["write", "denyoom"]),
             cmd_arity("get", 2, &["readonly", "fast"]),
             cmd("ping", &["fast"], vec![]),
-            cmd("eval", &["noscript"], vec![]),
-            cmd("replicaof", &["admin"], vec![]),
             cmd(
                 "xgroup",
                 &[],
@@ -534,11 +532,21 @@ mod tests {
                     cmd("xgroup|help", &["loading"], vec![]),
                 ],
             ),
-            cmd("raft.debug", &["admin"], vec![]),
             cmd("debug", &["admin"], vec![]),
+        ]
+    }
+
+    #[test]
+    fn classifies_from_flags_and_subcommands() {
+        let mut cmds = common_commands();
+        cmds.extend([
+            cmd("eval", &["noscript"], vec![]),
+            cmd("replicaof", &["admin"], vec![]),
+            cmd("raft.debug", &["admin"], vec![]),
             cmd("multi", &["fast"], vec![]),
             cmd("shutdown", &["no_multi", "noscript"], vec![]),
         ]);
+        let reply = Value::Array(cmds);
         let t = CommandTable::from_command_reply(&reply);
         assert_eq!(t.classify(b"SET", None), Class::Write);
         assert_eq!(t.classify(b"get", None), Class::Read);
@@ -584,21 +592,9 @@ mod tests {
     #[test]
     fn remembered_classes_match_the_table_whatever_the_order_and_subcommand() {
         let long = "x".repeat(40);
-        let reply = Value::Array(vec![
-            cmd_arity("set", -3, &["write", "denyoom"]),
-            cmd_arity("get", 2, &["readonly", "fast"]),
-            cmd("ping", &["fast"], vec![]),
-            cmd(
-                "xgroup",
-                &[],
-                vec![
-                    cmd("xgroup|create", &["write"], vec![]),
-                    cmd("xgroup|help", &["loading"], vec![]),
-                ],
-            ),
-            cmd("debug", &["admin"], vec![]),
-            cmd(&long, &["write"], vec![]),
-        ]);
+        let mut cmds = common_commands();
+        cmds.push(cmd(&long, &["write"], vec![]));
+        let reply = Value::Array(cmds);
         let t = CommandTable::from_command_reply(&reply);
         let lines: [(&[u8], Option<&[u8]>); 12] = [
             (b"get", Some(b"k")),

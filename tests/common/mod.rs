@@ -311,9 +311,21 @@ impl Cluster {
         }
     }
 
+    /// Sends `sig` to node `i`. For SIGSTOP, returns once every thread of the process has
+    /// stopped: the kernel stops a process's threads one after another, and under load a
+    /// thread (the raft thread, say) can still answer a message after kill() returned.
     pub fn signal(&self, i: usize, sig: i32) {
-        if let Some(c) = &self.nodes[i].child {
-            unsafe { libc::kill(c.id() as i32, sig) };
+        let Some(c) = &self.nodes[i].child else {
+            return;
+        };
+        unsafe { libc::kill(c.id() as i32, sig) };
+        if sig == libc::SIGSTOP {
+            let pid = c.id();
+            wait_for(
+                &format!("every thread of node {i} to stop"),
+                Duration::from_secs(10),
+                || all_threads_stopped(pid),
+            );
         }
     }
 
@@ -684,6 +696,23 @@ pub fn info_num(c: &Cluster, i: usize, field: &str) -> u64 {
 }
 
 /// Polls `f` every 20 ms until it holds; fails the test naming `what` after `timeout`.
+/// Whether every thread of process `pid` is stopped (state T in /proc), or it is gone.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            // The state follows the command name, which is in parentheses.
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().to_string())
+            })
+            .is_none_or(|rest| rest.starts_with('T') || rest.starts_with('t'))
+    })
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {

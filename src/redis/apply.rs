@@ -269,8 +269,10 @@ pub(super) fn apply_call(
     let script = is_script(argv);
     // EVAL_RO, EVALSHA_RO, FCALL_RO write nothing: whatever they compute, the nodes' data
     // stays alike (only the proposer's reply is used).
-    scripts::set_applying(script && !argv[0].to_ascii_lowercase().ends_with(b"_ro"));
-    let function = argv[0].len() >= 5 && argv[0][..5].eq_ignore_ascii_case(b"fcall");
+    let name = argv[0].as_slice();
+    let read_only = name.len() >= 3 && name[name.len() - 3..].eq_ignore_ascii_case(b"_ro");
+    scripts::set_applying(script && !read_only);
+    let function = name.len() >= 5 && name[..5].eq_ignore_ascii_case(b"fcall");
     busy::set_running_script(script.then_some(busy::Running {
         index,
         function,

@@ -293,15 +293,7 @@ impl CommandTable {
         if let Some(class) = r.class.filter(|_| &r.name[..usize::from(r.len)] == name) {
             return class;
         }
-        let class = self.classify_uncached(name, sub);
-        // A container's class, and DEBUG's (REFUSED_SUB), depend on the subcommand.
-        let by_name_alone = !REFUSED_SUB
-            .iter()
-            .any(|(n, _, _)| name.eq_ignore_ascii_case(n.as_bytes()))
-            && !matches!(
-                self.map.get(Lower::new(name).as_slice()),
-                Some((Class::Container, _))
-            );
+        let (class, by_name_alone) = self.lookup(name, sub);
         if by_name_alone {
             let mut e = Recent {
                 len: name.len() as u8,
@@ -315,27 +307,41 @@ impl CommandTable {
     }
 
     fn classify_uncached(&self, name: &[u8], sub: Option<&[u8]>) -> Class {
+        self.lookup(name, sub).0
+    }
+
+    /// The class, and whether it follows from the name alone: not for a container, nor for
+    /// a command with a refused subcommand (REFUSED_SUB), whose class depends on `sub`.
+    fn lookup(&self, name: &[u8], sub: Option<&[u8]>) -> (Class, bool) {
         let mut key = Lower::new(name);
-        if let Some(sub) = sub {
-            for (n, s, why) in REFUSED_SUB {
-                if key.as_slice() == n.as_bytes() && sub.eq_ignore_ascii_case(s.as_bytes()) {
-                    return Class::Refused(why);
+        let mut by_name_alone = true;
+        for (n, s, why) in REFUSED_SUB {
+            if key.as_slice() == n.as_bytes() {
+                by_name_alone = false;
+                if sub.is_some_and(|sub| sub.eq_ignore_ascii_case(s.as_bytes())) {
+                    return (Class::Refused(why), false);
                 }
             }
         }
-        match self.map.get(key.as_slice()) {
+        let class = match self.map.get(key.as_slice()) {
             // Unknown commands run as usual: Redis answers "unknown command".
             None => Class::Local,
             Some((Class::Container, _)) => {
-                let Some(sub) = sub else { return Class::Local };
-                key.with_sub(sub);
-                self.map
-                    .get(key.as_slice())
-                    .map(|(c, _)| *c)
-                    .unwrap_or(Class::Local)
+                by_name_alone = false;
+                match sub {
+                    None => Class::Local,
+                    Some(sub) => {
+                        key.with_sub(sub);
+                        self.map
+                            .get(key.as_slice())
+                            .map(|(c, _)| *c)
+                            .unwrap_or(Class::Local)
+                    }
+                }
             }
             Some((c, _)) => *c,
-        }
+        };
+        (class, by_name_alone)
     }
 
     /// How a command called from a script on the apply path is treated.

@@ -72,7 +72,7 @@ pub fn any_in_multi() -> bool {
 /// (but those redis-raft can run for a client itself: conn.rs).
 pub fn route_local(name: &[u8], sub: Option<&[u8]>) -> bool {
     let ours = name.len() >= 4 && name[..4].eq_ignore_ascii_case(b"raft");
-    if IN_MULTI.get_mut().is_empty() || ours {
+    if !any_in_multi() || ours {
         return false;
     }
     if super::conn::routable(name, sub) {

@@ -167,30 +167,56 @@ pub struct SnapshotState {
     pub scripts: Vec<Vec<u8>>,
 }
 
-/// A snapshot header's metadata: the membership, then the `SnapshotState`. Files written
-/// before the state existed hold the membership alone; a reader of the membership ignores
-/// what follows it.
-pub fn encode_snapshot_meta(membership: &SnapshotMembership, state: &SnapshotState) -> Vec<u8> {
+/// Written after `SnapshotState` since the module keeps the script cache in log order
+/// (readers from before ignore it): how many of `SnapshotState::scripts` come first as SCRIPT
+/// LOAD brought them (never evicted); the rest EVAL brought, least recently used first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScriptOrder {
+    pub permanent: u64,
+}
+
+/// A snapshot header's metadata: the membership, the `SnapshotState`, then the
+/// `ScriptOrder`. Files written before the state existed hold the membership alone, and
+/// before the order the two first; a reader of the first ignores what follows it.
+pub fn encode_snapshot_meta(
+    membership: &SnapshotMembership,
+    state: &SnapshotState,
+    order: &ScriptOrder,
+) -> Vec<u8> {
     let mut out = encode(membership);
     out.extend_from_slice(&encode(state));
+    out.extend_from_slice(&encode(order));
     out
 }
 
-/// The `SnapshotState` in a snapshot's metadata; None in a file written before it existed.
-pub fn decode_snapshot_state(meta: &[u8]) -> Result<Option<SnapshotState>, CodecError> {
+/// What follows the encoded `first` in `data` (`encode` wrote it: a version byte, then it).
+fn after<'a, T: Serialize>(data: &'a [u8], first: &T) -> Result<Option<&'a [u8]>, CodecError> {
     use ::bincode::Options as _;
-    let membership: SnapshotMembership = decode(meta)?;
     let size = bincode::options_limited()
-        .serialized_size(&membership)
+        .serialized_size(first)
         .map_err(|e| CodecError::Decode(e.to_string()))?;
     let used = usize::try_from(size)
         .ok()
         .and_then(|n| n.checked_add(1))
-        .ok_or_else(|| CodecError::Decode("membership size out of range".into()))?;
-    match meta.get(used..) {
-        None | Some([]) => Ok(None),
-        Some(rest) => decode(rest).map(Some),
-    }
+        .ok_or_else(|| CodecError::Decode("record size out of range".into()))?;
+    Ok(data.get(used..).filter(|rest| !rest.is_empty()))
+}
+
+/// The `SnapshotState` in a snapshot's metadata, and its `ScriptOrder`; None in a file
+/// written before either existed.
+pub fn decode_snapshot_state(
+    meta: &[u8],
+) -> Result<Option<(SnapshotState, Option<ScriptOrder>)>, CodecError> {
+    let membership: SnapshotMembership = decode(meta)?;
+    let Some(rest) = after(meta, &membership)? else {
+        return Ok(None);
+    };
+    let state: SnapshotState = decode(rest)?;
+    let order = match after(rest, &state)? {
+        Some(tail) => Some(decode(tail)?),
+        None => None,
+    };
+    Ok(Some((state, order)))
 }
 
 /// What a node's log stores about membership: the book, and which member the node is.
@@ -344,11 +370,24 @@ mod tests {
                 b"return redis.call('GET', KEYS[1])".to_vec(),
             ],
         };
-        let meta = encode_snapshot_meta(&membership, &state);
+        let order = ScriptOrder { permanent: 1 };
+        let meta = encode_snapshot_meta(&membership, &state, &order);
         // Readers of the membership alone (the raft thread, older versions) see it as before.
         assert_eq!(decode::<SnapshotMembership>(&meta).unwrap(), membership);
-        assert_eq!(decode_snapshot_state(&meta).unwrap(), Some(state));
-        // A file from before the state: the membership alone.
+        assert_eq!(
+            decode_snapshot_state(&meta).unwrap(),
+            Some((state.clone(), Some(order)))
+        );
+        // Readers of the state before the order see it as before.
+        let rest = after(&meta, &membership).unwrap().unwrap();
+        assert_eq!(decode::<SnapshotState>(rest).unwrap(), state);
+        // A file from before the order, and one from before the state.
+        let mut older = encode(&membership);
+        older.extend_from_slice(&encode(&state));
+        assert_eq!(
+            decode_snapshot_state(&older).unwrap(),
+            Some((state.clone(), None))
+        );
         assert_eq!(decode_snapshot_state(&encode(&membership)).unwrap(), None);
         // A damaged record is an error, not a panic.
         assert!(decode_snapshot_state(&meta[..meta.len() - 3]).is_err());

@@ -286,3 +286,87 @@ fn eval_ro_of_a_new_script_caches_it_on_every_node() {
         }
     }
 }
+
+/// Redis 7.4 and later (and Valkey 8) keep at most 500 of the scripts EVAL loaded, dropping
+/// the least recently used. A read served by one node (EVALSHA_RO) reorders that node's
+/// list only, so Redis's caches differ between nodes; an EVALSHA entry must still find or
+/// miss its script alike on every node. On older servers nothing is evicted and both run.
+#[test]
+fn evalsha_finds_or_misses_its_script_alike_on_every_node_when_redis_evicts_scripts() {
+    let mut c = Cluster::start(3);
+    let l = c.wait_leader(Duration::from_secs(15));
+    let f = (l + 1) % 3;
+    let body = |tag: &str| {
+        format!("if ARGV[1] == 'w' then return redis.call('INCR', KEYS[1]) end return redis.call('GET', KEYS[1]) -- {tag}")
+    };
+    let (s1, s2) = (body("s1"), body("s2"));
+    let sha = |b: &str| redis::Script::new(b).get_hash().to_string();
+    assert_eq!(q(&c, l, &["EVAL", &s1, "1", "k1", "w"]), Ok(Value::Int(1)));
+    assert_eq!(q(&c, l, &["EVAL", &s2, "1", "k2", "w"]), Ok(Value::Int(1)));
+    // 498 more: 500 scripts loaded by EVAL, s1 the least recently used.
+    let r = |i: usize| format!("return redis.call('INCR', KEYS[1]) -- {i}");
+    let mut conn = c.conn(l).expect("conn");
+    let mut p = redis::pipe();
+    for i in 0..498 {
+        p.cmd("EVAL").arg(r(i)).arg(1).arg("n");
+    }
+    let _: Vec<Value> = p.query(&mut conn).expect("EVAL pipeline");
+    // Served by the leader alone: s1 becomes its most recently used script there only.
+    assert_eq!(
+        q(&c, l, &["EVALSHA_RO", &sha(&s1), "1", "k1", "r"]),
+        Ok(Value::BulkString(b"1".to_vec()))
+    );
+    // One more: the leader's Redis drops s2, the followers' drop s1 (where Redis evicts).
+    assert_eq!(
+        q(&c, l, &["EVAL", "return 'new'", "0"]),
+        Ok(Value::BulkString(b"new".to_vec()))
+    );
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    // Redis evicts scripts here if a follower's own cache lost s1.
+    let evicts = c.local(f, &["SCRIPT", "EXISTS", &sha(&s1)]) == Value::Array(vec![Value::Int(0)]);
+    // In log order s1 is the least recently used: where Redis evicts, it is gone on every
+    // node (NOSCRIPT, and nothing runs anywhere); s2 runs on every node, the leader too.
+    let r1 = q(&c, l, &["EVALSHA", &sha(&s1), "1", "k1", "w"]);
+    if evicts {
+        assert!(matches!(&r1, Err(e) if e.starts_with("NOSCRIPT")), "{r1:?}");
+    } else {
+        assert_eq!(r1, Ok(Value::Int(2)));
+    }
+    assert_eq!(
+        q(&c, l, &["EVALSHA", &sha(&s2), "1", "k2", "w"]),
+        Ok(Value::Int(2))
+    );
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let errors = info_num(&c, l, "raft_apply_errors");
+    for i in 0..3 {
+        assert_eq!(info_num(&c, i, "raft_apply_errors"), errors, "node {i}");
+    }
+    // A follower restarts from its own snapshot: its book keeps the order, so the next
+    // eviction (r(0), now the least recently used) is the same there as on the others.
+    assert_eq!(q(&c, f, &["RAFT.DEBUG", "COMPACT"]), Ok(Value::Okay));
+    c.kill(f);
+    c.start_node(f);
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    assert!(c.nodes[f].log().contains("loading the raft snapshot"));
+    assert!(q(&c, l, &["EVAL", "return 'new2'", "0"]).is_ok());
+    let r0 = q(&c, l, &["EVALSHA", &sha(&r(0)), "1", "n"]);
+    if evicts {
+        assert!(matches!(&r0, Err(e) if e.starts_with("NOSCRIPT")), "{r0:?}");
+    } else {
+        assert_eq!(r0, Ok(Value::Int(499)));
+    }
+    let n = if evicts { 499 } else { 500 };
+    assert_eq!(
+        q(&c, l, &["EVALSHA", &sha(&r(1)), "1", "n"]),
+        Ok(Value::Int(n))
+    );
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let k1 = if evicts { "1" } else { "2" };
+    let bulk = |v: &str| Value::BulkString(v.as_bytes().to_vec());
+    for i in 0..3 {
+        let what = format!("node {i} (evicts: {evicts})");
+        assert_eq!(get(&c, i, "k1"), bulk(k1), "{what}");
+        assert_eq!(get(&c, i, "k2"), bulk("2"), "{what}");
+        assert_eq!(get(&c, i, "n"), bulk(&n.to_string()), "{what}");
+    }
+}

@@ -310,6 +310,24 @@ pub fn reply_with_call(ctx: *mut RedisModuleCtx, r: *mut RedisModuleCallReply) -
     rc
 }
 
+/// An RM_Call answered an error (or nothing at all).
+pub fn reply_is_error(r: *mut RedisModuleCallReply) -> bool {
+    r.is_null()
+        || unsafe { rm!(RedisModule_CallReplyType)(r) } as isize == raw::REDISMODULE_REPLY_ERROR
+}
+
+/// An RM_Call answered an error that starts with `prefix` (its code, as NOSCRIPT).
+pub fn reply_error_starts_with(r: *mut RedisModuleCallReply, prefix: &[u8]) -> bool {
+    if r.is_null() || !reply_is_error(r) {
+        return false;
+    }
+    let mut len = 0usize;
+    let p = unsafe { rm!(RedisModule_CallReplyStringPtr)(r, &mut len) };
+    !p.is_null()
+        && len >= prefix.len()
+        && unsafe { std::slice::from_raw_parts(p as *const u8, prefix.len()) } == prefix
+}
+
 pub fn free_call_reply(r: *mut RedisModuleCallReply) {
     if !r.is_null() {
         unsafe { rm!(RedisModule_FreeCallReply)(r) };

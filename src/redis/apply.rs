@@ -237,10 +237,7 @@ pub fn apply_errors() -> u64 {
 /// Not for a node-local command in a transaction (it runs only where its client is), nor a
 /// script a kill stopped (only the nodes that were running it answer).
 fn note_error(r: *mut RedisModuleCallReply, argv: &[Vec<u8>], index: u64) {
-    let failed = r.is_null()
-        || unsafe { rm!(RedisModule_CallReplyType)(r) } as isize
-            == api::raw::REDISMODULE_REPLY_ERROR;
-    if !failed {
+    if !api::reply_is_error(r) {
         return;
     }
     APPLY_ERRORS.fetch_add(1, Ordering::Relaxed);
@@ -279,7 +276,11 @@ pub(super) fn apply_call(
         in_transaction,
     }));
     streams::set_applying(true);
-    let r = api::call(ctx, argv, opts);
+    let r = if replicated {
+        scripts::run_applied(ctx, argv, |argv| api::call(ctx, argv, opts))
+    } else {
+        api::call(ctx, argv, opts)
+    };
     streams::set_applying(false);
     // A script a kill stopped answers only on the nodes that were running it.
     let killed = script && (busy::run_killed() || busy::killed(index));
@@ -407,11 +408,10 @@ pub(super) fn apply_multi(
     }
 }
 
-/// What the keys do not show of an applied command: FLUSHDB, FLUSHALL and SWAPDB for WATCH,
-/// scripts entering or leaving the script cache for snapshots.
+/// What the keys do not show of an applied command: FLUSHDB, FLUSHALL and SWAPDB for WATCH
+/// (the script cache's changes are noted as each command runs: `scripts::run_applied`).
 pub(super) fn note_applied(db: i32, argv: &[Vec<u8>], index: u64) {
     watch::note_command(db, argv, index);
-    scripts::note_command(argv);
 }
 
 pub(super) fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me: u64, e: &Entry) {

@@ -10,22 +10,24 @@
 //! routes such commands to `RAFT._REJECT` / `RAFT._SORT` (commands/mod.rs).
 //!
 //! Snapshots carry what the keys do not: the function libraries (FUNCTION DUMP) and the
-//! script cache. Redis cannot list its script cache, so the apply path notes every body an
-//! applied SCRIPT LOAD, EVAL or EVAL_RO offered it, until SCRIPT FLUSH (`note_command`), and
-//! a snapshot keeps those the cache holds (`saved`). A node that loads a snapshot gets both
-//! back (`restore`), so EVALSHA and FCALL entries after it run there as on the nodes that
-//! applied the entries before it.
+//! script cache. Redis cannot list its script cache, and from 7.4 on (Valkey from 8.0) it
+//! keeps only the 500 most recently used of the scripts EVAL loaded, which reads served by
+//! one node reorder there only. So the module keeps its own book of the scripts, changed
+//! only by applied entries, in log order (`ScriptBook`, with Redis's eviction where the
+//! server evicts), and it decides EVALSHA entries: one whose script the book lacks answers
+//! NOSCRIPT on every node without running; one it holds runs on every node, as EVAL of the
+//! body where this node's Redis evicted it. A snapshot carries the book (`saved`), and a
+//! node that loads one gets it back (`restore`).
 //!
-//! So that every node's cache holds the same scripts, EVAL_RO of a script no applied entry
-//! offered goes through the log like a write (`logs_read`), though it writes nothing: served
-//! as a read on one node, it would put its script in that node's cache only, where a later
-//! EVALSHA entry would run while the other nodes answer NOSCRIPT. Later EVAL_RO of that
-//! script are reads again.
+//! So that every node's cache holds the same scripts, EVAL_RO of a script the book lacks
+//! goes through the log like a write (`logs_read`), though it writes nothing: served as a
+//! read on one node, it would put its script in that node's cache only. Later EVAL_RO of
+//! that script are reads again.
 
 use std::cell::Cell;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap};
 
-use super::api::{self, guard, raw, rm, RedisModuleCtx};
+use super::api::{self, guard, raw, rm, RedisModuleCallReply, RedisModuleCtx};
 use super::classify::InScript;
 use super::{module, MainThread};
 
@@ -44,9 +46,162 @@ pub fn set_sorting(on: bool) {
     SORTING.with(|a| a.set(on));
 }
 
-/// The bodies applied SCRIPT LOAD, EVAL and EVAL_RO entries offered the script cache, since
-/// the last SCRIPT FLUSH (named by SHA-1 only when a snapshot asks Redis which it holds).
-static CACHED: MainThread<HashSet<Vec<u8>>> = MainThread::new_lazy();
+/// How many of the scripts EVAL loaded Redis keeps, where it evicts (Redis 7.4, Valkey 8).
+const EVICTABLE_SCRIPTS: usize = 500;
+
+/// The scripts applied entries put in the script cache, as Redis holds them: those SCRIPT
+/// LOAD brought first are never evicted; of those EVAL or EVAL_RO brought, where the server
+/// evicts, only the `limit` most recently used by an applied EVAL, EVALSHA or their
+/// read-only forms are kept. Reads served by one node change nothing here.
+#[derive(Default)]
+pub struct ScriptBook {
+    /// By SHA-1 (lower-case hex).
+    scripts: HashMap<String, Script>,
+    /// The evictable scripts by last use, oldest first.
+    by_use: BTreeMap<u64, String>,
+    clock: u64,
+    /// None: the server keeps every script.
+    limit: Option<usize>,
+}
+
+struct Script {
+    body: Vec<u8>,
+    /// When an applied entry last used it; None if SCRIPT LOAD brought it (never evicted).
+    used: Option<u64>,
+}
+
+impl ScriptBook {
+    pub fn new(limit: Option<usize>) -> ScriptBook {
+        ScriptBook {
+            limit,
+            ..ScriptBook::default()
+        }
+    }
+
+    pub fn body(&self, sha: &str) -> Option<&[u8]> {
+        self.scripts.get(sha).map(|s| s.body.as_slice())
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.scripts.len()
+    }
+
+    /// SCRIPT LOAD: a script it brings is never evicted; one EVAL brought stays evictable.
+    pub fn loaded(&mut self, sha: String, body: &[u8]) {
+        self.scripts.entry(sha).or_insert_with(|| Script {
+            body: body.to_vec(),
+            used: None,
+        });
+    }
+
+    /// EVAL or EVAL_RO ran `body`: it is the most recently used, and the least recently
+    /// used beyond the limit are evicted.
+    pub fn evaluated(&mut self, sha: String, body: &[u8]) {
+        if !self.scripts.contains_key(&sha) {
+            self.scripts.insert(
+                sha.clone(),
+                Script {
+                    body: body.to_vec(),
+                    used: None,
+                },
+            );
+            self.touch(sha);
+            while self.limit.is_some_and(|l| self.by_use.len() > l) {
+                if let Some((_, old)) = self.by_use.pop_first() {
+                    self.scripts.remove(&old);
+                }
+            }
+        } else {
+            self.used(&sha);
+        }
+    }
+
+    /// EVALSHA or EVALSHA_RO ran the script: it is the most recently used.
+    pub fn used(&mut self, sha: &str) {
+        if self.scripts.get(sha).is_some_and(|s| s.used.is_some()) {
+            self.touch(sha.to_string());
+        }
+    }
+
+    fn touch(&mut self, sha: String) {
+        self.clock += 1;
+        let Some(s) = self.scripts.get_mut(&sha) else {
+            return;
+        };
+        if let Some(old) = s.used.replace(self.clock) {
+            self.by_use.remove(&old);
+        }
+        self.by_use.insert(self.clock, sha);
+    }
+
+    pub fn clear(&mut self) {
+        self.scripts.clear();
+        self.by_use.clear();
+    }
+
+    /// For a snapshot: the bodies of the scripts never evicted (by SHA-1), then of the
+    /// others, least recently used first; and how many are of the first kind.
+    pub fn saved(&self) -> (Vec<Vec<u8>>, u64) {
+        let mut kept: Vec<(&String, &Script)> = self
+            .scripts
+            .iter()
+            .filter(|(_, s)| s.used.is_none())
+            .collect();
+        kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let permanent = kept.len() as u64;
+        let mut bodies: Vec<Vec<u8>> = kept.into_iter().map(|(_, s)| s.body.clone()).collect();
+        bodies.extend(
+            self.by_use
+                .values()
+                .filter_map(|sha| self.scripts.get(sha))
+                .map(|s| s.body.clone()),
+        );
+        (bodies, permanent)
+    }
+
+    /// A snapshot's scripts (see `saved`). `permanent` None: a snapshot from before the
+    /// order was kept, whose scripts Redis now holds as SCRIPT LOAD brought them.
+    pub fn restore(&mut self, bodies: Vec<Vec<u8>>, permanent: Option<u64>) {
+        self.clear();
+        let permanent = permanent.map_or(bodies.len(), |p| p.min(bodies.len() as u64) as usize);
+        for (i, body) in bodies.into_iter().enumerate() {
+            if i < permanent {
+                self.loaded(sha1_hex(&body), &body);
+            } else {
+                self.evaluated(sha1_hex(&body), &body);
+            }
+        }
+    }
+}
+
+/// The scripts applied entries put in the script cache (`ScriptBook`).
+static BOOK: MainThread<ScriptBook> = MainThread::new_lazy();
+
+/// At load: whether this server evicts the scripts EVAL loaded (Redis 7.4 and later, Valkey
+/// 8 and later), from INFO server.
+pub fn init(ctx: *mut RedisModuleCtx) {
+    let info = match api::call_checked(ctx, &[b"INFO".to_vec(), b"server".to_vec()]) {
+        Ok(api::Value::Str(s)) => String::from_utf8_lossy(&s).into_owned(),
+        _ => String::new(),
+    };
+    let evicts = server_evicts_scripts(&info);
+    *BOOK.get_mut() = ScriptBook::new(evicts.then_some(EVICTABLE_SCRIPTS));
+}
+
+fn server_evicts_scripts(info: &str) -> bool {
+    let version = |field: &str| -> Option<(u32, u32)> {
+        let v = info
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix(field)?.strip_prefix(':'))?;
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    };
+    match version("valkey_version") {
+        Some(v) => v >= (8, 0),
+        None => version("redis_version").is_some_and(|v| v >= (7, 4)),
+    }
+}
 
 fn is(arg: Option<&Vec<u8>>, name: &str) -> bool {
     arg.is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
@@ -57,10 +212,53 @@ fn sha1_hex(body: &[u8]) -> String {
     sha1_smol::Sha1::from(body).digest().to_string()
 }
 
-/// EVAL_RO of a script no applied entry offered the script cache: it must go through the log
-/// (every node caches its script), not be served as a read on one node.
+/// EVAL_RO of a script the book lacks: it must go through the log (every node caches its
+/// script), not be served as a read on one node.
 pub fn logs_read(name: &[u8], body: Option<&[u8]>) -> bool {
-    name.eq_ignore_ascii_case(b"eval_ro") && body.is_some_and(|b| !CACHED.get_mut().contains(b))
+    name.eq_ignore_ascii_case(b"eval_ro")
+        && body.is_some_and(|b| BOOK.get_mut().body(&sha1_hex(b)).is_none())
+}
+
+/// EVALSHA or EVALSHA_RO of an entry: the script's SHA-1 as the book names it.
+fn evalsha_target(argv: &[Vec<u8>]) -> Option<String> {
+    if !(is(argv.first(), "evalsha") || is(argv.first(), "evalsha_ro")) {
+        return None;
+    }
+    Some(String::from_utf8_lossy(argv.get(1)?).to_ascii_lowercase())
+}
+
+/// Runs an entry's command through `call`, deciding EVALSHA by the book: a script it lacks
+/// answers NOSCRIPT (RAFT._REJECT) without running, one it holds runs, as EVAL of its body if
+/// this node's Redis evicted it. Then notes what the command did to the script cache.
+pub fn run_applied(
+    ctx: *mut RedisModuleCtx,
+    argv: &[Vec<u8>],
+    call: impl Fn(&[Vec<u8>]) -> *mut RedisModuleCallReply,
+) -> *mut RedisModuleCallReply {
+    let Some(sha) = evalsha_target(argv) else {
+        let r = call(argv);
+        note_command(ctx, argv, r);
+        return r;
+    };
+    let Some(body) = BOOK.get_mut().body(&sha).map(|b| b.to_vec()) else {
+        return call(&[b"RAFT._REJECT".to_vec(), b"EVALSHA".to_vec()]);
+    };
+    let r = call(argv);
+    if !api::reply_error_starts_with(r, b"NOSCRIPT") {
+        BOOK.get_mut().used(&sha);
+        return r;
+    }
+    api::free_call_reply(r);
+    let eval: &[u8] = if is(argv.first(), "evalsha_ro") {
+        b"EVAL_RO"
+    } else {
+        b"EVAL"
+    };
+    let mut again = vec![eval.to_vec(), body];
+    again.extend_from_slice(&argv[2..]);
+    let r = call(&again);
+    BOOK.get_mut().used(&sha);
+    r
 }
 
 /// An entry's EVAL or EVAL_RO is skipped on this node: a kill stopped it on the leader
@@ -70,64 +268,75 @@ pub fn cache_skipped(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) {
     if !(is(argv.first(), "eval") || is(argv.first(), "eval_ro")) {
         return;
     }
-    if let Some(body) = argv.get(1) {
-        // A body Redis refuses is refused alike where it ran.
-        let _ = api::call_checked(ctx, &[b"SCRIPT".to_vec(), b"LOAD".to_vec(), body.clone()]);
+    let Some(body) = argv.get(1) else { return };
+    // A body Redis refuses is refused alike where it ran.
+    if api::call_checked(ctx, &[b"SCRIPT".to_vec(), b"LOAD".to_vec(), body.clone()]).is_ok() {
+        BOOK.get_mut().evaluated(sha1_hex(body), body);
     }
-    note_command(argv);
 }
 
-/// An entry's command (or one of its transaction's) was applied.
-pub fn note_command(argv: &[Vec<u8>]) {
-    let cached = CACHED.get_mut();
-    let body = if is(argv.first(), "eval") || is(argv.first(), "eval_ro") {
-        argv.get(1)
-    } else if is(argv.first(), "script") && is(argv.get(1), "load") {
-        argv.get(2)
-    } else {
-        if is(argv.first(), "script") && is(argv.get(1), "flush") {
-            cached.clear();
+/// An entry's command ran and answered `r`: what it did to the script cache goes in the
+/// book. A body Redis refused (it does not compile) is not cached.
+fn note_command(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], r: *mut RedisModuleCallReply) {
+    let evaluated = is(argv.first(), "eval") || is(argv.first(), "eval_ro");
+    if evaluated {
+        let Some(body) = argv.get(1) else { return };
+        let sha = sha1_hex(body);
+        let book = BOOK.get_mut();
+        // It failed: it is cached if it compiled (a script's own error, or a kill).
+        if book.body(&sha).is_none() && api::reply_is_error(r) && !exists(ctx, &sha) {
+            return;
         }
-        None
-    };
-    // Noted even if Redis refused it; `saved` keeps only what its cache holds.
-    if let Some(body) = body.filter(|b| !cached.contains(b.as_slice())) {
-        cached.insert(body.clone());
+        book.evaluated(sha, body);
+    } else if is(argv.first(), "script") && is(argv.get(1), "load") {
+        if let Some(body) = argv.get(2).filter(|_| !api::reply_is_error(r)) {
+            BOOK.get_mut().loaded(sha1_hex(body), body);
+        }
+    } else if is(argv.first(), "script") && is(argv.get(1), "flush") {
+        BOOK.get_mut().clear();
     }
 }
 
-/// The function libraries and the script cache, for a snapshot of the applied index. Of
-/// the noted scripts, those Redis's cache holds (SCRIPT EXISTS): not one it refused, nor
-/// one it evicted (Redis 7.4 and later evict scripts EVAL loaded); the others are forgotten.
-pub fn saved(ctx: *mut RedisModuleCtx) -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
+/// Whether Redis's script cache holds `sha`.
+fn exists(ctx: *mut RedisModuleCtx, sha: &str) -> bool {
+    let argv = [
+        b"SCRIPT".to_vec(),
+        b"EXISTS".to_vec(),
+        sha.as_bytes().to_vec(),
+    ];
+    matches!(api::call_checked(ctx, &argv), Ok(api::Value::Array(v)) if v == [api::Value::Int(1)])
+}
+
+/// What a snapshot carries of the functions and scripts.
+pub struct Saved {
+    /// FUNCTION DUMP's payload: the function libraries.
+    pub functions: Vec<u8>,
+    /// The book's scripts, and their order (`ScriptBook::saved`).
+    pub scripts: Vec<Vec<u8>>,
+    pub order: crate::codec::ScriptOrder,
+}
+
+/// The function libraries and the book of scripts, for a snapshot of the applied index.
+pub fn saved(ctx: *mut RedisModuleCtx) -> Result<Saved, String> {
     let functions = match api::call_checked(ctx, &[b"FUNCTION".to_vec(), b"DUMP".to_vec()])? {
         api::Value::Str(payload) => payload,
         other => return Err(format!("FUNCTION DUMP answered {other:?}")),
     };
-    let cached = CACHED.get_mut();
-    if cached.is_empty() {
-        return Ok((functions, Vec::new()));
-    }
-    let mut named: Vec<(String, &Vec<u8>)> = cached.iter().map(|b| (sha1_hex(b), b)).collect();
-    named.sort_unstable();
-    let mut argv = vec![b"SCRIPT".to_vec(), b"EXISTS".to_vec()];
-    argv.extend(named.iter().map(|(sha, _)| sha.as_bytes().to_vec()));
-    let exists = match api::call_checked(ctx, &argv)? {
-        api::Value::Array(v) if v.len() == named.len() => v,
-        other => return Err(format!("SCRIPT EXISTS answered {other:?}")),
-    };
-    let held: Vec<Vec<u8>> = named
-        .iter()
-        .zip(&exists)
-        .filter(|(_, e)| **e == api::Value::Int(1))
-        .map(|((_, b), _)| (*b).clone())
-        .collect();
-    *cached = held.iter().cloned().collect();
-    Ok((functions, held))
+    let (scripts, permanent) = BOOK.get_mut().saved();
+    Ok(Saved {
+        functions,
+        scripts,
+        order: crate::codec::ScriptOrder { permanent },
+    })
 }
 
 /// A snapshot was loaded: its function libraries and scripts replace this node's.
-pub fn restore(ctx: *mut RedisModuleCtx, functions: &[u8], scripts: Vec<Vec<u8>>) {
+pub fn restore(
+    ctx: *mut RedisModuleCtx,
+    functions: &[u8],
+    scripts: Vec<Vec<u8>>,
+    permanent: Option<u64>,
+) {
     let call = |argv: &[&[u8]]| {
         let argv: Vec<Vec<u8>> = argv.iter().map(|a| a.to_vec()).collect();
         api::call_checked(ctx, &argv)
@@ -143,12 +352,12 @@ pub fn restore(ctx: *mut RedisModuleCtx, functions: &[u8], scripts: Vec<Vec<u8>>
         failed.push(format!("SCRIPT FLUSH: {e}"));
     }
     for body in &scripts {
-        // A body Redis refused when it was applied is refused again: nothing to restore.
+        // The book decides EVALSHA entries; Redis's cache serves this node's reads.
         let _ = call(&[b"SCRIPT", b"LOAD", body]);
     }
-    *CACHED.get_mut() = scripts.into_iter().collect();
+    BOOK.get_mut().restore(scripts, permanent);
     for f in failed {
-        tracing::error!("restoring the snapshot's functions and scripts: {f}; FCALL and EVALSHA entries may fail on this node where they succeed on others");
+        tracing::error!("restoring the snapshot's functions and scripts: {f}; FCALL entries may fail on this node where they succeed on others");
     }
 }
 
@@ -274,6 +483,103 @@ mod tests {
             sha1_hex(b"return 1"),
             "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
         );
+    }
+
+    fn sha(body: &str) -> String {
+        sha1_hex(body.as_bytes())
+    }
+
+    fn held(book: &ScriptBook, bodies: &[&str]) -> Vec<bool> {
+        bodies
+            .iter()
+            .map(|b| book.body(&sha(b)).is_some())
+            .collect()
+    }
+
+    /// The book evicts as Redis 7.4 does (checked against redis-server 7.4.1 by hand): the
+    /// least recently used of the scripts EVAL brought, where EVALSHA counts as a use and
+    /// SCRIPT LOAD of a script EVAL brought leaves it evictable.
+    #[test]
+    fn the_book_evicts_the_least_recently_used_of_the_scripts_eval_brought() {
+        let mut book = ScriptBook::new(Some(3));
+        let e = |book: &mut ScriptBook, b: &str| book.evaluated(sha(b), b.as_bytes());
+        book.loaded(sha("p"), b"p");
+        e(&mut book, "p"); // loaded first: stays permanent
+        e(&mut book, "a");
+        e(&mut book, "b");
+        book.loaded(sha("b"), b"b"); // EVAL brought it: stays evictable
+        e(&mut book, "c");
+        book.used(&sha("a"));
+        e(&mut book, "d"); // evicts b, the least recently used (a was used since)
+        assert_eq!(
+            held(&book, &["p", "a", "b", "c", "d"]),
+            [true, true, false, true, true]
+        );
+        e(&mut book, "c"); // a use: now a is the oldest
+        e(&mut book, "x");
+        assert_eq!(
+            held(&book, &["p", "a", "c", "d", "x"]),
+            [true, false, true, true, true]
+        );
+        assert_eq!(book.body(&sha("x")), Some(&b"x"[..]));
+        book.clear();
+        assert_eq!(book.len(), 0);
+
+        // A server that does not evict keeps them all.
+        let mut all = ScriptBook::new(None);
+        for i in 0..1000 {
+            all.evaluated(sha(&i.to_string()), i.to_string().as_bytes());
+        }
+        assert_eq!(all.len(), 1000);
+    }
+
+    /// A snapshot's book, loaded on another node, evicts as the original does from then on.
+    #[test]
+    fn a_restored_book_keeps_the_order_and_the_permanent_scripts() {
+        let mut book = ScriptBook::new(Some(3));
+        book.loaded(sha("p"), b"p");
+        for b in ["a", "b", "c"] {
+            book.evaluated(sha(b), b.as_bytes());
+        }
+        book.used(&sha("a"));
+        let (bodies, permanent) = book.saved();
+        assert_eq!(permanent, 1);
+        assert_eq!(
+            bodies,
+            [b"p".to_vec(), b"b".to_vec(), b"c".to_vec(), b"a".to_vec()]
+        );
+        let mut copy = ScriptBook::new(Some(3));
+        copy.restore(bodies, Some(permanent));
+        for b in [&mut book, &mut copy] {
+            b.evaluated(sha("x"), b"x");
+        }
+        assert_eq!(
+            held(&copy, &["p", "a", "b", "c", "x"]),
+            held(&book, &["p", "a", "b", "c", "x"])
+        );
+        assert_eq!(held(&copy, &["p", "b"]), [true, false]);
+        // From before the order was kept: all as SCRIPT LOAD brought them.
+        let mut old = ScriptBook::new(Some(1));
+        old.restore(vec![b"a".to_vec(), b"b".to_vec()], None);
+        old.evaluated(sha("x"), b"x");
+        assert_eq!(held(&old, &["a", "b", "x"]), [true, true, true]);
+    }
+
+    #[test]
+    fn servers_that_evict_scripts_are_told_by_their_version() {
+        let info = |s: &str| format!("# Server\r\n{s}\r\nredis_mode:standalone\r\n");
+        assert!(!server_evicts_scripts(&info("redis_version:7.0.15")));
+        assert!(!server_evicts_scripts(&info("redis_version:7.2.6")));
+        assert!(server_evicts_scripts(&info("redis_version:7.4.1")));
+        assert!(server_evicts_scripts(&info("redis_version:7.9.224")));
+        assert!(server_evicts_scripts(&info("redis_version:8.0.0")));
+        assert!(!server_evicts_scripts(&info(
+            "redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:7.2.5"
+        )));
+        assert!(server_evicts_scripts(&info(
+            "redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.0.1"
+        )));
+        assert!(!server_evicts_scripts(""));
     }
 
     fn s(x: &str) -> api::Value {

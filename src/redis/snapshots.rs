@@ -229,7 +229,10 @@ fn start(ctx: *mut RedisModuleCtx, node: &Node) -> Result<(), String> {
     let header = SnapshotHeader {
         index,
         term,
-        meta: encode_snapshot_meta(&membership, &carried(ctx)?),
+        meta: {
+            let (state, order) = carried(ctx)?;
+            encode_snapshot_meta(&membership, &state, &order)
+        },
     };
     let started = Instant::now();
     save::start_save(
@@ -246,19 +249,22 @@ fn start(ctx: *mut RedisModuleCtx, node: &Node) -> Result<(), String> {
 }
 
 /// What the snapshot of the applied index carries besides the keys.
-fn carried(ctx: *mut RedisModuleCtx) -> Result<crate::codec::SnapshotState, String> {
-    let (functions, scripts) = super::scripts::saved(ctx)?;
-    Ok(crate::codec::SnapshotState {
+fn carried(
+    ctx: *mut RedisModuleCtx,
+) -> Result<(crate::codec::SnapshotState, crate::codec::ScriptOrder), String> {
+    let saved = super::scripts::saved(ctx)?;
+    let state = crate::codec::SnapshotState {
         watch: super::watch::record(),
-        functions,
-        scripts,
-    })
+        functions: saved.functions,
+        scripts: saved.scripts,
+    };
+    Ok((state, saved.order))
 }
 
 /// A snapshot at `index` was loaded: what it carries besides the keys replaces this node's.
 fn restore_state(meta: &[u8], index: u64) {
     let state = match decode_snapshot_state(meta) {
-        Ok(Some(state)) => Some(state),
+        Ok(Some(found)) => Some(found),
         Ok(None) => {
             warn!("the snapshot at index {index} was written by an older version and holds only the keys: this node counts every key as modified at its index for WATCH, and lacks the functions and scripts loaded before it (other nodes may decide a WATCH, an FCALL or an EVALSHA otherwise; a snapshot taken by this version carries them)");
             None
@@ -268,7 +274,7 @@ fn restore_state(meta: &[u8], index: u64) {
             None
         }
     };
-    let Some(state) = state else {
+    let Some((state, order)) = state else {
         super::watch::restore(None, index);
         return;
     };
@@ -278,6 +284,7 @@ fn restore_state(meta: &[u8], index: u64) {
             m.apply_ctx as *mut RedisModuleCtx,
             &state.functions,
             state.scripts,
+            order.map(|o| o.permanent),
         );
     }
 }

@@ -331,8 +331,9 @@ mod tests {
             watch: a.record(),
             ..Default::default()
         };
-        let meta = crate::codec::encode_snapshot_meta(&Default::default(), &state);
-        let got = crate::codec::decode_snapshot_state(&meta).unwrap().unwrap();
+        let meta =
+            crate::codec::encode_snapshot_meta(&Default::default(), &state, &Default::default());
+        let (got, _) = crate::codec::decode_snapshot_state(&meta).unwrap().unwrap();
         b.restore(got.watch);
         // The same keys and the same next change of generation.
         for i in n + 10..2 * n + 20 {

@@ -73,7 +73,6 @@ fn load(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let bootstrap = config::validate(&redis::configs::options()).map_err(|e| e.to_string())?;
     redis::tls::load(ctx, redis::configs::options().tls_enabled)?;
     commands::register(ctx)?;
-    redis::scripts::init(ctx);
     redis::start(ctx, bootstrap)?;
     redis::subscribe_events(ctx)?;
     redis::watch::subscribe(ctx)?;

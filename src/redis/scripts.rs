@@ -13,8 +13,8 @@
 //! script cache. Redis cannot list its script cache, and from 7.4 on (Valkey from 8.0) it
 //! keeps only the 500 most recently used of the scripts EVAL loaded, which reads served by
 //! one node reorder there only. So the module keeps its own book of the scripts, changed
-//! only by applied entries, in log order (`ScriptBook`, with Redis's eviction where the
-//! server evicts), and it decides EVALSHA entries: one whose script the book lacks answers
+//! only by applied entries, in log order (`ScriptBook`, which evicts as Redis 7.4 does, on
+//! every server), and it decides EVALSHA entries: one whose script the book lacks answers
 //! NOSCRIPT on every node without running; one it holds runs on every node, as EVAL of the
 //! body where this node's Redis evicted it. A snapshot carries the book (`saved`), and a
 //! node that loads one gets it back (`restore`).
@@ -46,22 +46,34 @@ pub fn set_sorting(on: bool) {
     SORTING.with(|a| a.set(on));
 }
 
-/// How many of the scripts EVAL loaded Redis keeps, where it evicts (Redis 7.4, Valkey 8).
+/// How many of the scripts EVAL loaded Redis 7.4 (and Valkey 8) keeps. The book keeps as
+/// many on every server, so that nodes of different versions (during an upgrade) decide
+/// EVALSHA entries alike.
 const EVICTABLE_SCRIPTS: usize = 500;
 
-/// The scripts applied entries put in the script cache, as Redis holds them: those SCRIPT
-/// LOAD brought first are never evicted; of those EVAL or EVAL_RO brought, where the server
-/// evicts, only the `limit` most recently used by an applied EVAL, EVALSHA or their
-/// read-only forms are kept. Reads served by one node change nothing here.
-#[derive(Default)]
+/// The scripts applied entries put in the script cache, as Redis 7.4 holds them: those
+/// SCRIPT LOAD brought first are never evicted; of those EVAL or EVAL_RO brought, only the
+/// `limit` most recently used by an applied EVAL, EVALSHA or their read-only forms are kept.
+/// Reads served by one node change nothing here.
 pub struct ScriptBook {
     /// By SHA-1 (lower-case hex).
     scripts: HashMap<String, Script>,
     /// The evictable scripts by last use, oldest first.
     by_use: BTreeMap<u64, String>,
     clock: u64,
-    /// None: the server keeps every script.
+    /// None: keep every script (tests).
     limit: Option<usize>,
+}
+
+impl Default for ScriptBook {
+    fn default() -> ScriptBook {
+        ScriptBook {
+            scripts: HashMap::new(),
+            by_use: BTreeMap::new(),
+            clock: 0,
+            limit: Some(EVICTABLE_SCRIPTS),
+        }
+    }
 }
 
 struct Script {
@@ -71,7 +83,8 @@ struct Script {
 }
 
 impl ScriptBook {
-    pub fn new(limit: Option<usize>) -> ScriptBook {
+    #[cfg(test)]
+    fn new(limit: Option<usize>) -> ScriptBook {
         ScriptBook {
             limit,
             ..ScriptBook::default()
@@ -178,31 +191,6 @@ impl ScriptBook {
 /// The scripts applied entries put in the script cache (`ScriptBook`).
 static BOOK: MainThread<ScriptBook> = MainThread::new_lazy();
 
-/// At load: whether this server evicts the scripts EVAL loaded (Redis 7.4 and later, Valkey
-/// 8 and later), from INFO server.
-pub fn init(ctx: *mut RedisModuleCtx) {
-    let info = match api::call_checked(ctx, &[b"INFO".to_vec(), b"server".to_vec()]) {
-        Ok(api::Value::Str(s)) => String::from_utf8_lossy(&s).into_owned(),
-        _ => String::new(),
-    };
-    let evicts = server_evicts_scripts(&info);
-    *BOOK.get_mut() = ScriptBook::new(evicts.then_some(EVICTABLE_SCRIPTS));
-}
-
-fn server_evicts_scripts(info: &str) -> bool {
-    let version = |field: &str| -> Option<(u32, u32)> {
-        let v = info
-            .lines()
-            .find_map(|l| l.trim_end().strip_prefix(field)?.strip_prefix(':'))?;
-        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
-        Some((parts.next()??, parts.next()??))
-    };
-    match version("valkey_version") {
-        Some(v) => v >= (8, 0),
-        None => version("redis_version").is_some_and(|v| v >= (7, 4)),
-    }
-}
-
 fn is(arg: Option<&Vec<u8>>, name: &str) -> bool {
     arg.is_some_and(|a| a.eq_ignore_ascii_case(name.as_bytes()))
 }
@@ -219,17 +207,26 @@ pub fn logs_read(name: &[u8], body: Option<&[u8]>) -> bool {
         && body.is_some_and(|b| BOOK.get_mut().body(&sha1_hex(b)).is_none())
 }
 
-/// EVALSHA or EVALSHA_RO of an entry: the script's SHA-1 as the book names it.
+/// EVALSHA or EVALSHA_RO of an entry: the script's SHA-1 as the book names it. None too if
+/// Redis refuses it before it looks the script up (its number of keys), alike everywhere.
 fn evalsha_target(argv: &[Vec<u8>]) -> Option<String> {
-    if !(is(argv.first(), "evalsha") || is(argv.first(), "evalsha_ro")) {
+    if !(is(argv.first(), "evalsha") || is(argv.first(), "evalsha_ro")) || !numkeys_valid(argv) {
         return None;
     }
     Some(String::from_utf8_lossy(argv.get(1)?).to_ascii_lowercase())
 }
 
+/// EVAL's or EVALSHA's number of keys is one Redis accepts: it checks it before it looks
+/// up, compiles or caches the script.
+fn numkeys_valid(argv: &[Vec<u8>]) -> bool {
+    let args = argv.len().saturating_sub(3) as i64;
+    argv.len() >= 3 && super::streams::string2ll(&argv[2]).is_some_and(|n| (0..=args).contains(&n))
+}
+
 /// Runs an entry's command through `call`, deciding EVALSHA by the book: a script it lacks
 /// answers NOSCRIPT (RAFT._REJECT) without running, one it holds runs, as EVAL of its body if
-/// this node's Redis evicted it. Then notes what the command did to the script cache.
+/// this node's Redis evicted it (Redis answered NOSCRIPT and lacks it: not the script's own
+/// error). Then notes what the command did to the script cache.
 pub fn run_applied(
     ctx: *mut RedisModuleCtx,
     argv: &[Vec<u8>],
@@ -244,7 +241,7 @@ pub fn run_applied(
         return call(&[b"RAFT._REJECT".to_vec(), b"EVALSHA".to_vec()]);
     };
     let r = call(argv);
-    if !api::reply_error_starts_with(r, b"NOSCRIPT") {
+    if !api::reply_error_starts_with(r, b"NOSCRIPT") || exists(ctx, &sha) {
         BOOK.get_mut().used(&sha);
         return r;
     }
@@ -261,14 +258,19 @@ pub fn run_applied(
     r
 }
 
-/// An entry's EVAL or EVAL_RO is skipped on this node: a kill stopped it on the leader
-/// before it wrote (busy.rs). The nodes that were running it had cached its script (Redis
-/// caches it before running it), so this node caches it too, without running it.
+/// An entry's script is skipped on this node: a kill stopped it on the leader before it
+/// wrote (busy.rs). The nodes that were running it had cached it (Redis caches an EVAL's
+/// script before running it) and counted a use, so this node does the same, without running
+/// it.
 pub fn cache_skipped(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) {
-    if !(is(argv.first(), "eval") || is(argv.first(), "eval_ro")) {
+    if let Some(sha) = evalsha_target(argv) {
+        BOOK.get_mut().used(&sha);
         return;
     }
-    let Some(body) = argv.get(1) else { return };
+    if !(is(argv.first(), "eval") || is(argv.first(), "eval_ro")) || !numkeys_valid(argv) {
+        return;
+    }
+    let body = &argv[1];
     // A body Redis refuses is refused alike where it ran.
     if api::call_checked(ctx, &[b"SCRIPT".to_vec(), b"LOAD".to_vec(), body.clone()]).is_ok() {
         BOOK.get_mut().evaluated(sha1_hex(body), body);
@@ -276,24 +278,31 @@ pub fn cache_skipped(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) {
 }
 
 /// An entry's command ran and answered `r`: what it did to the script cache goes in the
-/// book. A body Redis refused (it does not compile) is not cached.
+/// book. Redis caches an EVAL's script once it accepted its number of keys and compiled it;
+/// whether it compiled, `exists` tells alike on every node (if this node's Redis held it
+/// already, it compiled before).
 fn note_command(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>], r: *mut RedisModuleCallReply) {
     let evaluated = is(argv.first(), "eval") || is(argv.first(), "eval_ro");
     if evaluated {
-        let Some(body) = argv.get(1) else { return };
+        if !numkeys_valid(argv) {
+            return;
+        }
+        let body = &argv[1];
         let sha = sha1_hex(body);
         let book = BOOK.get_mut();
-        // It failed: it is cached if it compiled (a script's own error, or a kill).
+        // It failed: it is cached if it compiled (the script's own error, or a kill).
         if book.body(&sha).is_none() && api::reply_is_error(r) && !exists(ctx, &sha) {
             return;
         }
         book.evaluated(sha, body);
-    } else if is(argv.first(), "script") && is(argv.get(1), "load") {
-        if let Some(body) = argv.get(2).filter(|_| !api::reply_is_error(r)) {
-            BOOK.get_mut().loaded(sha1_hex(body), body);
+    } else if is(argv.first(), "script") && !api::reply_is_error(r) {
+        if is(argv.get(1), "load") {
+            if let Some(body) = argv.get(2) {
+                BOOK.get_mut().loaded(sha1_hex(body), body);
+            }
+        } else if is(argv.get(1), "flush") {
+            BOOK.get_mut().clear();
         }
-    } else if is(argv.first(), "script") && is(argv.get(1), "flush") {
-        BOOK.get_mut().clear();
     }
 }
 
@@ -563,23 +572,6 @@ mod tests {
         old.restore(vec![b"a".to_vec(), b"b".to_vec()], None);
         old.evaluated(sha("x"), b"x");
         assert_eq!(held(&old, &["a", "b", "x"]), [true, true, true]);
-    }
-
-    #[test]
-    fn servers_that_evict_scripts_are_told_by_their_version() {
-        let info = |s: &str| format!("# Server\r\n{s}\r\nredis_mode:standalone\r\n");
-        assert!(!server_evicts_scripts(&info("redis_version:7.0.15")));
-        assert!(!server_evicts_scripts(&info("redis_version:7.2.6")));
-        assert!(server_evicts_scripts(&info("redis_version:7.4.1")));
-        assert!(server_evicts_scripts(&info("redis_version:7.9.224")));
-        assert!(server_evicts_scripts(&info("redis_version:8.0.0")));
-        assert!(!server_evicts_scripts(&info(
-            "redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:7.2.5"
-        )));
-        assert!(server_evicts_scripts(&info(
-            "redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.0.1"
-        )));
-        assert!(!server_evicts_scripts(""));
     }
 
     fn s(x: &str) -> api::Value {

@@ -394,6 +394,34 @@ fn a_resumed_old_leader_never_answers_a_read_from_before_its_pause() {
     }
 }
 
+/// A read-only script a node serves at once (lease and stale modes) that calls a write gets
+/// Redis's own error, and writes nothing.
+#[test]
+fn a_write_from_a_read_only_script_served_at_once_gets_redis_error() {
+    for mode in ["lease", "stale"] {
+        let mut c = cluster_with(&["--raft.read-mode", mode]);
+        let l = c.wait_leader(Duration::from_secs(10));
+        let body = "return redis.call('SET', KEYS[1], 'v')";
+        assert!(q(&c, l, &["SCRIPT", "LOAD", body]).is_ok(), "{mode}");
+        let applied = info_num(&c, l, "raft_last_applied_index");
+        let sha = redis::Script::new(body).get_hash().to_string();
+        for args in [["EVAL_RO", body], ["EVALSHA_RO", &sha]] {
+            let e = q(&c, l, &[args[0], args[1], "1", "k"]);
+            assert!(
+                matches!(&e, Err(e) if e.contains("Write commands are not allowed from read-only scripts")),
+                "{mode} {}: {e:?}",
+                args[0]
+            );
+        }
+        assert_eq!(
+            info_num(&c, l, "raft_last_applied_index"),
+            applied,
+            "{mode}"
+        );
+        assert_eq!(c.local(l, &["EXISTS", "k"]), Value::Int(0), "{mode}");
+    }
+}
+
 /// A read a node would serve at once (lease and stale modes) is still queued inside MULTI,
 /// and EXEC answers it, as on a single Redis.
 #[test]

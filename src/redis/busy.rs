@@ -104,6 +104,12 @@ pub fn inside_command(ctx: *mut RedisModuleCtx) -> bool {
     flags & (CTX_LUA | CTX_MULTI | CTX_LOADING) != 0
 }
 
+/// Whether a script is running (Redis's own, such as a read-only script a node serves at
+/// once, or the apply path's).
+pub fn script_running(ctx: *mut RedisModuleCtx) -> bool {
+    unsafe { rm!(RedisModule_GetContextFlags)(ctx) as u32 & CTX_LUA != 0 }
+}
+
 /// Marks the apply path as executing until the returned guard is dropped.
 pub fn applying() -> impl Drop {
     struct Applying;

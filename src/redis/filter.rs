@@ -51,7 +51,12 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     }
     let class = m.table().classify(name, sub);
     let reroute = match class {
-        Class::Write | Class::Refused(_) => true,
+        // A write called by a read-only script a node serves at once (lease and stale
+        // modes): Redis refuses it with its own error, as on a single Redis (rerouted, it
+        // would be refused as RAFT, which scripts may not call). Scripts that may write
+        // run only on the apply path, which this filter does not see (NOSELF).
+        Class::Write => !super::busy::script_running(ctx),
+        Class::Refused(_) => true,
         // Run natively only when no check is needed (stale mode); otherwise RAFT confirms
         // the read index first, or redirects.
         // Also when some client is in MULTI (it might be the sender: its read is queued), and

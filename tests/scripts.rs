@@ -230,6 +230,68 @@ fn a_script_that_wrote_stops_only_with_shutdown_nosave_and_then_never_happened()
     }
 }
 
+/// SHUTDOWN NOSAVE on the leader during a script inside MULTI/EXEC: every node skips the
+/// whole transaction. A follower that was running it had run the commands before the
+/// script: it shuts itself down rather than keep them, and replays its log without them.
+#[test]
+fn shutdown_nosave_during_a_transaction_s_script_skips_the_transaction_on_every_node() {
+    let mut c = busy_cluster();
+    let l = c.wait_leader(Duration::from_secs(10));
+    let port = c.nodes[l].def.port;
+    // Loops forever without writing: a kill would stop it, but not inside a transaction.
+    let script = "local x = 0 while true do x = x + 1 end";
+    let exec = std::thread::spawn(move || {
+        let mut r = RawConn::open(port);
+        for cmd in [
+            &["MULTI"][..],
+            &["SET", "t1", "1"],
+            &["EVAL", script, "0"],
+            &["SET", "t2", "2"],
+        ] {
+            r.cmd(cmd);
+        }
+        r.cmd(&["EXEC"])
+    });
+    wait_for("every node BUSY", Duration::from_secs(20), || {
+        (0..3).all(|n| is_busy(&c, n))
+    });
+    let e = q(&c, l, &["SCRIPT", "KILL"]).unwrap_err();
+    assert!(e.starts_with("UNKILLABLE"), "{e}");
+    let _ = q(&c, l, &["SHUTDOWN", "NOSAVE"]);
+    wait_for("the leader gone", Duration::from_secs(10), || {
+        !c.nodes[l].is_running()
+    });
+    let _ = exec.join();
+    for n in (0..3).filter(|n| *n != l) {
+        wait_for(
+            "the follower to stop itself",
+            Duration::from_secs(30),
+            || !c.nodes[n].is_running(),
+        );
+        let log = c.nodes[n].log();
+        assert!(
+            log.contains("a transaction whose script was running here"),
+            "{log}"
+        );
+    }
+    for n in 0..3 {
+        c.start_node(n);
+    }
+    let l = c.wait_leader(Duration::from_secs(20));
+    assert_eq!(q(&c, l, &["SET", "after", "3"]), Ok(Value::Okay));
+    c.wait_applied_everywhere(Duration::from_secs(20));
+    for n in 0..3 {
+        assert!(!is_busy(&c, n), "node {n} runs the script again");
+        assert_eq!(get(&c, n, "t1"), Value::Nil, "node {n}");
+        assert_eq!(get(&c, n, "t2"), Value::Nil, "node {n}");
+        assert_eq!(
+            get(&c, n, "after"),
+            Value::BulkString(b"3".to_vec()),
+            "node {n}"
+        );
+    }
+}
+
 /// EVAL_RO of a script no node has seen goes through the log, though it writes nothing, so
 /// every node's script cache holds it (served as a read, it would sit in one node's cache
 /// only, and a later EVALSHA would write there while the other nodes answered NOSCRIPT). As

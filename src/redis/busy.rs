@@ -162,6 +162,15 @@ pub fn defer(ctx: *mut RedisModuleCtx, arrived: VecDeque<ApplyItem>) {
         return;
     }
     let index = run.index;
+    if run.in_transaction {
+        // The transaction's commands before the script ran here, and the nodes that had not
+        // started it skip all of it (only SHUTDOWN NOSAVE kills a script in a transaction).
+        fail_stop(
+            ctx,
+            &format!("the leader killed raft entry {index}, a transaction whose script was running here; the commands before the script ran here, and the other nodes skip the whole transaction"),
+        );
+        return;
+    }
     let r = call_kill(ctx, &run.kill_argv());
     let ok = is_ok(r);
     let text = reply_text(r);

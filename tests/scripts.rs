@@ -170,6 +170,45 @@ fn function_kill_on_the_leader_stops_a_runaway_function_on_every_node_and_restar
     }
 }
 
+/// Every node is running the script `client` sent, which SCRIPT KILL cannot stop: SHUTDOWN
+/// NOSAVE on the leader `l` commits the kill before it exits, and each follower shuts itself
+/// down when the kill reaches it, saying `why` in its log. Then every node starts again;
+/// returns the new leader.
+fn shut_down_around_an_unkillable_script<T>(
+    c: &mut Cluster,
+    l: usize,
+    client: std::thread::JoinHandle<T>,
+    why: &[&str],
+) -> usize {
+    wait_for("every node BUSY", Duration::from_secs(20), || {
+        (0..3).all(|n| is_busy(c, n))
+    });
+    let e = q(c, l, &["SCRIPT", "KILL"]).unwrap_err();
+    assert!(e.starts_with("UNKILLABLE"), "{e}");
+    let _ = q(c, l, &["SHUTDOWN", "NOSAVE"]);
+    wait_for("the leader gone", Duration::from_secs(10), || {
+        !c.nodes[l].is_running()
+    });
+    let _ = client.join();
+    let log = c.nodes[l].log();
+    assert!(log.contains("its kill is committed"), "{log}");
+    for n in (0..3).filter(|n| *n != l) {
+        wait_for(
+            "the follower to stop itself",
+            Duration::from_secs(30),
+            || !c.nodes[n].is_running(),
+        );
+        let log = c.nodes[n].log();
+        for w in why {
+            assert!(log.contains(w), "node {n} does not say {w:?}:\n{log}");
+        }
+    }
+    for n in 0..3 {
+        c.start_node(n);
+    }
+    c.wait_leader(Duration::from_secs(20))
+}
+
 #[test]
 fn a_script_that_wrote_stops_only_with_shutdown_nosave_and_then_never_happened() {
     let mut c = busy_cluster();
@@ -179,39 +218,15 @@ fn a_script_that_wrote_stops_only_with_shutdown_nosave_and_then_never_happened()
     // Writes, then loops forever.
     let script = "redis.call('SET', KEYS[1], 'w') local x = 0 while true do x = x + 1 end";
     let eval = std::thread::spawn(move || RawConn::open(port).cmd(&["EVAL", script, "1", "wrote"]));
-    wait_for("every node BUSY", Duration::from_secs(20), || {
-        (0..3).all(|n| is_busy(&c, n))
-    });
-    // As on Redis: a script that wrote cannot be killed.
-    let e = q(&c, l, &["SCRIPT", "KILL"]).unwrap_err();
-    assert!(e.starts_with("UNKILLABLE"), "{e}");
-    // SHUTDOWN NOSAVE on the leader commits the kill before the node exits.
-    let _ = q(&c, l, &["SHUTDOWN", "NOSAVE"]);
-    wait_for("the leader gone", Duration::from_secs(10), || {
-        !c.nodes[l].is_running()
-    });
-    let _ = eval.join();
-    assert!(
-        c.nodes[l].log().contains("its kill is committed"),
-        "{}",
-        c.nodes[l].log()
+    // As on Redis: a script that wrote cannot be killed. The followers cannot stop their
+    // run either (it wrote): each shuts itself down rather than keep data the others will
+    // not have.
+    let l = shut_down_around_an_unkillable_script(
+        &mut c,
+        l,
+        eval,
+        &["here it cannot be stopped", "this node shuts down"],
     );
-    // The followers cannot stop their run (it wrote): each shuts itself down rather than
-    // keep data the others will not have.
-    for n in (0..3).filter(|n| *n != l) {
-        wait_for(
-            "the follower to stop itself",
-            Duration::from_secs(30),
-            || !c.nodes[n].is_running(),
-        );
-        let log = c.nodes[n].log();
-        assert!(log.contains("here it cannot be stopped"), "{log}");
-        assert!(log.contains("this node shuts down"), "{log}");
-    }
-    for n in 0..3 {
-        c.start_node(n);
-    }
-    let l = c.wait_leader(Duration::from_secs(20));
     assert_eq!(q(&c, l, &["SET", "after", "2"]), Ok(Value::Okay));
     c.wait_applied_everywhere(Duration::from_secs(20));
     for n in 0..3 {
@@ -252,32 +267,12 @@ fn shutdown_nosave_during_a_transaction_s_script_skips_the_transaction_on_every_
         }
         r.cmd(&["EXEC"])
     });
-    wait_for("every node BUSY", Duration::from_secs(20), || {
-        (0..3).all(|n| is_busy(&c, n))
-    });
-    let e = q(&c, l, &["SCRIPT", "KILL"]).unwrap_err();
-    assert!(e.starts_with("UNKILLABLE"), "{e}");
-    let _ = q(&c, l, &["SHUTDOWN", "NOSAVE"]);
-    wait_for("the leader gone", Duration::from_secs(10), || {
-        !c.nodes[l].is_running()
-    });
-    let _ = exec.join();
-    for n in (0..3).filter(|n| *n != l) {
-        wait_for(
-            "the follower to stop itself",
-            Duration::from_secs(30),
-            || !c.nodes[n].is_running(),
-        );
-        let log = c.nodes[n].log();
-        assert!(
-            log.contains("a transaction whose script was running here"),
-            "{log}"
-        );
-    }
-    for n in 0..3 {
-        c.start_node(n);
-    }
-    let l = c.wait_leader(Duration::from_secs(20));
+    let l = shut_down_around_an_unkillable_script(
+        &mut c,
+        l,
+        exec,
+        &["a transaction whose script was running here"],
+    );
     assert_eq!(q(&c, l, &["SET", "after", "3"]), Ok(Value::Okay));
     c.wait_applied_everywhere(Duration::from_secs(20));
     for n in 0..3 {

@@ -51,7 +51,7 @@ pub fn register(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         // What the filter routes CLUSTER and INFO to (commands/cluster.rs).
         (c"raft._cluster", Some(cluster_cmd), c"readonly"),
         (c"raft._info", Some(info_cmd), c"readonly"),
-        // Inside scripts on the apply path, and unknown EVALSHA entries (redis/scripts.rs).
+        // Inside scripts on the apply path (redis/scripts.rs).
         (c"raft._reject", Some(reject_cmd), c""),
         (c"raft._sort", Some(sort_cmd), c"readonly"),
         // Consumer-group commands with the leader's clock, on the apply path (streams.rs).
@@ -330,10 +330,6 @@ extern "C" fn reject_cmd(
         .get(1)
         .map(|n| String::from_utf8_lossy(n).to_uppercase())
         .unwrap_or_default();
-    if name == "EVALSHA" {
-        // An EVALSHA entry whose script no applied entry left in the cache (redis/scripts.rs).
-        return api::reply_error(ctx, "NOSCRIPT No matching script. Please use EVAL.");
-    }
     if name == "XREADGROUP" {
         return api::reply_error(
             ctx,

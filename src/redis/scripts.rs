@@ -224,7 +224,7 @@ fn numkeys_valid(argv: &[Vec<u8>]) -> bool {
 }
 
 /// Runs an entry's command through `call`, deciding EVALSHA by the book: a script it lacks
-/// answers NOSCRIPT (RAFT._REJECT) without running, one it holds runs, as EVAL of its body if
+/// answers NOSCRIPT without running, one it holds runs, as EVAL of its body if
 /// this node's Redis evicted it (Redis answered NOSCRIPT and lacks it: not the script's own
 /// error). Then notes what the command did to the script cache.
 pub fn run_applied(
@@ -238,7 +238,11 @@ pub fn run_applied(
         return r;
     };
     let Some(body) = BOOK.get_mut().body(&sha).map(|b| b.to_vec()) else {
-        return call(&[b"RAFT._REJECT".to_vec(), b"EVALSHA".to_vec()]);
+        // A SHA-1 that is not 40 characters long matches nothing: Redis answers its own
+        // NOSCRIPT at once, whatever it holds (Valkey words it otherwise than Redis).
+        let mut miss = argv.to_vec();
+        miss[1] = b"-".to_vec();
+        return call(&miss);
     };
     let r = call(argv);
     if !api::reply_error_starts_with(r, b"NOSCRIPT") || exists(ctx, &sha) {

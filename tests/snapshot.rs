@@ -503,6 +503,41 @@ fn wait_child(c: &Cluster, i: usize, timeout: Duration) -> i32 {
     }
 }
 
+/// Starts Redis's own BGSAVE on node `i` and stops its child (SIGSTOP). Redis's per-key save
+/// delay (5 s) keeps the child from finishing first, however small the dataset: a child that
+/// had already exited would leave a zombie, and a finished BGSAVE, not a killed one.
+fn stopped_bgsave(c: &Cluster, i: usize) -> i32 {
+    assert_eq!(
+        c.local(i, &["CONFIG", "SET", "rdb-key-save-delay", "5000000"]),
+        Value::Okay
+    );
+    assert_eq!(
+        c.local(i, &["BGSAVE"]),
+        Value::SimpleString("Background saving started".into())
+    );
+    let child = wait_child(c, i, Duration::from_secs(10));
+    unsafe { libc::kill(child, libc::SIGSTOP) };
+    child
+}
+
+/// Kills the child `stopped_bgsave` stopped and waits until Redis has reaped it.
+fn kill_bgsave(c: &Cluster, i: usize, child: i32) {
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    wait_for(
+        "Redis to reap its killed BGSAVE child",
+        Duration::from_secs(10),
+        || {
+            c.nodes[i]
+                .log()
+                .contains("Background saving terminated by signal 9")
+        },
+    );
+    assert_eq!(
+        c.local(i, &["CONFIG", "SET", "rdb-key-save-delay", "0"]),
+        Value::Okay
+    );
+}
+
 #[test]
 fn a_second_save_is_refused_while_one_runs_and_a_killed_child_keeps_the_previous_file() {
     let mut a = single(&["--enable-debug-command", "yes"]);
@@ -613,26 +648,13 @@ fn a_snapshot_with_a_module_type_this_server_lacks_is_refused_before_the_flush()
     assert_eq!(r, save_reply(2, len));
 
     // The check needs a child process: not while Redis has one (a BGSAVE, held stopped).
-    assert_eq!(
-        local_db(&b, 0, 0, &[b"BGSAVE"]),
-        Value::SimpleString("Background saving started".into())
-    );
-    let child = wait_child(&b, 0, Duration::from_secs(10));
-    unsafe { libc::kill(child, libc::SIGSTOP) };
+    let child = stopped_bgsave(&b, 0);
     assert_eq!(
         load(&b, 0, &path),
         "-ERR cannot check the snapshot's module types (rraft-box): cannot fork: another child process is running (a snapshot save or load check, a BGSAVE or an AOF rewrite); try again once it has finished; the dataset was not changed\r\n"
     );
     assert_eq!(fingerprint(&b), before);
-    unsafe { libc::kill(child, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !b.nodes[0]
-        .log()
-        .contains("Background saving terminated by signal 9")
-    {
-        assert!(Instant::now() < deadline, "BGSAVE child not reaped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kill_bgsave(&b, 0, child);
 
     assert_eq!(
         load(&b, 0, &path),
@@ -706,17 +728,12 @@ fn a_save_while_redis_has_a_child_or_on_a_full_disk_fails_and_keeps_the_previous
     assert_eq!(reply, save_reply(1000, first.len() as u64));
 
     // Redis's own BGSAVE child (held stopped) leaves no room for ours.
-    assert_eq!(
-        a.local(0, &["BGSAVE"]),
-        Value::SimpleString("Background saving started".into())
-    );
-    let child = wait_child(&a, 0, Duration::from_secs(10));
-    unsafe { libc::kill(child, libc::SIGSTOP) };
+    let child = stopped_bgsave(&a, 0);
     assert_eq!(
         save(&a, 0, &path),
         "-ERR cannot fork for the snapshot: another child process is running (a snapshot save or load check, a BGSAVE or an AOF rewrite); try again once it has finished\r\n"
     );
-    unsafe { libc::kill(child, libc::SIGKILL) };
+    kill_bgsave(&a, 0, child);
     assert_eq!(std::fs::read(&path).expect("previous snapshot"), first);
     let log = a.nodes[0].log();
     assert!(
@@ -726,17 +743,6 @@ fn a_save_while_redis_has_a_child_or_on_a_full_disk_fails_and_keeps_the_previous
         )),
         "{log}"
     );
-    // Wait until Redis reaped its child.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a.nodes[0]
-        .log()
-        .matches("Background saving terminated by signal 9")
-        .count()
-        == 0
-    {
-        assert!(Instant::now() < deadline, "BGSAVE child not reaped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 
     // A full disk: the temporary file is /dev/full.
     let tmp = format_tmp(&path);

@@ -438,3 +438,103 @@ fn evalsha_finds_or_misses_its_script_alike_on_every_node_when_redis_evicts_scri
         assert_eq!(get(&c, i, "m"), bulk("2"), "{what}");
     }
 }
+
+/// SCRIPT EXISTS and reads of scripts by SHA-1 (EVALSHA_RO) answer by the module's book, as
+/// the log's EVALSHA entries do, whatever this node's Redis holds: Redis 7.0 and 7.2 keep
+/// every script, so they still hold one the book dropped. On every node, in every read
+/// mode, and in a transaction.
+#[test]
+fn script_exists_and_evalsha_ro_answer_as_evalsha_entries_do() {
+    // Linearizable: reads wait for a round (RAFT); stale: Redis runs them at once.
+    for mode in ["linearizable", "stale"] {
+        answer_as_evalsha_entries_do(mode);
+    }
+}
+
+fn answer_as_evalsha_entries_do(mode: &str) {
+    let mut c = Cluster::define(3);
+    for i in 0..3 {
+        c.nodes[i].extra = ["--raft.follower-reads", "yes", "--raft.read-mode", mode]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        c.start_node(i);
+    }
+    let l = c.wait_leader(Duration::from_secs(15));
+    let sha = |b: &str| redis::Script::new(b).get_hash().to_string();
+    let first = "return redis.call('GET', KEYS[1]) -- first";
+    let kept = "return redis.call('GET', KEYS[1]) -- kept";
+    assert_eq!(q(&c, l, &["SET", "k", "v"]), Ok(Value::Okay));
+    assert_eq!(
+        q(&c, l, &["EVAL", first, "1", "k"]),
+        Ok(Value::BulkString(b"v".to_vec()))
+    );
+    assert_eq!(
+        q(&c, l, &["SCRIPT", "LOAD", kept]),
+        Ok(Value::BulkString(sha(kept).into_bytes()))
+    );
+    // 500 more scripts loaded by EVAL: the book drops `first`, the least recently used.
+    let r = |i: usize| format!("return {i} -- r");
+    let mut conn = c.conn(l).expect("conn");
+    let mut p = redis::pipe();
+    for i in 0..500 {
+        p.cmd("EVAL").arg(r(i)).arg(0);
+    }
+    let _: Vec<Value> = p.query(&mut conn).expect("EVAL pipeline");
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    let asked = [sha(first), sha(&r(499)), sha(kept), "f".repeat(40)];
+    let mut exists = vec!["SCRIPT", "EXISTS"];
+    exists.extend(asked.iter().map(|s| s.as_str()));
+    let answer = Ok(Value::Array(
+        [0, 1, 1, 0].into_iter().map(Value::Int).collect(),
+    ));
+    let noscript = |r: &Result<Value, String>| matches!(r, Err(e) if e.starts_with("NOSCRIPT"));
+    for i in 0..3 {
+        assert_eq!(q(&c, i, &exists), answer, "{mode}, node {i}");
+        let e = q(&c, i, &["EVALSHA_RO", &sha(first), "1", "k"]);
+        assert!(noscript(&e), "{mode}, node {i}: {e:?}");
+        // In either case, as Redis matches SHA-1s.
+        let upper = sha(kept).to_uppercase();
+        assert_eq!(
+            q(&c, i, &["EVALSHA_RO", &upper, "1", "k"]),
+            Ok(Value::BulkString(b"v".to_vec())),
+            "{mode}, node {i}"
+        );
+        assert_eq!(
+            q(&c, i, &["SCRIPT", "EXISTS", &upper]),
+            Ok(Value::Array(vec![Value::Int(1)])),
+            "{mode}, node {i}"
+        );
+    }
+    // As the EVALSHA entry answers.
+    let e = q(&c, l, &["EVALSHA", &sha(first), "1", "k"]);
+    assert!(noscript(&e), "{e:?}");
+    // In a transaction: SCRIPT EXISTS runs on the leader alone, EVALSHA_RO on every node.
+    let mut t = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(t.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(t.cmd(&exists), "+QUEUED\r\n");
+    assert_eq!(t.cmd(&["EVALSHA_RO", &sha(first), "1", "k"]), "+QUEUED\r\n");
+    let reply = t.cmd(&["EXEC"]);
+    assert!(
+        reply.starts_with("*2\r\n*4\r\n:0\r\n:1\r\n:1\r\n:0\r\n-NOSCRIPT"),
+        "{reply}"
+    );
+    // Once loaded again, it exists and runs everywhere.
+    assert_eq!(
+        q(&c, l, &["SCRIPT", "LOAD", first]),
+        Ok(Value::BulkString(sha(first).into_bytes()))
+    );
+    c.wait_applied_everywhere(Duration::from_secs(10));
+    for i in 0..3 {
+        assert_eq!(
+            q(&c, i, &["SCRIPT", "EXISTS", &sha(first)]),
+            Ok(Value::Array(vec![Value::Int(1)])),
+            "node {i}"
+        );
+        assert_eq!(
+            q(&c, i, &["EVALSHA_RO", &sha(first), "1", "k"]),
+            Ok(Value::BulkString(b"v".to_vec())),
+            "node {i}"
+        );
+    }
+}

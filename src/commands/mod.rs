@@ -193,10 +193,10 @@ extern "C" fn raft_cmd(
                         None => propose_write(ctx, m, node, cmd),
                     }
                 }
-                Class::Read if m.serves_reads_locally(node) => call_and_reply(ctx, &cmd),
+                Class::Read if m.serves_reads_locally(node) => call_by_book(ctx, &cmd),
                 Class::Read if m.serves_reads_by_index(node) => queue_read(ctx, cmd),
                 Class::Read => api::reply_error(ctx, &redirect_error(m)),
-                _ => call_and_reply(ctx, &cmd),
+                _ => call_by_book(ctx, &cmd),
             }
         },
     )
@@ -245,6 +245,15 @@ extern "C" fn transfer_leader_cmd(
             transfer_leader(ctx, node, target)
         },
     )
+}
+
+/// Runs a read or a node-local command here and replies; a script the book lacks is answered
+/// for as the log's EVALSHA entries answer (redis/scripts.rs: `answered_by_book`).
+fn call_by_book(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
+    match scripts::answered_by_book(cmd) {
+        Some(asked) => call_and_reply(ctx, &asked),
+        None => call_and_reply(ctx, cmd),
+    }
 }
 
 /// `RAFT._CLUSTER CLUSTER <sub> ...`: CLUSTER as cluster clients expect it.

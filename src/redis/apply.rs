@@ -279,7 +279,11 @@ pub(super) fn apply_call(
     let r = if replicated {
         scripts::run_applied(ctx, argv, |argv| api::call(ctx, argv, opts))
     } else {
-        api::call(ctx, argv, opts)
+        // A node-local command of a transaction (SCRIPT EXISTS answers by the book).
+        match scripts::answered_by_book(argv) {
+            Some(asked) => api::call(ctx, &asked, opts),
+            None => api::call(ctx, argv, opts),
+        }
     };
     streams::set_applying(false);
     // A script a kill stopped answers only on the nodes that were running it.

@@ -81,6 +81,9 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     } else if reroute {
         b"RAFT"
     } else {
+        if matches!(class, Class::Read | Class::Local) {
+            answer_by_book(fctx, name, sub, argc);
+        }
         return;
     };
     let s = api::create_string(std::ptr::null_mut(), prefix);
@@ -91,4 +94,21 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 /// reads are routed to RAFT._READ (@read) and writes to RAFT (@write).
 fn has_acl_categories() -> bool {
     unsafe { api::raw::RedisModule_SetCommandACLCategories }.is_some()
+}
+
+/// A read or SCRIPT EXISTS that Redis runs at once: a script the book lacks is answered for
+/// as the log's EVALSHA entries answer (redis/scripts.rs: `book_lacks`).
+unsafe fn answer_by_book(
+    fctx: *mut raw::RedisModuleCommandFilterCtx,
+    name: &[u8],
+    sub: Option<&[u8]>,
+    argc: c_int,
+) {
+    for i in super::scripts::sha_args(name, sub, argc as usize) {
+        let arg = api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, i as c_int));
+        if super::scripts::book_lacks(arg) {
+            let none = api::create_string(std::ptr::null_mut(), super::scripts::UNKNOWN_SHA);
+            rm!(RedisModule_CommandFilterArgReplace)(fctx, i as c_int, none);
+        }
+    }
 }

@@ -852,7 +852,12 @@ fn serve_read(ctx: *mut RedisModuleCtx, w: ReadWaiter) {
         return;
     }
     let Some(id) = w.blocking else {
-        let r = api::call(ctx, &w.argv, CallOpts { resp3: w.resp3 });
+        let argv = scripts::answered_by_book(&w.argv);
+        let r = api::call(
+            ctx,
+            argv.as_ref().unwrap_or(&w.argv),
+            CallOpts { resp3: w.resp3 },
+        );
         unblock(w.bc, Reply::Call(r));
         return;
     };

@@ -207,6 +207,56 @@ pub fn logs_read(name: &[u8], body: Option<&[u8]>) -> bool {
         && body.is_some_and(|b| BOOK.get_mut().body(&sha1_hex(b)).is_none())
 }
 
+/// The arguments of a command that name scripts by SHA-1 and that a node may answer without
+/// the log (a read, SCRIPT EXISTS): EVALSHA_RO's (EVALSHA's, run as a read where nothing can
+/// be written: replicas.rs) and SCRIPT EXISTS's.
+pub fn sha_args(name: &[u8], sub: Option<&[u8]>, argc: usize) -> std::ops::Range<usize> {
+    if name.eq_ignore_ascii_case(b"script")
+        && sub.is_some_and(|s| s.eq_ignore_ascii_case(b"exists"))
+    {
+        2..argc
+    } else if argc > 1
+        && (name.eq_ignore_ascii_case(b"evalsha_ro") || name.eq_ignore_ascii_case(b"evalsha"))
+    {
+        1..2
+    } else {
+        0..0
+    }
+}
+
+/// What stands for a script the book lacks: a SHA-1 that matches nothing (not 40 characters
+/// long), so Redis answers as for a script it lacks, in its own words: NOSCRIPT, or 0 from
+/// SCRIPT EXISTS.
+pub const UNKNOWN_SHA: &[u8] = b"-";
+
+/// Whether the book lacks the script named `sha` (in either case, as Redis matches them).
+/// Redis may hold scripts the book dropped (7.0 and 7.2 keep every script; a node's reads
+/// reorder Redis's own eviction): a node answers for them as its EVALSHA entries do.
+pub fn book_lacks(sha: &[u8]) -> bool {
+    sha.len() != 40
+        || BOOK
+            .get_mut()
+            .body(&String::from_utf8_lossy(sha).to_ascii_lowercase())
+            .is_none()
+}
+
+/// A read or SCRIPT EXISTS about to run on this node, as it must run to answer by the book
+/// (`sha_args`, `book_lacks`); None if it names no script the book lacks.
+pub fn answered_by_book(argv: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    let name = argv.first()?;
+    let shas = sha_args(name, argv.get(1).map(|v| v.as_slice()), argv.len());
+    if !shas.clone().any(|i| book_lacks(&argv[i])) {
+        return None;
+    }
+    let mut asked = argv.to_vec();
+    for i in shas {
+        if book_lacks(&asked[i]) {
+            asked[i] = UNKNOWN_SHA.to_vec();
+        }
+    }
+    Some(asked)
+}
+
 /// EVALSHA or EVALSHA_RO of an entry: the script's SHA-1 as the book names it. None too if
 /// Redis refuses it before it looks the script up (its number of keys), alike everywhere.
 fn evalsha_target(argv: &[Vec<u8>]) -> Option<String> {
@@ -241,7 +291,7 @@ pub fn run_applied(
         // A SHA-1 that is not 40 characters long matches nothing: Redis answers its own
         // NOSCRIPT at once, whatever it holds (Valkey words it otherwise than Redis).
         let mut miss = argv.to_vec();
-        miss[1] = b"-".to_vec();
+        miss[1] = UNKNOWN_SHA.to_vec();
         return call(&miss);
     };
     let r = call(argv);

@@ -442,11 +442,12 @@ fn evalsha_finds_or_misses_its_script_alike_on_every_node_when_redis_evicts_scri
 /// SCRIPT EXISTS and reads of scripts by SHA-1 (EVALSHA_RO) answer by the module's book, as
 /// the log's EVALSHA entries do, whatever this node's Redis holds: Redis 7.0 and 7.2 keep
 /// every script, so they still hold one the book dropped. On every node, in every read
-/// mode, and in a transaction.
+/// mode, while another client is in MULTI, and in a transaction.
 #[test]
 fn script_exists_and_evalsha_ro_answer_as_evalsha_entries_do() {
-    // Linearizable: reads wait for a round (RAFT); stale: Redis runs them at once.
-    for mode in ["linearizable", "stale"] {
+    // Linearizable: reads wait for a round (RAFT); stale: Redis runs them at once; lease:
+    // at once on the leader, after a round on the followers.
+    for mode in ["linearizable", "stale", "lease"] {
         answer_as_evalsha_entries_do(mode);
     }
 }
@@ -509,6 +510,19 @@ fn answer_as_evalsha_entries_do(mode: &str) {
     // As the EVALSHA entry answers.
     let e = q(&c, l, &["EVALSHA", &sha(first), "1", "k"]);
     assert!(noscript(&e), "{e:?}");
+    // Redis checks the number of keys before it looks for the script.
+    let e = q(&c, l, &["EVALSHA_RO", &sha(first), "2", "k"]);
+    assert!(
+        matches!(&e, Err(e) if e.contains("Number of keys")),
+        "{e:?}"
+    );
+    // While another client is in MULTI, node-local commands go through RAFT: the same.
+    let mut other = RawConn::open(c.nodes[l].def.port);
+    assert_eq!(other.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(q(&c, l, &exists), answer);
+    let e = q(&c, l, &["EVALSHA_RO", &sha(first), "1", "k"]);
+    assert!(noscript(&e), "{e:?}");
+    assert_eq!(other.cmd(&["DISCARD"]), "+OK\r\n");
     // In a transaction: SCRIPT EXISTS runs on the leader alone, EVALSHA_RO on every node.
     let mut t = RawConn::open(c.nodes[l].def.port);
     assert_eq!(t.cmd(&["MULTI"]), "+OK\r\n");

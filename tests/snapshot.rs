@@ -503,9 +503,10 @@ fn wait_child(c: &Cluster, i: usize, timeout: Duration) -> i32 {
     }
 }
 
-/// Starts Redis's own BGSAVE on node `i` and stops its child (SIGSTOP). Redis's per-key save
-/// delay (5 s) keeps the child from finishing first, however small the dataset: a child that
-/// had already exited would leave a zombie, and a finished BGSAVE, not a killed one.
+/// Starts Redis's own BGSAVE on node `i` (which must hold a key) and stops its child
+/// (SIGSTOP). Redis's delay after each key it saves (5 s) keeps the child from finishing
+/// first: a child that had already exited would leave a zombie, and a finished BGSAVE, not a
+/// killed one.
 fn stopped_bgsave(c: &Cluster, i: usize) -> i32 {
     assert_eq!(
         c.local(i, &["CONFIG", "SET", "rdb-key-save-delay", "5000000"]),

@@ -151,7 +151,7 @@ extern "C" fn raft_cmd(
                 if let Some(rc) = conn::run_now(ctx, &cmd) {
                     return rc;
                 }
-                return call_and_reply(ctx, &cmd);
+                return call_by_book(ctx, m, &cmd);
             }
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));
@@ -193,10 +193,10 @@ extern "C" fn raft_cmd(
                         None => propose_write(ctx, m, node, cmd),
                     }
                 }
-                Class::Read if m.serves_reads_locally(node) => call_by_book(ctx, &cmd),
+                Class::Read if m.serves_reads_locally(node) => call_by_book(ctx, m, &cmd),
                 Class::Read if m.serves_reads_by_index(node) => queue_read(ctx, cmd),
                 Class::Read => api::reply_error(ctx, &redirect_error(m)),
-                _ => call_by_book(ctx, &cmd),
+                _ => call_and_reply(ctx, &cmd),
             }
         },
     )
@@ -249,8 +249,8 @@ extern "C" fn transfer_leader_cmd(
 
 /// Runs a read or a node-local command here and replies; a script the book lacks is answered
 /// for as the log's EVALSHA entries answer (redis/scripts.rs: `answered_by_book`).
-fn call_by_book(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
-    match scripts::answered_by_book(cmd) {
+fn call_by_book(ctx: *mut RedisModuleCtx, m: &crate::redis::Module, cmd: &[Vec<u8>]) -> c_int {
+    match scripts::answered_by_book(m.table(), cmd) {
         Some(asked) => call_and_reply(ctx, &asked),
         None => call_and_reply(ctx, cmd),
     }

@@ -280,7 +280,7 @@ pub(super) fn apply_call(
         scripts::run_applied(ctx, argv, |argv| api::call(ctx, argv, opts))
     } else {
         // A node-local command of a transaction (SCRIPT EXISTS answers by the book).
-        match scripts::answered_by_book(argv) {
+        match super::module().and_then(|m| scripts::answered_by_book(m.table(), argv)) {
             Some(asked) => api::call(ctx, &asked, opts),
             None => api::call(ctx, argv, opts),
         }

@@ -82,7 +82,7 @@ unsafe fn filter_inner(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         b"RAFT"
     } else {
         if matches!(class, Class::Read | Class::Local) {
-            answer_by_book(fctx, name, sub, argc);
+            answer_by_book(fctx, m.table(), argc);
         }
         return;
     };
@@ -97,16 +97,16 @@ fn has_acl_categories() -> bool {
 }
 
 /// A read or SCRIPT EXISTS that Redis runs at once: a script the book lacks is answered for
-/// as the log's EVALSHA entries answer (redis/scripts.rs: `book_lacks`).
+/// as the log's EVALSHA entries answer (redis/scripts.rs: `sha_args`, `book_lacks`).
 unsafe fn answer_by_book(
     fctx: *mut raw::RedisModuleCommandFilterCtx,
-    name: &[u8],
-    sub: Option<&[u8]>,
+    table: &super::classify::CommandTable,
     argc: c_int,
 ) {
-    for i in super::scripts::sha_args(name, sub, argc as usize) {
-        let arg = api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, i as c_int));
-        if super::scripts::book_lacks(arg) {
+    let arg = |i: usize| api::str_bytes(rm!(RedisModule_CommandFilterArgGet)(fctx, i as c_int));
+    // Computed before any argument is replaced (which frees the one it replaces).
+    for i in super::scripts::sha_args(table, argc as usize, arg) {
+        if super::scripts::book_lacks(arg(i)) {
             let none = api::create_string(std::ptr::null_mut(), super::scripts::UNKNOWN_SHA);
             rm!(RedisModule_CommandFilterArgReplace)(fctx, i as c_int, none);
         }

@@ -852,7 +852,7 @@ fn serve_read(ctx: *mut RedisModuleCtx, w: ReadWaiter) {
         return;
     }
     let Some(id) = w.blocking else {
-        let argv = scripts::answered_by_book(&w.argv);
+        let argv = module().and_then(|m| scripts::answered_by_book(m.table(), &w.argv));
         let r = api::call(
             ctx,
             argv.as_ref().unwrap_or(&w.argv),

@@ -28,7 +28,7 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 
 use super::api::{self, guard, raw, rm, RedisModuleCallReply, RedisModuleCtx};
-use super::classify::InScript;
+use super::classify::{Class, CommandTable, InScript};
 use super::{module, MainThread};
 
 thread_local! {
@@ -208,20 +208,31 @@ pub fn logs_read(name: &[u8], body: Option<&[u8]>) -> bool {
 }
 
 /// The arguments of a command that name scripts by SHA-1 and that a node may answer without
-/// the log (a read, SCRIPT EXISTS): EVALSHA_RO's (EVALSHA's, run as a read where nothing can
-/// be written: replicas.rs) and SCRIPT EXISTS's.
-pub fn sha_args(name: &[u8], sub: Option<&[u8]>, argc: usize) -> std::ops::Range<usize> {
-    if name.eq_ignore_ascii_case(b"script")
-        && sub.is_some_and(|s| s.eq_ignore_ascii_case(b"exists"))
-    {
-        2..argc
-    } else if argc > 1
-        && (name.eq_ignore_ascii_case(b"evalsha_ro") || name.eq_ignore_ascii_case(b"evalsha"))
-    {
-        1..2
-    } else {
-        0..0
+/// the log (a read, SCRIPT EXISTS): EVALSHA_RO's (and EVALSHA's, run as a read where nothing
+/// can be written: replicas.rs) when its number of keys is one Redis accepts (it checks that
+/// first), and SCRIPT EXISTS's. None where `raft.ignored-commands` leaves scripts to each
+/// node: then the book does not hold what Redis does. `arg(i)`: the command's argument `i`.
+pub fn sha_args<'a>(
+    table: &CommandTable,
+    argc: usize,
+    arg: impl Fn(usize) -> &'a [u8],
+) -> std::ops::Range<usize> {
+    if argc < 2 {
+        return 0..0;
     }
+    let (name, sub) = (arg(0), arg(1));
+    if name.eq_ignore_ascii_case(b"script") && sub.eq_ignore_ascii_case(b"exists") {
+        if table.classify(b"script", Some(b"load")) == Class::Write {
+            return 2..argc;
+        }
+    } else if (name.eq_ignore_ascii_case(b"evalsha_ro") || name.eq_ignore_ascii_case(b"evalsha"))
+        && table.classify(name, None) != Class::Local
+        && argc >= 3
+        && super::streams::string2ll(arg(2)).is_some_and(|n| (0..=argc as i64 - 3).contains(&n))
+    {
+        return 1..2;
+    }
+    0..0
 }
 
 /// What stands for a script the book lacks: a SHA-1 that matches nothing (not 40 characters
@@ -242,9 +253,8 @@ pub fn book_lacks(sha: &[u8]) -> bool {
 
 /// A read or SCRIPT EXISTS about to run on this node, as it must run to answer by the book
 /// (`sha_args`, `book_lacks`); None if it names no script the book lacks.
-pub fn answered_by_book(argv: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
-    let name = argv.first()?;
-    let shas = sha_args(name, argv.get(1).map(|v| v.as_slice()), argv.len());
+pub fn answered_by_book(table: &CommandTable, argv: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    let shas = sha_args(table, argv.len(), |i| &argv[i]);
     if !shas.clone().any(|i| book_lacks(&argv[i])) {
         return None;
     }

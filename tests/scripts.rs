@@ -392,6 +392,12 @@ fn evalsha_finds_or_misses_its_script_alike_on_every_node_when_redis_evicts_scri
         exists(l, &s2),
         if evicts { no.clone() } else { yes.clone() }
     );
+    // A linearizable read finds s2 as an EVALSHA entry would, whatever the leader's Redis
+    // dropped (it runs the book's body there).
+    assert_eq!(
+        q(&c, l, &["EVALSHA_RO", &sha(&s2), "1", "k2", "r"]),
+        Ok(Value::BulkString(b"1".to_vec()))
+    );
     // An EVAL Redis refuses before it caches the script (more keys than arguments) leaves
     // the book as it was on every node, whatever their Redis holds.
     assert!(q(&c, l, &["EVAL", &s1, "5", "k1"]).is_err());

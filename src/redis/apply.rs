@@ -280,8 +280,8 @@ pub(super) fn apply_call(
         scripts::run_applied(ctx, argv, |argv| api::call(ctx, argv, opts))
     } else {
         // A node-local command of a transaction (SCRIPT EXISTS answers by the book).
-        match super::module().and_then(|m| scripts::answered_by_book(m.table(), argv)) {
-            Some(asked) => api::call(ctx, &asked, opts),
+        match super::module() {
+            Some(m) => scripts::run_read(ctx, m.table(), argv, |a| api::call(ctx, a, opts)),
             None => api::call(ctx, argv, opts),
         }
     };

@@ -852,12 +852,11 @@ fn serve_read(ctx: *mut RedisModuleCtx, w: ReadWaiter) {
         return;
     }
     let Some(id) = w.blocking else {
-        let argv = module().and_then(|m| scripts::answered_by_book(m.table(), &w.argv));
-        let r = api::call(
-            ctx,
-            argv.as_ref().unwrap_or(&w.argv),
-            CallOpts { resp3: w.resp3 },
-        );
+        let opts = CallOpts { resp3: w.resp3 };
+        let r = match module() {
+            Some(m) => scripts::run_read(ctx, m.table(), &w.argv, |a| api::call(ctx, a, opts)),
+            None => api::call(ctx, &w.argv, opts),
+        };
         unblock(w.bc, Reply::Call(r));
         return;
     };

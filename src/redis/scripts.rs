@@ -253,7 +253,7 @@ pub fn book_lacks(sha: &[u8]) -> bool {
 
 /// A read or SCRIPT EXISTS about to run on this node, as it must run to answer by the book
 /// (`sha_args`, `book_lacks`); None if it names no script the book lacks.
-pub fn answered_by_book(table: &CommandTable, argv: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+fn answered_by_book(table: &CommandTable, argv: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
     let shas = sha_args(table, argv.len(), |i| &argv[i]);
     if !shas.clone().any(|i| book_lacks(&argv[i])) {
         return None;
@@ -283,10 +283,8 @@ fn numkeys_valid(argv: &[Vec<u8>]) -> bool {
     argv.len() >= 3 && super::streams::string2ll(&argv[2]).is_some_and(|n| (0..=args).contains(&n))
 }
 
-/// Runs an entry's command through `call`, deciding EVALSHA by the book: a script it lacks
-/// answers NOSCRIPT without running, one it holds runs, as EVAL of its body if
-/// this node's Redis evicted it (Redis answered NOSCRIPT and lacks it: not the script's own
-/// error). Then notes what the command did to the script cache.
+/// Runs an entry's command through `call`, deciding EVALSHA by the book (`run_by_book`), and
+/// notes what the command did to the script cache.
 pub fn run_applied(
     ctx: *mut RedisModuleCtx,
     argv: &[Vec<u8>],
@@ -297,7 +295,42 @@ pub fn run_applied(
         note_command(ctx, argv, r);
         return r;
     };
-    let Some(body) = BOOK.get_mut().body(&sha).map(|b| b.to_vec()) else {
+    let r = run_by_book(ctx, argv, &sha, &call);
+    if BOOK.get_mut().body(&sha).is_some() {
+        BOOK.get_mut().used(&sha);
+    }
+    r
+}
+
+/// A read or node-local command that runs on this node outside the log, answered by the book
+/// as the log's EVALSHA entries are: EVALSHA_RO by `run_by_book`, SCRIPT EXISTS by
+/// `answered_by_book`. The book does not change: what one node serves is not a use.
+pub fn run_read(
+    ctx: *mut RedisModuleCtx,
+    table: &CommandTable,
+    argv: &[Vec<u8>],
+    call: impl Fn(&[Vec<u8>]) -> *mut RedisModuleCallReply,
+) -> *mut RedisModuleCallReply {
+    if sha_args(table, argv.len(), |i| &argv[i]) == (1..2) {
+        let sha = String::from_utf8_lossy(&argv[1]).to_ascii_lowercase();
+        return run_by_book(ctx, argv, &sha, &call);
+    }
+    match answered_by_book(table, argv) {
+        Some(asked) => call(&asked),
+        None => call(argv),
+    }
+}
+
+/// EVALSHA or EVALSHA_RO of the script the book names `sha`: one the book lacks answers
+/// NOSCRIPT without running; one it holds runs, as EVAL of its body if this node's Redis
+/// evicted it (Redis answered NOSCRIPT and lacks it: not the script's own error).
+fn run_by_book(
+    ctx: *mut RedisModuleCtx,
+    argv: &[Vec<u8>],
+    sha: &str,
+    call: &impl Fn(&[Vec<u8>]) -> *mut RedisModuleCallReply,
+) -> *mut RedisModuleCallReply {
+    let Some(body) = BOOK.get_mut().body(sha).map(|b| b.to_vec()) else {
         // A SHA-1 that is not 40 characters long matches nothing: Redis answers its own
         // NOSCRIPT at once, whatever it holds (Valkey words it otherwise than Redis).
         let mut miss = argv.to_vec();
@@ -305,8 +338,7 @@ pub fn run_applied(
         return call(&miss);
     };
     let r = call(argv);
-    if !api::reply_error_starts_with(r, b"NOSCRIPT") || exists(ctx, &sha) {
-        BOOK.get_mut().used(&sha);
+    if !api::reply_error_starts_with(r, b"NOSCRIPT") || exists(ctx, sha) {
         return r;
     }
     api::free_call_reply(r);
@@ -317,9 +349,7 @@ pub fn run_applied(
     };
     let mut again = vec![eval.to_vec(), body];
     again.extend_from_slice(&argv[2..]);
-    let r = call(&again);
-    BOOK.get_mut().used(&sha);
-    r
+    call(&again)
 }
 
 /// An entry's script is skipped on this node: a kill stopped it on the leader before it

@@ -250,10 +250,7 @@ extern "C" fn transfer_leader_cmd(
 /// Runs a read or a node-local command here and replies; a script is found or missed as
 /// the log's EVALSHA entries find it (redis/scripts.rs: `run_read`).
 fn call_by_book(ctx: *mut RedisModuleCtx, m: &crate::redis::Module, cmd: &[Vec<u8>]) -> c_int {
-    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    let opts = api::CallOpts {
-        resp3: flags & api::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0,
-    };
+    let opts = api::client_opts(ctx);
     let r = scripts::run_read(ctx, m.table(), cmd, |a| api::call(ctx, a, opts));
     api::reply_with_call(ctx, r)
 }

@@ -293,11 +293,15 @@ pub fn call_checked(ctx: *mut RedisModuleCtx, argv: &[Vec<u8>]) -> Result<Value,
 
 /// Runs `cmd` for the calling client (its protocol) and replies with what it returned.
 pub fn call_and_reply(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
+    reply_with_call(ctx, call(ctx, cmd, client_opts(ctx)))
+}
+
+/// How to call a command whose reply goes to the client `ctx` serves (its protocol).
+pub fn client_opts(ctx: *mut RedisModuleCtx) -> CallOpts {
     let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    let opts = CallOpts {
+    CallOpts {
         resp3: flags & raw::REDISMODULE_CTX_FLAGS_RESP3 != 0,
-    };
-    reply_with_call(ctx, call(ctx, cmd, opts))
+    }
 }
 
 /// Replies with an RM_Call's reply (an error if there is none) and frees it.

@@ -459,8 +459,7 @@ pub fn propose_then_select(
     cmd: LogCommand,
     select_after: Option<i32>,
 ) -> c_int {
-    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
+    let resp3 = api::client_opts(ctx).resp3;
     let data = encode_command(&cmd);
     if data.len() > ENTRY_BYTES_MAX {
         return api::reply_error(
@@ -567,8 +566,7 @@ pub fn start_blocking(
     spec: blocking::Spec,
 ) -> c_int {
     let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
-    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
+    let resp3 = api::client_opts(ctx).resp3;
     match blocking::start(ctx, db, argv, spec, resp3) {
         Some(p) => {
             enqueue_blocking(m, node, p);
@@ -585,8 +583,7 @@ const PENDING_MAX: usize = 100_000;
 /// quorum after the read arrived (ReadIndex); reads of one event-loop turn share a round.
 pub fn queue_read(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> c_int {
     let db = unsafe { rm!(RedisModule_GetSelectedDb)(ctx) };
-    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    let resp3 = flags & redis_module::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0;
+    let resp3 = api::client_opts(ctx).resp3;
     let spec = argv[0]
         .eq_ignore_ascii_case(b"xread")
         .then(|| blocking::parse(&argv))

@@ -228,7 +228,7 @@ pub fn sha_args<'a>(
     } else if (name.eq_ignore_ascii_case(b"evalsha_ro") || name.eq_ignore_ascii_case(b"evalsha"))
         && table.classify(name, None) != Class::Local
         && argc >= 3
-        && super::streams::string2ll(arg(2)).is_some_and(|n| (0..=argc as i64 - 3).contains(&n))
+        && numkeys_accepted(argc, arg(2))
     {
         return 1..2;
     }
@@ -254,15 +254,15 @@ pub fn book_lacks(sha: &[u8]) -> bool {
 /// A read or SCRIPT EXISTS about to run on this node, as it must run to answer by the book
 /// (`sha_args`, `book_lacks`); None if it names no script the book lacks.
 fn answered_by_book(table: &CommandTable, argv: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
-    let shas = sha_args(table, argv.len(), |i| &argv[i]);
-    if !shas.clone().any(|i| book_lacks(&argv[i])) {
+    let lacking: Vec<usize> = sha_args(table, argv.len(), |i| &argv[i])
+        .filter(|&i| book_lacks(&argv[i]))
+        .collect();
+    if lacking.is_empty() {
         return None;
     }
     let mut asked = argv.to_vec();
-    for i in shas {
-        if book_lacks(&asked[i]) {
-            asked[i] = UNKNOWN_SHA.to_vec();
-        }
+    for i in lacking {
+        asked[i] = UNKNOWN_SHA.to_vec();
     }
     Some(asked)
 }
@@ -279,8 +279,13 @@ fn evalsha_target(argv: &[Vec<u8>]) -> Option<String> {
 /// EVAL's or EVALSHA's number of keys is one Redis accepts: it checks it before it looks
 /// up, compiles or caches the script.
 fn numkeys_valid(argv: &[Vec<u8>]) -> bool {
-    let args = argv.len().saturating_sub(3) as i64;
-    argv.len() >= 3 && super::streams::string2ll(&argv[2]).is_some_and(|n| (0..=args).contains(&n))
+    argv.len() >= 3 && numkeys_accepted(argv.len(), &argv[2])
+}
+
+/// `numkeys`, the third of `argc` arguments, counts no more keys than follow it.
+fn numkeys_accepted(argc: usize, numkeys: &[u8]) -> bool {
+    let args = argc.saturating_sub(3) as i64;
+    super::streams::string2ll(numkeys).is_some_and(|n| (0..=args).contains(&n))
 }
 
 /// Runs an entry's command through `call`, deciding EVALSHA by the book (`run_by_book`), and
@@ -296,9 +301,7 @@ pub fn run_applied(
         return r;
     };
     let r = run_by_book(ctx, argv, &sha, &call);
-    if BOOK.get_mut().body(&sha).is_some() {
-        BOOK.get_mut().used(&sha);
-    }
+    BOOK.get_mut().used(&sha);
     r
 }
 
@@ -330,17 +333,21 @@ fn run_by_book(
     sha: &str,
     call: &impl Fn(&[Vec<u8>]) -> *mut RedisModuleCallReply,
 ) -> *mut RedisModuleCallReply {
-    let Some(body) = BOOK.get_mut().body(sha).map(|b| b.to_vec()) else {
+    if BOOK.get_mut().body(sha).is_none() {
         // A SHA-1 that is not 40 characters long matches nothing: Redis answers its own
         // NOSCRIPT at once, whatever it holds (Valkey words it otherwise than Redis).
         let mut miss = argv.to_vec();
         miss[1] = UNKNOWN_SHA.to_vec();
         return call(&miss);
-    };
+    }
     let r = call(argv);
     if !api::reply_error_starts_with(r, b"NOSCRIPT") || exists(ctx, sha) {
         return r;
     }
+    // A script runs no SCRIPT command: the book still holds the body.
+    let Some(body) = BOOK.get_mut().body(sha).map(|b| b.to_vec()) else {
+        return r;
+    };
     api::free_call_reply(r);
     let eval: &[u8] = if is(argv.first(), "evalsha_ro") {
         b"EVAL_RO"

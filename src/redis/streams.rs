@@ -376,10 +376,7 @@ pub fn run(ctx: *mut RedisModuleCtx, args: &[Vec<u8>]) -> c_int {
             "ERR wrong number of arguments for 'raft._stream' command",
         );
     }
-    let flags = unsafe { rm!(RedisModule_GetContextFlags)(ctx) } as u32;
-    let opts = CallOpts {
-        resp3: flags & api::raw::REDISMODULE_CTX_FLAGS_RESP3 != 0,
-    };
+    let opts = api::client_opts(ctx);
     wait_for_clock(now);
     let name = &cmd[0];
     if eq(name, "xreadgroup") {

@@ -12,13 +12,7 @@ use redis::Value;
 
 /// A cluster whose nodes answer BUSY (and process events from inside a script) after 100 ms.
 fn busy_cluster() -> Cluster {
-    let mut c = Cluster::define(3);
-    for i in 0..3 {
-        c.nodes[i].extra = vec!["--busy-reply-threshold".into(), "100".into()];
-        c.start_node(i);
-    }
-    c.wait_leader(Duration::from_secs(15));
-    c
+    Cluster::start_with(3, &["--busy-reply-threshold", "100"])
 }
 
 fn is_busy(c: &Cluster, i: usize) -> bool {
@@ -295,11 +289,7 @@ fn shutdown_nosave_during_a_transaction_s_script_skips_the_transaction_on_every_
 #[test]
 fn eval_ro_of_a_new_script_caches_it_on_every_node() {
     for mode in ["linearizable", "lease"] {
-        let mut c = Cluster::define(3);
-        for i in 0..3 {
-            c.nodes[i].extra = vec!["--raft.read-mode".into(), mode.into()];
-            c.start_node(i);
-        }
+        let mut c = Cluster::start_with(3, &["--raft.read-mode", mode]);
         let l = c.wait_leader(Duration::from_secs(15));
         let body = "if ARGV[1] == 'w' then return redis.call('SET', KEYS[1], 'written') end return redis.call('GET', KEYS[1])";
         let sha = redis::Script::new(body).get_hash().to_string();
@@ -459,14 +449,10 @@ fn script_exists_and_evalsha_ro_answer_as_evalsha_entries_do() {
 }
 
 fn answer_as_evalsha_entries_do(mode: &str) {
-    let mut c = Cluster::define(3);
-    for i in 0..3 {
-        c.nodes[i].extra = ["--raft.follower-reads", "yes", "--raft.read-mode", mode]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        c.start_node(i);
-    }
+    let mut c = Cluster::start_with(
+        3,
+        &["--raft.follower-reads", "yes", "--raft.read-mode", mode],
+    );
     let l = c.wait_leader(Duration::from_secs(15));
     let sha = |b: &str| redis::Script::new(b).get_hash().to_string();
     let first = "return redis.call('GET', KEYS[1]) -- first";

@@ -194,8 +194,14 @@ impl Cluster {
 
     /// Defines and starts `n` nodes, and waits for a leader.
     pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// Defines and starts `n` nodes, each with `extra` arguments, and waits for a leader.
+    pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let mut c = Cluster::define(n);
         for i in 0..n {
+            c.nodes[i].extra = extra.iter().map(|s| s.to_string()).collect();
             c.start_node(i);
         }
         c.wait_leader(Duration::from_secs(15));

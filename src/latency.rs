@@ -11,6 +11,11 @@
 //! - `replied`: the main thread ran the write, until its client's reply was written out;
 //! - `total`: the RAFT command arrived, until the reply.
 //!
+//! And for linearizable reads (ReadIndex, on the node that serves them):
+//! - `read_round`: a round (the reads of one event-loop turn) went to the raft thread, until
+//!   its quorum's confirmation came back to the main thread (one sample per round);
+//! - `read`: a read arrived, until it was answered (its round, then the apply it waited for).
+//!
 //! Pure Rust; any thread may record (relaxed atomics: each histogram has one writer).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,9 +144,11 @@ pub static COMMITTED: Histogram = Histogram::new();
 pub static APPLIED: Histogram = Histogram::new();
 pub static REPLIED: Histogram = Histogram::new();
 pub static TOTAL: Histogram = Histogram::new();
+pub static READ_ROUND: Histogram = Histogram::new();
+pub static READ: Histogram = Histogram::new();
 
-/// Every stage, in path order, with its name.
-pub fn stages() -> [(&'static str, &'static Histogram); 6] {
+/// Every stage, in path order (a write's, then a read's), with its name.
+pub fn stages() -> [(&'static str, &'static Histogram); 8] {
     [
         ("queued", &QUEUED),
         ("persisted", &PERSISTED),
@@ -149,6 +156,8 @@ pub fn stages() -> [(&'static str, &'static Histogram); 6] {
         ("applied", &APPLIED),
         ("replied", &REPLIED),
         ("total", &TOTAL),
+        ("read_round", &READ_ROUND),
+        ("read", &READ),
     ]
 }
 

@@ -419,9 +419,24 @@ fn info_raft_reports_role_indexes_and_peers() {
     assert_eq!(names.len(), 3);
 }
 
-/// `RAFT.DEBUG LATENCY` and INFO's raft_latency section: each stage of a write's path.
+/// One line of `RAFT.DEBUG LATENCY` ("name: count=..,p50=..,..") as a map.
+fn latency_stage(lines: &[String], name: &str) -> HashMap<String, u64> {
+    let line = lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no {name} in {lines:?}"));
+    line.split(',')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// `RAFT.DEBUG LATENCY` and INFO's raft_latency section: each stage of a write's path, and
+/// of a linearizable read's.
 #[test]
-fn write_latency_is_reported_stage_by_stage() {
+fn write_and_read_latency_is_reported_stage_by_stage() {
     let mut c = Cluster::start(3);
     let l = c.wait_leader(Duration::from_secs(10));
     let mut con = c.conn(l).unwrap();
@@ -442,18 +457,7 @@ fn write_latency_is_reported_stage_by_stage() {
         .arg("LATENCY")
         .query(&mut con)
         .unwrap();
-    let stage = |name: &str| -> HashMap<String, u64> {
-        let line = lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .unwrap_or_else(|| panic!("no {name} in {lines:?}"));
-        line.split(',')
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap();
-                (k.to_string(), v.parse().unwrap())
-            })
-            .collect()
-    };
+    let stage = |name: &str| latency_stage(&lines, name);
     let names = [
         "queued",
         "persisted",
@@ -462,7 +466,7 @@ fn write_latency_is_reported_stage_by_stage() {
         "replied",
         "total",
     ];
-    assert_eq!(lines.len(), names.len(), "{lines:?}");
+    assert_eq!(lines.len(), names.len() + 2, "{lines:?}");
     for name in names {
         let s = stage(name);
         // One write at a time: every stage saw every write (`applied` counts batches of
@@ -474,6 +478,9 @@ fn write_latency_is_reported_stage_by_stage() {
         );
     }
     assert_eq!(stage("total")["count"], writes);
+    // No linearizable read yet.
+    assert_eq!(stage("read")["count"], 0);
+    assert_eq!(stage("read_round")["count"], 0);
     // A write is persisted here before it is committed, and answered after both.
     assert!(stage("persisted")["p50"] <= stage("committed")["p50"]);
     assert!(stage("committed")["p50"] <= stage("total")["p50"]);
@@ -484,6 +491,30 @@ fn write_latency_is_reported_stage_by_stage() {
         total.starts_with(&format!("count={writes},p50=")),
         "{total}"
     );
+    // Linearizable reads, one at a time: each had a round of its own, and waited for it.
+    let reads = 30;
+    for i in 0..reads {
+        let v: Option<String> = redis::cmd("GET")
+            .arg(format!("k{i}"))
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(v, Some(i.to_string()));
+    }
+    let lines: Vec<String> = redis::cmd("RAFT.DEBUG")
+        .arg("LATENCY")
+        .query(&mut con)
+        .unwrap();
+    let stage = |name: &str| latency_stage(&lines, name);
+    let (read, round) = (stage("read"), stage("read_round"));
+    assert_eq!(read["count"], reads, "{read:?}");
+    assert_eq!(round["count"], reads, "{round:?}");
+    assert!(
+        round["p50"] > 0 && round["p50"] <= read["p50"],
+        "{round:?} {read:?}"
+    );
+    assert_eq!(stage("total")["count"], writes);
+    let read = c.info_field(l, "raft_latency_read_usec").unwrap();
+    assert!(read.starts_with(&format!("count={reads},p50=")), "{read}");
     let e = redis::cmd("RAFT.DEBUG")
         .arg("LATENCY")
         .arg("NOW")

@@ -100,7 +100,8 @@ pub(super) fn apply_committed() {
             }
             ApplyItem::ReadReady { round, index } => {
                 let st = MAIN.get_mut();
-                if let Some(waiters) = st.read_rounds.remove(&round) {
+                if let Some((sent, waiters)) = st.read_rounds.remove(&round) {
+                    crate::latency::READ_ROUND.record(sent.elapsed());
                     st.reads_ready.entry(index).or_default().extend(waiters);
                 }
             }
@@ -138,6 +139,7 @@ pub(super) fn apply_committed() {
                         .get_mut()
                         .read_rounds
                         .remove(&round)
+                        .map(|(_, waiters)| waiters)
                         .unwrap_or_default();
                     for w in waiters {
                         if let Some(id) = w.blocking {
@@ -167,6 +169,7 @@ pub(super) fn apply_committed() {
                     db,
                     resp3,
                     blocking: Some(waiter),
+                    arrived: None,
                 },
             ),
             other => enqueue_blocking(m, node, other),

@@ -140,14 +140,16 @@ struct ReadWaiter {
     resp3: bool,
     /// XREAD ... BLOCK: its waiter in redis/blocking.rs.
     blocking: Option<u64>,
+    /// When the read arrived (crate::latency's `read`); None for a blocked XREAD's retry.
+    arrived: Option<Instant>,
 }
 
 #[derive(Default)]
 struct MainState {
     /// Reads received this event-loop turn: they share one ReadIndex round.
     read_batch: Vec<ReadWaiter>,
-    /// Rounds sent to the raft thread, waiting for their read index.
-    read_rounds: HashMap<u64, Vec<ReadWaiter>>,
+    /// Rounds sent to the raft thread (when), waiting for their read index.
+    read_rounds: HashMap<u64, (Instant, Vec<ReadWaiter>)>,
     next_round: u64,
     /// Confirmed reads waiting for the apply index to reach theirs.
     reads_ready: BTreeMap<u64, Vec<ReadWaiter>>,
@@ -609,12 +611,16 @@ pub fn queue_read(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> c_int {
         db,
         resp3,
         blocking,
+        arrived: Some(Instant::now()),
     });
     api::OK
 }
 
 /// Runs a confirmed read on the apply context and answers its client.
 fn serve_read(ctx: *mut RedisModuleCtx, w: ReadWaiter) {
+    if let Some(t) = w.arrived {
+        crate::latency::READ.record(t.elapsed());
+    }
     if unsafe { rm!(RedisModule_SelectDb)(ctx, w.db) } != api::OK {
         unblock(
             w.bc,
@@ -708,7 +714,7 @@ fn flush_proposals() {
         let waiters = std::mem::take(&mut st.read_batch);
         match node.read_index(round) {
             Ok(()) => {
-                st.read_rounds.insert(round, waiters);
+                st.read_rounds.insert(round, (Instant::now(), waiters));
             }
             Err(e) => {
                 for w in waiters {
@@ -943,7 +949,9 @@ fn release_parked(now: bool) {
 
 fn fail_all_reads(msg: &str) {
     let st = MAIN.get_mut();
-    let rounds = std::mem::take(&mut st.read_rounds).into_values();
+    let rounds = std::mem::take(&mut st.read_rounds)
+        .into_values()
+        .map(|(_, waiters)| waiters);
     let ready = std::mem::take(&mut st.reads_ready).into_values();
     for w in rounds.chain(ready).flatten() {
         if let Some(id) = w.blocking {

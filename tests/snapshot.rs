@@ -703,8 +703,12 @@ fn a_running_save_or_load_can_be_aborted() {
     assert_eq!(write_db(&mut wb, &["SET", "mine", "b"]), Value::Okay);
     let mut c1 = RawConn::open(b.nodes[0].def.port);
     c1.send(&["RAFT.DEBUG", "SNAPSHOT", "LOAD", &path_str(&path)]);
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(abort(&b), ":1\r\n");
+    // Until the load has begun (300k keys take far longer than a few polls to load).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while abort(&b) != ":1\r\n" {
+        assert!(Instant::now() < deadline, "no load to abort within 10 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let reply = c1.read();
     assert!(
         reply.starts_with("-ERR the snapshot load was aborted after "),

@@ -12,9 +12,11 @@
 //! - `total`: the RAFT command arrived, until the reply.
 //!
 //! And for linearizable reads (ReadIndex, on the node that serves them):
-//! - `read_round`: a round (the reads of one event-loop turn) went to the raft thread, until
-//!   its quorum's confirmation came back to the main thread (one sample per round);
-//! - `read`: a read arrived, until it was answered (its round, then the apply it waited for).
+//! - `read_round`: a round (one ReadIndex request for the reads of one event-loop turn) went
+//!   to the raft thread, until its confirmation came back to the main thread (one sample per
+//!   round; a round that failed counts neither itself nor its reads);
+//! - `read`: a read arrived, until it ran (its round, then the apply it waited for; XREAD
+//!   BLOCK: its first try).
 //!
 //! Pure Rust; any thread may record (relaxed atomics: each histogram has one writer).
 

@@ -681,6 +681,14 @@ fn a_running_save_or_load_can_be_aborted() {
     let abort =
         |c: &Cluster| RawConn::open(c.nodes[0].def.port).cmd(&["RAFT.DEBUG", "SNAPSHOT", "ABORT"]);
     assert_eq!(abort(&a), ":0\r\n");
+    // Polls until there is something to abort, and aborts it.
+    let abort_when_running = |c: &Cluster| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while abort(c) != ":1\r\n" {
+            assert!(Instant::now() < deadline, "nothing to abort within 10 s");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
 
     // A save: the client is told, the child is gone, the previous file is kept.
     let mut c1 = RawConn::open(a.nodes[0].def.port);
@@ -702,13 +710,35 @@ fn a_running_save_or_load_can_be_aborted() {
     let mut wb = conn_db(&b, 0, 0);
     assert_eq!(write_db(&mut wb, &["SET", "mine", "b"]), Value::Okay);
     let mut c1 = RawConn::open(b.nodes[0].def.port);
+    // Aborted while checking the file: as soon as the load has begun (polled; the check
+    // of 300k keys takes far longer than a few polls).
     c1.send(&["RAFT.DEBUG", "SNAPSHOT", "LOAD", &path_str(&path)]);
-    // Until the load has begun (300k keys take far longer than a few polls to load).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while abort(&b) != ":1\r\n" {
-        assert!(Instant::now() < deadline, "no load to abort within 10 s");
+    abort_when_running(&b);
+    assert_eq!(
+        c1.read(),
+        "-ERR the snapshot load was aborted after 0 keys\r\n"
+    );
+    assert_eq!(abort(&b), ":0\r\n");
+    assert_eq!(
+        total_keys(&b, 0),
+        1,
+        "the dataset was flushed by an aborted check"
+    );
+    // Aborted while restoring: once the log says the check passed.
+    let mut c1 = RawConn::open(b.nodes[0].def.port);
+    c1.send(&["RAFT.DEBUG", "SNAPSHOT", "LOAD", &path_str(&path)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.nodes[0]
+        .log()
+        .contains("flushing the dataset and restoring")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the load's check did not finish in 30 s"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
+    abort_when_running(&b);
     let reply = c1.read();
     assert!(
         reply.starts_with("-ERR the snapshot load was aborted after "),

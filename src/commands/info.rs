@@ -246,7 +246,8 @@ fn fill(i: &Info) {
     i.num("log_max_file_size", opts.log_max_file_bytes);
     i.num("log_max_cache_size", opts.log_max_cache_bytes);
 
-    // Where writes taken by this node spend their time, in microseconds (crate::latency).
+    // Where this node's writes and linearizable reads spend their time, in microseconds
+    // (crate::latency).
     i.section("latency");
     for (name, h) in crate::latency::stages() {
         i.str(&format!("latency_{name}_usec"), &h.summary().line());

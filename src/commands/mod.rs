@@ -390,7 +390,8 @@ extern "C" fn sort_cmd(
     )
 }
 
-/// `RAFT.DEBUG LATENCY`: one line per stage of a write's path on this node (crate::latency),
+/// `RAFT.DEBUG LATENCY`: one line per stage of a write's path, then of a linearizable read's,
+/// on this node (crate::latency),
 /// percentiles in microseconds; `RAFT.DEBUG LATENCY RESET` starts them again.
 fn debug_latency(ctx: *mut RedisModuleCtx, args: &[&[u8]]) -> c_int {
     match args {

@@ -48,7 +48,10 @@
 #   RedisRaft     only with REDISRAFT_SO: its leader with raft.quorum-reads yes (its
 #                 default, its linearizable reads), compared with linearizable
 # and prints a second table. A run during which the node answered any error, missed a key
-# or changed role is noted under the tables.
+# or changed role is noted under the tables. For redis-raft, each run's log line also says
+# how many reads its ReadIndex rounds served ("N reads in M rounds (K a round), round p50
+# P us", from RAFT.DEBUG LATENCY's read and read_round, reset before the run); in lease and
+# stale mode, and on a follower, only the reads that took a round count.
 #
 # ROUNDS=k repeats all of it k times, interleaved (plain, aof, raft, RedisRaft, the reads,
 # then again) so that a slow minute of a noisy machine hurts every target alike, and every
@@ -508,16 +511,20 @@ check_loaded() {
 # reads-$1, and notes any keyspace miss or role change on that node meanwhile (and, through
 # run_benchmark, any error reply).
 bench_reads() {
-    local mode=$1 port=$2 pipe h0 h1 m0 m1 r0 r1
+    local mode=$1 port=$2 pipe h0 h1 m0 m1 r0 r1 rounds
     for pipe in "${PIPELINES[@]}"; do
         h0="$(info_field "$port" stats keyspace_hits)"
         m0="$(info_field "$port" stats keyspace_misses)"
         r0="$(info_field "$port" raft raft_role)"
+        if [[ "$mode" != plain && "$mode" != redisraft ]]; then
+            cli "$port" RAFT.DEBUG LATENCY RESET >/dev/null || true
+        fi
         run_benchmark "reads-$mode" "$port" "$CLIENTS" "$pipe" get
         h1="$(info_field "$port" stats keyspace_hits)"
         m1="$(info_field "$port" stats keyspace_misses)"
         r1="$(info_field "$port" raft raft_role)"
-        log "round $ROUND, reads-$mode P$pipe: $((${h1:-0} - ${h0:-0})) hits, $((${m1:-0} - ${m0:-0})) misses${r0:+, role $r0 -> $r1}"
+        rounds="$(read_rounds "$port")"
+        log "round $ROUND, reads-$mode P$pipe: $((${h1:-0} - ${h0:-0})) hits, $((${m1:-0} - ${m0:-0})) misses${r0:+, role $r0 -> $r1}${rounds:+, $rounds}"
         if [[ -n "$m0" && -n "$m1" ]] && ((m1 > m0)); then
             NOTES+=("round $ROUND, reads $mode P$pipe: $((m1 - m0)) GETs missed their key")
         fi
@@ -525,6 +532,18 @@ bench_reads() {
             NOTES+=("round $ROUND, reads $mode P$pipe: the node's role changed from '$r0' to '$r1' during the run")
         fi
     done
+}
+
+# redis-raft's linearizable reads on port $1 since the last RAFT.DEBUG LATENCY RESET:
+# "N reads in M rounds (K a round), round p50 P us"; nothing if it served none that way.
+read_rounds() {
+    local reads rounds p50
+    reads="$(info_field "$1" raft raft_latency_read_usec | sed -n 's/^count=\([0-9]*\),.*/\1/p')"
+    rounds="$(info_field "$1" raft raft_latency_read_round_usec | sed -n 's/^count=\([0-9]*\),.*/\1/p')"
+    p50="$(info_field "$1" raft raft_latency_read_round_usec | sed -n 's/.*,p50=\([0-9]*\),.*/\1/p')"
+    if [[ -n "$reads" && -n "$rounds" ]] && ((reads > 0 && rounds > 0)); then
+        echo "$reads reads in $rounds rounds ($((reads / rounds)) a round), round p50 $p50 us"
+    fi
 }
 
 # Failover times in ms, one per round, and the node that took the last write.

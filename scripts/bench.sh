@@ -537,10 +537,11 @@ bench_reads() {
 # redis-raft's linearizable reads on port $1 since the last RAFT.DEBUG LATENCY RESET:
 # "N reads in M rounds (K a round), round p50 P us"; nothing if it served none that way.
 read_rounds() {
-    local reads rounds p50
+    local reads round rounds p50
     reads="$(info_field "$1" raft raft_latency_read_usec | sed -n 's/^count=\([0-9]*\),.*/\1/p')"
-    rounds="$(info_field "$1" raft raft_latency_read_round_usec | sed -n 's/^count=\([0-9]*\),.*/\1/p')"
-    p50="$(info_field "$1" raft raft_latency_read_round_usec | sed -n 's/.*,p50=\([0-9]*\),.*/\1/p')"
+    round="$(info_field "$1" raft raft_latency_read_round_usec)"
+    rounds="$(sed -n 's/^count=\([0-9]*\),.*/\1/p' <<<"$round")"
+    p50="$(sed -n 's/.*,p50=\([0-9]*\),.*/\1/p' <<<"$round")"
     if [[ -n "$reads" && -n "$rounds" ]] && ((reads > 0 && rounds > 0)); then
         echo "$reads reads in $rounds rounds ($((reads / rounds)) a round), round p50 $p50 us"
     fi

@@ -151,7 +151,7 @@ extern "C" fn raft_cmd(
                 if let Some(rc) = conn::run_now(ctx, &cmd) {
                     return rc;
                 }
-                return call_by_book(ctx, m, &cmd);
+                return call_by_book(ctx, &cmd);
             }
             if let Class::Refused(why) = class {
                 return api::reply_error(ctx, &format!("ERR {why}"));
@@ -193,7 +193,7 @@ extern "C" fn raft_cmd(
                         None => propose_write(ctx, m, node, cmd),
                     }
                 }
-                Class::Read if m.serves_reads_locally(node) => call_by_book(ctx, m, &cmd),
+                Class::Read if m.serves_reads_locally(node) => call_by_book(ctx, &cmd),
                 Class::Read if m.serves_reads_by_index(node) => queue_read(ctx, cmd),
                 Class::Read => api::reply_error(ctx, &redirect_error(m)),
                 _ => call_and_reply(ctx, &cmd),
@@ -249,9 +249,9 @@ extern "C" fn transfer_leader_cmd(
 
 /// Runs a read or a node-local command here and replies; a script is found or missed as
 /// the log's EVALSHA entries find it (redis/scripts.rs: `run_read`).
-fn call_by_book(ctx: *mut RedisModuleCtx, m: &crate::redis::Module, cmd: &[Vec<u8>]) -> c_int {
+fn call_by_book(ctx: *mut RedisModuleCtx, cmd: &[Vec<u8>]) -> c_int {
     let opts = api::client_opts(ctx);
-    let r = scripts::run_read(ctx, m.table(), cmd, |a| api::call(ctx, a, opts));
+    let r = scripts::run_read(ctx, cmd, |a| api::call(ctx, a, opts));
     api::reply_with_call(ctx, r)
 }
 

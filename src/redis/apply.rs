@@ -283,10 +283,7 @@ pub(super) fn apply_call(
         scripts::run_applied(ctx, argv, |argv| api::call(ctx, argv, opts))
     } else {
         // A node-local command of a transaction (SCRIPT EXISTS answers by the book).
-        match super::module() {
-            Some(m) => scripts::run_read(ctx, m.table(), argv, |a| api::call(ctx, a, opts)),
-            None => api::call(ctx, argv, opts),
-        }
+        scripts::run_read(ctx, argv, |a| api::call(ctx, a, opts))
     };
     streams::set_applying(false);
     // A script a kill stopped answers only on the nodes that were running it.

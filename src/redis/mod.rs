@@ -630,10 +630,7 @@ fn serve_read(ctx: *mut RedisModuleCtx, w: ReadWaiter) {
     }
     let Some(id) = w.blocking else {
         let opts = CallOpts { resp3: w.resp3 };
-        let r = match module() {
-            Some(m) => scripts::run_read(ctx, m.table(), &w.argv, |a| api::call(ctx, a, opts)),
-            None => api::call(ctx, &w.argv, opts),
-        };
+        let r = scripts::run_read(ctx, &w.argv, |a| api::call(ctx, a, opts));
         unblock(w.bc, Reply::Call(r));
         return;
     };

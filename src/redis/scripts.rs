@@ -244,19 +244,18 @@ pub const UNKNOWN_SHA: &[u8] = b"-";
 /// Redis may hold scripts the book dropped (7.0 and 7.2 keep every script; a node's reads
 /// reorder Redis's own eviction): a node answers for them as its EVALSHA entries do.
 pub fn book_lacks(sha: &[u8]) -> bool {
-    sha.len() != 40
-        || BOOK
-            .get_mut()
-            .body(&String::from_utf8_lossy(sha).to_ascii_lowercase())
-            .is_none()
+    sha.len() != 40 || BOOK.get_mut().body(&book_key(sha)).is_none()
+}
+
+/// The book's name for the script a SHA-1 argument names (Redis matches either case).
+fn book_key(sha: &[u8]) -> String {
+    String::from_utf8_lossy(sha).to_ascii_lowercase()
 }
 
 /// A read or SCRIPT EXISTS about to run on this node, as it must run to answer by the book
-/// (`sha_args`, `book_lacks`); None if it names no script the book lacks.
-fn answered_by_book(table: &CommandTable, argv: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
-    let lacking: Vec<usize> = sha_args(table, argv.len(), |i| &argv[i])
-        .filter(|&i| book_lacks(&argv[i]))
-        .collect();
+/// (`shas`: its `sha_args`; `book_lacks`); None if it names no script the book lacks.
+fn answered_by_book(shas: std::ops::Range<usize>, argv: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    let lacking: Vec<usize> = shas.filter(|&i| book_lacks(&argv[i])).collect();
     if lacking.is_empty() {
         return None;
     }
@@ -273,7 +272,7 @@ fn evalsha_target(argv: &[Vec<u8>]) -> Option<String> {
     if !(is(argv.first(), "evalsha") || is(argv.first(), "evalsha_ro")) || !numkeys_valid(argv) {
         return None;
     }
-    Some(String::from_utf8_lossy(argv.get(1)?).to_ascii_lowercase())
+    Some(book_key(argv.get(1)?))
 }
 
 /// EVAL's or EVALSHA's number of keys is one Redis accepts: it checks it before it looks
@@ -310,15 +309,18 @@ pub fn run_applied(
 /// `answered_by_book`. The book does not change: what one node serves is not a use.
 pub fn run_read(
     ctx: *mut RedisModuleCtx,
-    table: &CommandTable,
     argv: &[Vec<u8>],
     call: impl Fn(&[Vec<u8>]) -> *mut RedisModuleCallReply,
 ) -> *mut RedisModuleCallReply {
-    if sha_args(table, argv.len(), |i| &argv[i]) == (1..2) {
-        let sha = String::from_utf8_lossy(&argv[1]).to_ascii_lowercase();
-        return run_by_book(ctx, argv, &sha, &call);
+    let Some(m) = module() else {
+        return call(argv);
+    };
+    let shas = sha_args(m.table(), argv.len(), |i| &argv[i]);
+    if shas == (1..2) {
+        // EVALSHA(_RO): SCRIPT EXISTS's start at 2.
+        return run_by_book(ctx, argv, &book_key(&argv[1]), &call);
     }
-    match answered_by_book(table, argv) {
+    match answered_by_book(shas, argv) {
         Some(asked) => call(&asked),
         None => call(argv),
     }
@@ -495,7 +497,7 @@ pub extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
             // Scripts may not call these (deny-script), nor what they are routed to.
             let from_client: Option<&[u8]> = if super::busy::routes_kill(name, sub) {
                 Some(b"RAFT._KILL")
-            } else if m.table().classify(name, sub) == super::classify::Class::Transaction {
+            } else if m.table().classify(name, sub) == Class::Transaction {
                 // Not into a MULTI of Redis's own: RAFT answers BUSY, as Redis does to the rest.
                 Some(b"RAFT")
             } else {

@@ -1,6 +1,13 @@
 //! The raft thread: owns raft-rs's `RawNode` and the log, drives it with proposals, peer
 //! messages and ticks, and hands committed entries to the Redis main thread.
 //!
+//! Its state (`RaftThread`) is behind a lock the raft thread holds while it runs a turn,
+//! not while it sleeps. On a leader, the main thread takes the lock when it is free and runs
+//! its own proposal batch or read round as a turn would (`Node::run_now`): appended,
+//! written and sent with no wake-up of the raft thread on the way. Everything else (peer
+//! messages, ticks, fsyncs on followers, membership, snapshots) is the raft thread's, which
+//! also takes over whenever the main thread is busy.
+//!
 //! Invariant: this module never calls the Redis module API. It talks to the main thread only
 //! through `Shared` (atomics, the apply queue) and the `Waker` the main thread gave it.
 
@@ -375,6 +382,10 @@ pub struct Node {
     pub snapshot_path: std::path::PathBuf,
     input: InputTx,
     transport: Arc<Transport>,
+    /// The raft thread's state, taken (None) when its loop ends. The raft thread holds the
+    /// lock while it runs a turn, not while it sleeps; the main thread takes it for a
+    /// proposal batch when it is free (`propose`).
+    core: Arc<Mutex<Option<RaftThread>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -488,8 +499,6 @@ impl Node {
             waker,
             input: rx,
             inbound: in_rx,
-            inbound_poll,
-            polled: Vec::new(),
             tick: Duration::from_millis(spec.heartbeat_interval_ms),
             election_ticks: election_tick as u64,
             next_tick: Instant::now(),
@@ -524,24 +533,35 @@ impl Node {
             stall_clock: StallClock::new(Instant::now()),
             early_election: None,
             leader_gone: None,
+            halted: false,
         };
         worker.publish_status();
         worker.publish_membership(worker.book_index);
         let on_panic = (shared.clone(), worker.waker.clone(), transport.clone());
+        let sleeper = Sleeper {
+            poll: inbound_poll,
+            polled: Vec::new(),
+            input: worker.input.clone(),
+            inbound: worker.inbound.clone(),
+            synced: worker.synced_bell.clone(),
+        };
+        // Before any turn, on either thread (Node::run_now).
+        record_panic_locations();
+        let core = Arc::new(Mutex::new(Some(worker)));
+        let thread_core = Arc::clone(&core);
         let thread = std::thread::Builder::new()
             .name("raft".into())
             .spawn(move || {
                 // raft-rs panics on states it deems impossible; this node then stops taking
                 // part, and says why, instead of vanishing silently.
-                record_panic_locations();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&thread_core, sleeper)
+                }));
+                // Whatever ended the loop, the state goes with it: its channels close, so
+                // the main thread's next send is refused rather than left unread.
+                drop(lock(&thread_core).take());
                 if let Err(p) = r {
-                    let why = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "unknown panic".into());
-                    let at = PANIC_AT.with(|a| a.borrow_mut().take()).unwrap_or_default();
+                    let (why, at) = panic_cause(p.as_ref());
                     let (shared, waker, transport) = on_panic;
                     if shared.leaving.load(Ordering::Acquire) {
                         // raft-rs keeps a few code paths that assume this node is in the
@@ -564,6 +584,7 @@ impl Node {
             snapshot_path,
             input: InputTx::new(tx, bell),
             transport,
+            core,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -572,14 +593,44 @@ impl Node {
         &self.shared
     }
 
-    /// Hands a batch of proposals to the raft thread (one channel send, one wake-up).
-    /// On error the batch is handed back so its clients can be told.
+    /// Proposes a batch, on this thread if it can (`run_now`), else through the raft
+    /// thread (one channel send, one wake-up). On error the batch is handed back so its
+    /// clients can be told.
     pub fn propose(&self, batch: Vec<Proposal>) -> Result<(), (ProposeError, Vec<Proposal>)> {
-        match self.input.try_send(Input::Propose(batch)) {
+        let Err(input) = self.run_now(Input::Propose(batch)) else {
+            return Ok(());
+        };
+        match self.input.try_send(input) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(Input::Propose(b))) => Err((ProposeError::Full, b)),
             Err(TrySendError::Disconnected(Input::Propose(b))) => Err((ProposeError::Stopped, b)),
             Err(_) => Err((ProposeError::Stopped, Vec::new())),
+        }
+    }
+
+    /// Runs a proposal batch or a read round on the calling (main) thread, as the raft
+    /// thread's turn would, when the raft thread is between turns (it holds the lock only
+    /// while it runs one): appended, written and sent at once, without waking the raft
+    /// thread on the way there. Only on a leader with its syncer (anything else could need
+    /// an fsync here), and only with the channel empty (what was sent before goes first).
+    /// Hands `input` back when it cannot.
+    fn run_now(&self, input: Input) -> Result<(), Input> {
+        let Ok(mut core) = self.core.try_lock() else {
+            return Err(input);
+        };
+        match core.as_mut() {
+            Some(t)
+                if !t.halted
+                    && t.node.raft.state == StateRole::Leader
+                    && t.syncer.is_some()
+                    && t.input.is_empty() =>
+            {
+                if t.run_input_now(input) {
+                    self.input.ring();
+                }
+                Ok(())
+            }
+            _ => Err(input),
         }
     }
 
@@ -632,7 +683,10 @@ impl Node {
 
     /// Starts a ReadIndex round; its result comes back as `ReadReady` or `ReadFailed`.
     pub fn read_index(&self, round: u64) -> Result<(), ProposeError> {
-        match self.input.try_send(Input::ReadIndex(round)) {
+        let Err(input) = self.run_now(Input::ReadIndex(round)) else {
+            return Ok(());
+        };
+        match self.input.try_send(input) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(ProposeError::Full),
             Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
@@ -694,11 +748,6 @@ struct RaftThread {
     waker: Waker,
     input: Receiver<Input>,
     inbound: Receiver<Vec<Message>>,
-    /// The peer connections this thread reads itself, and its bell, rung after every send
-    /// on the channels above and the syncer's (wait.rs).
-    inbound_poll: InboundPoll,
-    /// What the polled connections delivered this turn (kept for its allocation).
-    polled: Vec<Message>,
     /// One raft-rs tick. The election timeout is `election_ticks` ticks (fixed when the
     /// node starts: raft-rs cannot change it), so a new election timeout changes the tick.
     tick: Duration,
@@ -757,11 +806,25 @@ struct RaftThread {
     persisting: VecDeque<Persisting>,
     /// The highest Ready number the syncer reported durable.
     synced: u64,
+    /// The main thread's inline turn (`propose_now`) stopped the node: the raft thread
+    /// returns when it next takes the lock.
+    halted: bool,
 }
 
 thread_local! {
     /// Where the last panic on this thread happened (file:line), for the raft thread's log line.
     pub(super) static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A caught panic's message and where it happened on this thread (record_panic_locations).
+fn panic_cause(p: &(dyn std::any::Any + Send)) -> (String, String) {
+    let why = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    let at = PANIC_AT.with(|a| a.borrow_mut().take()).unwrap_or_default();
+    (why, at)
 }
 
 /// A read round is asked this many times before its clients get -TIMEOUT.
@@ -789,8 +852,52 @@ fn parse_read_ctx(b: &[u8]) -> Option<(u64, u64, u64)> {
     Some((word(0)?, word(1)?, word(2)?))
 }
 
+/// Where the raft thread sleeps, outside the lock on its state: the peer connections it
+/// reads itself and its bell (wait.rs), and the channels whose contents wake it at once.
+struct Sleeper {
+    poll: InboundPoll,
+    /// What the polled connections delivered this turn (kept for its allocation).
+    polled: Vec<Message>,
+    input: Receiver<Input>,
+    inbound: Receiver<Vec<Message>>,
+    synced: Receiver<()>,
+}
+
+/// The raft thread's loop: sleep (without the lock), then one turn (with it), until a turn
+/// says stop or the main thread's inline turn halted the node.
+fn run(core: &Mutex<Option<RaftThread>>, mut sleeper: Sleeper) {
+    let mut next_beat = Instant::now();
+    match lock(core).as_mut() {
+        Some(t) => t.start(),
+        None => return,
+    }
+    loop {
+        let (asleep, timeout) = match lock(core).as_mut() {
+            Some(t) if !t.halted => {
+                let asleep = Instant::now();
+                (
+                    asleep,
+                    t.next_wake(next_beat).saturating_duration_since(asleep),
+                )
+            }
+            _ => return,
+        };
+        let mut polled = std::mem::take(&mut sleeper.polled);
+        sleeper.wait(timeout, &mut polled);
+        let mut guard = lock(core);
+        let Some(t) = guard.as_mut().filter(|t| !t.halted) else {
+            return;
+        };
+        if !t.turn(asleep, timeout, &mut polled, &mut next_beat) {
+            return;
+        }
+        sleeper.polled = polled;
+    }
+}
+
 impl RaftThread {
-    fn run(mut self) {
+    /// Before the first turn.
+    fn start(&mut self) {
         // The only voter (a cluster just founded with RAFT.CLUSTER INIT, or restarted alone)
         // need not wait an election timeout for a vote only it casts.
         let voters = self.node.raft.prs().conf().voters().ids();
@@ -804,130 +911,166 @@ impl RaftThread {
         }
         self.next_tick = Instant::now() + self.tick;
         self.stall_clock = StallClock::new(Instant::now());
-        let mut next_beat = Instant::now();
-        loop {
-            let next_tick = self.next_tick;
-            let mut wake = match self.beat {
-                Some(_) if self.was_leader_term.is_some() => next_tick.min(next_beat),
-                _ => next_tick,
-            };
-            if let Some(due) = self.commit_due {
-                wake = wake.min(due);
-            }
-            if let Some(e) = self.early_election {
-                wake = wake.min(e.at);
-            }
-            if let Some(full) = &self.log_full {
-                wake = wake.min(full.next_try);
-            }
-            let asleep = Instant::now();
-            let timeout = wake.saturating_duration_since(asleep);
-            let mut polled = std::mem::take(&mut self.polled);
-            self.wait(timeout, &mut polled);
-            let _ = self.synced_bell.try_recv();
-            let stall = self.stall_clock.woke(asleep, timeout, Instant::now());
-            if stall > self.read_timeout {
-                self.after_stall(stall);
-            }
-            if let Err(e) = self.take_synced() {
+    }
+
+    /// When the raft thread must wake even if nothing arrives.
+    fn next_wake(&self, next_beat: Instant) -> Instant {
+        let next_tick = self.next_tick;
+        let mut wake = match self.beat {
+            Some(_) if self.was_leader_term.is_some() => next_tick.min(next_beat),
+            _ => next_tick,
+        };
+        if let Some(due) = self.commit_due {
+            wake = wake.min(due);
+        }
+        if let Some(e) = self.early_election {
+            wake = wake.min(e.at);
+        }
+        if let Some(full) = &self.log_full {
+            wake = wake.min(full.next_try);
+        }
+        wake
+    }
+
+    /// The main thread's proposal batch or read round, run on the main thread while it
+    /// holds the lock (`Node::run_now`): handled and its Ready written and sent as in the
+    /// raft thread's own turn. Returns whether the raft thread should take a turn soon
+    /// (raft-rs has more to do, or this stopped the node).
+    fn run_input_now(&mut self, input: Input) -> bool {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Neither a proposal batch nor a read round asks to stop.
+            let _ = self.on_input(input);
+            self.on_ready()
+        }));
+        match r {
+            Ok(Ok(())) => self.node.has_ready(),
+            Ok(Err(e)) => {
                 self.stop_on_error(e);
-                return;
+                self.halted = true;
+                true
             }
-            let mut stop = false;
-            let mut dropped = Vec::new();
-            for _ in 0..DRAIN_MAX {
-                match self.input.try_recv() {
-                    Ok(Input::Propose(batch)) => self.propose_batch(batch, &mut dropped),
-                    Ok(i) => stop |= self.on_input(i),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        stop = true;
-                        break;
-                    }
-                }
-            }
-            for _ in 0..DRAIN_MAX {
-                match self.inbound.try_recv() {
-                    Ok(batch) => {
-                        for m in batch {
-                            self.on_message(m);
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
-            // After the channel: a connection's reader forwarded what came before it lent it.
-            for m in polled.drain(..) {
-                self.on_message(m);
-            }
-            self.polled = polled;
-            if !dropped.is_empty() {
-                self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
-            }
-            if stop {
-                return;
-            }
-            let now = Instant::now();
-            if now >= self.next_tick {
-                self.retry_reads(now);
-                self.node.tick();
-                self.next_tick += self.tick;
-                if self.next_tick < now {
-                    self.next_tick = now + self.tick;
-                }
-            }
-            if let Some(beat) = self.beat {
-                if now >= next_beat {
-                    next_beat = now + beat;
-                    if self.node.raft.state == StateRole::Leader {
-                        let mut m = Message::default();
-                        m.set_msg_type(raft::eraftpb::MessageType::MsgBeat);
-                        m.from = self.shared.node_id;
-                        // A local message: raft-rs's leader broadcasts heartbeats.
-                        if let Err(e) = self.node.raft.step(m) {
-                            warn!("could not send a heartbeat: {e}");
-                        }
-                    }
-                }
-            }
-            self.early_election(now);
-            self.look_after_lease(now);
-            self.tell_commit(now);
-            if let Err(e) = self.retry_full_log(now).and_then(|()| self.on_ready()) {
-                self.stop_on_error(e);
-                return;
-            }
-            self.track_leadership();
-            self.track_transfer();
-            self.promote_learners();
-            self.publish_status();
-            let told = self.leaving.is_none() && self.transport.told_removed();
-            if told {
-                warn!("a peer says this node was removed from the cluster; it stops taking part in it");
-            }
-            if told {
-                // Remember it across restarts, as if this node had applied its removal.
-                self.book.members.remove(&self.shared.node_id);
-                self.book.used_ids.insert(self.shared.node_id);
-                let stored = StoredMembership {
-                    me: self.shared.node_id,
-                    book: self.book.clone(),
-                    hints: Vec::new(),
-                };
-                let cs = self.node.raft.prs().conf().to_conf_state();
-                let saved = self
-                    .store
-                    .set_membership(self.book_index, &cs, &encode(&stored))
-                    .and_then(|()| self.store.sync());
-                if let Err(e) = saved {
-                    error!("could not record this node's removal in the raft log: {e}");
-                }
-            }
-            if told || self.leaving.is_some_and(|at| Instant::now() >= at) {
-                self.shared.stop(None, &self.waker, &self.transport);
-                return;
+            Err(p) => {
+                let (why, at) = panic_cause(p.as_ref());
+                let msg = format!("the main thread's raft turn stopped on an internal error ({why} at {at}); this node no longer takes part in the cluster (its data is intact); restart it");
+                error!("{msg}");
+                self.shared.stop(Some(msg), &self.waker, &self.transport);
+                self.halted = true;
+                true
             }
         }
+    }
+
+    /// One turn of the raft thread, after its sleep. Returns false to stop.
+    fn turn(
+        &mut self,
+        asleep: Instant,
+        timeout: Duration,
+        polled: &mut Vec<Message>,
+        next_beat: &mut Instant,
+    ) -> bool {
+        let _ = self.synced_bell.try_recv();
+        let stall = self.stall_clock.woke(asleep, timeout, Instant::now());
+        if stall > self.read_timeout {
+            self.after_stall(stall);
+        }
+        if let Err(e) = self.take_synced() {
+            self.stop_on_error(e);
+            return false;
+        }
+        let mut stop = false;
+        let mut dropped = Vec::new();
+        for _ in 0..DRAIN_MAX {
+            match self.input.try_recv() {
+                Ok(Input::Propose(batch)) => self.propose_batch(batch, &mut dropped),
+                Ok(i) => stop |= self.on_input(i),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    stop = true;
+                    break;
+                }
+            }
+        }
+        for _ in 0..DRAIN_MAX {
+            match self.inbound.try_recv() {
+                Ok(batch) => {
+                    for m in batch {
+                        self.on_message(m);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        // After the channel: a connection's reader forwarded what came before it lent it.
+        for m in polled.drain(..) {
+            self.on_message(m);
+        }
+        if !dropped.is_empty() {
+            self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
+        }
+        if stop {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= self.next_tick {
+            self.retry_reads(now);
+            self.node.tick();
+            self.next_tick += self.tick;
+            if self.next_tick < now {
+                self.next_tick = now + self.tick;
+            }
+        }
+        if let Some(beat) = self.beat {
+            if now >= *next_beat {
+                *next_beat = now + beat;
+                if self.node.raft.state == StateRole::Leader {
+                    let mut m = Message::default();
+                    m.set_msg_type(raft::eraftpb::MessageType::MsgBeat);
+                    m.from = self.shared.node_id;
+                    // A local message: raft-rs's leader broadcasts heartbeats.
+                    if let Err(e) = self.node.raft.step(m) {
+                        warn!("could not send a heartbeat: {e}");
+                    }
+                }
+            }
+        }
+        self.early_election(now);
+        self.look_after_lease(now);
+        self.tell_commit(now);
+        if let Err(e) = self.retry_full_log(now).and_then(|()| self.on_ready()) {
+            self.stop_on_error(e);
+            return false;
+        }
+        self.track_leadership();
+        self.track_transfer();
+        self.promote_learners();
+        self.publish_status();
+        let told = self.leaving.is_none() && self.transport.told_removed();
+        if told {
+            warn!("a peer says this node was removed from the cluster; it stops taking part in it");
+        }
+        if told {
+            // Remember it across restarts, as if this node had applied its removal.
+            self.book.members.remove(&self.shared.node_id);
+            self.book.used_ids.insert(self.shared.node_id);
+            let stored = StoredMembership {
+                me: self.shared.node_id,
+                book: self.book.clone(),
+                hints: Vec::new(),
+            };
+            let cs = self.node.raft.prs().conf().to_conf_state();
+            let saved = self
+                .store
+                .set_membership(self.book_index, &cs, &encode(&stored))
+                .and_then(|()| self.store.sync());
+            if let Err(e) = saved {
+                error!("could not record this node's removal in the raft log: {e}");
+            }
+        }
+        if told || self.leaving.is_some_and(|at| Instant::now() >= at) {
+            self.shared.stop(None, &self.waker, &self.transport);
+            return false;
+        }
+        true
     }
 
     /// Returns true to stop.

@@ -375,3 +375,49 @@ fn a_follower_whose_log_write_fails_stops_and_the_others_go_on() {
     c.collect();
     assert!(c.applied[f].is_empty(), "{:?}", c.applied[f]);
 }
+
+#[test]
+fn a_leader_proposes_on_the_callers_thread_between_turns_and_keeps_the_order_of_its_batches() {
+    let mut c = TestCluster::new(3);
+    let l = c.leader(Duration::from_secs(5));
+    let me = l as u64 + 1;
+    let last_index = |c: &TestCluster| {
+        lock(&c.node(l).core)
+            .as_ref()
+            .map(|t| t.node.raft.raft_log.last_index())
+            .expect("raft thread running")
+    };
+
+    // Between the raft thread's turns a batch is appended before `propose` returns: it ran
+    // on this thread. The raft thread may be in a turn (a heartbeat) now and then, so a few
+    // tries are allowed; most must be inline.
+    let mut inline = 0;
+    for r in 0..20 {
+        let before = last_index(&c);
+        c.node(l).propose(proposals(me, r, 1)).expect("propose");
+        if last_index(&c) == before + 1 {
+            inline += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(inline >= 10, "only {inline} of 20 batches proposed inline");
+
+    // A batch sent while the raft thread holds the lock goes through the channel; the next
+    // one must not overtake it, whether it runs inline or follows it through the channel.
+    let mut want: Vec<String> = (0..20).map(|r| format!("k{r}")).collect();
+    for k in 0..20u64 {
+        let a = 100 + 2 * k;
+        {
+            let _turn = lock(&c.node(l).core);
+            c.node(l).propose(proposals(me, a, 1)).expect("propose");
+        }
+        c.node(l).propose(proposals(me, a + 1, 1)).expect("propose");
+        want.push(format!("k{a}"));
+        want.push(format!("k{}", a + 1));
+    }
+    c.wait_applied(&[0, 1, 2], 60);
+    for i in 0..3 {
+        assert_eq!(keys(&c.applied[i]), want, "node {i}");
+    }
+    assert!(c.dropped.iter().all(Vec::is_empty), "{:?}", c.dropped);
+}

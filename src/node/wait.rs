@@ -10,7 +10,7 @@ use std::time::Duration;
 use crossbeam_channel::{SendError, Sender, TrySendError};
 use raft::eraftpb::Message;
 
-use super::{Input, RaftThread};
+use super::{Input, Sleeper};
 use crate::transport::Bell;
 
 /// The main thread's sender to the raft thread: every send rings the bell.
@@ -30,6 +30,11 @@ impl InputTx {
         Ok(())
     }
 
+    /// Wakes the raft thread for a turn with nothing sent (after the main thread's own).
+    pub(super) fn ring(&self) {
+        self.bell.ring();
+    }
+
     pub(super) fn send(&self, i: Input) -> Result<(), SendError<Input>> {
         self.tx.send(i)?;
         self.bell.ring();
@@ -44,12 +49,12 @@ impl Drop for InputTx {
     }
 }
 
-impl RaftThread {
+impl Sleeper {
     /// Sleeps until something arrives or `timeout` passes; appends what the polled peer
     /// connections delivered to `polled`. Returns at once when anything is already waiting.
     pub(super) fn wait(&mut self, timeout: Duration, polled: &mut Vec<Message>) {
-        let (input, inbound, synced) = (&self.input, &self.inbound, &self.synced_bell);
+        let (input, inbound, synced) = (&self.input, &self.inbound, &self.synced);
         let waiting = || !input.is_empty() || !inbound.is_empty() || !synced.is_empty();
-        self.inbound_poll.wait(timeout, waiting, polled);
+        self.poll.wait(timeout, waiting, polled);
     }
 }

@@ -2,11 +2,13 @@
 //! messages and ticks, and hands committed entries to the Redis main thread.
 //!
 //! Its state (`RaftThread`) is behind a lock the raft thread holds while it runs a turn,
-//! not while it sleeps. On a leader, the main thread takes the lock when it is free and runs
-//! its own proposal batch or read round as a turn would (`Node::run_now`): appended,
-//! written and sent with no wake-up of the raft thread on the way. Everything else (peer
-//! messages, ticks, fsyncs on followers, membership, snapshots) is the raft thread's, which
-//! also takes over whenever the main thread is busy.
+//! not while it sleeps. On a leader (with its syncer, its log not full, every committed
+//! entry delivered, nothing waiting in the channel), the main thread takes the lock when it
+//! is free and handles its own proposal batch or read round, then that Ready, as a turn
+//! would (`Node::run_now`): appended, written and sent with no wake-up of the raft thread on
+//! the way. That is all it does there: peer messages, ticks, leases, fsyncs, membership,
+//! snapshots and stopping the node stay with the raft thread, which goes on alone whenever
+//! the main thread is busy.
 //!
 //! Invariant: this module never calls the Redis module API. It talks to the main thread only
 //! through `Shared` (atomics, the apply queue) and the `Waker` the main thread gave it.
@@ -383,8 +385,8 @@ pub struct Node {
     input: InputTx,
     transport: Arc<Transport>,
     /// The raft thread's state, taken (None) when its loop ends. The raft thread holds the
-    /// lock while it runs a turn, not while it sleeps; the main thread takes it for a
-    /// proposal batch when it is free (`propose`).
+    /// lock while it runs a turn, not while it sleeps; the main thread takes it, when it is
+    /// free, for a proposal batch or a read round (`run_now`).
     core: Arc<Mutex<Option<RaftThread>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -476,6 +478,7 @@ impl Node {
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
+        let kicked = Arc::new(AtomicBool::new(false));
         let syncer = match Syncer::start(store.clone(), Arc::clone(&bell)) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -534,6 +537,7 @@ impl Node {
             early_election: None,
             leader_gone: None,
             halted: false,
+            inline_failed: None,
         };
         worker.publish_status();
         worker.publish_membership(worker.book_index);
@@ -544,6 +548,7 @@ impl Node {
             input: worker.input.clone(),
             inbound: worker.inbound.clone(),
             synced: worker.synced_bell.clone(),
+            kicked: Arc::clone(&kicked),
         };
         // Before any turn, on either thread (Node::run_now).
         record_panic_locations();
@@ -563,17 +568,7 @@ impl Node {
                 if let Err(p) = r {
                     let (why, at) = panic_cause(p.as_ref());
                     let (shared, waker, transport) = on_panic;
-                    if shared.leaving.load(Ordering::Acquire) {
-                        // raft-rs keeps a few code paths that assume this node is in the
-                        // configuration; after its own removal that no longer holds. The
-                        // node was leaving anyway: finish leaving.
-                        warn!("after this node's removal the raft thread stopped ({why} at {at}); the node has left the cluster");
-                        shared.stop(None, &waker, &transport);
-                        return;
-                    }
-                    let msg = format!("the raft thread stopped on an internal error ({why} at {at}); this node no longer takes part in the cluster (its data is intact); restart it");
-                    error!("{msg}");
-                    shared.stop(Some(msg), &waker, &transport);
+                    stop_after_panic(&shared, &waker, &transport, "the raft thread", &why, &at);
                 }
             })
             .map_err(NodeError::Thread)?;
@@ -582,7 +577,7 @@ impl Node {
             store: store_handle,
             snapshot_at_start,
             snapshot_path,
-            input: InputTx::new(tx, bell),
+            input: InputTx::new(tx, bell, kicked),
             transport,
             core,
             thread: Mutex::new(Some(thread)),
@@ -609,24 +604,20 @@ impl Node {
     }
 
     /// Runs a proposal batch or a read round on the calling (main) thread, as the raft
-    /// thread's turn would, when the raft thread is between turns (it holds the lock only
-    /// while it runs one): appended, written and sent at once, without waking the raft
-    /// thread on the way there. Only on a leader with its syncer (anything else could need
-    /// an fsync here), and only with the channel empty (what was sent before goes first).
-    /// Hands `input` back when it cannot.
+    /// thread's turn would handle it, when the raft thread is between turns (it holds the
+    /// lock only while it runs one): appended, written and sent at once, without waking the
+    /// raft thread on the way there. Only where that cannot need an fsync or deliver more
+    /// than this batch's own entries: on a leader with its syncer, its log not full, every
+    /// committed entry already delivered; and only with the channel empty (what was sent
+    /// before goes first). Hands `input` back when it cannot.
     fn run_now(&self, input: Input) -> Result<(), Input> {
         let Ok(mut core) = self.core.try_lock() else {
             return Err(input);
         };
         match core.as_mut() {
-            Some(t)
-                if !t.halted
-                    && t.node.raft.state == StateRole::Leader
-                    && t.syncer.is_some()
-                    && t.input.is_empty() =>
-            {
+            Some(t) if t.can_run_inline() => {
                 if t.run_input_now(input) {
-                    self.input.ring();
+                    self.input.kick();
                 }
                 Ok(())
             }
@@ -806,9 +797,11 @@ struct RaftThread {
     persisting: VecDeque<Persisting>,
     /// The highest Ready number the syncer reported durable.
     synced: u64,
-    /// The main thread's inline turn (`propose_now`) stopped the node: the raft thread
-    /// returns when it next takes the lock.
+    /// The raft thread's loop ended (or is ending): no more turns on the main thread.
     halted: bool,
+    /// The main thread's turn (`run_input_now`) failed: the raft thread stops the node
+    /// when it next takes the lock.
+    inline_failed: Option<InlineFailure>,
 }
 
 thread_local! {
@@ -825,6 +818,37 @@ fn panic_cause(p: &(dyn std::any::Any + Send)) -> (String, String) {
         .unwrap_or_else(|| "unknown panic".into());
     let at = PANIC_AT.with(|a| a.borrow_mut().take()).unwrap_or_default();
     (why, at)
+}
+
+/// Stops the node after a panic in `whose` code (raft-rs panics on states it deems
+/// impossible): it says why instead of vanishing silently.
+fn stop_after_panic(
+    shared: &Shared,
+    waker: &Waker,
+    transport: &Transport,
+    whose: &str,
+    why: &str,
+    at: &str,
+) {
+    if shared.leaving.load(Ordering::Acquire) {
+        // raft-rs keeps a few code paths that assume this node is in the configuration;
+        // after its own removal that no longer holds. The node was leaving anyway: finish
+        // leaving.
+        warn!("after this node's removal {whose} stopped ({why} at {at}); the node has left the cluster");
+        shared.stop(None, waker, transport);
+        return;
+    }
+    let msg = format!("{whose} stopped on an internal error ({why} at {at}); this node no longer takes part in the cluster (its data is intact); restart it");
+    error!("{msg}");
+    shared.stop(Some(msg), waker, transport);
+}
+
+/// What ended the main thread's turn (`RaftThread::run_input_now`), for the raft thread to
+/// act on: stopping the node joins the bus's threads, which the main thread must not wait
+/// for.
+enum InlineFailure {
+    Error(NodeError),
+    Panic { why: String, at: String },
 }
 
 /// A read round is asked this many times before its clients get -TIMEOUT.
@@ -861,6 +885,9 @@ struct Sleeper {
     input: Receiver<Input>,
     inbound: Receiver<Vec<Message>>,
     synced: Receiver<()>,
+    /// Set by the main thread after its own turn when the raft thread should take one
+    /// (`InputTx::kick`): a wake-up with nothing in the channels.
+    kicked: Arc<AtomicBool>,
 }
 
 /// The raft thread's loop: sleep (without the lock), then one turn (with it), until a turn
@@ -872,23 +899,27 @@ fn run(core: &Mutex<Option<RaftThread>>, mut sleeper: Sleeper) {
         None => return,
     }
     loop {
-        let (asleep, timeout) = match lock(core).as_mut() {
-            Some(t) if !t.halted => {
-                let asleep = Instant::now();
-                (
-                    asleep,
-                    t.next_wake(next_beat).saturating_duration_since(asleep),
-                )
+        let (asleep, timeout) = {
+            let mut guard = lock(core);
+            let Some(t) = guard.as_mut() else { return };
+            if !t.may_go_on() {
+                return;
             }
-            _ => return,
+            let asleep = Instant::now();
+            let wake = t.next_wake(next_beat);
+            (asleep, wake.saturating_duration_since(asleep))
         };
         let mut polled = std::mem::take(&mut sleeper.polled);
         sleeper.wait(timeout, &mut polled);
+        sleeper.kicked.store(false, Ordering::Relaxed);
         let mut guard = lock(core);
-        let Some(t) = guard.as_mut().filter(|t| !t.halted) else {
+        let Some(t) = guard.as_mut() else { return };
+        if !t.may_go_on() {
             return;
-        };
+        }
         if !t.turn(asleep, timeout, &mut polled, &mut next_beat) {
+            // Before the lock is let go: the main thread must not take a turn now.
+            t.halted = true;
             return;
         }
         sleeper.polled = polled;
@@ -945,19 +976,51 @@ impl RaftThread {
         match r {
             Ok(Ok(())) => self.node.has_ready(),
             Ok(Err(e)) => {
-                self.stop_on_error(e);
-                self.halted = true;
+                self.inline_failed = Some(InlineFailure::Error(e));
                 true
             }
             Err(p) => {
                 let (why, at) = panic_cause(p.as_ref());
-                let msg = format!("the main thread's raft turn stopped on an internal error ({why} at {at}); this node no longer takes part in the cluster (its data is intact); restart it");
-                error!("{msg}");
-                self.shared.stop(Some(msg), &self.waker, &self.transport);
-                self.halted = true;
+                self.inline_failed = Some(InlineFailure::Panic { why, at });
                 true
             }
         }
+    }
+
+    /// See `Node::run_now`.
+    fn can_run_inline(&self) -> bool {
+        let r = &self.node.raft;
+        !self.halted
+            && self.inline_failed.is_none()
+            && r.state == StateRole::Leader
+            && self.syncer.is_some()
+            && self.log_full.is_none()
+            && r.raft_log.committed <= r.raft_log.applied
+            && self.input.is_empty()
+    }
+
+    /// Called by the raft thread whenever it takes the lock: false if the loop must end
+    /// (halted before, or the main thread's turn failed: the node is stopped here).
+    fn may_go_on(&mut self) -> bool {
+        if self.halted {
+            return false;
+        }
+        let Some(failure) = self.inline_failed.take() else {
+            return true;
+        };
+        self.halted = true;
+        match failure {
+            InlineFailure::Error(e) => self.stop_on_error(e),
+            InlineFailure::Panic { why, at } => stop_after_panic(
+                &self.shared,
+                &self.waker,
+                &self.transport,
+                "the main thread's raft turn",
+                &why,
+                &at,
+            ),
+        }
+        false
     }
 
     /// One turn of the raft thread, after its sleep. Returns false to stop.

@@ -31,10 +31,16 @@ struct TestCluster {
     dropped: Vec<Vec<ProposalTag>>,
     /// Confirmed read rounds (round, index) each node has been handed.
     reads: Vec<Vec<(u64, u64)>>,
+    /// Whether the logs fsync (a leader's through its syncer thread).
+    fsync: bool,
 }
 
 impl TestCluster {
     fn new(n: usize) -> TestCluster {
+        TestCluster::with_fsync(n, false)
+    }
+
+    fn with_fsync(n: usize, fsync: bool) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let members = (0..n)
@@ -57,6 +63,7 @@ impl TestCluster {
             applied: vec![Vec::new(); n],
             dropped: vec![Vec::new(); n],
             reads: vec![Vec::new(); n],
+            fsync,
         };
         for i in 0..n {
             c.start(i);
@@ -65,7 +72,7 @@ impl TestCluster {
     }
 
     fn start(&mut self, i: usize) {
-        let (store, _) = LogStore::open(&self.logs[i], false).expect("open log");
+        let (store, _) = LogStore::open(&self.logs[i], self.fsync).expect("open log");
         let spec = NodeSpec {
             id: i as u64 + 1,
             members: self.members.clone(),
@@ -378,7 +385,8 @@ fn a_follower_whose_log_write_fails_stops_and_the_others_go_on() {
 
 #[test]
 fn a_leader_proposes_on_the_callers_thread_between_turns_and_keeps_the_order_of_its_batches() {
-    let mut c = TestCluster::new(3);
+    // With fsync: the leader's records go to its syncer thread from the caller's thread too.
+    let mut c = TestCluster::with_fsync(3, true);
     let l = c.leader(Duration::from_secs(5));
     let me = l as u64 + 1;
     let last_index = |c: &TestCluster| {
@@ -389,27 +397,31 @@ fn a_leader_proposes_on_the_callers_thread_between_turns_and_keeps_the_order_of_
     };
 
     // Between the raft thread's turns a batch is appended before `propose` returns: it ran
-    // on this thread. The raft thread may be in a turn (a heartbeat) now and then, so a few
-    // tries are allowed; most must be inline.
+    // on this thread. The raft thread may be in a turn (a heartbeat, an acknowledgement)
+    // now and then, so a few tries are allowed; most must be inline.
     let mut inline = 0;
     for r in 0..20 {
+        std::thread::sleep(Duration::from_millis(5));
         let before = last_index(&c);
         c.node(l).propose(proposals(me, r, 1)).expect("propose");
         if last_index(&c) == before + 1 {
             inline += 1;
         }
-        std::thread::sleep(Duration::from_millis(2));
     }
     assert!(inline >= 10, "only {inline} of 20 batches proposed inline");
 
     // A batch sent while the raft thread holds the lock goes through the channel; the next
-    // one must not overtake it, whether it runs inline or follows it through the channel.
+    // one must not overtake it: sent at once it follows through the channel, sent once the
+    // raft thread took the first it may run inline. Both ways, in order everywhere.
     let mut want: Vec<String> = (0..20).map(|r| format!("k{r}")).collect();
     for k in 0..20u64 {
         let a = 100 + 2 * k;
         {
             let _turn = lock(&c.node(l).core);
             c.node(l).propose(proposals(me, a, 1)).expect("propose");
+        }
+        if k % 2 == 1 {
+            std::thread::sleep(Duration::from_millis(5));
         }
         c.node(l).propose(proposals(me, a + 1, 1)).expect("propose");
         want.push(format!("k{a}"));
@@ -420,4 +432,48 @@ fn a_leader_proposes_on_the_callers_thread_between_turns_and_keeps_the_order_of_
         assert_eq!(keys(&c.applied[i]), want, "node {i}");
     }
     assert!(c.dropped.iter().all(Vec::is_empty), "{:?}", c.dropped);
+}
+
+#[test]
+fn a_leader_whose_log_write_fails_on_the_callers_thread_stops_and_the_others_go_on() {
+    let mut c = TestCluster::new(3);
+    let l = c.leader(Duration::from_secs(5));
+    c.node(l).set_log_fault(Some(LogFault::WriteEio));
+    // Between turns, so the batch most likely runs on this thread, where its write fails;
+    // the raft thread then stops the node, as if the write had failed in its own turn.
+    std::thread::sleep(Duration::from_millis(5));
+    c.node(l)
+        .propose(proposals(l as u64 + 1, 0, 5))
+        .expect("propose");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.node(l).shared().status().role != Role::Stopped {
+        assert!(Instant::now() < deadline, "the leader did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = c.node(l).shared().status();
+    assert!(
+        st.log_failed
+            .as_deref()
+            .is_some_and(|e| e.contains("write failed") && e.contains("os error 5")),
+        "{:?}",
+        st.log_failed
+    );
+    // Its thread ended and took the state with it: later batches are refused, not lost.
+    while lock(&c.node(l).core).is_some() {
+        assert!(Instant::now() < deadline, "the raft thread did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(matches!(
+        c.node(l).propose(proposals(l as u64 + 1, 5, 1)),
+        Err((ProposeError::Stopped, _))
+    ));
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let nl = c.leader(Duration::from_secs(5));
+    assert_ne!(nl, l);
+    c.node(nl)
+        .propose(proposals(nl as u64 + 1, 100, 10))
+        .expect("propose");
+    c.wait_applied(&rest, 10);
+    c.collect();
+    assert!(c.applied[l].is_empty(), "{:?}", c.applied[l]);
 }

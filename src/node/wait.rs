@@ -4,6 +4,7 @@
 //! (`transport::InboundPoll`), until the next timer. A peer's message then wakes this thread
 //! alone, not a reader thread first.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +18,13 @@ use crate::transport::Bell;
 pub(super) struct InputTx {
     tx: Sender<Input>,
     bell: Arc<Bell>,
+    /// Shared with the raft thread's `Sleeper` (see `kick`).
+    kicked: Arc<AtomicBool>,
 }
 
 impl InputTx {
-    pub(super) fn new(tx: Sender<Input>, bell: Arc<Bell>) -> InputTx {
-        InputTx { tx, bell }
+    pub(super) fn new(tx: Sender<Input>, bell: Arc<Bell>, kicked: Arc<AtomicBool>) -> InputTx {
+        InputTx { tx, bell, kicked }
     }
 
     pub(super) fn try_send(&self, i: Input) -> Result<(), TrySendError<Input>> {
@@ -31,7 +34,10 @@ impl InputTx {
     }
 
     /// Wakes the raft thread for a turn with nothing sent (after the main thread's own).
-    pub(super) fn ring(&self) {
+    /// The flag, not only the bell: the bell rings only a thread already asleep, and the
+    /// raft thread checks the flag before it sleeps.
+    pub(super) fn kick(&self) {
+        self.kicked.store(true, Ordering::Relaxed);
         self.bell.ring();
     }
 
@@ -53,8 +59,14 @@ impl Sleeper {
     /// Sleeps until something arrives or `timeout` passes; appends what the polled peer
     /// connections delivered to `polled`. Returns at once when anything is already waiting.
     pub(super) fn wait(&mut self, timeout: Duration, polled: &mut Vec<Message>) {
-        let (input, inbound, synced) = (&self.input, &self.inbound, &self.synced);
-        let waiting = || !input.is_empty() || !inbound.is_empty() || !synced.is_empty();
+        let (input, inbound, synced, kicked) =
+            (&self.input, &self.inbound, &self.synced, &self.kicked);
+        let waiting = || {
+            kicked.load(Ordering::Relaxed)
+                || !input.is_empty()
+                || !inbound.is_empty()
+                || !synced.is_empty()
+        };
         self.poll.wait(timeout, waiting, polled);
     }
 }

@@ -2,8 +2,8 @@
 //! messages and ticks, and hands committed entries to the Redis main thread.
 //!
 //! Its state (`RaftThread`) is behind a lock the raft thread holds while it runs a turn,
-//! not while it sleeps. On a leader (with its syncer, its log not full, every committed
-//! entry delivered, nothing waiting in the channel), the main thread takes the lock when it
+//! not while it sleeps. On a leader (with its syncer, its log not full, no committed entry
+//! waiting to be delivered, nothing waiting in the channel), the main thread takes the lock when it
 //! is free and handles its own proposal batch or read round, then that Ready, as a turn
 //! would (`Node::run_now`): appended, written and sent with no wake-up of the raft thread on
 //! the way. That is all it does there: peer messages, ticks, leases, fsyncs, membership,
@@ -607,9 +607,9 @@ impl Node {
     /// thread's turn would handle it, when the raft thread is between turns (it holds the
     /// lock only while it runs one): appended, written and sent at once, without waking the
     /// raft thread on the way there. Only where that cannot need an fsync or deliver more
-    /// than this batch's own entries: on a leader with its syncer, its log not full, every
-    /// committed entry already delivered; and only with the channel empty (what was sent
-    /// before goes first). Hands `input` back when it cannot.
+    /// than this batch's own entries: on a leader with its syncer, its log not full, no
+    /// committed entry waiting to be delivered; and only with the channel empty (what was
+    /// sent before goes first). Hands `input` back when it cannot.
     fn run_now(&self, input: Input) -> Result<(), Input> {
         let Ok(mut core) = self.core.try_lock() else {
             return Err(input);
@@ -995,7 +995,9 @@ impl RaftThread {
             && r.state == StateRole::Leader
             && self.syncer.is_some()
             && self.log_full.is_none()
-            && r.raft_log.committed <= r.raft_log.applied
+            // Nothing committed (and persisted here) waits to be delivered: the turn
+            // delivers no entry but the batch's own (a one-node cluster's).
+            && !r.raft_log.has_next_entries()
             && self.input.is_empty()
     }
 

@@ -3,9 +3,10 @@
 //!
 //! Stages, on the node that took the write (its leader):
 //! - `queued`: the RAFT command arrived, until its event-loop turn ended and the turn's
-//!   batch went to the raft thread (the oldest write of each batch);
-//! - `persisted`: the raft thread took the batch, until this node's log held it (fsync);
-//! - `committed`: the raft thread took the batch, until a quorum held it;
+//!   batch was proposed (the oldest write of each batch);
+//! - `persisted`: the batch was proposed (by the raft thread, or by the main thread itself:
+//!   `node::Node::propose`), until this node's log held it (fsync);
+//! - `committed`: the batch was proposed, until a quorum held it;
 //! - `applied`: the raft thread handed the committed entries over, until the main thread ran
 //!   them (one sample per batch of entries);
 //! - `replied`: the main thread ran the write, until its client's reply was written out;

@@ -1,5 +1,6 @@
-//! The leader's proposal batches between the raft thread taking them and their commit, for
-//! the `persisted` and `committed` latency stages (crate::latency).
+//! The leader's proposal batches between their proposal (on the raft thread or the main
+//! thread) and their commit, for the `persisted` and `committed` latency stages
+//! (crate::latency).
 
 use std::collections::VecDeque;
 use std::time::Instant;

@@ -351,6 +351,31 @@ fn a_leader_whose_log_is_full_hands_over_applies_nothing_unwritten_and_catches_u
     wait_same_applied(&mut c, l, nl);
 }
 
+/// Polls until node `i` stopped, then checks it says its log write failed (EIO) and what
+/// to do.
+fn wait_stopped_by_failed_write(c: &TestCluster, i: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.node(i).shared().status().role != Role::Stopped {
+        assert!(Instant::now() < deadline, "node {i} did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = c.node(i).shared().status();
+    assert!(
+        st.log_failed
+            .as_deref()
+            .is_some_and(|e| e.contains("write failed") && e.contains("os error 5")),
+        "{:?}",
+        st.log_failed
+    );
+    assert!(
+        st.failure
+            .as_deref()
+            .is_some_and(|e| e.contains("check the disk, then restart the node")),
+        "{:?}",
+        st.failure
+    );
+}
+
 #[test]
 fn a_follower_whose_log_write_fails_stops_and_the_others_go_on() {
     let mut c = TestCluster::new(3);
@@ -360,23 +385,7 @@ fn a_follower_whose_log_write_fails_stops_and_the_others_go_on() {
     c.node(l)
         .propose(proposals(l as u64 + 1, 0, 20))
         .expect("propose");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.node(f).shared().status().role != Role::Stopped {
-        assert!(Instant::now() < deadline, "the follower did not stop");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let st = c.node(f).shared().status();
-    assert!(
-        st.log_failed
-            .as_deref()
-            .is_some_and(|e| e.contains("write failed") && e.contains("os error 5")),
-        "{:?}",
-        st.log_failed
-    );
-    assert!(st
-        .failure
-        .as_deref()
-        .is_some_and(|e| e.contains("check the disk, then restart the node")));
+    wait_stopped_by_failed_write(&c, f);
     let rest: Vec<usize> = (0..3).filter(|&i| i != f).collect();
     c.wait_applied(&rest, 20);
     c.collect();
@@ -445,19 +454,8 @@ fn a_leader_whose_log_write_fails_on_the_callers_thread_stops_and_the_others_go_
     c.node(l)
         .propose(proposals(l as u64 + 1, 0, 5))
         .expect("propose");
+    wait_stopped_by_failed_write(&c, l);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while c.node(l).shared().status().role != Role::Stopped {
-        assert!(Instant::now() < deadline, "the leader did not stop");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let st = c.node(l).shared().status();
-    assert!(
-        st.log_failed
-            .as_deref()
-            .is_some_and(|e| e.contains("write failed") && e.contains("os error 5")),
-        "{:?}",
-        st.log_failed
-    );
     // Its thread ended and took the state with it: later batches are refused, not lost.
     while lock(&c.node(l).core).is_some() {
         assert!(Instant::now() < deadline, "the raft thread did not end");

@@ -252,13 +252,7 @@ fn entries_commit_in_one_order_survive_leader_loss_and_replay_on_restart() {
 
     // The leader stops; the other two elect one and keep committing.
     c.stop(l);
-    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
-    let nl = c.leader(Duration::from_secs(5));
-    assert_ne!(nl, l);
-    c.node(nl)
-        .propose(proposals(nl as u64 + 1, 100, 50))
-        .expect("propose");
-    c.wait_applied(&rest, 150);
+    let (nl, rest) = others_elect_and_commit(&mut c, l, 50, 150);
     assert_eq!(c.applied[rest[0]], c.applied[rest[1]]);
 
     // The stopped node restarts from its log, replays from index 1, and catches up.
@@ -271,6 +265,24 @@ fn entries_commit_in_one_order_survive_leader_loss_and_replay_on_restart() {
         .map(|(k, (i, _))| (*i, k))
         .collect();
     assert_eq!(ids.len(), 150, "each entry applied once");
+}
+
+/// Node `gone` is out: the other two elect a leader (not `gone`), which proposes `n` more
+/// entries (k100...), until both have applied `total`. Returns the leader and the two.
+fn others_elect_and_commit(
+    c: &mut TestCluster,
+    gone: usize,
+    n: u64,
+    total: usize,
+) -> (usize, Vec<usize>) {
+    let rest: Vec<usize> = (0..3).filter(|&i| i != gone).collect();
+    let nl = c.leader(Duration::from_secs(5));
+    assert_ne!(nl, gone);
+    c.node(nl)
+        .propose(proposals(nl as u64 + 1, 100, n))
+        .expect("propose");
+    c.wait_applied(&rest, total);
+    (nl, rest)
 }
 
 /// Polls until node `i` has been handed exactly what node `j` was.
@@ -465,13 +477,7 @@ fn a_leader_whose_log_write_fails_on_the_callers_thread_stops_and_the_others_go_
         c.node(l).propose(proposals(l as u64 + 1, 5, 1)),
         Err((ProposeError::Stopped, _))
     ));
-    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
-    let nl = c.leader(Duration::from_secs(5));
-    assert_ne!(nl, l);
-    c.node(nl)
-        .propose(proposals(nl as u64 + 1, 100, 10))
-        .expect("propose");
-    c.wait_applied(&rest, 10);
+    others_elect_and_commit(&mut c, l, 10, 10);
     c.collect();
     assert!(c.applied[l].is_empty(), "{:?}", c.applied[l]);
 }

@@ -3,10 +3,10 @@
 //!
 //! Its state (`RaftThread`) is behind a lock the raft thread holds while it runs a turn,
 //! not while it sleeps. On a leader (with its syncer, its log not full, no committed entry
-//! waiting to be delivered, nothing waiting in the channel), the main thread takes the lock when it
-//! is free and handles its own proposal batch or read round, then that Ready, as a turn
-//! would (`Node::run_now`): appended, written and sent with no wake-up of the raft thread on
-//! the way. That is all it does there: peer messages, ticks, leases, fsyncs, membership,
+//! waiting to be delivered, nothing waiting in the channel), the main thread takes the lock
+//! when it is free and handles its own proposal batch or read round, then that Ready, as a
+//! turn would (`Node::submit`): appended, written and sent with no wake-up of the raft
+//! thread on the way. That is all it does there: peer messages, ticks, leases, fsyncs, membership,
 //! snapshots and stopping the node stay with the raft thread, which goes on alone whenever
 //! the main thread is busy.
 //!
@@ -386,7 +386,7 @@ pub struct Node {
     transport: Arc<Transport>,
     /// The raft thread's state, taken (None) when its loop ends. The raft thread holds the
     /// lock while it runs a turn, not while it sleeps; the main thread takes it, when it is
-    /// free, for a proposal batch or a read round (`run_now`).
+    /// free, for a proposal batch or a read round (`submit`).
     core: Arc<Mutex<Option<RaftThread>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -550,7 +550,7 @@ impl Node {
             synced: worker.synced_bell.clone(),
             kicked: Arc::clone(&kicked),
         };
-        // Before any turn, on either thread (Node::run_now).
+        // Before any turn, on either thread (Node::submit).
         record_panic_locations();
         let core = Arc::new(Mutex::new(Some(worker)));
         let thread_core = Arc::clone(&core);
@@ -588,14 +588,11 @@ impl Node {
         &self.shared
     }
 
-    /// Proposes a batch, on this thread if it can (`run_now`), else through the raft
+    /// Proposes a batch, on this thread if it can (`submit`), else through the raft
     /// thread (one channel send, one wake-up). On error the batch is handed back so its
     /// clients can be told.
     pub fn propose(&self, batch: Vec<Proposal>) -> Result<(), (ProposeError, Vec<Proposal>)> {
-        let Err(input) = self.run_now(Input::Propose(batch)) else {
-            return Ok(());
-        };
-        match self.input.try_send(input) {
+        match self.submit(Input::Propose(batch)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(Input::Propose(b))) => Err((ProposeError::Full, b)),
             Err(TrySendError::Disconnected(Input::Propose(b))) => Err((ProposeError::Stopped, b)),
@@ -609,20 +606,17 @@ impl Node {
     /// raft thread on the way there. Only where that cannot need an fsync or deliver more
     /// than this batch's own entries: on a leader with its syncer, its log not full, no
     /// committed entry waiting to be delivered; and only with the channel empty (what was
-    /// sent before goes first). Hands `input` back when it cannot.
-    fn run_now(&self, input: Input) -> Result<(), Input> {
-        let Ok(mut core) = self.core.try_lock() else {
-            return Err(input);
-        };
-        match core.as_mut() {
-            Some(t) if t.can_run_inline() => {
+    /// sent before goes first). Otherwise sends it to the raft thread.
+    fn submit(&self, input: Input) -> Result<(), TrySendError<Input>> {
+        if let Ok(mut core) = self.core.try_lock() {
+            if let Some(t) = core.as_mut().filter(|t| t.can_run_inline()) {
                 if t.run_input_now(input) {
                     self.input.kick();
                 }
-                Ok(())
+                return Ok(());
             }
-            _ => Err(input),
         }
+        self.input.try_send(input)
     }
 
     /// Asks the leader's raft thread for a membership change; a refusal comes back as
@@ -674,10 +668,7 @@ impl Node {
 
     /// Starts a ReadIndex round; its result comes back as `ReadReady` or `ReadFailed`.
     pub fn read_index(&self, round: u64) -> Result<(), ProposeError> {
-        let Err(input) = self.run_now(Input::ReadIndex(round)) else {
-            return Ok(());
-        };
-        match self.input.try_send(input) {
+        match self.submit(Input::ReadIndex(round)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(ProposeError::Full),
             Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
@@ -890,39 +881,34 @@ struct Sleeper {
     kicked: Arc<AtomicBool>,
 }
 
-/// The raft thread's loop: sleep (without the lock), then one turn (with it), until a turn
-/// says stop or the main thread's inline turn halted the node.
+/// The raft thread's loop: under the lock, a turn after each sleep (`start` before the
+/// first) and the time of the next wake-up; then the sleep, without it. Until a turn says
+/// stop or the main thread's turn failed.
 fn run(core: &Mutex<Option<RaftThread>>, mut sleeper: Sleeper) {
     let mut next_beat = Instant::now();
-    match lock(core).as_mut() {
-        Some(t) => t.start(),
-        None => return,
-    }
+    // When the last sleep began, and how long it was to last.
+    let mut slept: Option<(Instant, Duration)> = None;
     loop {
-        let (asleep, timeout) = {
-            let mut guard = lock(core);
-            let Some(t) = guard.as_mut() else { return };
-            if !t.may_go_on() {
-                return;
-            }
-            let asleep = Instant::now();
-            let wake = t.next_wake(next_beat);
-            (asleep, wake.saturating_duration_since(asleep))
-        };
-        let mut polled = std::mem::take(&mut sleeper.polled);
-        sleeper.wait(timeout, &mut polled);
-        sleeper.kicked.store(false, Ordering::Relaxed);
         let mut guard = lock(core);
         let Some(t) = guard.as_mut() else { return };
         if !t.may_go_on() {
             return;
         }
-        if !t.turn(asleep, timeout, &mut polled, &mut next_beat) {
-            // Before the lock is let go: the main thread must not take a turn now.
-            t.halted = true;
-            return;
+        match slept {
+            None => t.start(),
+            Some((asleep, timeout)) => {
+                if !t.turn(asleep, timeout, &mut sleeper.polled, &mut next_beat) {
+                    // Before the lock is let go: the main thread must not take a turn now.
+                    t.halted = true;
+                    return;
+                }
+            }
         }
-        sleeper.polled = polled;
+        let asleep = Instant::now();
+        let timeout = t.next_wake(next_beat).saturating_duration_since(asleep);
+        drop(guard);
+        sleeper.wait(timeout);
+        slept = Some((asleep, timeout));
     }
 }
 
@@ -964,7 +950,7 @@ impl RaftThread {
     }
 
     /// The main thread's proposal batch or read round, run on the main thread while it
-    /// holds the lock (`Node::run_now`): handled and its Ready written and sent as in the
+    /// holds the lock (`Node::submit`): handled and its Ready written and sent as in the
     /// raft thread's own turn. Returns whether the raft thread should take a turn soon
     /// (raft-rs has more to do, or this stopped the node).
     fn run_input_now(&mut self, input: Input) -> bool {
@@ -987,7 +973,7 @@ impl RaftThread {
         }
     }
 
-    /// See `Node::run_now`.
+    /// See `Node::submit`.
     fn can_run_inline(&self) -> bool {
         let r = &self.node.raft;
         !self.halted

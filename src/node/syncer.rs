@@ -1,10 +1,10 @@
 //! The leader's log fsyncs, off the raft thread (raft-rs's asynchronous Ready).
 //!
-//! A leader's raft thread (or its main thread, for its own proposals: `Node::run_now`)
+//! A leader's raft thread (or its main thread, for its own proposals: `Node::submit`)
 //! writes each Ready's records to the file (`LogStore::write`, no waiting for the disk),
 //! hands raft-rs the Ready unpersisted (`advance_append_async`) and asks this thread for an
-//! fsync. While the disk works, the raft thread goes on: it counts
-//! the followers' acknowledgements, commits what a majority of them already has, and takes
+//! fsync. While the disk works, the raft thread goes on: it counts the followers'
+//! acknowledgements, commits what a majority of them already has, and takes
 //! the next proposals, whose records the next fsync covers (group commit). When an fsync
 //! returns, the raft thread tells raft-rs which Ready is durable (`on_persist_ready`), and
 //! only then does the leader count itself in a quorum.

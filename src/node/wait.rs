@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{SendError, Sender, TrySendError};
-use raft::eraftpb::Message;
 
 use super::{Input, Sleeper};
 use crate::transport::Bell;
@@ -57,8 +56,9 @@ impl Drop for InputTx {
 
 impl Sleeper {
     /// Sleeps until something arrives or `timeout` passes; appends what the polled peer
-    /// connections delivered to `polled`. Returns at once when anything is already waiting.
-    pub(super) fn wait(&mut self, timeout: Duration, polled: &mut Vec<Message>) {
+    /// connections delivered to `polled`. Returns at once when anything is already waiting,
+    /// a kick included (cleared on the way out: the turn that follows answers it).
+    pub(super) fn wait(&mut self, timeout: Duration) {
         let (input, inbound, synced, kicked) =
             (&self.input, &self.inbound, &self.synced, &self.kicked);
         let waiting = || {
@@ -67,6 +67,7 @@ impl Sleeper {
                 || !inbound.is_empty()
                 || !synced.is_empty()
         };
-        self.poll.wait(timeout, waiting, polled);
+        self.poll.wait(timeout, waiting, &mut self.polled);
+        self.kicked.store(false, Ordering::Relaxed);
     }
 }

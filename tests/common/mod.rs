@@ -701,7 +701,6 @@ pub fn info_num(c: &Cluster, i: usize, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Polls `f` every 20 ms until it holds; fails the test naming `what` after `timeout`.
 /// Whether every thread of process `pid` is stopped (state T in /proc), or it is gone.
 fn all_threads_stopped(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -719,6 +718,7 @@ fn all_threads_stopped(pid: u32) -> bool {
     })
 }
 
+/// Polls `f` every 20 ms until it holds; fails the test naming `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {

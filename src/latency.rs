@@ -1,14 +1,16 @@
 //! Where a write's time goes: one histogram per stage of its path, filled by the thread that
 //! sees the stage end, read by `INFO raft` and `RAFT.DEBUG LATENCY`.
 //!
-//! Stages, on the node that took the write (its leader):
+//! Stages, on the node that took the write (its leader), one sample per write (per log
+//! entry), so the stages' percentiles add up to about `total`'s (a batch's time counts once
+//! for each of its entries: the writes of big, slow batches weigh as much as they are):
 //! - `queued`: the RAFT command arrived, until its event-loop turn ended and the turn's
-//!   batch was proposed (the oldest write of each batch);
+//!   batch was proposed;
 //! - `persisted`: the batch was proposed (by the raft thread, or by the main thread itself:
 //!   `node::Node::propose`), until this node's log held it (fsync);
 //! - `committed`: the batch was proposed, until a quorum held it;
-//! - `applied`: the raft thread handed the committed entries over, until the main thread ran
-//!   them (one sample per batch of entries);
+//! - `applied`: the raft thread handed the committed entries over, until the main thread had
+//!   run them all;
 //! - `replied`: the main thread ran the write, until its client's reply was written out;
 //! - `total`: the RAFT command arrived, until the reply.
 //!
@@ -67,9 +69,17 @@ impl Histogram {
     }
 
     pub fn record(&self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// Records `d` as the time of each of `n` writes (a batch's, which share it).
+    pub fn record_n(&self, d: Duration, n: u64) {
+        if n == 0 {
+            return;
+        }
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.buckets[bucket(us).min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.buckets[bucket(us).min(BUCKETS - 1)].fetch_add(n, Ordering::Relaxed);
+        self.count.fetch_add(n, Ordering::Relaxed);
         self.max.fetch_max(us, Ordering::Relaxed);
     }
 
@@ -221,5 +231,18 @@ mod tests {
         }
         h.reset();
         assert_eq!(h.summary(), Summary::default());
+    }
+
+    #[test]
+    fn a_batch_counts_once_for_each_of_its_writes() {
+        let h = Histogram::new();
+        h.record_n(Duration::from_micros(10), 1);
+        h.record_n(Duration::from_micros(1000), 9);
+        h.record_n(Duration::from_micros(5), 0);
+        let s = h.summary();
+        assert_eq!(s.count, 10);
+        assert_eq!(s.max, 1000);
+        // Nine of the ten writes took 1000 µs: so did the median write.
+        assert!(s.p50 >= 1000 && s.p50 <= 1000 + 1000 / 8 + 1, "{s:?}");
     }
 }

@@ -10,18 +10,30 @@ use crate::latency;
 /// Bounds the bookkeeping if entries stop committing (no quorum): the oldest are forgotten.
 const BATCHES_MAX: usize = 4096;
 
+struct Batch {
+    last_index: u64,
+    /// How many entries it added to the log: its samples in each stage.
+    entries: u64,
+    taken: Instant,
+}
+
 #[derive(Default)]
 pub(super) struct Batches {
-    /// Last index of each batch and when the raft thread took it, oldest first.
-    waiting: VecDeque<(u64, Instant)>,
+    /// The batches not yet committed, oldest first.
+    waiting: VecDeque<Batch>,
     /// How many of `waiting` (from the front) this node's log already holds.
     persisted: usize,
 }
 
 impl Batches {
-    /// A batch whose last entry is `last_index` was taken at `taken`.
-    pub(super) fn proposed(&mut self, last_index: u64, taken: Instant) {
-        if self.waiting.back().is_some_and(|(i, _)| *i >= last_index) {
+    /// A batch that took the log from `before` to `last_index` was taken at `taken`.
+    pub(super) fn proposed(&mut self, before: u64, last_index: u64, taken: Instant) {
+        if last_index <= before
+            || self
+                .waiting
+                .back()
+                .is_some_and(|b| b.last_index >= last_index)
+        {
             // Nothing new entered the log (every write was refused).
             return;
         }
@@ -29,17 +41,21 @@ impl Batches {
             self.waiting.pop_front();
             self.persisted = self.persisted.saturating_sub(1);
         }
-        self.waiting.push_back((last_index, taken));
+        self.waiting.push_back(Batch {
+            last_index,
+            entries: last_index - before,
+            taken,
+        });
     }
 
     /// This node's log holds every entry up to `index`.
     pub(super) fn persisted(&mut self, index: u64) {
         let now = Instant::now();
-        while let Some((last, taken)) = self.waiting.get(self.persisted) {
-            if *last > index {
+        while let Some(b) = self.waiting.get(self.persisted) {
+            if b.last_index > index {
                 break;
             }
-            latency::PERSISTED.record(now.saturating_duration_since(*taken));
+            latency::PERSISTED.record_n(now.saturating_duration_since(b.taken), b.entries);
             self.persisted += 1;
         }
     }
@@ -47,11 +63,11 @@ impl Batches {
     /// Every entry up to `index` is committed.
     pub(super) fn committed(&mut self, index: u64) {
         let now = Instant::now();
-        while let Some((last, taken)) = self.waiting.front() {
-            if *last > index {
+        while let Some(b) = self.waiting.front() {
+            if b.last_index > index {
                 break;
             }
-            latency::COMMITTED.record(now.saturating_duration_since(*taken));
+            latency::COMMITTED.record_n(now.saturating_duration_since(b.taken), b.entries);
             self.waiting.pop_front();
             self.persisted = self.persisted.saturating_sub(1);
         }

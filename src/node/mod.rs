@@ -1373,12 +1373,13 @@ impl RaftThread {
     /// One event-loop turn's writes.
     fn propose_batch(&mut self, batch: Vec<Proposal>, dropped: &mut Vec<ProposalTag>) {
         let taken = Instant::now();
+        let before = self.node.raft.raft_log.last_index();
         for (tag, data) in batch {
             self.propose(tag, data, dropped);
         }
         if self.node.raft.state == StateRole::Leader {
             self.batches
-                .proposed(self.node.raft.raft_log.last_index(), taken);
+                .proposed(before, self.node.raft.raft_log.last_index(), taken);
         }
     }
 

@@ -159,8 +159,6 @@ struct MainState {
     /// Proposals made during this event-loop turn, handed to the raft thread in one batch
     /// before Redis sleeps (fewer wake-ups, bigger log appends).
     batch: Vec<Proposal>,
-    /// When the first write of `batch` arrived (crate::latency's `queued`).
-    batch_started: Option<Instant>,
     next_request: u64,
     started_applying: bool,
     /// Replies of applied writes that woke blocked clients: sent once those are served
@@ -493,9 +491,6 @@ pub fn propose_then_select(
             queued_at: Instant::now(),
         },
     );
-    if st.batch.is_empty() {
-        st.batch_started = Some(Instant::now());
-    }
     st.batch.push((tag, data));
     api::OK
 }
@@ -724,8 +719,10 @@ fn flush_proposals() {
         return;
     }
     let batch = std::mem::take(&mut st.batch);
-    if let Some(t) = st.batch_started.take() {
-        crate::latency::QUEUED.record(t.elapsed());
+    for (tag, _) in &batch {
+        if let Some(p) = st.pending.get(&tag.request) {
+            crate::latency::QUEUED.record(p.queued_at.elapsed());
+        }
     }
     if let Err((e, batch)) = node.propose(batch) {
         for (tag, _) in batch {

@@ -719,9 +719,10 @@ fn flush_proposals() {
         return;
     }
     let batch = std::mem::take(&mut st.batch);
+    let now = Instant::now();
     for (tag, _) in &batch {
         if let Some(p) = st.pending.get(&tag.request) {
-            crate::latency::QUEUED.record(p.queued_at.elapsed());
+            crate::latency::QUEUED.record(now.saturating_duration_since(p.queued_at));
         }
     }
     if let Err((e, batch)) = node.propose(batch) {

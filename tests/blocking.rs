@@ -25,9 +25,9 @@ fn blpop_waits_for_data_and_waiters_are_served_in_arrival_order() {
     let mut w2 = RawConn::open(port);
     let mut p = RawConn::open(port);
     w1.send(&["BLPOP", "q", "0"]);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 1);
     w2.send(&["BLPOP", "q", "other", "0"]);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 2);
     assert_eq!(p.cmd(&["RPUSH", "q", "a"]), ":1\r\n");
     assert_eq!(w1.read(), "*2\r\n$1\r\nq\r\n$1\r\na\r\n");
     assert_eq!(p.cmd(&["RPUSH", "q", "b", "c"]), ":2\r\n");
@@ -78,7 +78,7 @@ fn blocking_commands_of_every_kind_are_served() {
     for (block, push, expected) in cases {
         let mut w = RawConn::open(port);
         w.send(&block);
-        std::thread::sleep(Duration::from_millis(150));
+        wait_blocked(&c, l, 1);
         let r = p.cmd(&push);
         assert!(r.starts_with(':'), "{push:?}: {r}");
         assert_eq!(w.read(), expected, "{block:?}");
@@ -119,7 +119,7 @@ fn xreadgroup_block_gets_new_entries() {
         "s",
         ">",
     ]);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 1);
     assert!(p
         .cmd(&["XADD", "s", "5-1", "f", "v"])
         .starts_with("$3\r\n5-1"));
@@ -153,7 +153,7 @@ fn timeouts_unblock_and_disconnects_lose_nothing() {
     let id = w.cmd(&["CLIENT", "ID"]);
     let id = id.trim_start_matches(':').trim().to_string();
     w.send(&["BLPOP", "u", "0"]);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 1);
     let mut admin = RawConn::open(port);
     assert_eq!(admin.cmd(&["CLIENT", "UNBLOCK", &id]), ":1\r\n");
     assert_eq!(w.read(), "*-1\r\n");
@@ -161,9 +161,9 @@ fn timeouts_unblock_and_disconnects_lose_nothing() {
     {
         let mut gone = RawConn::open(port);
         gone.send(&["BLPOP", "d", "0"]);
-        std::thread::sleep(Duration::from_millis(200));
+        wait_blocked(&c, l, 1);
     }
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 0);
     assert_eq!(admin.cmd(&["RPUSH", "d", "kept"]), ":1\r\n");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -194,7 +194,8 @@ fn xread_block_waits_for_new_entries_on_leader_and_followers() {
     // `$` means entries after the last one at the time of the call.
     on_leader.send(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]);
     on_follower.send(&["XREAD", "COUNT", "10", "BLOCK", "5000", "STREAMS", "s", "$"]);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_blocked(&c, l, 1);
+    wait_blocked(&c, f, 1);
     assert!(p.cmd(&["XADD", "s", "2-1", "new", "y"]).starts_with("$3"));
     let expected = "*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n2-1\r\n*2\r\n$3\r\nnew\r\n$1\r\ny\r\n";
     assert_eq!(on_leader.read(), expected);
@@ -331,9 +332,9 @@ fn a_waiter_whose_destination_has_the_wrong_type_gets_wrongtype_and_the_next_get
     let mut w2 = RawConn::open(port);
     assert_eq!(p.cmd(&["SET", "dst1", "a string"]), "+OK\r\n");
     w1.send(&["BRPOPLPUSH", "src", "dst1", "0"]);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 1);
     w2.send(&["BRPOPLPUSH", "src", "dst2", "0"]);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 2);
     assert_eq!(p.cmd(&["RPUSH", "src", "e"]), ":1\r\n");
     assert!(w1.read().starts_with("-WRONGTYPE"));
     assert_eq!(w2.read(), "$1\r\ne\r\n");
@@ -376,7 +377,7 @@ fn a_key_that_ends_a_transaction_with_another_type_does_not_wake_its_waiters() {
         let key = push[1];
         let mut w = RawConn::open(port);
         w.send(block);
-        std::thread::sleep(Duration::from_millis(200));
+        wait_blocked(&c, l, 1);
         assert_eq!(p.cmd(&["MULTI"]), "+OK\r\n");
         assert_eq!(p.cmd(push), "+QUEUED\r\n");
         assert_eq!(p.cmd(&["DEL", key]), "+QUEUED\r\n");
@@ -402,9 +403,9 @@ fn a_chain_of_blocked_moves_resolves_before_the_write_that_started_it_returns() 
     let mut a = RawConn::open(port);
     let mut b = RawConn::open(port);
     a.send(&["BRPOPLPUSH", "list1", "list2", "0"]);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 1);
     b.send(&["BRPOPLPUSH", "list2", "list1", "0"]);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_blocked(&c, l, 2);
     assert_eq!(p.cmd(&["RPUSH", "list1", "foo"]), ":1\r\n");
     // Read right after: both moves done, as on Redis.
     assert_eq!(

@@ -727,6 +727,30 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// How many clients node `i` holds blocked (`blocked_clients` of INFO clients: waiting for
+/// data, or for their entry to commit); 0 when the node does not answer.
+pub fn blocked_clients(c: &Cluster, i: usize) -> u64 {
+    let Ok(mut conn) = c.conn(i) else { return 0 };
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query(&mut conn)
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until node `i` holds exactly `n` blocked clients: a client sent a blocking command
+/// and it now waits there (or a client that left is gone), instead of sleeping a guess.
+pub fn wait_blocked(c: &Cluster, i: usize, n: u64) {
+    wait_for(
+        &format!("{n} blocked clients on node {i}"),
+        Duration::from_secs(10),
+        || blocked_clients(c, i) == n,
+    );
+}
+
 /// Runs one command on node `i`; errors as text.
 pub fn q(c: &Cluster, i: usize, args: &[&str]) -> Result<Value, String> {
     let mut conn = c.conn(i).map_err(|e| err_text(&e))?;

@@ -934,7 +934,7 @@ impl LogStore {
                 );
             }
             let mark = buf.len();
-            let slots = encode_entries(buf, base + mark as u64, entries)
+            let slots = encode_entries(buf, base, entries)
                 .map_err(|(index, e)| self.invalid(format!("entry {index}: {e}")))?;
             let encoded = record::encode_hard_state(buf, hs)
                 .and_then(|()| record::encode_conf_state(buf, cs))
@@ -1004,7 +1004,7 @@ impl LogStore {
         self.write_path_at(|core, buf, base| {
             core.check_append_at(first.index)
                 .map_err(|reason| self.invalid(reason))?;
-            let slots = encode_entries(buf, base + buf.len() as u64, entries)
+            let slots = encode_entries(buf, base, entries)
                 .map_err(|(index, e)| self.invalid(format!("entry {index}: {e}")))?;
             core.truncate_from(first.index);
             for (e, slot) in entries.iter().zip(slots) {

@@ -1594,3 +1594,33 @@ fn all_entries_from(store: &LogStore, low: u64) -> Vec<Entry> {
         .entries(low, last + 1, None, GetEntriesContext::empty(false))
         .expect("entries")
 }
+
+/// Entries appended behind a record already buffered (here a hard state; also what a write
+/// that found the disk full leaves in the buffer) are read back from their own records
+/// once evicted. Their slots used to count the buffered bytes twice.
+#[test]
+fn entries_buffered_behind_another_record_are_read_back_from_their_own_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let s = committed_log(&path, 20);
+    s.set_cache_max_bytes(1);
+    s.set_hard_state(&hard_state(7, 2, 20)).unwrap();
+    s.append(
+        &(21..=23)
+            .map(|i| entry(i, 7, b"behind"))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    s.sync().unwrap();
+    let mut want: Vec<Entry> = (1..=20).map(|i| entry(i, 1 + i / 4, b"set k v")).collect();
+    want.extend((21..=23).map(|i| entry(i, 7, b"behind")));
+    assert_eq!(
+        s.stats().cache_entries,
+        0,
+        "every entry is read back from the file"
+    );
+    assert_eq!(all_entries(&s), want);
+    drop(s);
+    let (s, _) = open(&path);
+    assert_eq!(all_entries(&s), want);
+}

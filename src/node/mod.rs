@@ -14,6 +14,7 @@
 //! through `Shared` (atomics, the apply queue) and the `Waker` the main thread gave it.
 
 mod batches;
+mod compaction;
 mod failover;
 mod lease;
 mod membership;
@@ -27,6 +28,7 @@ pub use lease::LeaseDeadline;
 pub use status::{NodeStatus, Role};
 
 use batches::Batches;
+use compaction::{Compaction, Kick};
 use failover::{EarlyElection, StallClock};
 use lease::{LeaderState, Lease, LEASE_ROUND};
 pub use open::stored_membership;
@@ -47,7 +49,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, TryRecvError, TrySendError};
 use raft::eraftpb::{Entry, Message};
-use raft::prelude::ConfState;
 use raft::{RawNode, StateRole};
 use tracing::{error, info, warn};
 
@@ -538,6 +539,12 @@ impl Node {
             leader_gone: None,
             halted: false,
             inline_failed: None,
+            compaction: None,
+            compact_next: VecDeque::new(),
+            kick: Kick {
+                bell: Arc::clone(&bell),
+                kicked: Arc::clone(&kicked),
+            },
         };
         worker.publish_status();
         worker.publish_membership(worker.book_index);
@@ -793,6 +800,12 @@ struct RaftThread {
     /// The main thread's turn (`run_input_now`) failed: the raft thread stops the node
     /// when it next takes the lock.
     inline_failed: Option<InlineFailure>,
+    /// The log compaction running on its own thread (node/compaction.rs), and those asked
+    /// while it runs, in order.
+    compaction: Option<Compaction>,
+    compact_next: VecDeque<u64>,
+    /// Wakes this thread from another (a finished compaction).
+    kick: Kick,
 }
 
 thread_local! {
@@ -1020,6 +1033,7 @@ impl RaftThread {
         next_beat: &mut Instant,
     ) -> bool {
         let _ = self.synced_bell.try_recv();
+        self.finish_compaction();
         let stall = self.stall_clock.woke(asleep, timeout, Instant::now());
         if stall > self.read_timeout {
             self.after_stall(stall);
@@ -1199,13 +1213,7 @@ impl RaftThread {
                 false
             }
             Input::Compact(index) => {
-                let result = self.compact(index);
-                if let Err(e) = &result {
-                    warn!("log compaction up to index {index} failed (the snapshot is kept; the log stays as it was): {e}");
-                }
-                self.publish_status();
-                self.shared
-                    .push(ApplyItem::Compacted { index, result }, &self.waker);
+                self.start_compaction(index);
                 false
             }
             Input::SetFsync(on) => {
@@ -1214,43 +1222,6 @@ impl RaftThread {
             }
             Input::Stop => true,
         }
-    }
-
-    /// A snapshot file up to `index` is durable: drop the log entries it covers. The
-    /// configuration as of `index` comes from the file's header.
-    fn compact(&mut self, index: u64) -> Result<(), String> {
-        if index <= self.store.snapshot_meta().index {
-            return Ok(());
-        }
-        let summary =
-            crate::snapshot::format::inspect(&self.snapshot_path).map_err(|e| e.to_string())?;
-        if summary.header.index != index {
-            return Err(format!(
-                "the snapshot file {} is at index {}, not {index}",
-                self.snapshot_path.display(),
-                summary.header.index
-            ));
-        }
-        let m: SnapshotMembership = decode(&summary.header.meta).map_err(|e| e.to_string())?;
-        let cs = ConfState {
-            voters: m.voters,
-            learners: m.learners,
-            ..Default::default()
-        };
-        let before = self.store.stats();
-        let started = Instant::now();
-        // The dropped entries are freed, and their pages handed back, in the background.
-        self.store.compact(index, &cs).map_err(|e| e.to_string())?;
-        let after = self.store.stats();
-        info!(
-            "raft log compacted up to index {index}: {} entries and {} bytes before, {} entries and {} bytes after, in {} ms",
-            before.entries,
-            before.bytes,
-            after.entries,
-            after.bytes,
-            started.elapsed().as_millis()
-        );
-        Ok(())
     }
 
     /// raft-rs accepted the leader's snapshot: its file (checked and fsynced by the

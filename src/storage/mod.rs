@@ -23,6 +23,8 @@
 //!   fn set_fsync(&self, on: bool)
 //!   fn set_cache_max_bytes(&self, bytes: u64)                        // raft.log-max-cache-size
 //!   fn stats(&self) -> LogStats
+//!   fn compact(&self, index: u64, cs: &ConfState) -> Result<Duration, StorageError> // from any thread; appends go on
+//!   fn apply_snapshot(&self, snap: SnapshotMeta, membership: (u64, &[u8])) -> Result<(), StorageError>
 //!   impl raft::Storage for LogStore
 //!
 //! The byte layout (file header, record kinds, limits) lives in `record.rs` and nowhere else.
@@ -68,7 +70,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -249,6 +251,18 @@ struct Inner {
     /// so a second fsync running alongside (or right after, before the failure is recorded)
     /// could return Ok for pages that never reached the disk. Lock order: before `writer`.
     fsync: Mutex<()>,
+    /// Held through a whole rewrite (a compaction writes its new file without `core` or
+    /// `writer`): one rewrite at a time, and its temporary file is its own. Lock order:
+    /// before `core`.
+    rewriting: Mutex<()>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Runs inside `compact` after the new file is written and before the log switches to
+    /// it: what a test appends there must reach the new file too.
+    static DURING_COMPACTION: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Room for this many entries the cache queue keeps however small it gets (~72 kB).
@@ -835,6 +849,7 @@ impl LogStore {
                     needs_fsync: false,
                 }),
                 fsync: Mutex::new(()),
+                rewriting: Mutex::new(()),
             }),
         };
         Ok((store, recovery))
@@ -1068,11 +1083,26 @@ impl LogStore {
 
     /// After a snapshot of the state machine up to `index` was made durable: drops the
     /// entries it covers, in memory and on disk (the file is rewritten). `cs` is the
-    /// configuration as of `index`.
-    pub fn compact(&self, index: u64, cs: &ConfState) -> Result<(), StorageError> {
+    /// configuration as of `index`. Meant for a thread of its own: the new file is written
+    /// and fsynced without the log's locks while appends go on (see ARCHITECTURE.md).
+    /// Returns how long appends waited for it (the log's locks held): the copy of the kept
+    /// entries' slots and cache, then the switch to the new file.
+    pub fn compact(&self, index: u64, cs: &ConfState) -> Result<Duration, StorageError> {
+        let _one = mutex_lock(&self.inner.rewriting);
         let term = raft::Storage::term(self, index)
             .map_err(|e| self.invalid(format!("cannot compact up to index {index}: {e}")))?;
-        {
+        let snap = SnapshotMeta {
+            index,
+            term,
+            conf_state: cs.clone(),
+        };
+        // The membership record stays: it is the latest one, which entries after `index` may
+        // have changed since.
+        let change = |core: &mut Core| core.restore(snap.clone());
+        // The log as of `mark` (where the next record goes), minus what `index` covers; only
+        // the copy of the kept entries holds the locks (`core` for reading).
+        let copying = Instant::now();
+        let (mut next, mark) = {
             let core = read_lock(&self.inner.core);
             if index > core.hard_state.commit || index <= core.snapshot.index {
                 return Err(self.invalid(format!(
@@ -1080,16 +1110,113 @@ impl LogStore {
                     core.hard_state.commit, core.snapshot.index
                 )));
             }
-        }
-        self.rewrite(index, |core| {
-            // The membership record stays: it is the latest one, which entries after `index`
-            // may have changed since.
-            core.restore(SnapshotMeta {
-                index,
-                term,
-                conf_state: cs.clone(),
+            // As of the copy: a term that changed since would make `restore` drop every entry.
+            if core.slot(index).map(|s| s.term) != Some(term) {
+                return Err(self.invalid(format!(
+                    "cannot compact up to index {index}: its term is no longer {term}"
+                )));
+            }
+            let w = mutex_lock(&self.inner.writer);
+            self.check_not_failed(&w)?;
+            (core.clone_from(index), w.file_bytes + w.buf.len() as u64)
+        };
+        let copied = copying.elapsed();
+        change(&mut next);
+        // The new file, written and fsynced while appends go on to the old one.
+        let mut bytes = self.encode_rewrite(&mut next)?;
+        let tmp = self.inner.path.with_extension("rewrite.tmp");
+        let written = File::create(&tmp)
+            .map_err(self.io_err("create the rewritten log"))
+            .and_then(|mut f| {
+                f.write_all(&bytes)
+                    .map_err(self.io_err("write the rewritten log"))?;
+                f.sync_all()
+                    .map_err(self.io_err("fsync the rewritten log"))?;
+                Ok(f)
             });
-        })
+        let mut f = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        #[cfg(test)]
+        if let Some(f) = DURING_COMPACTION.with(|h| h.borrow_mut().take()) {
+            f();
+        }
+        let mut core = write_lock(&self.inner.core);
+        let mut w = mutex_lock(&self.inner.writer);
+        let switching = Instant::now();
+        let prefix = bytes.len() as u64;
+        // The records after `mark` follow the new file's: those written to the old file are
+        // copied (the tail), those still buffered stay in the buffer, which the next `write`
+        // puts after the tail, with the fsync it owes (this thread writes nothing the raft
+        // thread would then think needs none). Buffered records before `mark` are in the new
+        // file already: they leave the buffer. The log as it is now, minus what `index`
+        // covers, points its slots at the new file: records before `mark` where `next` put
+        // them, the ones after at the same distance from the end of `next`'s records.
+        let finished = (|| -> Result<(Core, Vec<u8>), StorageError> {
+            self.check_not_failed(&w)?;
+            let mut tail =
+                vec![0; usize::try_from(w.file_bytes.saturating_sub(mark)).unwrap_or(usize::MAX)];
+            w.file
+                .read_exact_at(&mut tail, mark)
+                .map_err(self.io_err("read the records written during compaction"))?;
+            // Copied without decoding: what the page cache gives must be whole records.
+            record::check_frames(&tail).map_err(|(at, why)| StorageError::Unreadable {
+                path: self.inner.path.clone(),
+                offset: mark + at as u64,
+                reason: format!("records written during compaction: {why}"),
+            })?;
+            let mut fin = core.clone_from(index);
+            change(&mut fin);
+            for (i, slot) in fin.slots.iter_mut().enumerate() {
+                if slot.offset >= mark {
+                    slot.offset = slot.offset - mark + prefix;
+                    continue;
+                }
+                let at = fin.first_index + i as u64;
+                match next.slot(at) {
+                    Some(s) if s.term == slot.term => slot.offset = s.offset,
+                    _ => {
+                        return Err(self
+                            .invalid(format!("entry {at} is in no record the compaction copied")))
+                    }
+                }
+            }
+            Ok((fin, tail))
+        })();
+        let (fin, tail) = match finished {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        // Until the rename below succeeds the buffer must stay as it is (the old file goes on).
+        let in_new_file = usize::try_from(mark.saturating_sub(w.file_bytes)).unwrap_or(usize::MAX);
+        let appended = if tail.is_empty() {
+            Ok(())
+        } else {
+            f.write_all(&tail)
+                .map_err(self.io_err("write the rewritten log"))
+                .and_then(|()| f.sync_all().map_err(self.io_err("fsync the rewritten log")))
+        };
+        drop(f);
+        let renamed = appended.and_then(|()| {
+            std::fs::rename(&tmp, &self.inner.path).map_err(self.io_err("rename the rewritten log"))
+        });
+        if let Err(e) = renamed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        bytes.clear();
+        let in_new_file = in_new_file.min(w.buf.len());
+        w.buf.drain(..in_new_file);
+        let end = prefix + tail.len() as u64;
+        self.switch_files(&mut core, &mut w, fin, end)?;
+        Ok(copied + switching.elapsed())
     }
 
     /// A snapshot received from the leader replaces the log: it starts after `snap`, with
@@ -1112,17 +1239,78 @@ impl LogStore {
     /// file, never a mix. Records still buffered are written to the old file first.
     /// `change` drops the entries below `from`; they are not copied (`Core::clone_from`).
     fn rewrite(&self, from: u64, change: impl FnOnce(&mut Core)) -> Result<(), StorageError> {
+        let _one = mutex_lock(&self.inner.rewriting);
         self.sync()?;
         let mut core = write_lock(&self.inner.core);
         let mut w = mutex_lock(&self.inner.writer);
-        if let Some(cause) = &w.failed {
-            return Err(StorageError::Failed {
-                path: self.inner.path.clone(),
-                cause: cause.clone(),
-            });
-        }
+        self.check_not_failed(&w)?;
         let mut next = core.clone_from(from);
         change(&mut next);
+        let bytes = self.encode_rewrite(&mut next)?;
+        let tmp = self.inner.path.with_extension("rewrite.tmp");
+        // Until the rename, a failure (disk full...) leaves the old file in use and intact.
+        let prepared = (|| -> Result<(), StorageError> {
+            let mut f = File::create(&tmp).map_err(self.io_err("create the rewritten log"))?;
+            f.write_all(&bytes)
+                .map_err(self.io_err("write the rewritten log"))?;
+            f.sync_all()
+                .map_err(self.io_err("fsync the rewritten log"))?;
+            std::fs::rename(&tmp, &self.inner.path).map_err(self.io_err("rename the rewritten log"))
+        })();
+        if let Err(e) = prepared {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        next.records = 1 + next.slots.len() as u64;
+        self.switch_files(&mut core, &mut w, next, bytes.len() as u64)
+    }
+
+    /// The file a rewrite just renamed over the log (`end` bytes of records) becomes the
+    /// log: `next`, whose slots point into it, replaces the in-memory log, and the old one
+    /// is freed in the background once the locks are let go.
+    fn switch_files(
+        &self,
+        core: &mut RwLockWriteGuard<'_, Core>,
+        w: &mut MutexGuard<'_, Writer>,
+        mut next: Core,
+        end: u64,
+    ) -> Result<(), StorageError> {
+        // The new file is in place; the handle still points at the old one, so any failure
+        // from here on must stop further writes.
+        let path = &self.inner.path;
+        let reopened = sync_parent_dir(path)
+            .map_err(self.io_err("fsync parent directory"))
+            .and_then(|()| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(self.io_err("reopen the rewritten log"))
+            })
+            .and_then(|f| {
+                let reader = f.try_clone().map_err(self.io_err("open a read handle"))?;
+                Ok((f, reader))
+            });
+        let (file, reader) = match reopened {
+            Ok(f) => f,
+            Err(e) => {
+                w.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        next.file = Arc::new(reader);
+        w.file = Arc::new(file);
+        w.file_bytes = end;
+        w.allocated = end;
+        next.evict(end);
+        let old = std::mem::replace(&mut **core, next);
+        free_in_background(old);
+        Ok(())
+    }
+
+    /// The records of a rewritten log holding exactly `next`'s state: header, snapshot,
+    /// configuration, membership, entries (their slots pointed at the new file), hard state.
+    fn encode_rewrite(&self, next: &mut Core) -> Result<Vec<u8>, StorageError> {
         let mut bytes = record::encode_header().to_vec();
         let encoded = (|| {
             if next.snapshot.index > 0 {
@@ -1141,63 +1329,28 @@ impl LogStore {
             }
         })();
         encoded.map_err(|e| self.encode_err(e))?;
-        self.rewrite_entries(&mut next, &mut bytes)?;
+        self.rewrite_entries(next, &mut bytes)?;
         // After the entries: replay checks that a commit index covers stored entries.
         record::encode_hard_state(&mut bytes, &next.hard_state).map_err(|e| self.encode_err(e))?;
-        let path = &self.inner.path;
-        let tmp = path.with_extension("rewrite.tmp");
-        let io_err = |what: &'static str| {
-            move |source: io::Error| StorageError::Io {
-                path: path.to_path_buf(),
-                what,
-                source,
-            }
-        };
-        // Until the rename, a failure (disk full...) leaves the old file in use and intact.
-        let prepared = (|| -> Result<(), StorageError> {
-            let mut f = File::create(&tmp).map_err(io_err("create the rewritten log"))?;
-            f.write_all(&bytes)
-                .map_err(io_err("write the rewritten log"))?;
-            f.sync_all().map_err(io_err("fsync the rewritten log"))?;
-            std::fs::rename(&tmp, path).map_err(io_err("rename the rewritten log"))
-        })();
-        if let Err(e) = prepared {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+        Ok(bytes)
+    }
+
+    fn check_not_failed(&self, w: &Writer) -> Result<(), StorageError> {
+        match &w.failed {
+            Some(cause) => Err(StorageError::Failed {
+                path: self.inner.path.clone(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
         }
-        // The new file is in place; the handle still points at the old one, so any failure
-        // from here on must stop further writes.
-        let reopened = sync_parent_dir(path)
-            .map_err(io_err("fsync parent directory"))
-            .and_then(|()| {
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .map_err(io_err("reopen the rewritten log"))
-            })
-            .and_then(|f| {
-                let reader = f.try_clone().map_err(io_err("open a read handle"))?;
-                Ok((f, reader))
-            });
-        let (file, reader) = match reopened {
-            Ok(f) => f,
-            Err(e) => {
-                w.failed = Some(e.to_string());
-                return Err(e);
-            }
-        };
-        next.records = 1 + next.slots.len() as u64;
-        next.file = Arc::new(reader);
-        w.file = Arc::new(file);
-        w.file_bytes = bytes.len() as u64;
-        w.allocated = w.file_bytes;
-        next.evict(w.file_bytes);
-        let old = std::mem::replace(&mut *core, next);
-        drop(w);
-        drop(core);
-        free_in_background(old);
-        Ok(())
+    }
+
+    fn io_err(&self, what: &'static str) -> impl Fn(io::Error) -> StorageError + '_ {
+        move |source| StorageError::Io {
+            path: self.inner.path.clone(),
+            what,
+            source,
+        }
     }
 
     /// Encodes every entry of `next` into `bytes` (the new file so far), reading evicted
@@ -1260,8 +1413,11 @@ impl LogStore {
             return Ok(false);
         };
         // After the writer lock is released (lock order: core first). The records just
-        // written can be read back now, so their payloads may leave the cache.
-        write_lock(&self.inner.core).evict(written_end);
+        // written can be read back now, so their payloads may leave the cache. Never past
+        // the file's end: a compaction may have switched to a shorter file meanwhile.
+        let mut core = write_lock(&self.inner.core);
+        let written_end = written_end.min(mutex_lock(&self.inner.writer).file_bytes);
+        core.evict(written_end);
         Ok(owed)
     }
 

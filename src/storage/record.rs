@@ -260,6 +260,34 @@ pub(crate) fn parse_frame_header(frame: &[u8; FRAME_HEADER_LEN as usize]) -> (u6
     (len, crc)
 }
 
+/// Checks that `bytes` is a run of whole records whose CRCs match (what a compaction copies
+/// from the old file without decoding it): the first bad one's offset in `bytes` and why.
+pub(crate) fn check_frames(bytes: &[u8]) -> Result<(), (usize, String)> {
+    let mut at = 0;
+    // Bounded: every iteration advances `at` by at least FRAME_HEADER_LEN or returns.
+    while at < bytes.len() {
+        let header_end = at + FRAME_HEADER_LEN as usize;
+        let Some(frame) = bytes.get(at..header_end) else {
+            return Err((at, "ends inside a record header".into()));
+        };
+        let mut header = [0u8; FRAME_HEADER_LEN as usize];
+        header.copy_from_slice(frame);
+        let (len, crc) = parse_frame_header(&header);
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| header_end.checked_add(len))
+            .filter(|end| *end <= bytes.len() && len > 0);
+        let Some(end) = end else {
+            return Err((at, format!("a record of {len} bytes does not fit")));
+        };
+        if crc32fast::hash(&bytes[header_end..end]) != crc {
+            return Err((at, "CRC mismatch".into()));
+        }
+        at = end;
+    }
+    Ok(())
+}
+
 /// Decodes a payload whose CRC already matched.
 pub(crate) fn decode_payload(payload: &[u8]) -> Result<Record, String> {
     let Some((&kind, body)) = payload.split_first() else {

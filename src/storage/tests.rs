@@ -1318,6 +1318,94 @@ fn compaction_drops_covered_entries_in_memory_and_on_disk() {
     assert!(store.compact(30, &conf_state(&[1], &[])).is_err());
 }
 
+/// A compaction writes its new file while the log goes on: what was appended meanwhile
+/// (synced or still buffered, a conflicting suffix that replaced entries the new file
+/// already holds, a new commit index) is in the log after it, in memory and on disk, and
+/// entries read back from the file (none cached) come from their new places.
+#[test]
+fn what_is_written_while_a_compaction_runs_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let store = committed_log(&path, 20);
+    store.set_cache_max_bytes(1);
+    let meanwhile = store.clone();
+    super::DURING_COMPACTION.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move || {
+            let s = meanwhile;
+            s.append(&(21..=25).map(|i| entry(i, 6, b"first")).collect::<Vec<_>>())
+                .unwrap();
+            s.sync().unwrap();
+            s.set_hard_state(&hard_state(7, 2, 22)).unwrap();
+            s.append(
+                &(24..=26)
+                    .map(|i| entry(i, 7, b"second"))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            s.sync().unwrap();
+            // Buffered only: the compaction writes it.
+            s.append(&[entry(27, 7, b"buffered")]).unwrap();
+        }))
+    });
+    store.compact(12, &conf_state(&[1, 2, 3], &[])).unwrap();
+    let mut want: Vec<Entry> = (13..=20).map(|i| entry(i, 1 + i / 4, b"set k v")).collect();
+    want.extend((21..=23).map(|i| entry(i, 6, b"first")));
+    want.extend((24..=26).map(|i| entry(i, 7, b"second")));
+    want.push(entry(27, 7, b"buffered"));
+    assert_eq!(store.first_index().unwrap(), 13);
+    assert_eq!(all_entries_from(&store, 13), want);
+    // The buffered entry is written with the next sync, behind the copied records.
+    store.sync().unwrap();
+    assert_eq!(
+        store.stats().cache_entries,
+        0,
+        "every entry is read back from the file"
+    );
+    assert_eq!(all_entries_from(&store, 13), want);
+    store.append(&[entry(28, 7, b"after")]).unwrap();
+    store.sync().unwrap();
+    want.push(entry(28, 7, b"after"));
+    assert_eq!(all_entries_from(&store, 13), want);
+    drop(store);
+    let (store, rec) = open(&path);
+    assert_eq!((rec.first_index, rec.last_index), (13, 28));
+    assert_eq!(all_entries_from(&store, 13), want);
+    assert_eq!(
+        store.initial_state().unwrap().hard_state,
+        hard_state(7, 2, 22)
+    );
+    assert_eq!(store.snapshot_meta().index, 12);
+}
+
+/// Records still buffered when a compaction starts are in its new file; what is buffered
+/// behind them while it runs stays buffered, and every record is on disk once, after a sync.
+#[test]
+fn records_buffered_across_a_compaction_are_written_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = log_path(&dir);
+    let store = committed_log(&path, 20);
+    store.append(&[entry(21, 6, b"before")]).unwrap();
+    let meanwhile = store.clone();
+    super::DURING_COMPACTION.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move || {
+            meanwhile.append(&[entry(22, 6, b"during")]).unwrap();
+            meanwhile.set_commit(21).unwrap();
+        }))
+    });
+    store.compact(12, &conf_state(&[1, 2, 3], &[])).unwrap();
+    store.sync().unwrap();
+    let mut want: Vec<Entry> = (13..=20).map(|i| entry(i, 1 + i / 4, b"set k v")).collect();
+    want.push(entry(21, 6, b"before"));
+    want.push(entry(22, 6, b"during"));
+    store.set_cache_max_bytes(1);
+    assert_eq!(all_entries_from(&store, 13), want);
+    drop(store);
+    let (store, rec) = open(&path);
+    assert_eq!((rec.first_index, rec.last_index), (13, 22));
+    assert_eq!(all_entries_from(&store, 13), want);
+    assert_eq!(store.initial_state().unwrap().hard_state.commit, 21);
+}
+
 #[test]
 fn an_installed_snapshot_replaces_the_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -1623,4 +1711,25 @@ fn entries_buffered_behind_another_record_are_read_back_from_their_own_records()
     drop(s);
     let (s, _) = open(&path);
     assert_eq!(all_entries(&s), want);
+}
+
+/// What a compaction copies undecoded must be whole records with matching CRCs.
+#[test]
+fn copied_records_are_checked_whole_and_by_crc() {
+    use super::record::{check_frames, encode_entry, encode_hard_state};
+    let mut bytes = Vec::new();
+    encode_entry(&mut bytes, &entry(7, 1, b"seven")).unwrap();
+    let second = bytes.len();
+    encode_hard_state(&mut bytes, &hard_state(1, 1, 7)).unwrap();
+    assert_eq!(check_frames(&bytes), Ok(()));
+    assert_eq!(check_frames(&[]), Ok(()));
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 0xff;
+    assert_eq!(check_frames(&flipped).map_err(|(at, _)| at), Err(second));
+    assert_eq!(
+        check_frames(&bytes[..bytes.len() - 1]).map_err(|(at, _)| at),
+        Err(second)
+    );
+    assert_eq!(check_frames(&bytes[..3]).map_err(|(at, _)| at), Err(0));
+    assert_eq!(check_frames(&[0; 16]).map_err(|(at, _)| at), Err(0));
 }

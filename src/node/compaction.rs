@@ -37,6 +37,7 @@ impl Drop for Compaction {
 }
 
 /// What wakes the raft thread when a compaction is done (as `InputTx::kick` does).
+#[derive(Clone)]
 pub(super) struct Kick {
     pub(super) bell: Arc<Bell>,
     pub(super) kicked: Arc<AtomicBool>,
@@ -60,13 +61,7 @@ impl RaftThread {
         }
         let result = Arc::new(Mutex::new(None));
         let (store, path) = (self.store.clone(), self.snapshot_path.clone());
-        let (done, kick) = (
-            Arc::clone(&result),
-            Kick {
-                bell: Arc::clone(&self.kick.bell),
-                kicked: Arc::clone(&self.kick.kicked),
-            },
-        );
+        let (done, kick) = (Arc::clone(&result), self.kick.clone());
         let spawned = std::thread::Builder::new()
             .name("raft-compact".into())
             .spawn(move || {

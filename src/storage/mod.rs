@@ -892,12 +892,7 @@ impl LogStore {
         let mut core = write_lock(&self.inner.core);
         let mut guard = mutex_lock(&self.inner.writer);
         let writer = &mut *guard;
-        if let Some(cause) = &writer.failed {
-            return Err(StorageError::Failed {
-                path: self.inner.path.clone(),
-                cause: cause.clone(),
-            });
-        }
+        self.check_not_failed(writer)?;
         let (v, durable) = f(&mut core, &mut writer.buf, writer.file_bytes)?;
         writer.needs_fsync |= durable;
         Ok(v)
@@ -1089,8 +1084,32 @@ impl LogStore {
     /// entries' slots and cache, then the switch to the new file.
     pub fn compact(&self, index: u64, cs: &ConfState) -> Result<Duration, StorageError> {
         let _one = mutex_lock(&self.inner.rewriting);
-        let term = raft::Storage::term(self, index)
-            .map_err(|e| self.invalid(format!("cannot compact up to index {index}: {e}")))?;
+        // The log as of `mark` (where the next record goes), minus what `index` covers; only
+        // the copy of the kept entries holds the locks (`core` for reading).
+        let copying = Instant::now();
+        let (mut next, mark, term) = {
+            let core = read_lock(&self.inner.core);
+            if index > core.hard_state.commit || index <= core.snapshot.index {
+                return Err(self.invalid(format!(
+                    "cannot compact up to index {index}: commit index {}, snapshot at {}",
+                    core.hard_state.commit, core.snapshot.index
+                )));
+            }
+            // As of the copy: the phase under the locks below checks the same term again.
+            let Some(term) = core.slot(index).map(|s| s.term) else {
+                return Err(self.invalid(format!(
+                    "cannot compact up to index {index}: it is not in the log"
+                )));
+            };
+            let w = mutex_lock(&self.inner.writer);
+            self.check_not_failed(&w)?;
+            (
+                core.clone_from(index),
+                w.file_bytes + w.buf.len() as u64,
+                term,
+            )
+        };
+        let copied = copying.elapsed();
         let snap = SnapshotMeta {
             index,
             term,
@@ -1099,42 +1118,11 @@ impl LogStore {
         // The membership record stays: it is the latest one, which entries after `index` may
         // have changed since.
         let change = |core: &mut Core| core.restore(snap.clone());
-        // The log as of `mark` (where the next record goes), minus what `index` covers; only
-        // the copy of the kept entries holds the locks (`core` for reading).
-        let copying = Instant::now();
-        let (mut next, mark) = {
-            let core = read_lock(&self.inner.core);
-            if index > core.hard_state.commit || index <= core.snapshot.index {
-                return Err(self.invalid(format!(
-                    "cannot compact up to index {index}: commit index {}, snapshot at {}",
-                    core.hard_state.commit, core.snapshot.index
-                )));
-            }
-            // As of the copy: a term that changed since would make `restore` drop every entry.
-            if core.slot(index).map(|s| s.term) != Some(term) {
-                return Err(self.invalid(format!(
-                    "cannot compact up to index {index}: its term is no longer {term}"
-                )));
-            }
-            let w = mutex_lock(&self.inner.writer);
-            self.check_not_failed(&w)?;
-            (core.clone_from(index), w.file_bytes + w.buf.len() as u64)
-        };
-        let copied = copying.elapsed();
         change(&mut next);
         // The new file, written and fsynced while appends go on to the old one.
-        let mut bytes = self.encode_rewrite(&mut next)?;
+        let bytes = self.encode_rewrite(&mut next)?;
         let tmp = self.inner.path.with_extension("rewrite.tmp");
-        let written = File::create(&tmp)
-            .map_err(self.io_err("create the rewritten log"))
-            .and_then(|mut f| {
-                f.write_all(&bytes)
-                    .map_err(self.io_err("write the rewritten log"))?;
-                f.sync_all()
-                    .map_err(self.io_err("fsync the rewritten log"))?;
-                Ok(f)
-            });
-        let mut f = match written {
+        let mut f = match self.create_synced(&tmp, &bytes) {
             Ok(f) => f,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -1170,6 +1158,11 @@ impl LogStore {
                 reason: format!("records written during compaction: {why}"),
             })?;
             let mut fin = core.clone_from(index);
+            if fin.slot(index).map(|s| s.term) != Some(term) {
+                return Err(self.invalid(format!(
+                    "cannot compact up to index {index}: its term is no longer {term}"
+                )));
+            }
             change(&mut fin);
             for (i, slot) in fin.slots.iter_mut().enumerate() {
                 if slot.offset >= mark {
@@ -1194,8 +1187,6 @@ impl LogStore {
                 return Err(e);
             }
         };
-        // Until the rename below succeeds the buffer must stay as it is (the old file goes on).
-        let in_new_file = usize::try_from(mark.saturating_sub(w.file_bytes)).unwrap_or(usize::MAX);
         let appended = if tail.is_empty() {
             Ok(())
         } else {
@@ -1211,8 +1202,10 @@ impl LogStore {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        bytes.clear();
-        let in_new_file = in_new_file.min(w.buf.len());
+        // Only now, with the new file in place, may the buffer lose what it holds before `mark`.
+        let in_new_file = usize::try_from(mark.saturating_sub(w.file_bytes))
+            .unwrap_or(usize::MAX)
+            .min(w.buf.len());
         w.buf.drain(..in_new_file);
         let end = prefix + tail.len() as u64;
         self.switch_files(&mut core, &mut w, fin, end)?;
@@ -1249,14 +1242,9 @@ impl LogStore {
         let bytes = self.encode_rewrite(&mut next)?;
         let tmp = self.inner.path.with_extension("rewrite.tmp");
         // Until the rename, a failure (disk full...) leaves the old file in use and intact.
-        let prepared = (|| -> Result<(), StorageError> {
-            let mut f = File::create(&tmp).map_err(self.io_err("create the rewritten log"))?;
-            f.write_all(&bytes)
-                .map_err(self.io_err("write the rewritten log"))?;
-            f.sync_all()
-                .map_err(self.io_err("fsync the rewritten log"))?;
+        let prepared = self.create_synced(&tmp, &bytes).and_then(|_| {
             std::fs::rename(&tmp, &self.inner.path).map_err(self.io_err("rename the rewritten log"))
-        })();
+        });
         if let Err(e) = prepared {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -1333,6 +1321,16 @@ impl LogStore {
         // After the entries: replay checks that a commit index covers stored entries.
         record::encode_hard_state(&mut bytes, &next.hard_state).map_err(|e| self.encode_err(e))?;
         Ok(bytes)
+    }
+
+    /// A new file at `tmp` holding `bytes`, fsynced (a rewrite's, before its rename).
+    fn create_synced(&self, tmp: &Path, bytes: &[u8]) -> Result<File, StorageError> {
+        let mut f = File::create(tmp).map_err(self.io_err("create the rewritten log"))?;
+        f.write_all(bytes)
+            .map_err(self.io_err("write the rewritten log"))?;
+        f.sync_all()
+            .map_err(self.io_err("fsync the rewritten log"))?;
+        Ok(f)
     }
 
     fn check_not_failed(&self, w: &Writer) -> Result<(), StorageError> {
@@ -1426,12 +1424,7 @@ impl LogStore {
     fn write_buffered(&self) -> Result<Option<(u64, bool)>, StorageError> {
         let mut guard = mutex_lock(&self.inner.writer);
         let w = &mut *guard;
-        if let Some(cause) = &w.failed {
-            return Err(StorageError::Failed {
-                path: self.inner.path.clone(),
-                cause: cause.clone(),
-            });
-        }
+        self.check_not_failed(w)?;
         if w.buf.is_empty() {
             return Ok(None);
         }
@@ -1459,11 +1452,7 @@ impl LogStore {
                 });
             }
             w.failed = Some(format!("write failed: {source}"));
-            return Err(StorageError::Io {
-                path: self.inner.path.clone(),
-                what: "write",
-                source,
-            });
+            return Err(self.io_err("write")(source));
         }
         w.file_bytes += w.buf.len() as u64;
         w.buf.clear();
@@ -1482,12 +1471,7 @@ impl LogStore {
         let _one_at_a_time = mutex_lock(&self.inner.fsync);
         let file = {
             let mut w = mutex_lock(&self.inner.writer);
-            if let Some(cause) = &w.failed {
-                return Err(StorageError::Failed {
-                    path: self.inner.path.clone(),
-                    cause: cause.clone(),
-                });
-            }
+            self.check_not_failed(&w)?;
             if w.fault == Some(LogFault::FsyncEio) {
                 w.fault = None;
                 None
@@ -1507,11 +1491,7 @@ impl LogStore {
         // that is not on the disk. Never retried.
         if let Err(source) = synced {
             w.failed = Some(format!("fsync failed: {source}"));
-            return Err(StorageError::Io {
-                path: self.inner.path.clone(),
-                what: "fsync",
-                source,
-            });
+            return Err(self.io_err("fsync")(source));
         }
         w.fsync_count += 1;
         w.fsync_total_us = w.fsync_total_us.saturating_add(took_us);

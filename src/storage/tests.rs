@@ -1343,7 +1343,7 @@ fn what_is_written_while_a_compaction_runs_is_kept() {
             )
             .unwrap();
             s.sync().unwrap();
-            // Buffered only: the compaction writes it.
+            // Buffered only: it stays buffered through the compaction, for the next sync.
             s.append(&[entry(27, 7, b"buffered")]).unwrap();
         }))
     });

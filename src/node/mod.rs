@@ -17,12 +17,15 @@ mod batches;
 mod compaction;
 mod failover;
 mod lease;
+mod main_read;
 mod membership;
 mod open;
 mod ready;
 mod status;
 mod syncer;
 mod wait;
+
+pub use main_read::MainRead;
 
 pub use lease::LeaseDeadline;
 pub use status::{NodeStatus, Role};
@@ -42,6 +45,7 @@ use wait::InputTx;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -57,7 +61,9 @@ use crate::codec::{
     StoredMembership,
 };
 use crate::storage::{LogFault, LogStore};
-use crate::transport::{Bell, InboundPoll, PeerStatus, Report, Transport, TransportConfig};
+use crate::transport::{
+    Bell, InboundPoll, PeerStatus, PollSleep, Report, Transport, TransportConfig,
+};
 
 /// How many proposal batches (one per Redis event-loop turn) may wait for the raft thread;
 /// past that a write is refused with `-TRYAGAIN` rather than queued without bound.
@@ -210,6 +216,10 @@ pub struct Shared {
     /// and a flag for the read paths.
     log_full: Mutex<Option<String>>,
     log_full_flag: AtomicBool,
+    /// Changes whenever the peer connections the main thread may watch change (main_read.rs).
+    peers_generation: AtomicU64,
+    /// The main thread stopped watching them for a moment (`Node::pause_main_reads`).
+    main_paused: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -390,6 +400,8 @@ pub struct Node {
     /// free, for a proposal batch or a read round (`submit`).
     core: Arc<Mutex<Option<RaftThread>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// See `RaftThread::main_missed`.
+    main_missed: Arc<AtomicBool>,
 }
 
 impl Node {
@@ -476,10 +488,13 @@ impl Node {
             lease: LeaseDeadline::default(),
             log_full: Mutex::new(None),
             log_full_flag: AtomicBool::new(false),
+            peers_generation: AtomicU64::new(0),
+            main_paused: AtomicBool::new(false),
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
         let kicked = Arc::new(AtomicBool::new(false));
+        let main_missed = Arc::new(AtomicBool::new(false));
         let syncer = match Syncer::start(store.clone(), Arc::clone(&bell)) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -545,13 +560,22 @@ impl Node {
                 bell: Arc::clone(&bell),
                 kicked: Arc::clone(&kicked),
             },
+            peers_in: inbound_poll,
+            polled: Vec::new(),
+            deferred: Vec::new(),
+            main_reads: false,
+            peers_published: (0, false),
+            sleep_until: Instant::now(),
+            main_missed: Arc::clone(&main_missed),
         };
         worker.publish_status();
         worker.publish_membership(worker.book_index);
         let on_panic = (shared.clone(), worker.waker.clone(), transport.clone());
         let sleeper = Sleeper {
-            poll: inbound_poll,
-            polled: Vec::new(),
+            poll: worker.peers_in.sleep(),
+            watch: Vec::new(),
+            ready: Vec::new(),
+            main_missed: Arc::clone(&main_missed),
             input: worker.input.clone(),
             inbound: worker.inbound.clone(),
             synced: worker.synced_bell.clone(),
@@ -588,6 +612,7 @@ impl Node {
             transport,
             core,
             thread: Mutex::new(Some(thread)),
+            main_missed,
         })
     }
 
@@ -806,6 +831,22 @@ struct RaftThread {
     compact_next: VecDeque<u64>,
     /// Wakes this thread from another (a finished compaction).
     kick: Kick,
+    /// The peer connections this node reads itself (after their handshake, on plain TCP),
+    /// on this thread or, on a leader, the main thread (main_read.rs).
+    peers_in: InboundPoll,
+    /// What they delivered this turn (kept for its allocation).
+    polled: Vec<Message>,
+    /// Read on the main thread but left for this thread to step, in order (main_read.rs).
+    deferred: Vec<Message>,
+    /// The main thread reads the peer connections it watches (main_read.rs).
+    main_reads: bool,
+    /// What `Shared::peers_generation` last said, as (connections' generation, main_reads).
+    peers_published: (u64, bool),
+    /// Until when this thread sleeps (its next timer), while it does.
+    sleep_until: Instant,
+    /// Set by the main thread when it could not read a connection it watches (this thread
+    /// held the lock): this thread reads them all on its next turn, which comes at once.
+    main_missed: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -883,9 +924,13 @@ fn parse_read_ctx(b: &[u8]) -> Option<(u64, u64, u64)> {
 /// Where the raft thread sleeps, outside the lock on its state: the peer connections it
 /// reads itself and its bell (wait.rs), and the channels whose contents wake it at once.
 struct Sleeper {
-    poll: InboundPoll,
-    /// What the polled connections delivered this turn (kept for its allocation).
-    polled: Vec<Message>,
+    poll: PollSleep,
+    /// The peer connections to watch (`RaftThread::fill_watch`, at the end of each turn).
+    watch: Vec<RawFd>,
+    /// Those found readable or closed, for the next turn to read.
+    ready: Vec<RawFd>,
+    /// See `RaftThread::main_missed`.
+    main_missed: Arc<AtomicBool>,
     input: Receiver<Input>,
     inbound: Receiver<Vec<Message>>,
     synced: Receiver<()>,
@@ -910,15 +955,18 @@ fn run(core: &Mutex<Option<RaftThread>>, mut sleeper: Sleeper) {
         match slept {
             None => t.start(),
             Some((asleep, timeout)) => {
-                if !t.turn(asleep, timeout, &mut sleeper.polled, &mut next_beat) {
+                if !t.turn(asleep, timeout, &sleeper.ready, &mut next_beat) {
                     // Before the lock is let go: the main thread must not take a turn now.
                     t.halted = true;
                     return;
                 }
             }
         }
+        sleeper.ready.clear();
+        t.fill_watch(&mut sleeper.watch);
         let asleep = Instant::now();
-        let timeout = t.next_wake(next_beat).saturating_duration_since(asleep);
+        t.sleep_until = t.next_wake(next_beat);
+        let timeout = t.sleep_until.saturating_duration_since(asleep);
         drop(guard);
         sleeper.wait(timeout);
         slept = Some((asleep, timeout));
@@ -1029,7 +1077,7 @@ impl RaftThread {
         &mut self,
         asleep: Instant,
         timeout: Duration,
-        polled: &mut Vec<Message>,
+        ready: &[RawFd],
         next_beat: &mut Instant,
     ) -> bool {
         let _ = self.synced_bell.try_recv();
@@ -1055,6 +1103,20 @@ impl RaftThread {
                 }
             }
         }
+        // Peers' messages, each connection's in the order it delivered them:
+        // - what the main thread read and left here (main_read.rs), first: a connection it
+        //   handed back since forwards what followed through the channel;
+        // - connections readers lent (taken before the channel is drained: a reader
+        //   forwards what came before it lends a connection, and that is in the channel
+        //   by now), whose readers' last messages come after the channel;
+        // - the channel;
+        // - what the connections hold now.
+        let deferred = std::mem::take(&mut self.deferred);
+        for m in deferred {
+            self.on_message(m);
+        }
+        let mut polled = std::mem::take(&mut self.polled);
+        self.peers_in.adopt(&mut polled);
         for _ in 0..DRAIN_MAX {
             match self.inbound.try_recv() {
                 Ok(batch) => {
@@ -1065,10 +1127,19 @@ impl RaftThread {
                 Err(_) => break,
             }
         }
-        // After the channel: a connection's reader forwarded what came before it lent it.
+        // Set by a main thread that could not read them (main_read.rs), reader or not.
+        let missed = self.main_missed.swap(false, Ordering::AcqRel);
+        if self.main_reads || missed {
+            // The main thread watches them; whatever it has not read yet is taken here (a
+            // read that finds nothing costs little).
+            self.peers_in.read_all(&mut polled);
+        } else {
+            self.peers_in.read_ready(ready, &mut polled);
+        }
         for m in polled.drain(..) {
             self.on_message(m);
         }
+        self.polled = polled;
         if !dropped.is_empty() {
             self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
         }
@@ -1109,6 +1180,7 @@ impl RaftThread {
         self.track_transfer();
         self.promote_learners();
         self.publish_status();
+        self.choose_reader();
         let told = self.leaving.is_none() && self.transport.told_removed();
         if told {
             warn!("a peer says this node was removed from the cluster; it stops taking part in it");

@@ -481,3 +481,177 @@ fn a_leader_whose_log_write_fails_on_the_callers_thread_stops_and_the_others_go_
     c.collect();
     assert!(c.applied[l].is_empty(), "{:?}", c.applied[l]);
 }
+
+/// The leader's peer connections, which the caller (as the main thread) watches from now
+/// on, once both followers' are there: their ids and a duplicate of each socket (closed by
+/// the caller; polled without the lock, as Redis's event loop does).
+fn watch_followers(c: &TestCluster, l: usize) -> Vec<(u64, libc::c_int)> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut got = Vec::new();
+        let seen = c.node(l).watch_peers(|conns| {
+            got = conns
+                .iter()
+                // SAFETY: a descriptor the raft thread keeps open while we hold the lock.
+                .map(|p| (p.id, unsafe { libc::fcntl(p.fd, libc::F_DUPFD_CLOEXEC, 0) }))
+                .collect();
+            conns.iter().map(|p| (p.id, true)).collect()
+        });
+        if seen.is_some() && got.len() >= 2 {
+            return got;
+        }
+        for (_, fd) in got {
+            unsafe { libc::close(fd) };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader's main thread watches nothing"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until one of `conns` is readable (as Redis's event loop would), up to `ms`.
+fn poll_readable(conns: &[(u64, libc::c_int)], ms: i32) -> bool {
+    let mut fds: Vec<libc::pollfd> = conns
+        .iter()
+        .map(|(_, fd)| libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: a live slice of initialized pollfds, of the length passed.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) > 0 }
+}
+
+/// The raft thread's sleep watches these of the leader's connections.
+fn raft_thread_watches(c: &TestCluster, l: usize) -> usize {
+    let mut watch = Vec::new();
+    if let Some(t) = lock(&c.node(l).core).as_ref() {
+        t.fill_watch(&mut watch);
+    }
+    watch.len()
+}
+
+#[test]
+fn a_leaders_main_thread_takes_its_followers_answers_itself_and_the_raft_thread_when_it_cannot() {
+    let mut c = TestCluster::new(3);
+    let l = c.leader(Duration::from_secs(5));
+    let me = l as u64 + 1;
+    // A long tick (heartbeats every 500 ms, elections after 5 s): the raft thread's own turns
+    // are rare, so what commits at once was read by whoever watched the connections.
+    for i in 0..3 {
+        assert!(c.node(i).set_timing(5000, 500));
+    }
+    let conns = watch_followers(&c, l);
+    assert_eq!(
+        raft_thread_watches(&c, l),
+        0,
+        "the raft thread leaves them to the caller"
+    );
+
+    // Each write is proposed here and its followers' answers are read here, when one of
+    // the connections is readable: the commit is seen here, as the entry handed over by
+    // `read_on_main` (the raft thread may take a turn now and then; most are the caller's).
+    let mut here = 0;
+    for r in 0..20u64 {
+        c.node(l).propose(proposals(me, r, 1)).expect("propose");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            c.collect();
+            if c.applied[l].len() > r as usize {
+                break;
+            }
+            if poll_readable(&conns, 50) {
+                let got = c.node(l).read_on_main(None);
+                let before = c.applied[l].len();
+                c.collect();
+                if got == MainRead::Done && c.applied[l].len() > before {
+                    here += 1;
+                }
+            }
+            assert!(Instant::now() < deadline, "write {r} not committed");
+        }
+    }
+    assert!(
+        here >= 10,
+        "only {here} of 20 commits seen on the caller's thread"
+    );
+
+    // The caller finds the lock taken (the raft thread's turn): it pauses, and from then
+    // until the raft thread has read the connections, the raft thread watches them itself,
+    // so writes commit at once, not at its next tick.
+    for k in 0..5u64 {
+        {
+            let _turn = lock(&c.node(l).core);
+            assert_eq!(c.node(l).read_on_main(None), MainRead::Busy);
+            c.node(l).pause_main_reads();
+        }
+        let started = Instant::now();
+        c.node(l)
+            .propose(proposals(me, 100 + k, 1))
+            .expect("propose");
+        c.wait_applied(&[l], 21 + k as usize);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(250),
+            "a write took {took:?} with the caller paused"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !c.node(l).resume_main_reads() {
+            assert!(
+                Instant::now() < deadline,
+                "the raft thread never read for the caller"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    // A caller that watches but never reads (a long script on the main thread): the raft
+    // thread reads every connection on each of its turns, so writes still commit.
+    c.node(l).propose(proposals(me, 200, 5)).expect("propose");
+    c.wait_applied(&[0, 1, 2], 30);
+    let want: Vec<String> = (0..20)
+        .map(|r| format!("k{r}"))
+        .chain((100..105).map(|r| format!("k{r}")))
+        .chain((200..205).map(|r| format!("k{r}")))
+        .collect();
+    for i in 0..3 {
+        assert_eq!(keys(&c.applied[i]), want, "node {i}");
+    }
+
+    // Leadership handed over: the old leader's caller is told to stop watching, and its
+    // raft thread watches every connection again.
+    let f = (0..3).find(|&i| i != l).expect("a follower");
+    c.node(l).transfer_leader(f as u64 + 1).expect("transfer");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.leader(Duration::from_secs(5)) != f {
+        assert!(Instant::now() < deadline, "leadership not handed over");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    while c.node(l).read_on_main(None) != MainRead::NotMine {
+        assert!(
+            Instant::now() < deadline,
+            "the old leader's caller still reads"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut listed = None;
+    while listed.is_none() {
+        listed = c.node(l).watch_peers(|conns| {
+            assert!(
+                conns.is_empty(),
+                "a follower's caller is told to watch {conns:?}"
+            );
+            Vec::new()
+        });
+    }
+    assert!(
+        raft_thread_watches(&c, l) >= 2,
+        "the raft thread watches them again"
+    );
+    for (_, fd) in conns {
+        unsafe { libc::close(fd) };
+    }
+}

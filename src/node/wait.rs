@@ -59,15 +59,22 @@ impl Sleeper {
     /// connections delivered to `polled`. Returns at once when anything is already waiting,
     /// a kick included (cleared on the way out: the turn that follows answers it).
     pub(super) fn wait(&mut self, timeout: Duration) {
-        let (input, inbound, synced, kicked) =
-            (&self.input, &self.inbound, &self.synced, &self.kicked);
+        let (input, inbound, synced, kicked, missed) = (
+            &self.input,
+            &self.inbound,
+            &self.synced,
+            &self.kicked,
+            &self.main_missed,
+        );
         let waiting = || {
             kicked.load(Ordering::Relaxed)
+                || missed.load(Ordering::Relaxed)
                 || !input.is_empty()
                 || !inbound.is_empty()
                 || !synced.is_empty()
         };
-        self.poll.wait(timeout, waiting, &mut self.polled);
+        self.poll
+            .wait(timeout, &self.watch, waiting, &mut self.ready);
         self.kicked.store(false, Ordering::Relaxed);
     }
 }

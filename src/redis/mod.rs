@@ -12,6 +12,7 @@
 pub mod api;
 mod apply;
 pub mod blocking;
+mod bus;
 pub mod busy;
 pub mod classify;
 pub mod configs;
@@ -188,25 +189,24 @@ fn waker() -> Arc<dyn Fn() + Send + Sync> {
 }
 
 extern "C" fn on_wake(_data: *mut c_void) {
+    guard("apply", || (), wake_now);
+}
+
+/// Applies what the raft thread queued (or, inside a command, leaves it for later).
+fn wake_now() {
     WAKE_QUEUED.store(false, Ordering::Release);
-    guard(
-        "apply",
-        || (),
-        || {
-            let Some(m) = module() else { return };
-            let ctx = m.apply_ctx as *mut RedisModuleCtx;
-            if busy::inside_command(ctx) {
-                // From inside a script or a load (processEventsWhileBlocked): see busy.rs.
-                let arrived = m
-                    .node()
-                    .map(|n| n.shared().take_apply_items())
-                    .unwrap_or_default();
-                busy::defer(ctx, arrived);
-            } else {
-                apply_committed();
-            }
-        },
-    );
+    let Some(m) = module() else { return };
+    let ctx = m.apply_ctx as *mut RedisModuleCtx;
+    if busy::inside_command(ctx) {
+        // From inside a script or a load (processEventsWhileBlocked): see busy.rs.
+        let arrived = m
+            .node()
+            .map(|n| n.shared().take_apply_items())
+            .unwrap_or_default();
+        busy::defer(ctx, arrived);
+    } else {
+        apply_committed();
+    }
 }
 
 impl Module {
@@ -682,6 +682,11 @@ extern "C" fn before_sleep(
 }
 
 fn flush_proposals() {
+    if let Some(node) = module().and_then(|m| m.node()) {
+        // Answers from followers that came during this turn: what they commit is applied
+        // now, and the replies leave before Redis sleeps.
+        bus::before_sleep(node);
+    }
     while busy::take_deferred() {
         // Wake-ups that came while a command ran (busy.rs): apply now, outside it (again
         // if more came while a script of this apply ran).

@@ -281,6 +281,7 @@ pub(crate) fn resume_reader(
         conn,
         handler,
         pending,
+        ..
     } = c;
     let clone = match stream
         .set_nonblocking(false)
@@ -677,6 +678,8 @@ impl Reader {
                 conn,
                 handler: self.handler.clone(),
                 pending,
+                id: 0,
+                main_watched: false,
             });
         }
         self.lent = true;

@@ -38,7 +38,7 @@ mod peer;
 mod polled;
 
 pub use bell::Bell;
-pub use polled::InboundPoll;
+pub use polled::{InboundPoll, PollSleep, PolledConn};
 
 pub(crate) use inbound::snapshot_recv_tmp;
 

@@ -18,7 +18,7 @@
 
 use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +41,10 @@ pub(crate) struct LentConn {
     pub(crate) handler: Handler,
     /// Decoded by the reader in the read that completed the handshake, not yet delivered.
     pub(crate) pending: Vec<Message>,
+    /// Given when the raft thread adopts it (0 before): names it to the main thread.
+    pub(crate) id: u64,
+    /// The main thread watches its socket (a leader's: node/mod.rs, `main_reads`).
+    pub(crate) main_watched: bool,
 }
 
 impl LentConn {
@@ -65,12 +69,24 @@ pub struct InboundPoll {
     bell: Arc<Bell>,
     lending: Arc<Lending>,
     conns: Vec<LentConn>,
-    fds: Vec<libc::pollfd>,
     chunk: Vec<u8>,
     to_node: ToNode,
     stop: Arc<AtomicBool>,
     registry: Arc<Mutex<Vec<InboundConn>>>,
     tls_warned: inbound::TlsWarned,
+    /// The last id given to a connection.
+    last_id: u64,
+    /// Changes whenever a connection comes or goes.
+    generation: u64,
+}
+
+/// One polled connection, as the node sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct PolledConn {
+    pub id: u64,
+    pub fd: RawFd,
+    /// Marked by `InboundPoll::set_main_watched`.
+    pub main_watched: bool,
 }
 
 impl InboundPoll {
@@ -86,75 +102,101 @@ impl InboundPoll {
             bell,
             lending,
             conns: Vec::new(),
-            fds: Vec::new(),
             chunk: vec![0u8; inbound::READ_CHUNK_BYTES],
             to_node,
             stop,
             registry,
             tls_warned,
+            last_id: 0,
+            generation: 0,
         }
+    }
+
+    /// What the raft thread sleeps on (node/wait.rs): the bell, and readers lending.
+    pub fn sleep(&self) -> PollSleep {
+        PollSleep {
+            bell: Arc::clone(&self.bell),
+            lending: Arc::clone(&self.lending),
+            fds: Vec::new(),
+        }
+    }
+
+    /// Changes whenever a connection is adopted, closed or handed back.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The connections polled now.
+    pub fn conns(&self) -> impl Iterator<Item = PolledConn> + '_ {
+        self.conns.iter().map(|c| PolledConn {
+            id: c.id,
+            fd: c.stream.as_raw_fd(),
+            main_watched: c.main_watched,
+        })
+    }
+
+    /// Marks connection `id` as watched by the main thread, or not (no-op if it is gone).
+    pub fn set_main_watched(&mut self, id: u64, watched: bool) {
+        if let Some(c) = self.conns.iter_mut().find(|c| c.id == id) {
+            c.main_watched = watched;
+        }
+    }
+
+    /// Reads every connection whose socket is in `ready` (fds a poll said are readable or
+    /// closed), appending the valid messages to `out`, in order per connection.
+    pub fn read_ready(&mut self, ready: &[RawFd], out: &mut Vec<Message>) {
+        if !ready.is_empty() {
+            self.read_where(|fd| ready.contains(&fd), out);
+        }
+    }
+
+    /// Reads every connection without waiting (what is there; most find nothing).
+    pub fn read_all(&mut self, out: &mut Vec<Message>) {
+        self.read_where(|_| true, out);
     }
 
     /// Sleeps until the bell rings, a lent connection has something, or `timeout` passes;
     /// appends what the connections delivered to `out`. Does not sleep when `waiting`, asked
-    /// once the thread counts as asleep, says something is queued already.
+    /// once the thread counts as asleep, says something is queued already. (The node sleeps
+    /// and reads in two steps instead: `sleep`, `read_ready`.)
     pub fn wait(
         &mut self,
         timeout: Duration,
         waiting: impl FnOnce() -> bool,
         out: &mut Vec<Message>,
     ) {
-        self.bell.going_to_sleep();
         let adopted = self.adopt(out);
-        let ms = if adopted || waiting() {
-            0
-        } else {
-            // Rounded up: waking before a timer is due would only come back here.
-            i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-        };
-        let mut fds = std::mem::take(&mut self.fds);
-        fds.clear();
-        fds.push(libc::pollfd {
-            fd: self.bell.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        fds.extend(self.conns.iter().map(|c| libc::pollfd {
-            fd: c.stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }));
-        // SAFETY: `fds` is a live, initialized slice of pollfds of the length passed.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        self.bell.awake(fds[0].revents != 0);
-        if n > 0 {
-            self.read(&fds[1..], out);
-        }
-        self.fds = fds;
+        let mut sleep = self.sleep();
+        let watch: Vec<RawFd> = self.conns().map(|c| c.fd).collect();
+        let mut ready = Vec::new();
+        sleep.wait(timeout, &watch, || adopted || waiting(), &mut ready);
+        self.read_ready(&ready, out);
     }
 
     /// Takes the connections lent since the last call, appending what their readers decoded
     /// to `out`. True if there were any.
-    fn adopt(&mut self, out: &mut Vec<Message>) -> bool {
+    pub fn adopt(&mut self, out: &mut Vec<Message>) -> bool {
         let arrived = std::mem::take(&mut *lock(&self.lending.arriving));
         let any = !arrived.is_empty();
         for mut c in arrived {
             out.append(&mut c.pending);
+            self.last_id += 1;
+            c.id = self.last_id;
+            c.main_watched = false;
             self.conns.push(c);
+        }
+        if any {
+            self.generation += 1;
         }
         any
     }
 
-    /// Reads (`read_one`) every connection `fds` (one per connection, in order, polled) says
-    /// is readable or closed, appending the valid messages to `out`, in order per connection.
-    fn read(&mut self, fds: &[libc::pollfd], out: &mut Vec<Message>) {
+    /// Reads (`read_one`) every connection whose socket `which` picks, appending the valid
+    /// messages to `out`, in order per connection.
+    fn read_where(&mut self, which: impl Fn(RawFd) -> bool, out: &mut Vec<Message>) {
         let mut i = 0;
-        let mut polled = fds.iter();
         while i < self.conns.len() {
-            let Some(pfd) = polled.next() else {
-                return;
-            };
-            if pfd.revents == 0 {
+            if !which(self.conns[i].stream.as_raw_fd()) {
                 i += 1;
                 continue;
             }
@@ -163,6 +205,7 @@ impl InboundPoll {
                 Next::Keep => i += 1,
                 Next::Close => {
                     let c = self.conns.remove(i);
+                    self.generation += 1;
                     self.lending.count.fetch_sub(1, Ordering::AcqRel);
                     if let Some(m) = c.handler.closed_report(&c.conn) {
                         if !self.stop.load(Ordering::Acquire) {
@@ -173,6 +216,7 @@ impl InboundPoll {
                 }
                 Next::HandBack => {
                     let mut c = self.conns.remove(i);
+                    self.generation += 1;
                     self.lending.count.fetch_sub(1, Ordering::AcqRel);
                     // Its reader delivers them first, so nothing it forwards overtakes them.
                     c.pending = out.split_off(before);
@@ -240,6 +284,54 @@ impl InboundPoll {
         );
         if let Err(e) = started {
             tracing::warn!(peer = %addr, error = %e, "raft bus: cannot start a reader for the snapshot from {addr}: {e}");
+        }
+    }
+}
+
+/// The raft thread's sleep: poll(2) on its bell and the connections it watches.
+pub struct PollSleep {
+    bell: Arc<Bell>,
+    lending: Arc<Lending>,
+    fds: Vec<libc::pollfd>,
+}
+
+impl PollSleep {
+    /// Sleeps until the bell rings, a socket of `watch` is readable or closed, or `timeout`
+    /// passes; appends to `ready` the sockets of `watch` found so. Does not sleep when a
+    /// reader lent a connection not yet adopted, or when `waiting`, asked once the thread
+    /// counts as asleep, says something is queued already.
+    pub fn wait(
+        &mut self,
+        timeout: Duration,
+        watch: &[RawFd],
+        waiting: impl FnOnce() -> bool,
+        ready: &mut Vec<RawFd>,
+    ) {
+        self.bell.going_to_sleep();
+        let lent = !lock(&self.lending.arriving).is_empty();
+        let ms = if lent || waiting() {
+            0
+        } else {
+            // Rounded up: waking before a timer is due would only come back here.
+            i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        };
+        let fds = &mut self.fds;
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd: self.bell.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.extend(watch.iter().map(|fd| libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        // SAFETY: `fds` is a live, initialized slice of pollfds of the length passed.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        self.bell.awake(fds[0].revents != 0);
+        if n > 0 {
+            ready.extend(fds[1..].iter().filter(|p| p.revents != 0).map(|p| p.fd));
         }
     }
 }

@@ -32,7 +32,7 @@ use std::time::Instant;
 use raft::eraftpb::{Message, MessageType};
 use raft::StateRole;
 
-use super::{panic_cause, InlineFailure, Node, RaftThread};
+use super::{Node, RaftThread};
 use crate::transport::{PolledConn, Report};
 
 /// What `Node::read_on_main` did.
@@ -193,46 +193,32 @@ impl RaftThread {
     /// whether the raft thread should take a turn now. A failure is left to the raft thread
     /// (`inline_failed`), as for the main thread's proposals.
     fn read_on_main(&mut self) -> bool {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut msgs = std::mem::take(&mut self.polled);
-            self.peers_in.read_all(&mut msgs);
-            let mut may_step = self.steps_on_main_now();
-            let committed = self.node.raft.raft_log.committed;
+        self.on_main_thread(|t| {
+            let mut msgs = std::mem::take(&mut t.polled);
+            t.peers_in.read_all(&mut msgs);
+            let mut may_step = t.steps_on_main_now();
+            let committed = t.node.raft.raft_log.committed;
             for m in msgs.drain(..) {
-                may_step = may_step && self.steps_on_main(&m);
+                may_step = may_step && t.steps_on_main(&m);
                 if may_step {
-                    self.on_message(m);
+                    t.on_message(m);
                 } else {
-                    self.deferred.push(m);
+                    t.deferred.push(m);
                 }
             }
-            self.polled = msgs;
+            t.polled = msgs;
             // A connection that closed here is no longer watched: say so now, not after the
             // raft thread's next turn (its socket would wake the main thread until then).
-            self.choose_reader();
-            self.on_ready()?;
+            t.choose_reader();
+            t.on_ready()?;
             let now = Instant::now();
-            self.tell_commit(now);
-            if self.node.raft.raft_log.committed != committed {
-                self.publish_status();
+            t.tell_commit(now);
+            if t.node.raft.raft_log.committed != committed {
+                t.publish_status();
             }
             // The raft thread's timers: a commit to tell followers before it would wake.
-            let told_late = self.commit_due.is_some_and(|due| due < self.sleep_until);
-            Ok::<bool, super::NodeError>(
-                !self.deferred.is_empty() || self.node.has_ready() || told_late,
-            )
-        }));
-        match r {
-            Ok(Ok(kick)) => kick,
-            Ok(Err(e)) => {
-                self.inline_failed = Some(InlineFailure::Error(e));
-                true
-            }
-            Err(p) => {
-                let (why, at) = panic_cause(p.as_ref());
-                self.inline_failed = Some(InlineFailure::Panic { why, at });
-                true
-            }
-        }
+            let told_late = t.commit_due.is_some_and(|due| due < t.sleep_until);
+            Ok(!t.deferred.is_empty() || t.node.has_ready() || told_late)
+        })
     }
 }

@@ -1015,13 +1015,21 @@ impl RaftThread {
     /// raft thread's own turn. Returns whether the raft thread should take a turn soon
     /// (raft-rs has more to do, or this stopped the node).
     fn run_input_now(&mut self, input: Input) -> bool {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        self.on_main_thread(|t| {
             // Neither a proposal batch nor a read round asks to stop.
-            let _ = self.on_input(input);
-            self.on_ready()
-        }));
+            let _ = t.on_input(input);
+            t.on_ready()?;
+            Ok(t.node.has_ready())
+        })
+    }
+
+    /// Runs `f` (the main thread's work under the lock), which says whether the raft
+    /// thread should take a turn soon; a failure or a panic is left to the raft thread
+    /// (`inline_failed`), which stops the node when it next takes the lock.
+    fn on_main_thread(&mut self, f: impl FnOnce(&mut Self) -> Result<bool, NodeError>) -> bool {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
         match r {
-            Ok(Ok(())) => self.node.has_ready(),
+            Ok(Ok(kick)) => kick,
             Ok(Err(e)) => {
                 self.inline_failed = Some(InlineFailure::Error(e));
                 true

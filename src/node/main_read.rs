@@ -13,7 +13,7 @@
 //! (a vote, a new term, a refused append, a membership change in flight, a transfer)
 //! is left for it (`deferred`, stepped first on its next turn, so the order a connection
 //! delivered is kept), and it reads the connections itself once per tick, and at once
-//! whenever the main thread found the lock taken (`main_missed`), so a main thread busy in a
+//! whenever the main thread found the lock taken (`Shared::main_missed`), so a main thread busy in a
 //! long script holds up nothing but its own applies. It does not watch the connections the
 //! main thread watches (one wake-up per message, not two), and it decides, at the end of
 //! each turn, whether the main thread reads at all (`choose_reader`): only on a leader with
@@ -26,7 +26,6 @@
 
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{MutexGuard, TryLockError};
 use std::time::Instant;
 
 use raft::eraftpb::{Message, MessageType};
@@ -103,29 +102,20 @@ impl Node {
         MainRead::Done
     }
 
-    /// The lock on the raft thread's state if it is free (poisoned or not: the raft thread
-    /// leaves None behind a panic).
-    fn try_core(&self) -> Option<MutexGuard<'_, Option<RaftThread>>> {
-        match self.core.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        }
-    }
-
     /// The main thread found the lock taken (`MainRead::Busy`) and stops watching the
     /// connections for now (a readable socket it cannot read would wake it again at once):
-    /// the raft thread watches them all and reads them at once; its turn is under way (it
-    /// holds the lock), and it looks at `main_missed` before it sleeps.
+    /// the raft thread watches them all and reads them on a turn it takes at once (kicked:
+    /// its turn is under way, and it looks at the kick before it sleeps).
     pub fn pause_main_reads(&self) {
         self.shared.main_paused.store(true, Ordering::Release);
-        self.main_missed.store(true, Ordering::Release);
+        self.shared.main_missed.store(true, Ordering::Release);
+        self.input.kick();
     }
 
     /// The main thread may watch the connections again once the raft thread has read what
     /// made it stop (true: it does from now on).
     pub fn resume_main_reads(&self) -> bool {
-        if self.main_missed.load(Ordering::Acquire) {
+        if self.shared.main_missed.load(Ordering::Acquire) {
             // Unless the raft thread is gone: then nothing will read them (or clear this).
             let ended = self.try_core().is_some_and(|core| core.is_none());
             if !ended {

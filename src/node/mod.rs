@@ -47,7 +47,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -220,6 +220,9 @@ pub struct Shared {
     peers_generation: AtomicU64,
     /// The main thread stopped watching them for a moment (`Node::pause_main_reads`).
     main_paused: AtomicBool,
+    /// Set with `main_paused`: the raft thread reads them all on its next turn (which comes
+    /// at once) and clears it; the main thread watches them again only after that.
+    main_missed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -400,8 +403,6 @@ pub struct Node {
     /// free, for a proposal batch or a read round (`submit`).
     core: Arc<Mutex<Option<RaftThread>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// See `RaftThread::main_missed`.
-    main_missed: Arc<AtomicBool>,
 }
 
 impl Node {
@@ -490,11 +491,11 @@ impl Node {
             log_full_flag: AtomicBool::new(false),
             peers_generation: AtomicU64::new(0),
             main_paused: AtomicBool::new(false),
+            main_missed: AtomicBool::new(false),
         });
 
         let (tx, rx) = bounded(PROPOSAL_QUEUE_MAX);
         let kicked = Arc::new(AtomicBool::new(false));
-        let main_missed = Arc::new(AtomicBool::new(false));
         let syncer = match Syncer::start(store.clone(), Arc::clone(&bell)) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -566,7 +567,6 @@ impl Node {
             main_reads: false,
             peers_published: (0, false),
             sleep_until: Instant::now(),
-            main_missed: Arc::clone(&main_missed),
         };
         worker.publish_status();
         worker.publish_membership(worker.book_index);
@@ -575,7 +575,6 @@ impl Node {
             poll: worker.peers_in.sleep(),
             watch: Vec::new(),
             ready: Vec::new(),
-            main_missed: Arc::clone(&main_missed),
             input: worker.input.clone(),
             inbound: worker.inbound.clone(),
             synced: worker.synced_bell.clone(),
@@ -612,7 +611,6 @@ impl Node {
             transport,
             core,
             thread: Mutex::new(Some(thread)),
-            main_missed,
         })
     }
 
@@ -632,6 +630,16 @@ impl Node {
         }
     }
 
+    /// The lock on the raft thread's state if it is free, for the main thread (poisoned or
+    /// not: the raft thread leaves None behind a panic).
+    fn try_core(&self) -> Option<MutexGuard<'_, Option<RaftThread>>> {
+        match self.core.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Runs a proposal batch or a read round on the calling (main) thread, as the raft
     /// thread's turn would handle it, when the raft thread is between turns (it holds the
     /// lock only while it runs one): appended, written and sent at once, without waking the
@@ -640,7 +648,7 @@ impl Node {
     /// committed entry waiting to be delivered; and only with the channel empty (what was
     /// sent before goes first). Otherwise sends it to the raft thread.
     fn submit(&self, input: Input) -> Result<(), TrySendError<Input>> {
-        if let Ok(mut core) = self.core.try_lock() {
+        if let Some(mut core) = self.try_core() {
             if let Some(t) = core.as_mut().filter(|t| t.can_run_inline()) {
                 if t.run_input_now(input) {
                     self.input.kick();
@@ -844,9 +852,6 @@ struct RaftThread {
     peers_published: (u64, bool),
     /// Until when this thread sleeps (its next timer), while it does.
     sleep_until: Instant,
-    /// Set by the main thread when it could not read a connection it watches (this thread
-    /// held the lock): this thread reads them all on its next turn, which comes at once.
-    main_missed: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -929,8 +934,6 @@ struct Sleeper {
     watch: Vec<RawFd>,
     /// Those found readable or closed, for the next turn to read.
     ready: Vec<RawFd>,
-    /// See `RaftThread::main_missed`.
-    main_missed: Arc<AtomicBool>,
     input: Receiver<Input>,
     inbound: Receiver<Vec<Message>>,
     synced: Receiver<()>,
@@ -1136,7 +1139,7 @@ impl RaftThread {
             }
         }
         // Set by a main thread that could not read them (main_read.rs), reader or not.
-        let missed = self.main_missed.swap(false, Ordering::AcqRel);
+        let missed = self.shared.main_missed.swap(false, Ordering::AcqRel);
         if self.main_reads || missed {
             // The main thread watches them; whatever it has not read yet is taken here (a
             // read that finds nothing costs little).

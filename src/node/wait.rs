@@ -1,8 +1,8 @@
 //! Where the raft thread sleeps: in poll(2) on its bell (rung after anything is put on its
 //! channels: the main thread's input, the transport's inbound batches and reports, the
-//! syncer's doorbell) and on the peer connections it reads itself
-//! (`transport::InboundPoll`), until the next timer. A peer's message then wakes this thread
-//! alone, not a reader thread first.
+//! syncer's doorbell) and on the peer connections it watches (`transport::PollSleep`: all of
+//! them, but those a leader's main thread watches, node/main_read.rs), until the next timer.
+//! A peer's message then wakes one thread, not a reader thread first.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,20 +55,15 @@ impl Drop for InputTx {
 }
 
 impl Sleeper {
-    /// Sleeps until something arrives or `timeout` passes; appends what the polled peer
-    /// connections delivered to `polled`. Returns at once when anything is already waiting,
-    /// a kick included (cleared on the way out: the turn that follows answers it).
+    /// Sleeps until something arrives or `timeout` passes; notes in `ready` the watched peer
+    /// connections found readable or closed (the turn that follows reads them). Returns at
+    /// once when anything is already waiting, a kick included (cleared on the way out: the
+    /// turn that follows answers it).
     pub(super) fn wait(&mut self, timeout: Duration) {
-        let (input, inbound, synced, kicked, missed) = (
-            &self.input,
-            &self.inbound,
-            &self.synced,
-            &self.kicked,
-            &self.main_missed,
-        );
+        let (input, inbound, synced, kicked) =
+            (&self.input, &self.inbound, &self.synced, &self.kicked);
         let waiting = || {
             kicked.load(Ordering::Relaxed)
-                || missed.load(Ordering::Relaxed)
                 || !input.is_empty()
                 || !inbound.is_empty()
                 || !synced.is_empty()

@@ -157,8 +157,10 @@ impl InboundPoll {
 
     /// Sleeps until the bell rings, a lent connection has something, or `timeout` passes;
     /// appends what the connections delivered to `out`. Does not sleep when `waiting`, asked
-    /// once the thread counts as asleep, says something is queued already. (The node sleeps
-    /// and reads in two steps instead: `sleep`, `read_ready`.)
+    /// once the thread counts as asleep, says something is queued already. For the
+    /// transport's tests: the node sleeps and reads in two steps (`sleep`, then
+    /// `read_ready` under its lock).
+    #[cfg(test)]
     pub fn wait(
         &mut self,
         timeout: Duration,

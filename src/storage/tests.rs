@@ -19,6 +19,11 @@ fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
     }
 }
 
+/// Entries `indexes`, all of `term` with payload `data`.
+fn entries(indexes: std::ops::RangeInclusive<u64>, term: u64, data: &[u8]) -> Vec<Entry> {
+    indexes.map(|i| entry(i, term, data)).collect()
+}
+
 fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
     HardState { term, vote, commit }
 }
@@ -1239,10 +1244,14 @@ fn after_a_failed_fsync_the_store_never_fsyncs_again() {
     ));
 }
 
+/// The entries `committed_log` writes, at `indexes`.
+fn committed_entries(indexes: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+    indexes.map(|i| entry(i, 1 + i / 4, b"set k v")).collect()
+}
+
 fn committed_log(path: &Path, n: u64) -> LogStore {
     let (store, _) = open(path);
-    let entries: Vec<Entry> = (1..=n).map(|i| entry(i, 1 + i / 4, b"set k v")).collect();
-    store.append(&entries).unwrap();
+    store.append(&committed_entries(1..=n)).unwrap();
     store
         .set_hard_state(&HardState {
             term: 1 + n / 4,
@@ -1332,25 +1341,19 @@ fn what_is_written_while_a_compaction_runs_is_kept() {
     super::DURING_COMPACTION.with(|h| {
         *h.borrow_mut() = Some(Box::new(move || {
             let s = meanwhile;
-            s.append(&(21..=25).map(|i| entry(i, 6, b"first")).collect::<Vec<_>>())
-                .unwrap();
+            s.append(&entries(21..=25, 6, b"first")).unwrap();
             s.sync().unwrap();
             s.set_hard_state(&hard_state(7, 2, 22)).unwrap();
-            s.append(
-                &(24..=26)
-                    .map(|i| entry(i, 7, b"second"))
-                    .collect::<Vec<_>>(),
-            )
-            .unwrap();
+            s.append(&entries(24..=26, 7, b"second")).unwrap();
             s.sync().unwrap();
             // Buffered only: it stays buffered through the compaction, for the next sync.
             s.append(&[entry(27, 7, b"buffered")]).unwrap();
         }))
     });
     store.compact(12, &conf_state(&[1, 2, 3], &[])).unwrap();
-    let mut want: Vec<Entry> = (13..=20).map(|i| entry(i, 1 + i / 4, b"set k v")).collect();
-    want.extend((21..=23).map(|i| entry(i, 6, b"first")));
-    want.extend((24..=26).map(|i| entry(i, 7, b"second")));
+    let mut want = committed_entries(13..=20);
+    want.extend(entries(21..=23, 6, b"first"));
+    want.extend(entries(24..=26, 7, b"second"));
     want.push(entry(27, 7, b"buffered"));
     assert_eq!(store.first_index().unwrap(), 13);
     assert_eq!(all_entries_from(&store, 13), want);
@@ -1394,7 +1397,7 @@ fn records_buffered_across_a_compaction_are_written_once() {
     });
     store.compact(12, &conf_state(&[1, 2, 3], &[])).unwrap();
     store.sync().unwrap();
-    let mut want: Vec<Entry> = (13..=20).map(|i| entry(i, 1 + i / 4, b"set k v")).collect();
+    let mut want = committed_entries(13..=20);
     want.push(entry(21, 6, b"before"));
     want.push(entry(22, 6, b"during"));
     store.set_cache_max_bytes(1);
@@ -1693,15 +1696,10 @@ fn entries_buffered_behind_another_record_are_read_back_from_their_own_records()
     let s = committed_log(&path, 20);
     s.set_cache_max_bytes(1);
     s.set_hard_state(&hard_state(7, 2, 20)).unwrap();
-    s.append(
-        &(21..=23)
-            .map(|i| entry(i, 7, b"behind"))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    s.append(&entries(21..=23, 7, b"behind")).unwrap();
     s.sync().unwrap();
-    let mut want: Vec<Entry> = (1..=20).map(|i| entry(i, 1 + i / 4, b"set k v")).collect();
-    want.extend((21..=23).map(|i| entry(i, 7, b"behind")));
+    let mut want = committed_entries(1..=20);
+    want.extend(entries(21..=23, 7, b"behind"));
     assert_eq!(
         s.stats().cache_entries,
         0,

@@ -733,12 +733,37 @@ fn flush_proposals() {
     if let Err((e, batch)) = node.propose(batch) {
         for (tag, _) in batch {
             if let Some(p) = st.pending.remove(&tag.request) {
-                if let Some(w) = p.waiter {
-                    blocking::forget(w);
-                }
-                unblock(p.bc, Reply::Error(e.to_string()));
+                never_logged(p, &e.to_string());
             }
         }
+    }
+}
+
+/// Answers a write that never reached the log with `msg`.
+fn never_logged(p: Pending, msg: &str) {
+    if let Some(w) = p.waiter {
+        blocking::forget(w);
+    }
+    unblock(p.bc, Reply::Error(msg.to_string()));
+}
+
+/// Leadership was lost: the writes of this turn not yet handed to the node (flushed before
+/// Redis sleeps) never reach the log; they get `msg` (where to send them), not "outcome
+/// unknown", and are not proposed. What no client waits on stays in the batch.
+fn fail_unproposed(msg: &str) {
+    let st = MAIN.get_mut();
+    let pending = &mut st.pending;
+    let mut failed = Vec::new();
+    st.batch
+        .retain(|(tag, _)| match pending.remove(&tag.request) {
+            Some(p) => {
+                failed.push(p);
+                false
+            }
+            None => true,
+        });
+    for p in failed {
+        never_logged(p, msg);
     }
 }
 

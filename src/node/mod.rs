@@ -1528,8 +1528,11 @@ impl RaftThread {
     fn stop_on_error(&self, e: NodeError) {
         let msg = match &e {
             NodeError::Storage(se) => {
-                let msg = format!("{se}; this node stopped taking part in the cluster and acknowledges nothing it could not persist (the log is not written again: after a failed write or fsync its contents are suspect); check the disk, then restart the node");
-                lock(&self.shared.status).log_failed = Some(se.to_string());
+                // The fsync that failed on the syncer may first be met by a later write (on
+                // either thread): name that fsync.
+                let cause = se.first_failure();
+                let msg = format!("{cause}; this node stopped taking part in the cluster and acknowledges nothing it could not persist (the log is not written again: after a failed write or fsync its contents are suspect); check the disk, then restart the node");
+                lock(&self.shared.status).log_failed = Some(cause);
                 msg
             }
             other => format!(

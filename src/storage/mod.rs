@@ -153,6 +153,19 @@ impl StorageError {
         matches!(self, StorageError::NoSpace { .. })
     }
 
+    /// What went wrong first: for `Failed` (the store refused because of an earlier failure),
+    /// that failure, worded as it was when it happened (`raft log <file>: fsync failed:
+    /// ...`); otherwise this error. Whichever caller trips over a failed store first, the
+    /// node then names the cause, not its echo.
+    pub fn first_failure(&self) -> String {
+        match self {
+            StorageError::Failed { path, cause } => {
+                format!("raft log {}: {cause}", path.display())
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// `raft log <file>: <the OS's error>`: what failed, without advice.
     pub fn short(&self) -> String {
         match self {

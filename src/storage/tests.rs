@@ -1212,6 +1212,12 @@ fn after_a_failed_write_the_store_refuses_further_writes() {
         want
     );
     assert_eq!(store.set_commit(1).unwrap_err().to_string(), want);
+    // The refusal names the failure it comes from as that failure said it.
+    assert_eq!(
+        store.sync().unwrap_err().first_failure(),
+        err.to_string(),
+        "the first failure"
+    );
     assert_eq!(store.stats().bytes, 9);
 }
 

@@ -122,8 +122,11 @@ pub enum ApplyItem {
     Entries(Vec<Entry>, Instant),
     /// These proposals never entered the log: a definite failure.
     Dropped(Vec<ProposalTag>),
-    /// This node stopped being leader: outcomes of its pending proposals are unknown.
-    LeadershipLost,
+    /// This node stopped being leader. The outcomes of its pending proposals up to request
+    /// `taken` (the highest `ProposalTag::request` the raft thread had taken) are unknown;
+    /// later ones it had not seen yet: it drops them (`Dropped`) or, if it leads again by
+    /// then, proposes them.
+    LeadershipLost { taken: u64 },
     /// The node stopped (log write failed): fail everything pending with this message.
     Stopped(String),
     /// This node's log found the disk full: writes pending here will not be acknowledged by
@@ -549,6 +552,7 @@ impl Node {
             persisting: VecDeque::new(),
             synced: 0,
             incarnation,
+            taken: 0,
             read_epoch: incarnation,
             stall_clock: StallClock::new(Instant::now()),
             early_election: None,
@@ -800,6 +804,9 @@ struct RaftThread {
     transfer: Option<(u64, Instant)>,
     /// Distinguishes this process's read rounds from a previous one's (see `read_ctx`).
     incarnation: u64,
+    /// The highest request number of the proposals (writes and membership changes) this
+    /// thread has taken, logged or dropped: what `LeadershipLost` may call unknown.
+    taken: u64,
     /// The second word of our read rounds' context: the incarnation, changed after a stall
     /// so that nothing asked before it confirms a read (node/failover.rs).
     read_epoch: u64,
@@ -1284,11 +1291,13 @@ impl RaftThread {
                 if self.node.raft.state == StateRole::Leader
                     && self.book.members.get(&member.id) == Some(&member) =>
             {
+                self.taken = self.taken.max(tag.request);
                 self.shared
                     .push(ApplyItem::AlreadyMember { tag, id: member.id }, &self.waker);
                 false
             }
             Input::ChangeMembership(tag, req) => {
+                self.taken = self.taken.max(tag.request);
                 if let Err(error) = self.change_membership(tag, req) {
                     self.shared
                         .push(ApplyItem::Refused { tag, error }, &self.waker);
@@ -1438,6 +1447,7 @@ impl RaftThread {
     }
 
     fn propose(&mut self, tag: ProposalTag, data: Vec<u8>, dropped: &mut Vec<ProposalTag>) {
+        self.taken = self.taken.max(tag.request);
         // A leader that applied its own removal is no longer in its configuration: raft-rs
         // cannot append for it (it would abort), and it is about to step down anyway. One
         // whose log is full could not persist it (the main thread says why: redirect_error).
@@ -1706,7 +1716,8 @@ impl RaftThread {
                 self.shared
                     .leader_ready_index
                     .store(u64::MAX, Ordering::Release);
-                self.shared.push(ApplyItem::LeadershipLost, &self.waker);
+                self.shared
+                    .push(ApplyItem::LeadershipLost { taken: self.taken }, &self.waker);
                 info!(
                     "this node is no longer the leader (term {}, leader {})",
                     r.term, r.leader_id

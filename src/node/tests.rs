@@ -29,6 +29,8 @@ struct TestCluster {
     /// Normal entries (index, payload) each node has been handed, in order.
     applied: Vec<Vec<(u64, Vec<u8>)>>,
     dropped: Vec<Vec<ProposalTag>>,
+    /// Each `LeadershipLost` a node handed over: the highest request it had taken.
+    lost: Vec<Vec<u64>>,
     /// Confirmed read rounds (round, index) each node has been handed.
     reads: Vec<Vec<(u64, u64)>>,
     /// Whether the logs fsync (a leader's through its syncer thread).
@@ -62,6 +64,7 @@ impl TestCluster {
             nodes: (0..n).map(|_| None).collect(),
             applied: vec![Vec::new(); n],
             dropped: vec![Vec::new(); n],
+            lost: vec![Vec::new(); n],
             reads: vec![Vec::new(); n],
             fsync,
         };
@@ -117,8 +120,8 @@ impl TestCluster {
                     }
                     ApplyItem::Dropped(tags) => self.dropped[i].extend(tags),
                     ApplyItem::ReadReady { round, index } => self.reads[i].push((round, index)),
-                    ApplyItem::LeadershipLost
-                    | ApplyItem::LogFull { .. }
+                    ApplyItem::LeadershipLost { taken } => self.lost[i].push(taken),
+                    ApplyItem::LogFull { .. }
                     | ApplyItem::Stopped(_)
                     | ApplyItem::ReadFailed { .. }
                     | ApplyItem::TransferDone(_)
@@ -197,6 +200,55 @@ fn keys(applied: &[(u64, Vec<u8>)]) -> Vec<String> {
             other => panic!("unexpected entry {other:?}"),
         })
         .collect()
+}
+
+/// What the main thread counts on to answer the writes pending when leadership goes:
+/// `LeadershipLost` names the last request the raft thread took, and what it takes after
+/// comes back `Dropped`, logged nowhere (so a redirect is the true answer for it, not
+/// "outcome unknown").
+#[test]
+fn leadership_lost_names_the_last_proposal_taken_and_later_ones_are_dropped() {
+    let mut c = TestCluster::new(3);
+    let l = c.leader(Duration::from_secs(5));
+    let me = l as u64 + 1;
+    c.node(l).propose(proposals(me, 1, 10)).expect("propose");
+    c.wait_applied(&[0, 1, 2], 10);
+    assert!(c.lost[l].is_empty(), "{:?}", c.lost[l]);
+
+    let f = (l + 1) % 3;
+    c.node(l).transfer_leader(f as u64 + 1).expect("transfer");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.lost[l].is_empty() {
+        assert!(Instant::now() < deadline, "leadership not handed over");
+        c.collect();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.lost[l], vec![10]);
+
+    let later = proposals(me, 11, 3);
+    let tags: Vec<ProposalTag> = later.iter().map(|(t, _)| *t).collect();
+    c.node(l).propose(later).expect("propose");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.dropped[l].len() < 3 {
+        assert!(Instant::now() < deadline, "{:?}", c.dropped[l]);
+        c.collect();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(c.dropped[l], tags);
+    // The new leader commits on; none of the dropped ones is anywhere.
+    c.node(f)
+        .propose(proposals(f as u64 + 1, 100, 1))
+        .expect("propose");
+    c.wait_applied(&[0, 1, 2], 11);
+    for i in 0..3 {
+        let k = keys(&c.applied[i]);
+        assert_eq!(k.len(), 11, "node {i}: {k:?}");
+        assert!(
+            !k.iter()
+                .any(|k| ["k11", "k12", "k13"].contains(&k.as_str())),
+            "node {i}: {k:?}"
+        );
+    }
 }
 
 #[test]

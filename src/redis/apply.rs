@@ -15,7 +15,7 @@ use super::api::{
     self, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx,
 };
 use super::{
-    blocking, busy, classify, conn, enqueue_blocking, fail_all_pending, fail_all_reads,
+    blocking, busy, classify, conn, enqueue_blocking, fail_all_pending, fail_all_reads, fail_taken,
     fail_unproposed, module, on_wake, redirect_error, release_parked, reply_after_wakes, scripts,
     serve_read, serve_ready_reads, snapshots, streams, unblock, watch, Module, Part, Pending,
     ReadWaiter, Reply, MAIN, REMOVED_ERROR, WAKE_QUEUED,
@@ -82,11 +82,12 @@ pub(super) fn apply_committed() {
                     }
                 }
             }
-            ApplyItem::LeadershipLost => {
+            ApplyItem::LeadershipLost { taken } => {
                 let redirect = redirect_error(m);
                 blocking::leadership_lost(&redirect);
                 fail_unproposed(&redirect);
-                fail_all_pending(
+                fail_taken(
+                    taken,
                     "TIMEOUT leadership changed before the write was committed; its outcome is unknown",
                 )
             }

@@ -986,6 +986,28 @@ fn fail_all_reads(msg: &str) {
     }
 }
 
+/// This node stopped leading. The writes the raft thread had taken (request number up to
+/// `taken`) may still commit under the next leader, or not: they get `msg`. The later ones
+/// it has not seen yet wait for what it does with them: drop them (`Dropped`: a redirect,
+/// since they never reach the log) or, leading again by then, propose them. A blocking
+/// command's attempt gets `msg` whatever its number: blocking::leadership_lost forgot its
+/// waiter.
+fn fail_taken(taken: u64, msg: &str) {
+    // Applied already: their own replies, now.
+    release_parked(true);
+    let pending = &mut MAIN.get_mut().pending;
+    let failed: Vec<u64> = pending
+        .iter()
+        .filter(|(request, p)| **request <= taken || p.waiter.is_some())
+        .map(|(request, _)| *request)
+        .collect();
+    for request in failed {
+        if let Some(p) = MAIN.get_mut().pending.remove(&request) {
+            unblock(p.bc, Reply::Error(msg.to_string()));
+        }
+    }
+}
+
 fn fail_all_pending(msg: &str) {
     // Applied already: their own replies, now.
     release_parked(true);

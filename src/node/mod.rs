@@ -129,11 +129,16 @@ pub enum ApplyItem {
     LeadershipLost { taken: u64 },
     /// The node stopped (log write failed): fail everything pending with this message.
     Stopped(String),
-    /// This node's log found the disk full: writes pending here will not be acknowledged by
-    /// it (their outcome is unknown), nor the reads waiting here; fail them with the first
-    /// message and the reads with the second. Later writes are refused (`Shared::log_full`)
-    /// until the log is written again.
-    LogFull { writes: String, reads: String },
+    /// This node's log found the disk full: writes pending here up to request `taken` (as
+    /// in `LeadershipLost`) will not be acknowledged by it (their outcome is unknown), nor
+    /// the reads waiting here; fail them with the first message and the reads with the
+    /// second. Later writes come back `Dropped`, and new ones are refused
+    /// (`Shared::log_full`) until the log is written again.
+    LogFull {
+        writes: String,
+        reads: String,
+        taken: u64,
+    },
     /// Read round `round` may run once this node has applied `index`.
     ReadReady { round: u64, index: u64 },
     /// These read rounds could not be confirmed (no leader, or no quorum, in time), or this

@@ -91,9 +91,13 @@ pub(super) fn apply_committed() {
                     "TIMEOUT leadership changed before the write was committed; its outcome is unknown",
                 )
             }
-            ApplyItem::LogFull { writes, reads } => {
+            ApplyItem::LogFull {
+                writes,
+                reads,
+                taken,
+            } => {
                 blocking::leadership_lost(&writes);
-                fail_all_pending(&writes);
+                fail_taken(taken, &writes);
                 fail_all_reads(&reads);
             }
             ApplyItem::Stopped(msg) => {

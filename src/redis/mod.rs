@@ -986,12 +986,12 @@ fn fail_all_reads(msg: &str) {
     }
 }
 
-/// This node stopped leading. The writes the raft thread had taken (request number up to
-/// `taken`) may still commit under the next leader, or not: they get `msg`. The later ones
-/// it has not seen yet wait for what it does with them: drop them (`Dropped`: a redirect,
-/// since they never reach the log) or, leading again by then, propose them. A blocking
-/// command's attempt gets `msg` whatever its number: blocking::leadership_lost forgot its
-/// waiter.
+/// This node stopped leading, or its log is full. The writes the raft thread had taken
+/// (request number up to `taken`) may still commit, or not: they get `msg`. The later ones
+/// it has not seen yet wait for what it does with them: drop them (`Dropped`: a redirect or
+/// the full log's error, since they never reach the log) or, leading again by then, propose
+/// them. A blocking command's attempt gets `msg` whatever its number:
+/// blocking::leadership_lost forgot its waiter.
 fn fail_taken(taken: u64, msg: &str) {
     // Applied already: their own replies, now.
     release_parked(true);

@@ -127,8 +127,10 @@ pub enum ApplyItem {
     /// later ones it had not seen yet: it drops them (`Dropped`) or, if it leads again by
     /// then, proposes them.
     LeadershipLost { taken: u64 },
-    /// The node stopped (log write failed): fail everything pending with this message.
-    Stopped(String),
+    /// The node stopped (log write failed, ...): pending writes up to request `taken` (as in
+    /// `LeadershipLost`) may have reached the other nodes, their outcome is unknown; the
+    /// later ones never reach the log. Both get this message.
+    Stopped { msg: String, taken: u64 },
     /// This node's log found the disk full: writes pending here up to request `taken` (as
     /// in `LeadershipLost`) will not be acknowledged by it (their outcome is unknown), nor
     /// the reads waiting here; fail them with the first message and the reads with the
@@ -151,8 +153,9 @@ pub enum ApplyItem {
     /// RAFT.NODE ADD of a node that is already a member with the same name and addresses
     /// (a JOIN retried after its first attempt got committed): nothing to do.
     AlreadyMember { tag: ProposalTag, id: u64 },
-    /// This node applied its own removal from the cluster and stopped.
-    Removed,
+    /// This node applied its own removal from the cluster and stopped; pending writes as in
+    /// `Stopped`.
+    Removed { taken: u64 },
     /// The leader's snapshot (file at `path`, up to `index`) replaces the dataset; later
     /// entries follow it.
     InstallSnapshot {
@@ -202,6 +205,10 @@ enum Input {
 /// State shared between the raft thread and the main thread.
 pub struct Shared {
     pub node_id: u64,
+    /// The highest request number of the proposals (writes and membership changes) the
+    /// raft thread has taken, logged or dropped: the pending writes `LeadershipLost`,
+    /// `LogFull`, `Stopped` and `Removed` may call unknown.
+    taken: AtomicU64,
     is_leader: AtomicBool,
     /// The leader this node knows, 0 for none.
     leader_id: AtomicU64,
@@ -335,6 +342,15 @@ impl Shared {
         std::mem::take(&mut *lock(&self.apply_queue))
     }
 
+    /// The raft thread takes a tagged proposal (see `taken`).
+    fn note_taken(&self, tag: &ProposalTag) {
+        self.taken.fetch_max(tag.request, Ordering::AcqRel);
+    }
+
+    fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Acquire)
+    }
+
     fn push(&self, item: ApplyItem, waker: &Waker) {
         lock(&self.apply_queue).push_back(item);
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
@@ -347,6 +363,7 @@ impl Shared {
     /// the bus closed.
     fn stop(&self, failure: Option<String>, waker: &Waker, transport: &Transport) {
         let removed = failure.is_none();
+        let taken = self.taken.load(Ordering::Acquire);
         let reason = failure
             .clone()
             .unwrap_or_else(|| "this node was removed from the cluster".into());
@@ -363,7 +380,10 @@ impl Shared {
             st.leader_id = 0;
         }
         self.push(
-            failure.map_or(ApplyItem::Removed, ApplyItem::Stopped),
+            match failure {
+                None => ApplyItem::Removed { taken },
+                Some(msg) => ApplyItem::Stopped { msg, taken },
+            },
             waker,
         );
         transport.shutdown();
@@ -482,6 +502,7 @@ impl Node {
 
         let shared = Arc::new(Shared {
             node_id: spec.id,
+            taken: AtomicU64::new(0),
             is_leader: AtomicBool::new(false),
             leader_id: AtomicU64::new(0),
             leader_ready_index: AtomicU64::new(u64::MAX),
@@ -557,7 +578,6 @@ impl Node {
             persisting: VecDeque::new(),
             synced: 0,
             incarnation,
-            taken: 0,
             read_epoch: incarnation,
             stall_clock: StallClock::new(Instant::now()),
             early_election: None,
@@ -809,9 +829,6 @@ struct RaftThread {
     transfer: Option<(u64, Instant)>,
     /// Distinguishes this process's read rounds from a previous one's (see `read_ctx`).
     incarnation: u64,
-    /// The highest request number of the proposals (writes and membership changes) this
-    /// thread has taken, logged or dropped: what `LeadershipLost` may call unknown.
-    taken: u64,
     /// The second word of our read rounds' context: the incarnation, changed after a stall
     /// so that nothing asked before it confirms a read (node/failover.rs).
     read_epoch: u64,
@@ -1296,13 +1313,13 @@ impl RaftThread {
                 if self.node.raft.state == StateRole::Leader
                     && self.book.members.get(&member.id) == Some(&member) =>
             {
-                self.taken = self.taken.max(tag.request);
+                self.shared.note_taken(&tag);
                 self.shared
                     .push(ApplyItem::AlreadyMember { tag, id: member.id }, &self.waker);
                 false
             }
             Input::ChangeMembership(tag, req) => {
-                self.taken = self.taken.max(tag.request);
+                self.shared.note_taken(&tag);
                 if let Err(error) = self.change_membership(tag, req) {
                     self.shared
                         .push(ApplyItem::Refused { tag, error }, &self.waker);
@@ -1452,7 +1469,7 @@ impl RaftThread {
     }
 
     fn propose(&mut self, tag: ProposalTag, data: Vec<u8>, dropped: &mut Vec<ProposalTag>) {
-        self.taken = self.taken.max(tag.request);
+        self.shared.note_taken(&tag);
         // A leader that applied its own removal is no longer in its configuration: raft-rs
         // cannot append for it (it would abort), and it is about to step down anyway. One
         // whose log is full could not persist it (the main thread says why: redirect_error).
@@ -1721,8 +1738,12 @@ impl RaftThread {
                 self.shared
                     .leader_ready_index
                     .store(u64::MAX, Ordering::Release);
-                self.shared
-                    .push(ApplyItem::LeadershipLost { taken: self.taken }, &self.waker);
+                self.shared.push(
+                    ApplyItem::LeadershipLost {
+                        taken: self.shared.taken(),
+                    },
+                    &self.waker,
+                );
                 info!(
                     "this node is no longer the leader (term {}, leader {})",
                     r.term, r.leader_id

@@ -351,7 +351,7 @@ impl RaftThread {
                     "TIMEOUT {error}: this node could not persist the write, its outcome is unknown; writes resume when space is freed"
                 ),
                 reads: full_log_read_error(&self.store),
-                taken: self.taken,
+                taken: self.shared.taken(),
             },
             &self.waker,
         );

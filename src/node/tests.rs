@@ -122,12 +122,12 @@ impl TestCluster {
                     ApplyItem::ReadReady { round, index } => self.reads[i].push((round, index)),
                     ApplyItem::LeadershipLost { taken } => self.lost[i].push(taken),
                     ApplyItem::LogFull { .. }
-                    | ApplyItem::Stopped(_)
+                    | ApplyItem::Stopped { .. }
                     | ApplyItem::ReadFailed { .. }
                     | ApplyItem::TransferDone(_)
                     | ApplyItem::Refused { .. }
                     | ApplyItem::AlreadyMember { .. }
-                    | ApplyItem::Removed
+                    | ApplyItem::Removed { .. }
                     | ApplyItem::InstallSnapshot { .. }
                     | ApplyItem::Compacted { .. } => {}
                 }
@@ -236,6 +236,7 @@ fn leadership_lost_names_the_last_proposal_taken_and_later_ones_are_dropped() {
     }
     assert_eq!(c.dropped[l], tags);
     // The new leader commits on; none of the dropped ones is anywhere.
+    assert_eq!(c.leader(Duration::from_secs(5)), f);
     c.node(f)
         .propose(proposals(f as u64 + 1, 100, 1))
         .expect("propose");

@@ -15,10 +15,10 @@ use super::api::{
     self, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx,
 };
 use super::{
-    blocking, busy, classify, conn, enqueue_blocking, fail_all_pending, fail_all_reads, fail_taken,
-    fail_unproposed, module, on_wake, redirect_error, release_parked, reply_after_wakes, scripts,
-    serve_read, serve_ready_reads, snapshots, streams, unblock, watch, Module, Part, Pending,
-    ReadWaiter, Reply, MAIN, REMOVED_ERROR, WAKE_QUEUED,
+    blocking, busy, classify, conn, enqueue_blocking, fail_all_reads, fail_taken, fail_unproposed,
+    module, on_wake, redirect_error, release_parked, reply_after_wakes, scripts, serve_read,
+    serve_ready_reads, snapshots, streams, unblock, watch, Module, Part, Pending, ReadWaiter,
+    Reply, MAIN, REMOVED_ERROR, WAKE_QUEUED,
 };
 use crate::codec::{decode_command, LogCommand, ProposalTag};
 use crate::node::{ApplyItem, Node};
@@ -89,6 +89,7 @@ pub(super) fn apply_committed() {
                 fail_taken(
                     taken,
                     "TIMEOUT leadership changed before the write was committed; its outcome is unknown",
+                    None,
                 )
             }
             ApplyItem::LogFull {
@@ -97,13 +98,14 @@ pub(super) fn apply_committed() {
                 taken,
             } => {
                 blocking::leadership_lost(&writes);
-                fail_taken(taken, &writes);
+                fail_taken(taken, &writes, None);
                 fail_all_reads(&reads);
             }
-            ApplyItem::Stopped(msg) => {
+            ApplyItem::Stopped { msg, taken } => {
+                let unknown = format!("TIMEOUT {msg} (the write may have reached the other nodes: its outcome is unknown)");
                 let msg = format!("ERR {msg}");
                 blocking::leadership_lost(&msg);
-                fail_all_pending(&msg);
+                fail_taken(taken, &unknown, Some(&msg));
                 fail_all_reads(&msg);
             }
             ApplyItem::ReadReady { round, index } => {
@@ -127,9 +129,13 @@ pub(super) fn apply_committed() {
                     }
                 }
             }
-            ApplyItem::Removed => {
+            ApplyItem::Removed { taken } => {
                 blocking::leadership_lost(REMOVED_ERROR);
-                fail_all_pending(REMOVED_ERROR);
+                fail_taken(
+                    taken,
+                    "TIMEOUT this node was removed from the raft cluster before the write was committed; its outcome is unknown",
+                    Some(REMOVED_ERROR),
+                );
                 fail_all_reads(REMOVED_ERROR);
             }
             ApplyItem::TransferDone(result) => {

@@ -986,37 +986,34 @@ fn fail_all_reads(msg: &str) {
     }
 }
 
-/// This node stopped leading, or its log is full. The writes the raft thread had taken
-/// (request number up to `taken`) may still commit, or not: they get `msg`. The later ones
-/// it has not seen yet wait for what it does with them: drop them (`Dropped`: a redirect or
-/// the full log's error, since they never reach the log) or, leading again by then, propose
-/// them. A blocking command's attempt gets `msg` whatever its number:
+/// This node stopped leading, its log is full, or it stopped. The writes the raft thread
+/// had taken (request number up to `taken`) may still commit, or not: they get `unknown`.
+/// The later ones it has not seen: if `later` is None it still takes them and says what it
+/// did (`Dropped`: a redirect or the full log's error, since they never reach the log; or,
+/// leading again by then, it proposes them); if the node stopped they never reach the log
+/// and get `later`. A blocking command's attempt gets `unknown` whatever its number:
 /// blocking::leadership_lost forgot its waiter.
-fn fail_taken(taken: u64, msg: &str) {
+fn fail_taken(taken: u64, unknown: &str, later: Option<&str>) {
     // Applied already: their own replies, now.
     release_parked(true);
     let pending = &mut MAIN.get_mut().pending;
-    let failed: Vec<u64> = pending
+    let failed: Vec<(u64, &str)> = pending
         .iter()
-        .filter(|(request, p)| **request <= taken || p.waiter.is_some())
-        .map(|(request, _)| *request)
+        .filter_map(|(request, p)| {
+            if *request <= taken || p.waiter.is_some() {
+                Some((*request, unknown))
+            } else {
+                later.map(|msg| (*request, msg))
+            }
+        })
         .collect();
-    for request in failed {
+    for (request, msg) in failed {
         if let Some(p) = MAIN.get_mut().pending.remove(&request) {
             unblock(p.bc, Reply::Error(msg.to_string()));
         }
     }
 }
 
-fn fail_all_pending(msg: &str) {
-    // Applied already: their own replies, now.
-    release_parked(true);
-    for (_, p) in MAIN.get_mut().pending.drain() {
-        unblock(p.bc, Reply::Error(msg.to_string()));
-    }
-}
-
-/// The tag of this node's next proposal: its waiting client is found by it at apply time.
 /// Keeps what arrived for the apply after the command the main thread is inside (busy.rs).
 fn hold(arrived: std::collections::VecDeque<ApplyItem>) {
     MAIN.get_mut().held.extend(arrived);
@@ -1027,6 +1024,7 @@ fn kill_tag(m: &Module, node: &Node) -> ProposalTag {
     next_tag(MAIN.get_mut(), m, node)
 }
 
+/// The tag of this node's next proposal: its waiting client is found by it at apply time.
 fn next_tag(st: &mut MainState, m: &Module, node: &Node) -> ProposalTag {
     st.next_request += 1;
     ProposalTag {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the module and runs every test: unit tests, and the integration tests in tests/,
-# which start real redis-server processes with target/release/libredis_raft.so (found from
-# the test binary's own path, so the build profile here must be release).
+# which start real redis-server processes with the module `cargo test` builds
+# (target/release/deps/libredis_raft.so, found from the test binary's own path, so the build
+# profile here must be release).
 #
 #   scripts/test.sh [extra cargo test filter/args before --]
 #

@@ -17,18 +17,25 @@ pub mod proxy;
 pub const ELECTION_MS: u64 = 500;
 pub const HEARTBEAT_MS: u64 = 50;
 
-/// Path of the module built alongside this test binary (target/<profile>/libredis_raft.so).
-/// `cargo test` builds the library only as an rlib for the tests, so the first call builds
-/// the cdylib with the same profile (a no-op when it is fresh).
+/// Path of the module built alongside this test binary: `cargo test` builds the library,
+/// a dependency of every integration test, with all its crate types before it runs them,
+/// so target/<profile>/deps/libredis_raft.so (beside the test binary) is as fresh as the
+/// tests. `cargo test` does not copy it up to target/<profile>/, where `cargo build` puts
+/// it; and building it again here with `cargo build` would not be a no-op: `cargo test`
+/// turns on dev-dependencies' features in shared crates, so the two builds differ and each
+/// replaces the other's (20-45 s each time). Only when it is missing (a test binary run by
+/// hand) is it built here.
 pub fn module_path() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().expect("test exe path");
-            let profile_dir = exe
-                .parent()
-                .and_then(|d| d.parent())
-                .expect("target/<profile>/deps");
+            let deps = exe.parent().expect("target/<profile>/deps");
+            let p = deps.join("libredis_raft.so");
+            if p.exists() {
+                return p;
+            }
+            let profile_dir = deps.parent().expect("target/<profile>");
             let release = profile_dir.file_name().is_some_and(|n| n == "release");
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);

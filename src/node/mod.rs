@@ -363,7 +363,7 @@ impl Shared {
     /// the bus closed.
     fn stop(&self, failure: Option<String>, waker: &Waker, transport: &Transport) {
         let removed = failure.is_none();
-        let taken = self.taken.load(Ordering::Acquire);
+        let taken = self.taken();
         let reason = failure
             .clone()
             .unwrap_or_else(|| "this node was removed from the cluster".into());

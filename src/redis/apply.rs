@@ -15,10 +15,10 @@ use super::api::{
     self, rm, CallOpts, RedisModuleBlockedClient, RedisModuleCallReply, RedisModuleCtx,
 };
 use super::{
-    blocking, busy, classify, conn, enqueue_blocking, fail_all_reads, fail_taken, fail_unproposed,
-    module, on_wake, redirect_error, release_parked, reply_after_wakes, scripts, serve_read,
-    serve_ready_reads, snapshots, streams, unblock, watch, Module, Part, Pending, ReadWaiter,
-    Reply, MAIN, REMOVED_ERROR, WAKE_QUEUED,
+    blocking, busy, classify, conn, enqueue_blocking, fail_all_reads, fail_taken, module, on_wake,
+    redirect_error, release_parked, reply_after_wakes, scripts, serve_read, serve_ready_reads,
+    snapshots, streams, unblock, watch, Module, Part, Pending, ReadWaiter, Reply, MAIN,
+    REMOVED_ERROR, WAKE_QUEUED,
 };
 use crate::codec::{decode_command, LogCommand, ProposalTag};
 use crate::node::{ApplyItem, Node};
@@ -83,9 +83,7 @@ pub(super) fn apply_committed() {
                 }
             }
             ApplyItem::LeadershipLost { taken } => {
-                let redirect = redirect_error(m);
-                blocking::leadership_lost(&redirect);
-                fail_unproposed(&redirect);
+                blocking::leadership_lost(&redirect_error(m));
                 fail_taken(
                     taken,
                     "TIMEOUT leadership changed before the write was committed; its outcome is unknown",

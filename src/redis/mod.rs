@@ -747,26 +747,6 @@ fn never_logged(p: Pending, msg: &str) {
     unblock(p.bc, Reply::Error(msg.to_string()));
 }
 
-/// Leadership was lost: the writes of this turn not yet handed to the node (flushed before
-/// Redis sleeps) never reach the log; they get `msg` (where to send them), not "outcome
-/// unknown", and are not proposed. What no client waits on stays in the batch.
-fn fail_unproposed(msg: &str) {
-    let st = MAIN.get_mut();
-    let pending = &mut st.pending;
-    let mut failed = Vec::new();
-    st.batch
-        .retain(|(tag, _)| match pending.remove(&tag.request) {
-            Some(p) => {
-                failed.push(p);
-                false
-            }
-            None => true,
-        });
-    for p in failed {
-        never_logged(p, msg);
-    }
-}
-
 /// Subscribes to Redis's event loop so proposals are flushed once per turn.
 pub fn subscribe_events(ctx: *mut RedisModuleCtx) -> Result<(), String> {
     let ev = api::raw::RedisModuleEvent {
@@ -988,11 +968,12 @@ fn fail_all_reads(msg: &str) {
 
 /// This node stopped leading, its log is full, or it stopped. The writes the raft thread
 /// had taken (request number up to `taken`) may still commit, or not: they get `unknown`.
-/// The later ones it has not seen: if `later` is None it still takes them and says what it
-/// did (`Dropped`: a redirect or the full log's error, since they never reach the log; or,
-/// leading again by then, it proposes them); if the node stopped they never reach the log
-/// and get `later`. A blocking command's attempt gets `unknown` whatever its number:
-/// blocking::leadership_lost forgot its waiter.
+/// The later ones it has not seen (this turn's batch too, handed over before Redis sleeps):
+/// if `later` is None it still takes them and says what it did (`Dropped`: a redirect or
+/// the full log's error, since they never reach the log; or, leading again by then, it
+/// proposes them); if the node stopped they never reach the log and get `later`. A blocking
+/// command's attempt gets `unknown` whatever its number: blocking::leadership_lost forgot
+/// its waiter.
 fn fail_taken(taken: u64, unknown: &str, later: Option<&str>) {
     // Applied already: their own replies, now.
     release_parked(true);

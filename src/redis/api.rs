@@ -246,22 +246,46 @@ pub fn call(
     let Some((name, rest)) = argv.split_first() else {
         return std::ptr::null_mut();
     };
-    let Ok(cname) = CString::new(name.clone()) else {
-        return std::ptr::null_mut();
+    // This runs for every applied entry on every node: the name and the arguments' handles
+    // stay on the stack unless they are unusually long.
+    let mut name_buf = [0u8; 64];
+    let heap_name;
+    let cname: &std::ffi::CStr = if name.len() < name_buf.len() {
+        name_buf[..name.len()].copy_from_slice(name);
+        match std::ffi::CStr::from_bytes_until_nul(&name_buf) {
+            Ok(c) if c.to_bytes().len() == name.len() => c,
+            _ => return std::ptr::null_mut(),
+        }
+    } else {
+        let Ok(c) = CString::new(name.clone()) else {
+            return std::ptr::null_mut();
+        };
+        heap_name = c;
+        &heap_name
     };
-    let strs: Vec<*mut RedisModuleString> = rest.iter().map(|a| create_string(ctx, a)).collect();
+    let mut few = [std::ptr::null_mut::<RedisModuleString>(); 16];
+    let mut many = Vec::new();
+    let strs: &mut [*mut RedisModuleString] = if rest.len() <= few.len() {
+        &mut few[..rest.len()]
+    } else {
+        many.resize(rest.len(), std::ptr::null_mut());
+        &mut many
+    };
+    for (s, a) in strs.iter_mut().zip(rest) {
+        *s = create_string(ctx, a);
+    }
     let fmt: &std::ffi::CStr = if opts.resp3 { c"vE3" } else { c"vE" };
     let reply = unsafe {
         rm!(RedisModule_Call)(
             ctx,
             cname.as_ptr(),
             fmt.as_ptr(),
-            strs.as_ptr() as *mut *mut RedisModuleString,
+            strs.as_mut_ptr(),
             strs.len(),
         )
     };
-    for s in strs {
-        unsafe { rm!(RedisModule_FreeString)(ctx, s) };
+    for s in strs.iter() {
+        unsafe { rm!(RedisModule_FreeString)(ctx, *s) };
     }
     reply
 }

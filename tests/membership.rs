@@ -124,9 +124,21 @@ fn writer(
 
 #[test]
 fn grow_from_one_to_five_and_shrink_to_three_while_clients_write() {
+    grow_and_shrink_while_clients_write(&[]);
+}
+
+/// The same without fsync, where followers' main threads step their leader's appends
+/// themselves (node/main_read.rs) and leave membership changes to the raft thread.
+#[test]
+fn grow_from_one_to_five_and_shrink_to_three_while_clients_write_without_fsync() {
+    grow_and_shrink_while_clients_write(&["--raft.log-fsync", "no"]);
+}
+
+fn grow_and_shrink_while_clients_write(extra: &[&str]) {
     let mut c = Cluster::define(0);
     for _ in 0..5 {
         let i = c.add_dynamic_node();
+        c.nodes[i].extra = extra.iter().map(|s| s.to_string()).collect();
         c.start_node(i);
     }
     assert_eq!(

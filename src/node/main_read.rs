@@ -1,34 +1,43 @@
-//! A leader's main thread reads its followers' answers itself.
+//! The main thread reads peer connections itself: a leader's followers' answers, and,
+//! without fsync, a follower's leader's appends.
 //!
 //! On a leader, what a follower sends back (append and heartbeat responses) decides when a
 //! write commits and a read round is confirmed, and then the main thread applies and
 //! answers. Read by the raft thread, each answer costs two wake-ups on the way: the raft
-//! thread's, then the main thread's. So on a leader the main thread watches the peer
-//! connections in Redis's own event loop (redis/bus.rs registers them), and when one is
-//! readable it takes the raft thread's lock (if free, as `Node::submit` does), reads every
-//! connection, steps what a leader may step without an fsync (`steps_on_main`), and runs the
-//! Ready: committed entries are queued and applied at once, on the same thread.
+//! thread's, then the main thread's. On a follower, each of the leader's appends woke its
+//! raft thread (read, step, write the log, answer), which then woke the main thread to apply
+//! what the append committed. So the main thread watches the peer connections in Redis's own
+//! event loop (redis/bus.rs registers them), and when one is readable it takes the raft
+//! thread's lock (if free, as `Node::submit` does), reads every connection, steps what it may
+//! without an fsync (`steps_on_main`), and runs the Ready: committed entries are queued and
+//! applied at once, on the same thread. A follower does so only with `raft.log-fsync no`:
+//! its Ready is written and answered at once (no fsync before its answer), and the main
+//! thread never waits for the disk.
 //!
 //! The raft thread stays in charge of everything else: anything another message could need
-//! (a vote, a new term, a refused append, a membership change in flight, a transfer)
-//! is left for it (`deferred`, stepped first on its next turn, so the order a connection
-//! delivered is kept), and it reads the connections itself once per tick, and at once
-//! whenever the main thread found the lock taken (`Shared::main_missed`), so a main thread busy in a
-//! long script holds up nothing but its own applies. It does not watch the connections the
-//! main thread watches (one wake-up per message, not two), and it decides, at the end of
-//! each turn, whether the main thread reads at all (`choose_reader`): only on a leader with
-//! its syncer, running.
+//! (a vote, a new term, a refused append, a snapshot, a membership change in flight or in a
+//! follower's log not yet applied, a transfer) is left for it (`deferred`, stepped first on
+//! its next turn, so the order a connection delivered is kept), and it reads the connections
+//! itself once per tick, and at once whenever the main thread found the lock taken
+//! (`Shared::main_missed`), so a main thread busy in a long script holds up nothing but its
+//! own applies. It does not watch the connections the main thread watches (one wake-up per
+//! message, not two), and it decides, at the end of each turn, whether the main thread reads
+//! at all (`choose_reader`): on a leader with its syncer, or on a follower without fsync,
+//! running.
 //!
 //! Invariants: every read, step and Ready runs under the lock on `RaftThread`; messages of
 //! one connection are stepped in the order they arrived; the main thread never fsyncs here
-//! (a leader's Ready goes to the syncer; no hard state but the commit index changes; no
-//! membership change is applied: none is in flight).
+//! (a leader's Ready goes to the syncer; a follower reads here only while its log is not
+//! fsynced, which changes only under the same lock); no hard state but the commit index
+//! changes (messages of the current term only, no votes); no membership change is applied
+//! (a leader has none in flight; a follower has none in its log past what it applied, and
+//! leaves appends that carry one to the raft thread).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use raft::eraftpb::{Message, MessageType};
+use raft::eraftpb::{EntryType, Message, MessageType};
 use raft::StateRole;
 
 use super::{Node, RaftThread};
@@ -134,9 +143,13 @@ impl RaftThread {
         let r = &self.node.raft;
         self.main_reads = !self.halted
             && self.inline_failed.is_none()
-            && r.state == StateRole::Leader
-            && self.syncer.is_some()
-            && self.leaving.is_none();
+            && self.leaving.is_none()
+            && match r.state {
+                StateRole::Leader => self.syncer.is_some(),
+                // A follower's Ready would fsync before it answers: only without fsync.
+                StateRole::Follower => !self.store.fsyncs(),
+                _ => false,
+            };
         let now = (self.peers_in.generation(), self.main_reads);
         if now != self.peers_published {
             self.peers_published = now;
@@ -161,21 +174,41 @@ impl RaftThread {
     /// a membership change (module doc).
     fn steps_on_main_now(&self) -> bool {
         let r = &self.node.raft;
-        r.state == StateRole::Leader
-            && self.log_full.is_none()
-            && self.leaving.is_none()
-            && r.lead_transferee.is_none()
-            && r.pending_conf_index <= r.raft_log.applied
-            && self.deferred.is_empty()
+        let role = match r.state {
+            StateRole::Leader => {
+                r.lead_transferee.is_none() && r.pending_conf_index <= r.raft_log.applied
+            }
+            StateRole::Follower => {
+                r.leader_id != raft::INVALID_ID
+                    && !self.store.fsyncs()
+                    && self.conf_in_log <= r.raft_log.applied
+            }
+            _ => false,
+        };
+        role && self.log_full.is_none() && self.leaving.is_none() && self.deferred.is_empty()
     }
 
-    /// The messages a leader steps on the main thread: its followers' answers in its term.
+    /// The messages the main thread steps: a leader's followers' answers in its term; a
+    /// follower's leader's appends (with no membership change) and heartbeats in its term.
     fn steps_on_main(&self, m: &Message) -> bool {
+        let r = &self.node.raft;
         let kind = m.get_msg_type();
-        m.term == self.node.raft.term
-            && (kind == MessageType::MsgHeartbeatResponse
-                || (kind == MessageType::MsgAppendResponse && !m.reject))
-            && Report::of(m).is_none()
+        let mine = match r.state {
+            StateRole::Leader => {
+                kind == MessageType::MsgHeartbeatResponse
+                    || (kind == MessageType::MsgAppendResponse && !m.reject)
+            }
+            StateRole::Follower => {
+                m.from == r.leader_id
+                    && (kind == MessageType::MsgHeartbeat
+                        || (kind == MessageType::MsgAppend
+                            && m.entries
+                                .iter()
+                                .all(|e| e.get_entry_type() == EntryType::EntryNormal)))
+            }
+            _ => false,
+        };
+        mine && m.term == r.term && Report::of(m).is_none()
     }
 
     /// On the main thread, under the lock: reads the peer connections, steps what it may,

@@ -540,6 +540,7 @@ impl Node {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ u64::from(std::process::id()).rotate_left(32);
+        let last_index = raw.raft.raft_log.last_index();
         let worker = RaftThread {
             node: raw,
             store,
@@ -594,6 +595,7 @@ impl Node {
             polled: Vec::new(),
             deferred: Vec::new(),
             main_reads: false,
+            conf_in_log: last_index,
             peers_published: (0, false),
             sleep_until: Instant::now(),
         };
@@ -877,6 +879,10 @@ struct RaftThread {
     deferred: Vec<Message>,
     /// The main thread reads the peer connections it watches (main_read.rs).
     main_reads: bool,
+    /// The last index of the log that may hold a membership change (none of a follower's
+    /// entries past what it applied may, for its main thread to step messages: main_read.rs).
+    /// From the log's end at start, then each written membership change's index.
+    conf_in_log: u64,
     /// What `Shared::peers_generation` last said, as (connections' generation, main_reads).
     peers_published: (u64, bool),
     /// Until when this thread sleeps (its next timer), while it does.

@@ -155,6 +155,14 @@ impl RaftThread {
         let appended = rd.entries().last().map(|e| e.index);
         if !rd.entries().is_empty() {
             self.store.append(rd.entries())?;
+            if let Some(cc) = rd
+                .entries()
+                .iter()
+                .rev()
+                .find(|e| e.get_entry_type() != EntryType::EntryNormal)
+            {
+                self.conf_in_log = self.conf_in_log.max(cc.index);
+            }
         }
         if let Some(hs) = rd.hs() {
             self.store.set_hard_state(hs)?;

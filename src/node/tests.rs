@@ -539,6 +539,11 @@ fn a_leader_whose_log_write_fails_on_the_callers_thread_stops_and_the_others_go_
 /// on, once both followers' are there: their ids and a duplicate of each socket (closed by
 /// the caller; polled without the lock, as Redis's event loop does).
 fn watch_followers(c: &TestCluster, l: usize) -> Vec<(u64, libc::c_int)> {
+    watch_peers_of(c, l, 2)
+}
+
+/// Node `i`'s peer connections, as `watch_followers`, once at least `n` are there.
+fn watch_peers_of(c: &TestCluster, l: usize, n: usize) -> Vec<(u64, libc::c_int)> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut got = Vec::new();
@@ -550,7 +555,7 @@ fn watch_followers(c: &TestCluster, l: usize) -> Vec<(u64, libc::c_int)> {
                 .collect();
             conns.iter().map(|p| (p.id, true)).collect()
         });
-        if seen.is_some() && got.len() >= 2 {
+        if seen.is_some() && got.len() >= n {
             return got;
         }
         for (_, fd) in got {
@@ -558,7 +563,7 @@ fn watch_followers(c: &TestCluster, l: usize) -> Vec<(u64, libc::c_int)> {
         }
         assert!(
             Instant::now() < deadline,
-            "the leader's main thread watches nothing"
+            "node {l}'s main thread watches fewer than {n} connections"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -589,7 +594,8 @@ fn raft_thread_watches(c: &TestCluster, l: usize) -> usize {
 
 #[test]
 fn a_leaders_main_thread_takes_its_followers_answers_itself_and_the_raft_thread_when_it_cannot() {
-    let mut c = TestCluster::new(3);
+    // With fsync, so that the old leader, a follower at the end, watches nothing.
+    let mut c = TestCluster::with_fsync(3, true);
     let l = c.leader(Duration::from_secs(5));
     let me = l as u64 + 1;
     // A long tick (heartbeats every 500 ms, elections after 5 s): the raft thread's own turns
@@ -704,6 +710,81 @@ fn a_leaders_main_thread_takes_its_followers_answers_itself_and_the_raft_thread_
         raft_thread_watches(&c, l) >= 2,
         "the raft thread watches them again"
     );
+    for (_, fd) in conns {
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Without fsync a follower's main thread steps its leader's appends and heartbeats itself
+/// and applies what they commit, with no raft thread on the way; once fsync is on, it stops
+/// (a follower's Ready would fsync) and the raft thread reads again.
+#[test]
+fn without_fsync_a_followers_main_thread_takes_its_leaders_appends_itself() {
+    let mut c = TestCluster::new(3);
+    let l = c.leader(Duration::from_secs(5));
+    let me = l as u64 + 1;
+    // Rare raft thread turns (as in the leader's test): what a follower applies at once was
+    // read by whoever watched its connections.
+    for i in 0..3 {
+        assert!(c.node(i).set_timing(5000, 500));
+    }
+    let f = (0..3).find(|&i| i != l).expect("a follower");
+    // Its leader's connection at least (the leader sent it appends to be elected).
+    let conns = watch_peers_of(&c, f, 1);
+    assert_eq!(raft_thread_watches(&c, f), 0);
+
+    let mut here = 0;
+    for r in 0..20u64 {
+        c.node(l).propose(proposals(me, r, 1)).expect("propose");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            c.collect();
+            if c.applied[f].len() > r as usize {
+                break;
+            }
+            if poll_readable(&conns, 50) {
+                let got = c.node(f).read_on_main(None);
+                let before = c.applied[f].len();
+                c.collect();
+                if got == MainRead::Done && c.applied[f].len() > before {
+                    here += 1;
+                }
+            }
+            assert!(Instant::now() < deadline, "write {r} not applied on {f}");
+        }
+    }
+    assert!(
+        here >= 10,
+        "only {here} of 20 applies seen on the follower's caller's thread"
+    );
+
+    // fsync turned on: the caller is told to stop, and the raft thread reads again.
+    c.node(f).set_fsync(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.node(f).read_on_main(None) != MainRead::NotMine {
+        assert!(
+            Instant::now() < deadline,
+            "the follower's caller still reads"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut listed = None;
+    while listed.is_none() {
+        listed = c.node(f).watch_peers(|conns| {
+            assert!(conns.is_empty(), "told to watch {conns:?} with fsync on");
+            Vec::new()
+        });
+    }
+    assert!(raft_thread_watches(&c, f) >= 1);
+    c.node(l).propose(proposals(me, 100, 5)).expect("propose");
+    c.wait_applied(&[0, 1, 2], 25);
+    let want: Vec<String> = (0..20)
+        .map(|r| format!("k{r}"))
+        .chain((100..105).map(|r| format!("k{r}")))
+        .collect();
+    for i in 0..3 {
+        assert_eq!(keys(&c.applied[i]), want, "node {i}");
+    }
     for (_, fd) in conns {
         unsafe { libc::close(fd) };
     }

@@ -1,6 +1,7 @@
 //! On a leader, the main thread watches its followers' connections in Redis's own event loop
 //! and handles their answers itself, then applies what they committed at once, without
-//! waking the raft thread on the way (node/main_read.rs says what it may handle).
+//! waking the raft thread on the way; on a follower without fsync, likewise its leader's
+//! appends (node/main_read.rs says what it may handle).
 //!
 //! Each connection is watched through a duplicate of its socket that this thread owns
 //! (`F_DUPFD_CLOEXEC`): the raft thread may close its own at any time, and Redis's event

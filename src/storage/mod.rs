@@ -1534,6 +1534,11 @@ impl LogStore {
         mutex_lock(&self.inner.writer).fsync = on;
     }
 
+    /// Whether writes are fsynced (`raft.log-fsync`).
+    pub fn fsyncs(&self) -> bool {
+        mutex_lock(&self.inner.writer).fsync
+    }
+
     /// Bounds the entry cache (`raft.log-max-cache-size`), evicting down to it now.
     pub fn set_cache_max_bytes(&self, bytes: u64) {
         let mut core = write_lock(&self.inner.core);

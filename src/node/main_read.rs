@@ -11,8 +11,8 @@
 //! thread's lock (if free, as `Node::submit` does), reads every connection, steps what it may
 //! without an fsync (`steps_on_main`), and runs the Ready: committed entries are queued and
 //! applied at once, on the same thread. A follower does so only with `raft.log-fsync no`:
-//! its Ready is written and answered at once (no fsync before its answer), and the main
-//! thread never waits for the disk.
+//! its Ready is written and answered at once (no fsync before its answer), and not while a
+//! compaction switches log files (which holds the log's locks through an fsync).
 //!
 //! The raft thread stays in charge of everything else: anything another message could need
 //! (a vote, a new term, a refused append, a snapshot, a membership change in flight or in a
@@ -60,7 +60,7 @@ impl Node {
         self.shared.peers_generation.load(Ordering::Acquire)
     }
 
-    /// The connections the main thread should watch now (none unless this node leads), for
+    /// The connections the main thread should watch now (none unless this node leads, or follows without fsync), for
     /// `watch` to say which it watches from now on (true) or stopped watching (false); the
     /// generation they are of. None if the raft thread holds the lock: ask again later.
     pub fn watch_peers(
@@ -147,7 +147,7 @@ impl RaftThread {
             && match r.state {
                 StateRole::Leader => self.syncer.is_some(),
                 // A follower's Ready would fsync before it answers: only without fsync.
-                StateRole::Follower => !self.store.fsyncs(),
+                StateRole::Follower => !self.fsync,
                 _ => false,
             };
         let now = (self.peers_in.generation(), self.main_reads);
@@ -180,7 +180,10 @@ impl RaftThread {
             }
             StateRole::Follower => {
                 r.leader_id != raft::INVALID_ID
-                    && !self.store.fsyncs()
+                    && !self.fsync
+                    && self.persisting.is_empty()
+                    // A compaction switching files holds the log's locks through an fsync.
+                    && self.compaction.is_none()
                     && self.conf_in_log <= r.raft_log.applied
             }
             _ => false,

@@ -6,9 +6,10 @@
 //! waiting to be delivered, nothing waiting in the channel), the main thread takes the lock
 //! when it is free and handles its own proposal batch or read round, then that Ready, as a
 //! turn would (`Node::submit`): appended, written and sent with no wake-up of the raft
-//! thread on the way. That is all it does there: peer messages, ticks, leases, fsyncs, membership,
-//! snapshots and stopping the node stay with the raft thread, which goes on alone whenever
-//! the main thread is busy.
+//! thread on the way. It also reads peer connections there (main_read.rs): a leader's
+//! followers' answers, and a follower's leader's appends when the log is not fsynced. All
+//! else (other peer messages, ticks, leases, fsyncs, membership, snapshots and stopping the
+//! node) stays with the raft thread, which goes on alone whenever the main thread is busy.
 //!
 //! Invariant: this module never calls the Redis module API. It talks to the main thread only
 //! through `Shared` (atomics, the apply queue) and the `Waker` the main thread gave it.
@@ -541,6 +542,7 @@ impl Node {
             .unwrap_or(0)
             ^ u64::from(std::process::id()).rotate_left(32);
         let last_index = raw.raft.raft_log.last_index();
+        let fsync = store.fsyncs();
         let worker = RaftThread {
             node: raw,
             store,
@@ -596,6 +598,9 @@ impl Node {
             deferred: Vec::new(),
             main_reads: false,
             conf_in_log: last_index,
+            fsync,
+            on_main: false,
+            conf_on_main: 0,
             peers_published: (0, false),
             sleep_until: Instant::now(),
         };
@@ -883,6 +888,13 @@ struct RaftThread {
     /// entries past what it applied may, for its main thread to step messages: main_read.rs).
     /// From the log's end at start, then each written membership change's index.
     conf_in_log: u64,
+    /// Whether the log is fsynced (`raft.log-fsync`), as the store has it.
+    fsync: bool,
+    /// The main thread is running this state's work now (`on_main_thread`).
+    on_main: bool,
+    /// Membership changes applied while `on_main`: never, by the guards of main_read.rs
+    /// (counted and logged if one ever did; the tests check it stays 0).
+    conf_on_main: u64,
     /// What `Shared::peers_generation` last said, as (connections' generation, main_reads).
     peers_published: (u64, bool),
     /// Until when this thread sleeps (its next timer), while it does.
@@ -1065,7 +1077,9 @@ impl RaftThread {
     /// thread should take a turn soon; a failure or a panic is left to the raft thread
     /// (`inline_failed`), which stops the node when it next takes the lock.
     fn on_main_thread(&mut self, f: impl FnOnce(&mut Self) -> Result<bool, NodeError>) -> bool {
+        self.on_main = true;
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        self.on_main = false;
         match r {
             Ok(Ok(kick)) => kick,
             Ok(Err(e)) => {
@@ -1338,6 +1352,7 @@ impl RaftThread {
             }
             Input::SetFsync(on) => {
                 self.store.set_fsync(on);
+                self.fsync = on;
                 false
             }
             Input::Stop => true,

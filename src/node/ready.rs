@@ -1,5 +1,6 @@
-//! What the raft thread (or, for its own proposals and read rounds on a leader, the main
-//! thread under the same lock: `Node::submit`) does with raft-rs's `Ready`: write its
+//! What the raft thread (or the main thread under the same lock: a leader's own proposals
+//! and read rounds, `Node::submit`, and the peer messages it reads, main_read.rs) does with
+//! raft-rs's `Ready`: write its
 //! records to the log, make them durable (at once on a follower; through the syncer on a
 //! leader, node/syncer.rs), send its messages once they may leave, and hand committed entries to the main thread (telling
 //! followers the new commit index with the next append, or alone after `COMMIT_TELL_DELAY`).
@@ -440,6 +441,13 @@ impl RaftThread {
     /// changes and notes the commit for the latency stages.
     fn note_committed(&mut self, entries: Vec<Entry>) -> Result<Vec<Entry>, NodeError> {
         for e in &entries {
+            if self.on_main && e.get_entry_type() != EntryType::EntryNormal {
+                self.conf_on_main += 1;
+                warn!(
+                    "membership change at index {} applied on the main thread ({} so far): main_read.rs's guards let it through",
+                    e.index, self.conf_on_main
+                );
+            }
             match e.get_entry_type() {
                 EntryType::EntryConfChange => {
                     // Never written by redis-raft; applied as raft-rs defines it.

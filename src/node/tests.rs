@@ -594,8 +594,18 @@ fn raft_thread_watches(c: &TestCluster, l: usize) -> usize {
 
 #[test]
 fn a_leaders_main_thread_takes_its_followers_answers_itself_and_the_raft_thread_when_it_cannot() {
-    // With fsync, so that the old leader, a follower at the end, watches nothing.
-    let mut c = TestCluster::with_fsync(3, true);
+    leaders_main_thread_reads(true);
+}
+
+/// The same without fsync, where the old leader's main thread, a follower's, goes on reading
+/// (its new leader's appends) after the handover.
+#[test]
+fn a_leaders_main_thread_takes_its_followers_answers_itself_without_fsync_too() {
+    leaders_main_thread_reads(false);
+}
+
+fn leaders_main_thread_reads(fsync: bool) {
+    let mut c = TestCluster::with_fsync(3, fsync);
     let l = c.leader(Duration::from_secs(5));
     let me = l as u64 + 1;
     // A long tick (heartbeats every 500 ms, elections after 5 s): the raft thread's own turns
@@ -689,6 +699,24 @@ fn a_leaders_main_thread_takes_its_followers_answers_itself_and_the_raft_thread_
         assert!(Instant::now() < deadline, "leadership not handed over");
         std::thread::sleep(Duration::from_millis(5));
     }
+    if !fsync {
+        // A follower without fsync: its caller goes on reading, now its leader's appends.
+        c.node(f)
+            .propose(proposals(f as u64 + 1, 300, 1))
+            .expect("propose");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !keys(&c.applied[l]).contains(&"k300".to_string()) {
+            if poll_readable(&conns, 50) {
+                assert_eq!(c.node(l).read_on_main(None), MainRead::Done);
+            }
+            c.collect();
+            assert!(Instant::now() < deadline, "k300 not applied on {l}");
+        }
+        for (_, fd) in conns {
+            unsafe { libc::close(fd) };
+        }
+        return;
+    }
     while c.node(l).read_on_main(None) != MainRead::NotMine {
         assert!(
             Instant::now() < deadline,
@@ -758,6 +786,62 @@ fn without_fsync_a_followers_main_thread_takes_its_leaders_appends_itself() {
         "only {here} of 20 applies seen on the follower's caller's thread"
     );
 
+    // A membership change (a learner that never answers): the append carrying it, and what
+    // follows until the follower applied it, is the raft thread's; the caller applies no
+    // membership change, then reads again.
+    let member = Member {
+        id: 0,
+        name: "learner".into(),
+        redis_addr: "127.0.0.1:1".into(),
+        bus_addr: "127.0.0.1:2".into(),
+    };
+    let tag = ProposalTag {
+        node_id: me,
+        incarnation: 1,
+        request: 50,
+    };
+    c.node(l)
+        .change_membership(tag, ChangeRequest::Add { member })
+        .expect("change membership");
+    let learners = |c: &TestCluster| {
+        lock(&c.node(f).core)
+            .as_ref()
+            .map_or(0, |t| t.node.raft.prs().conf().learners().len())
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while learners(&c) == 0 {
+        if poll_readable(&conns, 50) {
+            c.node(f).read_on_main(None);
+        }
+        assert!(Instant::now() < deadline, "the learner never reached {f}");
+    }
+    let mut after = 0;
+    for r in 20..30u64 {
+        c.node(l).propose(proposals(me, r, 1)).expect("propose");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            c.collect();
+            if c.applied[f].len() > r as usize {
+                break;
+            }
+            if poll_readable(&conns, 50) {
+                let got = c.node(f).read_on_main(None);
+                let before = c.applied[f].len();
+                c.collect();
+                if got == MainRead::Done && c.applied[f].len() > before {
+                    after += 1;
+                }
+            }
+            assert!(Instant::now() < deadline, "write {r} not applied on {f}");
+        }
+    }
+    let on_main = lock(&c.node(f).core).as_ref().map_or(0, |t| t.conf_on_main);
+    assert_eq!(on_main, 0, "membership changes applied by the caller");
+    assert!(
+        after >= 5,
+        "only {after} of 10 applies on the caller's thread after the change"
+    );
+
     // fsync turned on: the caller is told to stop, and the raft thread reads again.
     c.node(f).set_fsync(true);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -777,8 +861,8 @@ fn without_fsync_a_followers_main_thread_takes_its_leaders_appends_itself() {
     }
     assert!(raft_thread_watches(&c, f) >= 1);
     c.node(l).propose(proposals(me, 100, 5)).expect("propose");
-    c.wait_applied(&[0, 1, 2], 25);
-    let want: Vec<String> = (0..20)
+    c.wait_applied(&[0, 1, 2], 35);
+    let want: Vec<String> = (0..30)
         .map(|r| format!("k{r}"))
         .chain((100..105).map(|r| format!("k{r}")))
         .collect();

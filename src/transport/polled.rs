@@ -43,7 +43,7 @@ pub(crate) struct LentConn {
     pub(crate) pending: Vec<Message>,
     /// Given when the raft thread adopts it (0 before): names it to the main thread.
     pub(crate) id: u64,
-    /// The main thread watches its socket (a leader's: node/mod.rs, `main_reads`).
+    /// The main thread watches its socket (a leader's, or a follower's without fsync: node/main_read.rs, `main_reads`).
     pub(crate) main_watched: bool,
 }
 
@@ -228,8 +228,8 @@ impl InboundPoll {
         }
     }
 
-    /// Reads what the socket holds (up to `READ_BUDGET_BYTES`: a follower fsyncs on this
-    /// thread, and a burst read at once is one batch, one fsync), then decodes it.
+    /// Reads what the socket holds (up to `READ_BUDGET_BYTES`: a follower with fsync fsyncs
+    /// on the raft thread, and a burst read at once is one batch, one fsync), then decodes it.
     fn read_one(&mut self, i: usize, out: &mut Vec<Message>) -> Next {
         let c = &mut self.conns[i];
         let addr = c.handler.addr;

@@ -583,6 +583,61 @@ fn poll_readable(conns: &[(u64, libc::c_int)], ms: i32) -> bool {
     unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) > 0 }
 }
 
+/// Proposes `writes` on leader `l` one at a time, each until node `at` applied it, reading
+/// `at`'s watched `conns` as its main thread would whenever one is readable; returns how many
+/// of the writes were applied right after such a read (seen on the caller's thread).
+fn write_reading_on(
+    c: &mut TestCluster,
+    l: usize,
+    at: usize,
+    conns: &[(u64, libc::c_int)],
+    writes: std::ops::Range<u64>,
+) -> usize {
+    let me = l as u64 + 1;
+    let mut here = 0;
+    for r in writes {
+        let want = c.applied[at].len() + 1;
+        c.node(l).propose(proposals(me, r, 1)).expect("propose");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            c.collect();
+            if c.applied[at].len() >= want {
+                break;
+            }
+            if poll_readable(conns, 50) {
+                let got = c.node(at).read_on_main(None);
+                let before = c.applied[at].len();
+                c.collect();
+                if got == MainRead::Done && c.applied[at].len() > before {
+                    here += 1;
+                }
+            }
+            assert!(Instant::now() < deadline, "write {r} not applied on {at}");
+        }
+    }
+    here
+}
+
+/// Node `i`'s caller (its main thread) is told, within 5 s, to stop reading and to watch
+/// no connection.
+fn told_to_stop_reading(c: &TestCluster, i: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.node(i).read_on_main(None) != MainRead::NotMine {
+        assert!(Instant::now() < deadline, "node {i}'s caller still reads");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut listed = None;
+    while listed.is_none() {
+        listed = c.node(i).watch_peers(|conns| {
+            assert!(
+                conns.is_empty(),
+                "node {i}'s caller is told to watch {conns:?}"
+            );
+            Vec::new()
+        });
+    }
+}
+
 /// The raft thread's sleep watches these of the leader's connections.
 fn raft_thread_watches(c: &TestCluster, l: usize) -> usize {
     let mut watch = Vec::new();
@@ -623,26 +678,7 @@ fn leaders_main_thread_reads(fsync: bool) {
     // Each write is proposed here and its followers' answers are read here, when one of
     // the connections is readable: the commit is seen here, as the entry handed over by
     // `read_on_main` (the raft thread may take a turn now and then; most are the caller's).
-    let mut here = 0;
-    for r in 0..20u64 {
-        c.node(l).propose(proposals(me, r, 1)).expect("propose");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            c.collect();
-            if c.applied[l].len() > r as usize {
-                break;
-            }
-            if poll_readable(&conns, 50) {
-                let got = c.node(l).read_on_main(None);
-                let before = c.applied[l].len();
-                c.collect();
-                if got == MainRead::Done && c.applied[l].len() > before {
-                    here += 1;
-                }
-            }
-            assert!(Instant::now() < deadline, "write {r} not committed");
-        }
-    }
+    let here = write_reading_on(&mut c, l, l, &conns, 0..20);
     assert!(
         here >= 10,
         "only {here} of 20 commits seen on the caller's thread"
@@ -717,23 +753,7 @@ fn leaders_main_thread_reads(fsync: bool) {
         }
         return;
     }
-    while c.node(l).read_on_main(None) != MainRead::NotMine {
-        assert!(
-            Instant::now() < deadline,
-            "the old leader's caller still reads"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut listed = None;
-    while listed.is_none() {
-        listed = c.node(l).watch_peers(|conns| {
-            assert!(
-                conns.is_empty(),
-                "a follower's caller is told to watch {conns:?}"
-            );
-            Vec::new()
-        });
-    }
+    told_to_stop_reading(&c, l);
     assert!(
         raft_thread_watches(&c, l) >= 2,
         "the raft thread watches them again"
@@ -761,26 +781,7 @@ fn without_fsync_a_followers_main_thread_takes_its_leaders_appends_itself() {
     let conns = watch_peers_of(&c, f, 1);
     assert_eq!(raft_thread_watches(&c, f), 0);
 
-    let mut here = 0;
-    for r in 0..20u64 {
-        c.node(l).propose(proposals(me, r, 1)).expect("propose");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            c.collect();
-            if c.applied[f].len() > r as usize {
-                break;
-            }
-            if poll_readable(&conns, 50) {
-                let got = c.node(f).read_on_main(None);
-                let before = c.applied[f].len();
-                c.collect();
-                if got == MainRead::Done && c.applied[f].len() > before {
-                    here += 1;
-                }
-            }
-            assert!(Instant::now() < deadline, "write {r} not applied on {f}");
-        }
-    }
+    let here = write_reading_on(&mut c, l, f, &conns, 0..20);
     assert!(
         here >= 10,
         "only {here} of 20 applies seen on the follower's caller's thread"
@@ -815,26 +816,7 @@ fn without_fsync_a_followers_main_thread_takes_its_leaders_appends_itself() {
         }
         assert!(Instant::now() < deadline, "the learner never reached {f}");
     }
-    let mut after = 0;
-    for r in 20..30u64 {
-        c.node(l).propose(proposals(me, r, 1)).expect("propose");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            c.collect();
-            if c.applied[f].len() > r as usize {
-                break;
-            }
-            if poll_readable(&conns, 50) {
-                let got = c.node(f).read_on_main(None);
-                let before = c.applied[f].len();
-                c.collect();
-                if got == MainRead::Done && c.applied[f].len() > before {
-                    after += 1;
-                }
-            }
-            assert!(Instant::now() < deadline, "write {r} not applied on {f}");
-        }
-    }
+    let after = write_reading_on(&mut c, l, f, &conns, 20..30);
     let on_main = lock(&c.node(f).core).as_ref().map_or(0, |t| t.conf_on_main);
     assert_eq!(on_main, 0, "membership changes applied by the caller");
     assert!(
@@ -844,21 +826,7 @@ fn without_fsync_a_followers_main_thread_takes_its_leaders_appends_itself() {
 
     // fsync turned on: the caller is told to stop, and the raft thread reads again.
     c.node(f).set_fsync(true);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while c.node(f).read_on_main(None) != MainRead::NotMine {
-        assert!(
-            Instant::now() < deadline,
-            "the follower's caller still reads"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut listed = None;
-    while listed.is_none() {
-        listed = c.node(f).watch_peers(|conns| {
-            assert!(conns.is_empty(), "told to watch {conns:?} with fsync on");
-            Vec::new()
-        });
-    }
+    told_to_stop_reading(&c, f);
     assert!(raft_thread_watches(&c, f) >= 1);
     c.node(l).propose(proposals(me, 100, 5)).expect("propose");
     c.wait_applied(&[0, 1, 2], 35);

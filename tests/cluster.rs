@@ -370,7 +370,26 @@ fn info_raft_reports_role_indexes_and_peers() {
     let mut con = c.conn(l).unwrap();
     let _: () = redis::cmd("SET").arg("a").arg("b").query(&mut con).unwrap();
     c.wait_applied_everywhere(Duration::from_secs(10));
-    let info: String = redis::cmd("INFO").arg("raft").query(&mut con).unwrap();
+    // The peers' progress is published at the end of a raft turn, so an INFO taken just as
+    // an entry commits may show a follower one index behind: ask until it shows none behind.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut info: String;
+    loop {
+        info = redis::cmd("INFO").arg("raft").query(&mut con).unwrap();
+        let commit = info
+            .lines()
+            .find_map(|l| l.strip_prefix("raft_commit_index:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        let caught_up = info
+            .lines()
+            .filter(|l| l.starts_with("raft_node0:") || l.starts_with("raft_node1:"))
+            .all(|p| p.contains(&format!("match_index={commit},")));
+        if caught_up || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for field in [
         "raft_node_id:",
         "raft_node_name:",

@@ -60,9 +60,10 @@ impl Node {
         self.shared.peers_generation.load(Ordering::Acquire)
     }
 
-    /// The connections the main thread should watch now (none unless this node leads, or follows without fsync), for
-    /// `watch` to say which it watches from now on (true) or stopped watching (false); the
-    /// generation they are of. None if the raft thread holds the lock: ask again later.
+    /// The connections the main thread should watch now (none unless this node leads, or
+    /// follows without fsync), for `watch` to say which it watches from now on (true) or
+    /// stopped watching (false); the generation they are of. None if the raft thread holds
+    /// the lock: ask again later.
     pub fn watch_peers(
         &self,
         watch: impl FnOnce(&[PolledConn]) -> Vec<(u64, bool)>,

@@ -888,7 +888,9 @@ struct RaftThread {
     /// entries past what it applied may, for its main thread to step messages: main_read.rs).
     /// From the log's end at start, then each written membership change's index.
     conf_in_log: u64,
-    /// Whether the log is fsynced (`raft.log-fsync`), as the store has it.
+    /// Whether the log is fsynced (`raft.log-fsync`), as the store has it: kept here too
+    /// because asking the store takes its writer lock, which a compaction holds through an
+    /// fsync, and main_read.rs asks on the main thread.
     fsync: bool,
     /// The main thread is running this state's work now (`on_main_thread`).
     on_main: bool,

@@ -1,9 +1,9 @@
 //! What the raft thread (or the main thread under the same lock: a leader's own proposals
 //! and read rounds, `Node::submit`, and the peer messages it reads, main_read.rs) does with
-//! raft-rs's `Ready`: write its
-//! records to the log, make them durable (at once on a follower; through the syncer on a
-//! leader, node/syncer.rs), send its messages once they may leave, and hand committed entries to the main thread (telling
-//! followers the new commit index with the next append, or alone after `COMMIT_TELL_DELAY`).
+//! raft-rs's `Ready`: write its records to the log, make them durable (at once on a
+//! follower; through the syncer on a leader, node/syncer.rs), send its messages once they
+//! may leave, and hand committed entries to the main thread (telling followers the new
+//! commit index with the next append, or alone after `COMMIT_TELL_DELAY`).
 //! Also the node whose log found the disk full: it holds what it could not persist and tries
 //! again every `LOG_FULL_RETRY`, handing leadership to a voter that can write.
 

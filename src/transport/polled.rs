@@ -43,7 +43,8 @@ pub(crate) struct LentConn {
     pub(crate) pending: Vec<Message>,
     /// Given when the raft thread adopts it (0 before): names it to the main thread.
     pub(crate) id: u64,
-    /// The main thread watches its socket (a leader's, or a follower's without fsync: node/main_read.rs, `main_reads`).
+    /// The main thread watches its socket (a leader's, or a follower's without fsync:
+    /// node/main_read.rs, `main_reads`).
     pub(crate) main_watched: bool,
 }
 

@@ -487,7 +487,7 @@ pub(super) fn apply_entry(ctx: *mut RedisModuleCtx, m: &Module, node: &Node, me:
                 resp3: pending.as_ref().is_some_and(|p| p.resp3),
             };
             let wakes = blocking::wakes();
-            watch::set_applying(Some(e.index));
+            watch::applying(db, &argv, e.index);
             let r = apply_call(ctx, &argv, opts, e.index, false, true);
             watch::set_applying(None);
             let woke = blocking::wakes() > wakes;

@@ -173,7 +173,8 @@ impl RaftThread {
             self.defer_persist(rd, appended);
             return Ok(());
         }
-        let owed = match self.store.write() {
+        // A Ready that only moved the commit index writes nothing: it goes out with the next.
+        let owed = match self.store.write_due() {
             Ok(owed) => owed,
             Err(e) if e.is_no_space() => {
                 // Applied before the writes waiting for this log fail (ApplyItem::LogFull).

@@ -354,6 +354,9 @@ struct Writer {
     /// term or vote, membership). A buffer of commit indexes alone is written without an
     /// fsync: a commit index lost in a crash is learned again from the leader.
     needs_fsync: bool,
+    /// The buffer holds a record other than a commit index (`needs_fsync`'s records, with
+    /// fsync on or off): `write_due` writes it now. Cleared by each write.
+    due: bool,
 }
 
 impl Core {
@@ -860,6 +863,7 @@ impl LogStore {
                     fsync_total_us: 0,
                     fsync_max_us: 0,
                     needs_fsync: false,
+                    due: false,
                 }),
                 fsync: Mutex::new(()),
                 rewriting: Mutex::new(()),
@@ -908,6 +912,7 @@ impl LogStore {
         self.check_not_failed(writer)?;
         let (v, durable) = f(&mut core, &mut writer.buf, writer.file_bytes)?;
         writer.needs_fsync |= durable;
+        writer.due |= durable;
         Ok(v)
     }
 
@@ -1420,7 +1425,18 @@ impl LogStore {
     /// thread) before they count as persisted: fsync is on and one of them is an entry, a
     /// term or vote, or membership.
     pub fn write(&self) -> Result<bool, StorageError> {
-        let Some((written_end, owed)) = self.write_buffered()? else {
+        self.write_if(true)
+    }
+
+    /// `write`, but a buffer of commit indexes alone stays buffered, to go out with the next
+    /// record that must be written (a commit index lost in a crash is learned again from the
+    /// leader; one write fewer for each Ready that only moved the commit index).
+    pub fn write_due(&self) -> Result<bool, StorageError> {
+        self.write_if(false)
+    }
+
+    fn write_if(&self, commits_too: bool) -> Result<bool, StorageError> {
+        let Some((written_end, owed)) = self.write_buffered(commits_too)? else {
             return Ok(false);
         };
         // After the writer lock is released (lock order: core first). The records just
@@ -1433,12 +1449,12 @@ impl LogStore {
     }
 
     /// `write`'s I/O: the file's size after it and whether an fsync is owed, or None when
-    /// nothing was buffered.
-    fn write_buffered(&self) -> Result<Option<(u64, bool)>, StorageError> {
+    /// nothing was written (nothing buffered, or only commit indexes and not `commits_too`).
+    fn write_buffered(&self, commits_too: bool) -> Result<Option<(u64, bool)>, StorageError> {
         let mut guard = mutex_lock(&self.inner.writer);
         let w = &mut *guard;
         self.check_not_failed(w)?;
-        if w.buf.is_empty() {
+        if w.buf.is_empty() || !(commits_too || w.due) {
             return Ok(None);
         }
         let end = w.file_bytes + w.buf.len() as u64;
@@ -1469,6 +1485,7 @@ impl LogStore {
         }
         w.file_bytes += w.buf.len() as u64;
         w.buf.clear();
+        w.due = false;
         if w.buf.capacity() > WRITE_BUFFER_KEEP_BYTES {
             w.buf.shrink_to(WRITE_BUFFER_KEEP_BYTES);
         }

@@ -304,6 +304,53 @@ fn a_commit_index_alone_is_written_without_an_fsync() {
 }
 
 #[test]
+fn write_due_leaves_commit_indexes_alone_for_the_next_write() {
+    for fsync in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_path(&dir);
+        let (store, _) = LogStore::open(&path, fsync).unwrap();
+        store.initialize(conf_state(&[1, 2, 3], &[])).unwrap();
+        store.append(&three_entries()).unwrap();
+        store.set_hard_state(&hard_state(1, 1, 1)).unwrap();
+        assert_eq!(
+            store.write_due().unwrap(),
+            fsync,
+            "entries and a vote are due"
+        );
+        let size = std::fs::metadata(&path).unwrap().len();
+        let written = store.stats().bytes;
+
+        // Commit-only changes, either way they arrive, stay in the buffer.
+        store.set_commit(2).unwrap();
+        store.set_hard_state(&hard_state(1, 1, 3)).unwrap();
+        assert!(!store.write_due().unwrap());
+        assert_eq!(store.stats().bytes, written, "nothing written");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+
+        // The next record that is due takes them along, in order.
+        store.append(&[entry(4, 1, b"d")]).unwrap();
+        store.set_commit(4).unwrap();
+        assert_eq!(store.write_due().unwrap(), fsync);
+        assert!(store.stats().bytes > written);
+        drop(store);
+        let (store, _) = open(&path);
+        let rs = store.initial_state().unwrap();
+        assert_eq!(rs.hard_state, hard_state(1, 1, 4), "fsync {fsync}");
+        assert_eq!(store.last_index().unwrap(), 4);
+
+        // A new term is due by itself; `write` writes commit indexes too.
+        store.set_hard_state(&hard_state(2, 1, 4)).unwrap();
+        assert!(store.write_due().unwrap() || !store.fsyncs());
+        let written = store.stats().bytes;
+        store.set_commit(4).unwrap();
+        assert!(!store.write_due().unwrap());
+        assert_eq!(store.stats().bytes, written);
+        store.write().unwrap();
+        assert!(store.stats().bytes > written);
+    }
+}
+
+#[test]
 fn records_written_while_another_thread_fsyncs_are_all_there_after_its_next_fsync() {
     let dir = tempfile::tempdir().unwrap();
     let path = log_path(&dir);

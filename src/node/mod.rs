@@ -788,6 +788,17 @@ impl Node {
         self.transport.peers()
     }
 
+    /// Writes the log's buffered records now (Redis is shutting down): the commit indexes
+    /// the last Readies left for the next write (`LogStore::write_due`). Between two raft
+    /// turns (under the raft thread's lock), so it never takes records a Ready is about to
+    /// write (and fsync) itself.
+    pub fn write_log(&self) {
+        let _between_turns = lock(&self.core);
+        if let Err(e) = self.store.write() {
+            warn!("raft log: could not write the last commit index: {e}");
+        }
+    }
+
     /// Stops the raft thread and the bus (module unload / tests).
     pub fn stop(&self) {
         let _ = self.input.send(Input::Stop);
@@ -1206,6 +1217,11 @@ impl RaftThread {
             self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
         }
         if stop {
+            // Commit indexes the last Readies left buffered (`write_due`): a clean stop
+            // keeps them, so a restart applies all it had committed before it hears a leader.
+            if let Err(e) = self.store.write() {
+                warn!("raft log: could not write the last commit index: {e}");
+            }
             return false;
         }
         let now = Instant::now();

@@ -296,24 +296,7 @@ pub fn kill(ctx: *mut RedisModuleCtx, m: &Module, argv: &[Vec<u8>]) -> c_int {
 /// Redis is shutting down (SHUTDOWN NOSAVE, or SIGTERM, while an entry's script runs): on
 /// the leader, the kill is committed (and its commit index given time to reach the
 /// followers' disks) before Redis exits, so a restart skips the script everywhere.
-pub extern "C" fn on_shutdown(
-    _ctx: *mut RedisModuleCtx,
-    _eid: api::raw::RedisModuleEvent,
-    _subevent: u64,
-    _data: *mut std::ffi::c_void,
-) {
-    api::guard(
-        "shutdown",
-        || (),
-        || {
-            if let Some(m) = super::module() {
-                before_shutdown(m)
-            }
-        },
-    );
-}
-
-fn before_shutdown(m: &Module) {
+pub fn before_shutdown(m: &Module) {
     let Some(run) = STATE.get_mut().running_script else {
         return;
     };

@@ -776,7 +776,7 @@ pub fn subscribe_events(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         id: api::raw::REDISMODULE_EVENT_SHUTDOWN,
         dataver: 1,
     };
-    let shutdown = Some(busy::on_shutdown as _);
+    let shutdown = Some(on_shutdown as _);
     if unsafe { rm!(RedisModule_SubscribeToServerEvent)(ctx, ev, shutdown) } != api::OK {
         return Err("could not subscribe to the shutdown event".into());
     }
@@ -788,6 +788,29 @@ pub fn subscribe_events(ctx: *mut RedisModuleCtx) -> Result<(), String> {
         return Err("could not subscribe to module events".into());
     }
     Ok(())
+}
+
+/// Redis is shutting down (SHUTDOWN, SIGTERM, or a node stopping itself): a script entry
+/// running now is dealt with first (`busy::before_shutdown`), then the log's buffered
+/// commit indexes are written (`Node::write_log`), so a restart applies everything this
+/// node knew committed before it hears from a leader (and skips a killed script).
+extern "C" fn on_shutdown(
+    _ctx: *mut RedisModuleCtx,
+    _eid: api::raw::RedisModuleEvent,
+    _subevent: u64,
+    _data: *mut c_void,
+) {
+    guard(
+        "shutdown",
+        || (),
+        || {
+            let Some(m) = module() else { return };
+            busy::before_shutdown(m);
+            if let Some(node) = m.node() {
+                node.write_log();
+            }
+        },
+    );
 }
 
 /// A client disconnected: drop what redis-raft kept for it.

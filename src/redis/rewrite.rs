@@ -159,11 +159,11 @@ pub fn rewrite(argv: &[Vec<u8>], now_ms: i64, seed: u32) -> Option<Vec<Vec<u8>>>
     if eq(name, "set") || eq(name, "getex") {
         // Options: EX s | PX ms | EXAT s -> PXAT ms; everything else kept in place.
         let first_opt = if eq(name, "set") { 3 } else { 2 };
-        let mut v = argv.to_vec();
-        let mut changed = false;
+        // Copied at the first option that changes (most SETs have none: no copy).
+        let mut v: Option<Vec<Vec<u8>>> = None;
         let mut i = first_opt;
-        while i < v.len() {
-            let o = &v[i];
+        while i < argv.len() {
+            let o = &argv[i];
             let unit = if eq(o, "ex") {
                 Some((1000, true))
             } else if eq(o, "px") {
@@ -174,7 +174,7 @@ pub fn rewrite(argv: &[Vec<u8>], now_ms: i64, seed: u32) -> Option<Vec<Vec<u8>>>
                 None
             };
             if let Some((unit, relative)) = unit {
-                let amount = int(v.get(i + 1)?)?;
+                let amount = int(argv.get(i + 1)?)?;
                 if amount <= 0 {
                     return None;
                 }
@@ -183,15 +183,15 @@ pub fn rewrite(argv: &[Vec<u8>], now_ms: i64, seed: u32) -> Option<Vec<Vec<u8>>>
                 } else {
                     amount.checked_mul(unit)?
                 };
+                let v = v.get_or_insert_with(|| argv.to_vec());
                 v[i] = b"PXAT".to_vec();
                 v[i + 1] = num(at);
-                changed = true;
                 i += 2;
             } else {
                 i += 1;
             }
         }
-        return changed.then_some(v);
+        return v;
     }
     if eq(name, "restore") {
         // RESTORE key ttl payload [REPLACE] [ABSTTL] ...: ttl 0 means none.

@@ -158,7 +158,10 @@ fn a_clean_shutdown_keeps_every_node_s_commit_index() {
     order.push(l);
     let mut had = [0; 3];
     for i in order {
-        had[i] = info_num(&c, i, "raft_commit_index");
+        had[i] = c
+            .info_field(i, "raft_commit_index")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("node {i}: no raft_commit_index in INFO"));
         let _ = q(&c, i, &["SHUTDOWN", "NOSAVE"]);
         wait_for("the node to exit", Duration::from_secs(10), || {
             !c.nodes[i].is_running()

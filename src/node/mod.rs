@@ -789,12 +789,13 @@ impl Node {
     }
 
     /// Writes the log's buffered records now (Redis is shutting down): the commit indexes
-    /// the last Readies left for the next write (`LogStore::write_due`). Between two raft
-    /// turns (under the raft thread's lock), so it never takes records a Ready is about to
-    /// write (and fsync) itself.
+    /// the last Readies left for the next write (`LogStore::write_due`), and fsynced if any
+    /// record there needs it (a full log's retry). Between two raft turns (under the raft
+    /// thread's lock), so it never takes records a Ready is about to write itself.
     pub fn write_log(&self) {
         let _between_turns = lock(&self.core);
-        if let Err(e) = self.store.write() {
+        // sync: a log-full retry's records may be buffered too, and must not lose their fsync.
+        if let Err(e) = self.store.sync() {
             warn!("raft log: could not write the last commit index: {e}");
         }
     }
@@ -1219,7 +1220,7 @@ impl RaftThread {
         if stop {
             // Commit indexes the last Readies left buffered (`write_due`): a clean stop
             // keeps them, so a restart applies all it had committed before it hears a leader.
-            if let Err(e) = self.store.write() {
+            if let Err(e) = self.store.sync() {
                 warn!("raft log: could not write the last commit index: {e}");
             }
             return false;

@@ -173,8 +173,15 @@ impl RaftThread {
             self.defer_persist(rd, appended);
             return Ok(());
         }
-        // A Ready that only moved the commit index writes nothing: it goes out with the next.
-        let owed = match self.store.write_due() {
+        // A leader's Ready that only moved the commit index writes nothing: it goes out with
+        // the next batch (a crash loses it; it is learned again). A follower writes its new
+        // commit index at once, as a script's kill counts on (busy::before_shutdown).
+        let written = if self.node.raft.state == StateRole::Leader {
+            self.store.write_due()
+        } else {
+            self.store.write()
+        };
+        let owed = match written {
             Ok(owed) => owed,
             Err(e) if e.is_no_space() => {
                 // Applied before the writes waiting for this log fail (ApplyItem::LogFull).

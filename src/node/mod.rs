@@ -417,6 +417,17 @@ pub enum ProposeError {
     Stopped,
 }
 
+/// A clean stop (Redis shutting down, or the raft thread's loop ending) writes what the log
+/// still buffers: the commit indexes the last Readies left for the next write
+/// (`LogStore::write_due`), so a restart applies all it had committed before it hears a
+/// leader. `sync`, not `write`: a full log's deferred records may be buffered too, and must
+/// not lose their fsync.
+fn write_on_stop(store: &LogStore) {
+    if let Err(e) = store.sync() {
+        warn!("raft log: could not write the last commit index: {e}");
+    }
+}
+
 /// The main thread's handle on the raft thread.
 pub struct Node {
     shared: Arc<Shared>,
@@ -788,16 +799,11 @@ impl Node {
         self.transport.peers()
     }
 
-    /// Writes the log's buffered records now (Redis is shutting down): the commit indexes
-    /// the last Readies left for the next write (`LogStore::write_due`), and fsynced if any
-    /// record there needs it (a full log's retry). Between two raft turns (under the raft
+    /// Redis is shutting down: `write_on_stop`, between two raft turns (under the raft
     /// thread's lock), so it never takes records a Ready is about to write itself.
     pub fn write_log(&self) {
         let _between_turns = lock(&self.core);
-        // sync: a log-full retry's records may be buffered too, and must not lose their fsync.
-        if let Err(e) = self.store.sync() {
-            warn!("raft log: could not write the last commit index: {e}");
-        }
+        write_on_stop(&self.store);
     }
 
     /// Stops the raft thread and the bus (module unload / tests).
@@ -1218,11 +1224,7 @@ impl RaftThread {
             self.shared.push(ApplyItem::Dropped(dropped), &self.waker);
         }
         if stop {
-            // Commit indexes the last Readies left buffered (`write_due`): a clean stop
-            // keeps them, so a restart applies all it had committed before it hears a leader.
-            if let Err(e) = self.store.sync() {
-                warn!("raft log: could not write the last commit index: {e}");
-            }
+            write_on_stop(&self.store);
             return false;
         }
         let now = Instant::now();

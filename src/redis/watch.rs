@@ -68,7 +68,7 @@ fn fingerprint(db: i32, key: &[u8]) -> u64 {
 #[derive(Default)]
 struct Table {
     /// (fingerprint, index); `EMPTY` as fingerprint marks a free slot. A power of two long
-    /// (or empty), at most `MAX_LOAD` full.
+    /// (or empty), at most 4/5 full (`insert` grows it first).
     slots: Vec<(u64, u64)>,
     /// The index of the fingerprint equal to `EMPTY`, which cannot sit in a slot.
     empty_key: Option<u64>,

@@ -168,6 +168,11 @@ struct MainState {
     parked_since: Option<std::time::Instant>,
     /// Apply items that arrived while a snapshot was loading, in order.
     held: std::collections::VecDeque<ApplyItem>,
+    /// This turn's batches were handed over (`flush_proposals`): what Redis runs after that
+    /// in the same turn (the next commands of clients it just unblocked) needs another turn.
+    flushed: bool,
+    /// Another turn was asked for since `flushed` was set.
+    turn_asked: bool,
 }
 
 static MAIN: MainThread<MainState> = MainThread::new_lazy();
@@ -180,12 +185,15 @@ pub fn module() -> Option<&'static Module> {
 static WAKE_QUEUED: AtomicBool = AtomicBool::new(false);
 
 fn waker() -> Arc<dyn Fn() + Send + Sync> {
-    Arc::new(|| {
-        if !WAKE_QUEUED.swap(true, Ordering::AcqRel) {
-            // Thread-safe by Redis's contract: queued under a mutex, wakes the event loop.
-            unsafe { rm!(RedisModule_EventLoopAddOneShot)(Some(on_wake), std::ptr::null_mut()) };
-        }
-    })
+    Arc::new(request_turn)
+}
+
+/// Wakes Redis's event loop (from any thread) for a turn that applies what is queued.
+fn request_turn() {
+    if !WAKE_QUEUED.swap(true, Ordering::AcqRel) {
+        // Thread-safe by Redis's contract: queued under a mutex, wakes the event loop.
+        unsafe { rm!(RedisModule_EventLoopAddOneShot)(Some(on_wake), std::ptr::null_mut()) };
+    }
 }
 
 extern "C" fn on_wake(_data: *mut c_void) {
@@ -492,7 +500,19 @@ pub fn propose_then_select(
         },
     );
     st.batch.push((tag, data));
+    ask_turn_if_flushed(st);
     api::OK
+}
+
+/// A proposal or read queued after this turn's `flush_proposals` (Redis runs the pipelined
+/// commands of the clients it just unblocked after module events, in the same turn): wake
+/// the event loop so the next turn hands it over, instead of waiting for whatever event
+/// comes next.
+fn ask_turn_if_flushed(st: &mut MainState) {
+    if st.flushed && !st.turn_asked {
+        st.turn_asked = true;
+        request_turn();
+    }
 }
 
 /// Queues what the blocking-command machinery asks for: an attempt for a waiter (answered
@@ -552,6 +572,7 @@ fn enqueue_blocking(m: &Module, node: &Node, p: blocking::Proposal) {
                 .push((tag, encode_command(&LogCommand::Redis { db, argv })));
         }
     }
+    ask_turn_if_flushed(st);
 }
 
 /// A blocking command on the leader: block the client and propose its first attempt.
@@ -608,6 +629,7 @@ pub fn queue_read(ctx: *mut RedisModuleCtx, argv: Vec<Vec<u8>>) -> c_int {
         blocking,
         arrived: Some(Instant::now()),
     });
+    ask_turn_if_flushed(MAIN.get_mut());
     api::OK
 }
 
@@ -668,7 +690,8 @@ fn serve_ready_reads(ctx: *mut RedisModuleCtx, applied: u64) {
     }
 }
 
-/// Redis is about to sleep: hand this turn's proposals to the raft thread.
+/// Redis is about to sleep: hand this turn's proposals to the raft thread. Redis has just
+/// woken (after-sleep): a new turn, whose own flush is still to come.
 extern "C" fn before_sleep(
     _ctx: *mut RedisModuleCtx,
     _eid: api::raw::RedisModuleEvent,
@@ -676,9 +699,13 @@ extern "C" fn before_sleep(
     _data: *mut c_void,
 ) {
     if subevent != api::raw::REDISMODULE_SUBEVENT_EVENTLOOP_BEFORE_SLEEP {
+        let st = MAIN.get_mut();
+        st.flushed = false;
+        st.turn_asked = false;
         return;
     }
     guard("before sleep", || (), flush_proposals);
+    MAIN.get_mut().flushed = true;
 }
 
 fn flush_proposals() {

@@ -26,8 +26,9 @@
 #              raft.log-fsync yes, and another with no
 #
 # Writes: redis-benchmark (-d 100, random keys out of 100000, --csv) runs SET and GET with
-# 50 clients at pipeline 1 and 16, then SET with 200 and with 800 clients at pipeline 1,
-# against every target. The first table shows ops/s, p50 and p99 per target and test, and
+# 50 clients at pipeline 1 and 16, then SET with 200 and with 800 clients at pipeline 1, and
+# SET from one client at pipeline 16 (a bulk load: each of its writes waits for the one
+# before it), against every target. The first table shows ops/s, p50 and p99 per target and test, and
 # raft's ops/s divided by plain's, aof's and RedisRaft's (with the same fsync setting).
 # CPU per write: around the 200-client SET the script reads utime+stime of each of the
 # target's server processes (/proc/PID/stat, in clock ticks of `getconf CLK_TCK`) and prints
@@ -92,6 +93,8 @@ PIPELINES=(1 16)
 # SET at pipeline 1 with many clients: how each target batches writes under load. CPU per
 # write is measured during the first.
 MANY_CLIENTS=(200 800)
+# One client pipelining SETs, as a bulk load does: clients, pipeline.
+BULK=(1 16)
 READ_MODES=(linearizable lease stale follower)
 MSET_KEYS=100
 HOST=127.0.0.1
@@ -463,6 +466,7 @@ bench_writes() {
         run_benchmark "$target" "$port" "$clients" 1 set
         if ((clients == MANY_CLIENTS[0])); then t1="$(cpu_ticks "$@")"; fi
     done
+    run_benchmark "$target" "$port" "${BULK[0]}" "${BULK[1]}" set
     if [[ -n "$t0" && -n "$t1" ]]; then
         CPU_US["$target"]+=" $(awk -v t="$((t1 - t0))" -v hz="$CLK_TCK" -v n="$N" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')"
         CPU_PROCS["$target"]=$#
@@ -798,6 +802,7 @@ print_reads_table() {
 WRITE_ROWS=()
 for pipe in "${PIPELINES[@]}"; do WRITE_ROWS+=("SET,$CLIENTS,$pipe"); done
 for clients in "${MANY_CLIENTS[@]}"; do WRITE_ROWS+=("SET,$clients,1"); done
+WRITE_ROWS+=("SET,${BULK[0]},${BULK[1]}")
 for pipe in "${PIPELINES[@]}"; do WRITE_ROWS+=("GET,$CLIENTS,$pipe"); done
 
 # "v=7.0.15" out of "Redis server v=7.0.15 sha=..." of binary $1.

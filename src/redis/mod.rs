@@ -504,10 +504,11 @@ pub fn propose_then_select(
     api::OK
 }
 
-/// A proposal or read queued after this turn's `flush_proposals` (Redis runs the pipelined
-/// commands of the clients it just unblocked after module events, in the same turn): wake
-/// the event loop so the next turn hands it over, instead of waiting for whatever event
-/// comes next.
+/// A proposal or read queued after this turn's `flush_proposals` (Redis 7.0 runs the
+/// pipelined commands of the clients it just unblocked after module events, in the same
+/// turn): wake the event loop so the next turn hands it over, instead of waiting for
+/// whatever event comes next (7.0.15, one client pipelining 16 SETs with fsync: 1.5k -> 2.3k
+/// writes/s, as on 7.2, which needs no extra turn).
 fn ask_turn_if_flushed(st: &mut MainState) {
     if st.flushed && !st.turn_asked {
         st.turn_asked = true;

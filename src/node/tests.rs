@@ -43,6 +43,17 @@ impl TestCluster {
     }
 
     fn with_fsync(n: usize, fsync: bool) -> TestCluster {
+        // A port found free may be taken (by another test's connection) before a node
+        // binds it: then again, with new ports.
+        for _ in 0..4 {
+            if let Some(c) = TestCluster::try_new(n, fsync) {
+                return c;
+            }
+        }
+        TestCluster::try_new(n, fsync).expect("start a test cluster")
+    }
+
+    fn try_new(n: usize, fsync: bool) -> Option<TestCluster> {
         let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let members = (0..n)
@@ -69,12 +80,24 @@ impl TestCluster {
             fsync,
         };
         for i in 0..n {
-            c.start(i);
+            if let Err(e) = c.try_start(i) {
+                eprintln!("node {} did not start on port {}: {e}", i + 1, c.ports[i]);
+                for j in 0..i {
+                    c.stop(j);
+                }
+                return None;
+            }
         }
-        c
+        Some(c)
     }
 
     fn start(&mut self, i: usize) {
+        if let Err(e) = self.try_start(i) {
+            panic!("start node: {e}");
+        }
+    }
+
+    fn try_start(&mut self, i: usize) -> Result<(), String> {
         let (store, _) = LogStore::open(&self.logs[i], self.fsync).expect("open log");
         let spec = NodeSpec {
             id: i as u64 + 1,
@@ -92,7 +115,8 @@ impl TestCluster {
         };
         let waker: Waker = Arc::new(|| {});
         self.applied[i].clear();
-        self.nodes[i] = Some(Node::start(spec, store, waker).expect("start node"));
+        self.nodes[i] = Some(Node::start(spec, store, waker).map_err(|e| e.to_string())?);
+        Ok(())
     }
 
     fn stop(&mut self, i: usize) {

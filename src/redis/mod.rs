@@ -173,6 +173,8 @@ struct MainState {
     flushed: bool,
     /// Another turn was asked for since `flushed` was set.
     turn_asked: bool,
+    /// A timer is due to end the sleep after a script (`wake_now`).
+    timer_asked: bool,
 }
 
 static MAIN: MainThread<MainState> = MainThread::new_lazy();
@@ -200,6 +202,11 @@ extern "C" fn on_wake(_data: *mut c_void) {
     guard("apply", || (), wake_now);
 }
 
+/// Nothing to do: being due, it kept Redis from sleeping (`wake_now`).
+extern "C" fn on_turn_timer(_ctx: *mut RedisModuleCtx, _data: *mut c_void) {
+    MAIN.get_mut().timer_asked = false;
+}
+
 /// Applies what the raft thread queued (or, inside a command, leaves it for later).
 fn wake_now() {
     WAKE_QUEUED.store(false, Ordering::Release);
@@ -212,6 +219,21 @@ fn wake_now() {
             .map(|n| n.shared().take_apply_items())
             .unwrap_or_default();
         busy::defer(ctx, arrived);
+        let st = MAIN.get_mut();
+        if st.flushed {
+            // Inside a script Redis runs after this turn's flush (the pipelined command of a
+            // client it just unblocked), this wake-up may have been the turn that flush
+            // asked for, and Redis sleeps once the script returns. A timer due at once
+            // keeps it from sleeping: the next turn hands over what is queued and applies
+            // what was deferred. (Timers do not run inside the script.)
+            if !st.timer_asked {
+                st.timer_asked = true;
+                unsafe {
+                    rm!(RedisModule_CreateTimer)(ctx, 0, Some(on_turn_timer), std::ptr::null_mut())
+                };
+            }
+            st.turn_asked = false;
+        }
     } else {
         apply_committed();
     }

@@ -40,7 +40,7 @@ use std::time::Instant;
 use raft::eraftpb::{EntryType, Message, MessageType};
 use raft::StateRole;
 
-use super::{Node, RaftThread};
+use super::{Node, NodeError, RaftThread};
 use crate::transport::{PolledConn, Report};
 
 /// What `Node::read_on_main` did.
@@ -237,15 +237,47 @@ impl RaftThread {
             // A connection that closed here is no longer watched: say so now, not after the
             // raft thread's next turn (its socket would wake the main thread until then).
             t.choose_reader();
-            t.on_ready()?;
-            let now = Instant::now();
-            t.tell_commit(now);
-            if t.node.raft.raft_log.committed != committed {
-                t.publish_status();
-            }
-            // The raft thread's timers: a commit to tell followers before it would wake.
-            let told_late = t.commit_due.is_some_and(|due| due < t.sleep_until);
-            Ok(!t.deferred.is_empty() || t.node.has_ready() || told_late)
+            t.finish_off_thread(committed)
         })
+    }
+
+    /// The end of a turn taken off the raft thread (the main thread's reads, the syncer's
+    /// news): the Ready run, the commit told and published (`committed`: as the turn began).
+    /// Returns whether the raft thread should take a turn soon.
+    pub(super) fn finish_off_thread(&mut self, committed: u64) -> Result<bool, NodeError> {
+        self.on_ready()?;
+        let now = Instant::now();
+        self.tell_commit(now);
+        if self.node.raft.raft_log.committed != committed {
+            self.publish_status();
+        }
+        // The raft thread's timers: a commit to tell followers before it would wake.
+        let told_late = self.commit_due.is_some_and(|due| due < self.sleep_until);
+        Ok(!self.deferred.is_empty() || self.node.has_ready() || told_late)
+    }
+
+    /// After an fsync, on the syncer's thread under the lock (node/syncer.rs): a leader
+    /// that nothing else needs the raft thread for (as when the main thread steps its
+    /// followers' answers: no membership change or transfer in flight, the log not full)
+    /// learns what is durable and runs the Ready here. True if the raft thread need not be
+    /// woken for it.
+    pub(super) fn synced_here(&mut self) -> bool {
+        let r = &self.node.raft;
+        let mine = !self.halted
+            && self.inline_failed.is_none()
+            && r.state == StateRole::Leader
+            && self.syncer.is_some()
+            // A compaction switching files holds the log's locks through an fsync.
+            && self.compaction.is_none()
+            && self.steps_on_main_now();
+        if !mine {
+            return false;
+        }
+        let kick = self.on_main_thread(|t| {
+            let committed = t.node.raft.raft_log.committed;
+            t.take_synced()?;
+            t.finish_off_thread(committed)
+        });
+        !kick
     }
 }

@@ -630,6 +630,21 @@ impl Node {
         // Before any turn, on either thread (Node::submit).
         record_panic_locations();
         let core = Arc::new(Mutex::new(Some(worker)));
+        if let Some(syncer) = lock(&core).as_ref().and_then(|t| t.syncer.as_ref()) {
+            // Weak: the syncer belongs to what the lock guards.
+            let weak = Arc::downgrade(&core);
+            syncer.after_sync(Box::new(move || {
+                let Some(core) = weak.upgrade() else {
+                    return false;
+                };
+                let mut guard = match core.try_lock() {
+                    Ok(g) => g,
+                    // Poisoned: a turn panicked half-way; the raft thread stops the node.
+                    Err(_) => return false,
+                };
+                guard.as_mut().is_some_and(|t| t.synced_here())
+            }));
+        }
         let thread_core = Arc::clone(&core);
         let thread = std::thread::Builder::new()
             .name("raft".into())
@@ -1144,7 +1159,7 @@ impl RaftThread {
                 &self.shared,
                 &self.waker,
                 &self.transport,
-                "the main thread's raft turn",
+                "a raft turn taken off the raft thread (main or fsync thread)",
                 &why,
                 &at,
             ),

@@ -452,7 +452,7 @@ impl RaftThread {
             if self.on_main && e.get_entry_type() != EntryType::EntryNormal {
                 self.conf_on_main += 1;
                 warn!(
-                    "membership change at index {} applied on the main thread ({} so far): main_read.rs's guards let it through",
+                    "membership change at index {} applied off the raft thread ({} so far): main_read.rs's guards let it through",
                     e.index, self.conf_on_main
                 );
             }

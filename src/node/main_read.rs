@@ -262,11 +262,7 @@ impl RaftThread {
     /// learns what is durable and runs the Ready here. True if the raft thread need not be
     /// woken for it.
     pub(super) fn synced_here(&mut self) -> bool {
-        let r = &self.node.raft;
-        let mine = !self.halted
-            && self.inline_failed.is_none()
-            && r.state == StateRole::Leader
-            && self.syncer.is_some()
+        let mine = self.leads_off_thread()
             // A compaction switching files holds the log's locks through an fsync.
             && self.compaction.is_none()
             && self.steps_on_main_now();

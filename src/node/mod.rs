@@ -1129,13 +1129,20 @@ impl RaftThread {
         }
     }
 
+    /// Whether another thread may take a leader's turn at all (`can_run_inline`,
+    /// `synced_here`): running, no failed turn waiting to stop the node, a leader whose
+    /// fsyncs its syncer does.
+    fn leads_off_thread(&self) -> bool {
+        !self.halted
+            && self.inline_failed.is_none()
+            && self.node.raft.state == StateRole::Leader
+            && self.syncer.is_some()
+    }
+
     /// See `Node::submit`.
     fn can_run_inline(&self) -> bool {
         let r = &self.node.raft;
-        !self.halted
-            && self.inline_failed.is_none()
-            && r.state == StateRole::Leader
-            && self.syncer.is_some()
+        self.leads_off_thread()
             && self.log_full.is_none()
             // Nothing committed (and persisted here) waits to be delivered: the turn
             // delivers no entry but the batch's own (a one-node cluster's).
